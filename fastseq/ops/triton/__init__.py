@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the fastseq recurrences (see :mod:`fastseq.ops.triton.rnn`)."""

@@ -1,0 +1,59 @@
+"""Checkpoints: written atomically, read without executing code.
+
+A checkpoint is a dict saved with ``torch.save``; it holds the model config,
+the state_dict, both tokenizers (sentencepiece model bytes) and metadata, so
+``fastseq translate`` needs nothing else. It is loaded with
+``torch.load(weights_only=True)``, so a checkpoint file cannot run code.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Union
+
+import torch
+
+FORMAT = "fastseq.seq2seq"
+VERSION = 1
+
+
+def save_checkpoint(path: Union[str, os.PathLike], payload: Dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically: a temporary file in the same
+    directory, flushed and fsynced, then ``os.replace``. A crash mid-write
+    leaves the previous file at ``path`` intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable fastseq checkpoint (truncated,
+            corrupted, or another format); the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise ValueError(f"checkpoint {path}: format version {ckpt.get('version')} is not supported (expected {VERSION})")
+    return ckpt

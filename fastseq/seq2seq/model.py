@@ -1,0 +1,207 @@
+"""Attention encoder-decoder (Bahdanau, Cho & Bengio 2015), built on fastseq's modules.
+
+* Encoder: embedding, bidirectional GRU or LSTM (``fastseq.nn.GRU``/``LSTM``)
+  over packed, variable-length source batches.
+* Decoder: GRU (Cho et al. 2014) with additive attention. At step i, the
+  attention query is the previous state s_{i-1}; the GRU input is
+  ``[E y_{i-1}; c_i]``; the output layer reads ``tanh(W_r [s_i; c_i; E y_{i-1}])``.
+  The initial state is ``tanh(W_s [h_fwd_n; h_bwd_n])``.
+
+The key projection ``U_a h`` is computed once per source batch
+(:meth:`Seq2Seq.encode`) and reused at every decoder step, in training and in
+search. The embedding part of the GRU input projection is computed for all
+target steps with one matrix product before the decoding loop; the recurrent
+product and gates run in fastseq's fused GRU op.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fastseq import ops
+from fastseq.nn import GRU, LSTM, AdditiveAttention, GRUCell
+
+PAD_ID = 0
+
+
+@dataclass
+class ModelConfig:
+    """Model sizes. ``rnn_type`` is the encoder's ('gru' or 'lstm'); the decoder is a GRU."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    emb_size: int = 256
+    enc_hidden_size: int = 512
+    dec_hidden_size: int = 512
+    attn_size: int = 512
+    enc_layers: int = 1
+    rnn_type: str = "gru"
+    readout_size: int = 256
+    dropout: float = 0.3
+
+    def __post_init__(self):
+        if self.rnn_type not in ("gru", "lstm"):
+            raise ValueError(f"rnn_type: expected 'gru' or 'lstm', got {self.rnn_type!r}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int" and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{f.name}: expected a positive integer, got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: expected a value in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+class Memory(NamedTuple):
+    """What the decoder attends to, computed once per source batch.
+
+    values ``[B, S, 2*enc_hidden]``, proj_keys ``[B, S, attn]``, mask bool
+    ``[B, S]`` (True at real tokens), init_state ``[B, dec_hidden]``.
+    """
+
+    values: Tensor
+    proj_keys: Tensor
+    mask: Tensor
+    init_state: Tensor
+
+    def index_select(self, index: Tensor) -> "Memory":
+        """Rows ``index`` of every field (e.g. to expand a batch to beams)."""
+        return Memory(*(t.index_select(0, index) for t in self))
+
+
+class Encoder(nn.Module):
+    """Embedding and bidirectional RNN over a padded source batch."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.src_vocab_size, cfg.emb_size, padding_idx=PAD_ID)
+        rnn_cls = GRU if cfg.rnn_type == "gru" else LSTM
+        self.rnn = rnn_cls(
+            cfg.emb_size, cfg.enc_hidden_size, num_layers=cfg.enc_layers, batch_first=True,
+            bidirectional=True, dropout=cfg.dropout if cfg.enc_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, src: Tensor, src_lengths: Tensor) -> Tuple[Tensor, Tensor]:
+        """src ``[B, S]`` int64, src_lengths ``[B]`` -> outputs ``[B, S, 2H]``, final ``[B, 2H]``."""
+        x = self.dropout(self.embed(src))
+        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, h_n = self.rnn(packed)
+        if isinstance(h_n, tuple):  # LSTM: (h_n, c_n)
+            h_n = h_n[0]
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        final = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # last layer, forward and backward
+        return out, final
+
+
+class Decoder(nn.Module):
+    """GRU decoder with additive attention (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        ctx = 2 * cfg.enc_hidden_size
+        self.emb_size = cfg.emb_size
+        self.embed = nn.Embedding(cfg.tgt_vocab_size, cfg.emb_size, padding_idx=PAD_ID)
+        self.bridge = nn.Linear(ctx, cfg.dec_hidden_size)
+        self.attention = AdditiveAttention(cfg.dec_hidden_size, ctx, cfg.attn_size)
+        self.cell = GRUCell(cfg.emb_size + ctx, cfg.dec_hidden_size)
+        self.readout = nn.Linear(cfg.dec_hidden_size + ctx + cfg.emb_size, cfg.readout_size)
+        self.output = nn.Linear(cfg.readout_size, cfg.tgt_vocab_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def embed_inputs(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        """tokens ``[B, T]`` -> (embeddings ``[B, T, E]``, their part of the GRU input
+        projection ``[B, T, 3H]`` including b_ih), one matrix product for all steps."""
+        emb = self.dropout(self.embed(tokens))
+        gi_emb = F.linear(emb, self.cell.weight_ih[:, : self.emb_size], self.cell.bias_ih)
+        return emb, gi_emb
+
+    def step(self, gi_emb: Tensor, state: Tensor, memory: Memory) -> Tuple[Tensor, Tensor, Tensor]:
+        """One decoder step.
+
+        Args:
+            gi_emb: ``[B, 3H]`` embedding part of the GRU input projection.
+            state: s_{i-1} ``[B, H]``. memory: see :class:`Memory`.
+
+        Returns:
+            s_i ``[B, H]``, context c_i ``[B, 2*enc_hidden]``, weights ``[B, S]``.
+        """
+        context, weights = self.attention(state, memory.proj_keys, memory.values, memory.mask)
+        gi = gi_emb + F.linear(context, self.cell.weight_ih[:, self.emb_size:])
+        w_hh, b_hh = self.cell.weight_hh, self.cell.bias_hh
+        if w_hh.dtype != gi.dtype:  # autocast
+            w_hh, b_hh = w_hh.to(gi.dtype), b_hh.to(gi.dtype)
+        new_state = ops.gru(gi.unsqueeze(0), state.to(gi.dtype), w_hh, b_hh)[0]
+        return new_state, context, weights
+
+    def logits(self, state: Tensor, context: Tensor, emb: Tensor) -> Tensor:
+        """Output layer over ``[..., H]``, ``[..., 2*enc_hidden]``, ``[..., E]`` -> ``[..., V]``."""
+        r = torch.tanh(self.readout(torch.cat([state, context, emb], dim=-1)))
+        return self.output(self.dropout(r))
+
+    def forward(self, tgt_in: Tensor, memory: Memory) -> Tensor:
+        """Teacher-forced decoding: tgt_in ``[B, T]`` (bos + tokens) -> logits ``[B, T, V]``."""
+        emb, gi_emb = self.embed_inputs(tgt_in)
+        state = memory.init_state
+        states, contexts = [], []
+        for t in range(tgt_in.shape[1]):
+            state, context, _ = self.step(gi_emb[:, t], state, memory)
+            states.append(state)
+            contexts.append(context)
+        return self.logits(torch.stack(states, 1), torch.stack(contexts, 1), emb)
+
+
+class Seq2Seq(nn.Module):
+    """The whole model: :class:`Encoder` and attention :class:`Decoder`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Memory:
+        """Run the encoder and precompute everything the decoder reuses.
+
+        Raises:
+            ValueError: a source length is 0 or larger than ``src.shape[1]``.
+        """
+        if src_lengths.numel() and (int(src_lengths.min()) < 1 or int(src_lengths.max()) > src.shape[1]):
+            raise ValueError(
+                f"src_lengths: expected values in [1, {src.shape[1]}], "
+                f"got min {int(src_lengths.min())}, max {int(src_lengths.max())}"
+            )
+        values, final = self.encoder(src, src_lengths)
+        mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
+        proj_keys = self.decoder.attention.project_keys(values)
+        init_state = torch.tanh(self.decoder.bridge(final))
+        return Memory(values, proj_keys, mask, init_state)
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        """src ``[B, S]``, src_lengths ``[B]``, tgt_in ``[B, T]`` -> logits ``[B, T, V]``."""
+        return self.decoder(tgt_in, self.encode(src, src_lengths))
+
+
+def masked_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
+                         pad_id: int = PAD_ID) -> Tuple[Tensor, int]:
+    """Mean token cross-entropy over non-padding targets.
+
+    Args:
+        logits: ``[B, T, V]``. targets: ``[B, T]`` int64 (``pad_id`` is ignored).
+        label_smoothing: in [0, 1) (Szegedy et al. 2016).
+
+    Returns:
+        (loss, number of target tokens).
+    """
+    n_tokens = int((targets != pad_id).sum())
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=pad_id,
+        label_smoothing=label_smoothing, reduction="sum",
+    )
+    return loss / max(n_tokens, 1), n_tokens

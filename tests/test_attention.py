@@ -1,0 +1,58 @@
+"""AdditiveAttention against its equation written out with eager torch ops."""
+import pytest
+import torch
+
+from fastseq.nn import AdditiveAttention
+
+
+def _eager(att, s, keys, mask):
+    e = att.energy_layer.weight @ torch.tanh(
+        (att.query_layer.weight @ s.T).T.unsqueeze(1) + keys @ att.key_layer.weight.T
+    ).transpose(1, 2)  # [B, 1, S]
+    e = e.squeeze(1).masked_fill(~mask, float("-inf"))
+    w = torch.softmax(e, -1)
+    return (w.unsqueeze(1) @ keys).squeeze(1), w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_equation_and_gradients(dtype):
+    B, S, Q, K, A = 3, 7, 5, 6, 4
+    att = AdditiveAttention(Q, K, A).to(dtype)
+    s = torch.randn(B, Q, dtype=dtype, requires_grad=True)
+    keys = torch.randn(B, S, K, dtype=dtype, requires_grad=True)
+    lengths = torch.tensor([7, 1, 4])
+    mask = torch.arange(S)[None] < lengths[:, None]
+    ctx, w = att(s, att.project_keys(keys), keys, mask)
+    ctx_e, w_e = _eager(att, s, keys, mask)
+    torch.testing.assert_close(ctx, ctx_e)
+    torch.testing.assert_close(w, w_e)
+    assert torch.all(w[~mask] == 0)
+    g = torch.randn_like(ctx)
+    params = [s, keys] + list(att.parameters())
+    for a, b in zip(torch.autograd.grad(ctx, params, g), torch.autograd.grad(ctx_e, params, g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_zero_length_source_raises():
+    att = AdditiveAttention(2, 3, 4)
+    keys = torch.randn(2, 3, 3)
+    mask = torch.tensor([[True, False, False], [False, False, False]])
+    with pytest.raises(ValueError, match="zero-length source"):
+        att(torch.randn(2, 2), att.project_keys(keys), keys, mask)
+
+
+def test_bad_shapes_name_the_argument():
+    att = AdditiveAttention(2, 3, 4)
+    keys = torch.randn(2, 5, 3)
+    with pytest.raises(ValueError, match="query: expected shape"):
+        att(torch.randn(2, 3), att.project_keys(keys), keys)
+    with pytest.raises(ValueError, match="keys: expected size"):
+        att.project_keys(torch.randn(2, 5, 4))
+
+
+def test_load_from_other_layout():
+    att = AdditiveAttention(2, 3, 4, bias=True)
+    Wa, Ua, v, b = torch.randn(4, 2), torch.randn(4, 3), torch.randn(4), torch.randn(4)
+    att.load_from(Wa, Ua, v, key_bias=b)
+    assert torch.equal(att.query_layer.weight, Wa) and torch.equal(att.energy_layer.weight[0], v)
+    assert torch.equal(att.key_layer.bias, b)

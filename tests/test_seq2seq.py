@@ -1,0 +1,130 @@
+"""The attention seq2seq end to end on a slice of Multi30k: training lowers the
+validation loss, search returns valid sequences, checkpoints reload exactly,
+and the CLI runs."""
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from fastseq.cli import main
+from fastseq.seq2seq.data import BOS_ID, EOS_ID, PAD_ID, load_corpus
+from fastseq.seq2seq.model import ModelConfig, Seq2Seq
+from fastseq.seq2seq.search import beam_search, greedy_search, sample
+from fastseq.seq2seq.train import TrainConfig, train
+from fastseq.seq2seq.translate import Translator
+
+TINY = dict(
+    src_vocab_size=400, tgt_vocab_size=400, emb_size=32, enc_hidden_size=48, dec_hidden_size=48,
+    attn_size=32, readout_size=32, dropout=0.1, train_limit=3000, val_limit=200, test_limit=40,
+    max_tokens=1500, max_len=40, lr=3e-3, warmup_steps=10, epochs=3, beam_size=3, progress=False,
+)
+# An untrained model predicts about uniformly: loss ~ ln(vocab) ~ 6. Training
+# must bring validation loss at least this far below ln(vocab).
+MARGIN = 1.5
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTSEQ_CACHE", str(tmp_path_factory.mktemp("cache")))
+        cfg = TrainConfig(out=str(out), **TINY)
+        result = train(cfg)
+    return cfg, result, out
+
+
+def test_training_lowers_validation_loss(trained):
+    cfg, result, out = trained
+    losses = [h["val_loss"] for h in result["history"]]
+    assert len(losses) == cfg.epochs
+    assert losses[-1] < losses[0], losses
+    assert losses[-1] < math.log(cfg.tgt_vocab_size) - MARGIN, losses
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_bleu"] == result["test_bleu"] >= 0.0
+
+
+def test_checkpoint_reloads_and_translates_identically(trained):
+    cfg, result, out = trained
+    translator = Translator.from_checkpoint(out / "best.pt", device="cpu")
+    src = [s for s, _ in load_corpus("multi30k").read("test", max_lines=cfg.test_limit)]
+    hyps = translator.translate(src, method="beam", beam_size=cfg.beam_size, alpha=cfg.length_penalty,
+                                batch_size=cfg.eval_batch_size)
+    assert hyps == (out / "test.hyp").read_text(encoding="utf-8").splitlines()
+
+
+def test_search_returns_valid_sequences(trained):
+    cfg, result, out = trained
+    translator = Translator.from_checkpoint(out / "best.pt", device="cpu")
+    model, V = translator.model, translator.model.config.tgt_vocab_size
+    src = torch.randint(4, model.config.src_vocab_size, (5, 7))
+    lengths = torch.tensor([7, 1, 3, 5, 2])
+    src[torch.arange(7)[None] >= lengths[:, None]] = PAD_ID
+    for hyps in (
+        greedy_search(model, src, lengths, BOS_ID, EOS_ID, max_len=12),
+        beam_search(model, src, lengths, BOS_ID, EOS_ID, beam_size=4, max_len=12),
+        sample(model, src, lengths, BOS_ID, EOS_ID, max_len=12, top_k=5,
+               generator=torch.Generator().manual_seed(0)),
+    ):
+        assert len(hyps) == 5
+        for h in hyps:
+            assert len(h) <= 12
+            assert all(0 <= t < V and t not in (PAD_ID, BOS_ID, EOS_ID) for t in h)
+    # Beam search with one beam and no length penalty is greedy search.
+    assert beam_search(model, src, lengths, BOS_ID, EOS_ID, beam_size=1, alpha=0.0, max_len=12) == \
+        greedy_search(model, src, lengths, BOS_ID, EOS_ID, max_len=12)
+
+
+def test_beam_search_scores_at_least_greedy():
+    """With alpha=0, the returned hypothesis is the best of K >= the greedy path's log-prob
+    when both end within max_len (greedy is one of the paths beam search keeps at K=vocab)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(src_vocab_size=12, tgt_vocab_size=6, emb_size=8, enc_hidden_size=8,
+                      dec_hidden_size=8, attn_size=8, readout_size=8, dropout=0.0)
+    model = Seq2Seq(cfg).eval()
+    src = torch.randint(4, 12, (3, 5))
+    lengths = torch.tensor([5, 5, 5])
+
+    def logprob(seq, row):
+        toks = torch.tensor([[BOS_ID] + seq + [EOS_ID]])
+        logits = model(src[row:row + 1], lengths[row:row + 1], toks[:, :-1])
+        return float(torch.log_softmax(logits, -1)[0].gather(1, toks[0, 1:, None]).sum())
+
+    greedy = greedy_search(model, src, lengths, BOS_ID, EOS_ID, max_len=4)
+    beam = beam_search(model, src, lengths, BOS_ID, EOS_ID, beam_size=6, alpha=0.0, max_len=4)
+    for row in range(3):
+        if len(greedy[row]) < 4 and len(beam[row]) < 4:  # both ended with eos
+            assert logprob(beam[row], row) >= logprob(greedy[row], row) - 1e-5
+
+
+def test_cli_train_translate_evaluate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FASTSEQ_CACHE", str(tmp_path / "cache"))
+    cfg = dict(TINY, epochs=1, max_steps=5, train_limit=500, val_limit=20, test_limit=10)
+    (tmp_path / "c.yaml").write_text("\n".join(f"{k}: {v}" for k, v in cfg.items()))
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "test BLEU" in summary and "5 steps" in summary
+    monkeypatch.setattr("sys.stdin", io.StringIO("Ein Hund läuft.\nZwei Männer.\n"))
+    assert main(["translate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--method", "greedy"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--split", "val",
+                 "--method", "greedy"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["sentences"] == 1014 and 0 <= report["bleu"] <= 100
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epochs: 1\nhidden: 3\n")
+    with pytest.raises(SystemExit, match=r"unknown config key\(s\) \['hidden'\]; valid keys:"):
+        main(["train", "--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "bad2.yaml").write_text("epochs: many\n")
+    with pytest.raises(SystemExit, match="'epochs': expected int"):
+        main(["train", "--config", str(tmp_path / "bad2.yaml")])
+
+
+def test_cli_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "reference" in out and "triton" in out
