@@ -7,7 +7,7 @@ so reordering hypotheses reorders decoder states only, never keys or values.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
@@ -38,6 +38,26 @@ def _step_log_probs(model: Seq2Seq, prev: Tensor, state: Tensor, memory: Memory,
     return torch.log_softmax(logits / temperature, dim=-1), state
 
 
+def _decode(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_id: int,
+            max_len: Optional[int], choose: Callable[[Tensor], Tensor],
+            temperature: float = 1.0) -> List[List[int]]:
+    """Left-to-right decoding of one hypothesis per sentence; ``choose`` maps
+    log-probabilities ``[B, V]`` to the next tokens ``[B]``."""
+    memory = model.encode(src, src_lengths)
+    B = src.shape[0]
+    prev = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
+    state = memory.init_state
+    out, done = [], torch.zeros(B, dtype=torch.bool, device=src.device)
+    for _ in range(_max_steps(src_lengths, max_len)):
+        log_probs, state = _step_log_probs(model, prev, state, memory, temperature)
+        prev = choose(log_probs)
+        out.append(prev)
+        done |= prev == eos_id
+        if bool(done.all()):
+            break
+    return _strip(torch.stack(out, 1), eos_id)
+
+
 @torch.no_grad()
 def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_id: int,
                   max_len: Optional[int] = None) -> List[List[int]]:
@@ -49,19 +69,8 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int,
     Returns:
         B token-id lists, without bos/eos.
     """
-    memory = model.encode(src, src_lengths)
-    B = src.shape[0]
-    prev = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
-    state = memory.init_state
-    out, done = [], torch.zeros(B, dtype=torch.bool, device=src.device)
-    for _ in range(_max_steps(src_lengths, max_len)):
-        log_probs, state = _step_log_probs(model, prev, state, memory)
-        prev = log_probs.argmax(dim=-1)
-        out.append(prev)
-        done |= prev == eos_id
-        if bool(done.all()):
-            break
-    return _strip(torch.stack(out, 1), eos_id)
+    return _decode(model, src, src_lengths, bos_id, eos_id, max_len,
+                   choose=lambda log_probs: log_probs.argmax(dim=-1))
 
 
 @torch.no_grad()
@@ -70,6 +79,9 @@ def sample(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_id
            generator: Optional[torch.Generator] = None) -> List[List[int]]:
     """Ancestral sampling from ``softmax(logits / temperature)``, optionally top-k.
 
+    Returns:
+        B token-id lists, without bos/eos.
+
     Raises:
         ValueError: temperature <= 0 or top_k < 0.
     """
@@ -77,22 +89,14 @@ def sample(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_id
         raise ValueError(f"temperature: expected > 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k: expected >= 0 (0 = no limit), got {top_k}")
-    memory = model.encode(src, src_lengths)
-    B = src.shape[0]
-    prev = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
-    state = memory.init_state
-    out, done = [], torch.zeros(B, dtype=torch.bool, device=src.device)
-    for _ in range(_max_steps(src_lengths, max_len)):
-        log_probs, state = _step_log_probs(model, prev, state, memory, temperature)
+
+    def choose(log_probs: Tensor) -> Tensor:
         if top_k:
             kth = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).values[:, -1:]
             log_probs = log_probs.masked_fill(log_probs < kth, float("-inf"))
-        prev = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
-        out.append(prev)
-        done |= prev == eos_id
-        if bool(done.all()):
-            break
-    return _strip(torch.stack(out, 1), eos_id)
+        return torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+
+    return _decode(model, src, src_lengths, bos_id, eos_id, max_len, choose, temperature)
 
 
 def length_penalty(length: Tensor, alpha: float) -> Tensor:
