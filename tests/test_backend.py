@@ -41,3 +41,37 @@ def test_forced_triton_explains_why_it_cannot_run(monkeypatch):
         rnn.gru(gi, h0, w)
     with fastseq.backend("triton"), pytest.raises(RuntimeError, match="dtype torch.float64"):
         rnn.gru(gi.double(), h0.double(), w.double())
+
+
+def test_env_var_forces_triton_on_cpu_under_the_interpreter(monkeypatch):
+    if "triton" not in __import__("conftest").BACKENDS or torch.cuda.is_available():
+        pytest.skip("needs the Triton interpreter on a CPU machine")
+    monkeypatch.setenv("FASTSEQ_BACKEND", "triton")
+    assert _backend.select(torch.empty(1)) == "triton"
+    calls = []
+    from fastseq.ops.triton import rnn as tri
+
+    real = tri.gru_forward
+    monkeypatch.setattr(tri, "gru_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rnn.gru(torch.randn(2, 1, 6), torch.randn(1, 2), torch.randn(6, 2))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("args,match", [
+    ((torch.randn(2, 1, 5), torch.randn(1, 2), torch.randn(6, 2)), r"gi: expected size\(2\) == 3\*H = 6"),
+    ((torch.randn(2, 6), torch.randn(1, 2), torch.randn(6, 2)), "gi: expected a 3-D tensor"),
+    ((torch.randn(2, 1, 6), torch.randn(3, 2), torch.randn(6, 2)), r"h0: expected shape \(B, H\) = \(1, 2\), got \(3, 2\)"),
+    ((torch.randn(2, 1, 6), torch.randn(1, 2), torch.randn(2, 6)), r"w_hh: expected shape \(6, 2\), got \(2, 6\)"),
+    ((torch.randn(2, 1, 6), torch.randn(1, 2, dtype=torch.float64), torch.randn(6, 2)), "h0: expected dtype torch.float32"),
+])
+def test_op_arguments_are_validated(args, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        rnn.gru(*args)
+
+
+def test_op_lengths_are_validated():
+    with pytest.raises(ValueError, match=r"lengths: expected shape \(1,\), got \(2,\)"):
+        rnn.gru(torch.randn(2, 1, 6), torch.randn(1, 2), torch.randn(6, 2), lengths=torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="lengths: expected an int32/int64 tensor"):
+        rnn.lstm(torch.randn(2, 1, 8), torch.randn(1, 2), torch.randn(1, 2), torch.randn(8, 2),
+                 lengths=torch.tensor([1.0]))

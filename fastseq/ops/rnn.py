@@ -220,6 +220,37 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------- functional API
 
 
+def _check_args(gates: int, gi: Tensor, states: Tuple[Tuple[str, Tensor], ...], w_hh: Tensor,
+                b_hh: Optional[Tensor], lengths: Optional[Tensor]) -> None:
+    """Validate a recurrence call; errors name the argument, the expected and the actual value."""
+    if gi.dim() != 3:
+        raise ValueError(f"gi: expected a 3-D tensor [T, B, {gates}*H], got shape {tuple(gi.shape)}")
+    T, B, GH = gi.shape
+    h0 = states[0][1]
+    H = h0.shape[-1] if h0.dim() == 2 else -1
+    if GH != gates * H:
+        raise ValueError(f"gi: expected size(2) == {gates}*H = {gates * H} (H from h0), got shape {tuple(gi.shape)}")
+    for name, t in states:
+        if tuple(t.shape) != (B, H):
+            raise ValueError(f"{name}: expected shape (B, H) = {(B, H)}, got {tuple(t.shape)}")
+    if tuple(w_hh.shape) != (gates * H, H):
+        raise ValueError(f"w_hh: expected shape {(gates * H, H)}, got {tuple(w_hh.shape)}")
+    if b_hh is not None and tuple(b_hh.shape) != (gates * H,):
+        raise ValueError(f"b_hh: expected shape {(gates * H,)}, got {tuple(b_hh.shape)}")
+    if not gi.is_floating_point():
+        raise TypeError(f"gi: expected a floating-point dtype, got {gi.dtype}")
+    for name, t in states + (("w_hh", w_hh),) + ((("b_hh", b_hh),) if b_hh is not None else ()):
+        if t.dtype != gi.dtype:
+            raise TypeError(f"{name}: expected dtype {gi.dtype} (that of gi), got {t.dtype}")
+        if t.device != gi.device:
+            raise RuntimeError(f"{name}: expected device {gi.device} (that of gi), got {t.device}")
+    if lengths is not None:
+        if lengths.dim() != 1 or lengths.shape[0] != B:
+            raise ValueError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"lengths: expected an int32/int64 tensor, got {lengths.dtype}")
+
+
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -238,7 +269,14 @@ def gru(
     Returns:
         hs ``[T, B, H]``: the state after every step; rows past their length
         carry their final state, so ``hs[-1]`` is h_n.
+
+    Raises:
+        ValueError / TypeError / RuntimeError: a shape, dtype or device that does
+        not fit (the message names the argument, the expected and the actual value).
     """
+    _check_args(3, gi, (("h0", h0),), w_hh, b_hh, lengths)
+    if lengths is not None:
+        lengths = lengths.to(gi.device)
     hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, _needs_grad(gi, h0, w_hh, b_hh))
     return hs
 
@@ -251,7 +289,13 @@ def lstm(
 
     Returns:
         (hs, cs), each ``[T, B, H]``; ``hs[-1]``, ``cs[-1]`` are h_n, c_n.
+
+    Raises:
+        ValueError / TypeError / RuntimeError: as :func:`gru`.
     """
+    _check_args(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, lengths)
+    if lengths is not None:
+        lengths = lengths.to(gi.device)
     hs, cs, _ = lstm_recurrence(
         gi, h0, c0, w_hh, b_hh, lengths, _needs_grad(gi, h0, c0, w_hh, b_hh)
     )
