@@ -1,0 +1,52 @@
+"""GPU-only checks (skipped, with the reason, on machines without CUDA): the
+auto backend picks the Triton kernels for CUDA tensors, and the modules match
+torch.nn (cuDNN) at realistic sizes in float32 and bfloat16."""
+import pytest
+import torch
+
+import fastseq
+import fastseq.nn as fnn
+from fastseq import _backend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# Relative error ||a - b|| / ||b|| against torch.nn in float32 (cuDNN, TF32 off).
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def test_auto_backend_uses_triton_on_cuda():
+    with fastseq.backend("auto"):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert _backend.select(torch.empty(1, device="cuda", dtype=dtype)) == "triton"
+        assert _backend.select(torch.empty(1, device="cuda", dtype=torch.float64)) == "reference"
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+def test_layer_at_realistic_size(kind, dtype, packed):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    B, T, I, H = 64, 32, 256, 512
+    fast = getattr(fnn, kind)(I, H, bidirectional=True, batch_first=True).cuda()
+    ref = getattr(torch.nn, kind)(I, H, bidirectional=True, batch_first=True).cuda()
+    ref.load_state_dict(fast.state_dict())
+    fast = fast.to(dtype)
+    x = torch.randn(B, T, I, device="cuda")
+    lengths = torch.randint(1, T + 1, (B,)) if packed else None
+
+    def run(module, inp_dtype):
+        xi = x.to(inp_dtype).requires_grad_(True)
+        inp = xi if lengths is None else torch.nn.utils.rnn.pack_padded_sequence(
+            xi, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = module(inp)
+        out = out.data if lengths is not None else out
+        g = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        (out.float() * g).sum().backward()
+        return out.float(), xi.grad.float(), {n: p.grad.float() for n, p in module.named_parameters()}
+
+    got, want = run(fast, dtype), run(ref, torch.float32)
+    for name, a, b in [("output", got[0], want[0]), ("grad input", got[1], want[1])] + \
+            [(f"grad {n}", got[2][n], want[2][n]) for n in want[2]]:
+        err = float((a - b).norm() / b.norm())
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e} >= {TOL[dtype]}"
