@@ -12,7 +12,6 @@ import json
 import logging
 import platform
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 

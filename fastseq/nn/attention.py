@@ -1,6 +1,7 @@
 """Additive (Bahdanau) attention module."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -9,6 +10,19 @@ from torch import Tensor, nn
 from fastseq import ops
 
 __all__ = ["AdditiveAttention"]
+
+# Masks already checked for empty rows. A decoder passes the same mask at every
+# step, so the check (a device-to-host sync) runs once per source batch, not per step;
+# a mask is treated as immutable once passed in.
+_CHECKED_MASKS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _check_nonempty_rows(mask: Tensor) -> None:
+    if _CHECKED_MASKS.get(id(mask)) is mask:
+        return
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("mask: every row needs at least one True entry (zero-length source)")
+    _CHECKED_MASKS[id(mask)] = mask
 
 
 class AdditiveAttention(nn.Module):
@@ -81,8 +95,8 @@ class AdditiveAttention(nn.Module):
                 raise ValueError(
                     f"mask: expected a bool tensor of shape ({B}, {S}), got {mask.dtype} {tuple(mask.shape)}"
                 )
-            if not torch.compiler.is_compiling() and not bool(mask.any(dim=1).all()):
-                raise ValueError("mask: every row needs at least one True entry (zero-length source)")
+            if not torch.compiler.is_compiling():
+                _check_nonempty_rows(mask)
         return ops.additive_attention(self.query_layer(query), proj_keys, values,
                                       self.energy_layer.weight, mask)
 

@@ -13,7 +13,7 @@ row reversed within its own length, exactly as cuDNN's packed mode does.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -8,11 +8,12 @@ the state_dict, both tokenizers (sentencepiece model bytes) and metadata, so
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Union
 
 import torch
+
+from fastseq._io import atomic_write
 
 FORMAT = "fastseq.seq2seq"
 VERSION = 1
@@ -22,19 +23,8 @@ def save_checkpoint(path: Union[str, os.PathLike], payload: Dict[str, Any]) -> N
     """Write ``payload`` to ``path`` atomically: a temporary file in the same
     directory, flushed and fsynced, then ``os.replace``. A crash mid-write
     leaves the previous file at ``path`` intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:

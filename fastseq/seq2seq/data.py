@@ -25,7 +25,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -33,6 +32,8 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 import sentencepiece as spm
 import torch
+
+from fastseq._io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -340,7 +341,8 @@ def train_tokenizer(
         return Tokenizer(cache_file.read_bytes())
     logger.info("training %s tokenizer (vocab %d) on %d lines", model_type, vocab_size, len(lines))
     model_proto = _train_sentencepiece(lines, options)
-    _write_atomic(cache_file, model_proto)
+    with atomic_write(cache_file) as f:
+        f.write(model_proto)
     return Tokenizer(model_proto)
 
 
@@ -360,19 +362,6 @@ def _train_sentencepiece(lines: Sequence[str], options: Mapping[str, object]) ->
         sentence_iterator=iter(lines), model_writer=model, num_threads=2, minloglevel=2, **options
     )
     return model.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
 
 
 # --------------------------------------------------------------------------- batching

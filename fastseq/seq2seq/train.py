@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
+from fastseq._io import atomic_write
 from fastseq.seq2seq.checkpoint import load_checkpoint, save_checkpoint
 from fastseq.seq2seq.data import (
     PairDataset, TokenBatchSampler, collate, encode_pairs, load_corpus, train_tokenizer,
@@ -271,7 +271,6 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         scores = corpus_scores(hyps, [t for _, t in test_pairs])
         result.update(test_bleu=scores["bleu"], test_chrf=scores["chrf"])
         (out / "test.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps({"config": asdict(cfg), **result}, indent=2), encoding="utf-8")
-    os.replace(tmp, out / "metrics.json")
+    with atomic_write(out / "metrics.json") as f:
+        f.write(json.dumps({"config": asdict(cfg), **result}, indent=2).encode("utf-8"))
     return result
