@@ -60,3 +60,10 @@ def test_patch_a_bare_module():
     m = torch.nn.LSTM(3, 4)
     fastseq.patch(m)
     assert type(m) is fnn.LSTM
+
+
+def test_patch_rejects_a_non_module():
+    import pytest
+
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got dict"):
+        fastseq.patch({"encoder": torch.nn.GRU(3, 4)})

@@ -27,7 +27,12 @@ def patch(model: torch.nn.Module) -> torch.nn.Module:
 
     Returns:
         ``model`` itself, for chaining. Also works when ``model`` is itself an RNN.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
         target = _SWAPS.get(type(module))
         if target is None:
