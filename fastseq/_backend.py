@@ -78,7 +78,7 @@ def triton_status() -> Tuple[bool, str]:
     """(importable, reason): whether the Triton kernels can be imported here."""
     try:
         import triton  # noqa: F401
-        from fastseq.ops.triton import rnn  # noqa: F401
+        from fastseq.ops.triton import attention, cell, rnn  # noqa: F401
     except Exception as exc:  # pragma: no cover - depends on the machine
         return False, f"triton does not import: {type(exc).__name__}: {exc}"
     return True, "ok"

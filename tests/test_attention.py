@@ -15,14 +15,16 @@ def _eager(att, s, keys, mask):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_equation_and_gradients(dtype):
+def test_matches_equation_and_gradients(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        dtype = torch.float32  # float64 always runs on the reference
     B, S, Q, K, A = 3, 7, 5, 6, 4
     att = AdditiveAttention(Q, K, A).to(dtype)
     s = torch.randn(B, Q, dtype=dtype, requires_grad=True)
     keys = torch.randn(B, S, K, dtype=dtype, requires_grad=True)
     lengths = torch.tensor([7, 1, 4])
     mask = torch.arange(S)[None] < lengths[:, None]
-    ctx, w = att(s, att.project_keys(keys), keys, mask)
+    ctx, w = att(s, att.precompute_keys(keys), keys, mask)
     ctx_e, w_e = _eager(att, s, keys, mask)
     torch.testing.assert_close(ctx, ctx_e)
     torch.testing.assert_close(w, w_e)
@@ -38,16 +40,16 @@ def test_zero_length_source_raises():
     keys = torch.randn(2, 3, 3)
     mask = torch.tensor([[True, False, False], [False, False, False]])
     with pytest.raises(ValueError, match="zero-length source"):
-        att(torch.randn(2, 2), att.project_keys(keys), keys, mask)
+        att(torch.randn(2, 2), att.precompute_keys(keys), keys, mask)
 
 
 def test_bad_shapes_name_the_argument():
     att = AdditiveAttention(2, 3, 4)
     keys = torch.randn(2, 5, 3)
     with pytest.raises(ValueError, match="query: expected shape"):
-        att(torch.randn(2, 3), att.project_keys(keys), keys)
+        att(torch.randn(2, 3), att.precompute_keys(keys), keys)
     with pytest.raises(ValueError, match="keys: expected size"):
-        att.project_keys(torch.randn(2, 5, 4))
+        att.precompute_keys(torch.randn(2, 5, 4))
 
 
 def test_load_from_other_layout():
@@ -56,3 +58,24 @@ def test_load_from_other_layout():
     att.load_from(Wa, Ua, v, key_bias=b)
     assert torch.equal(att.query_layer.weight, Wa) and torch.equal(att.energy_layer.weight[0], v)
     assert torch.equal(att.key_layer.bias, b)
+
+
+def test_multi_query_and_lengths(backend):
+    att = AdditiveAttention(3, 4, 5)
+    keys = torch.randn(2, 6, 4)
+    s = torch.randn(2, 7, 3)
+    lengths = torch.tensor([6, 2])
+    mask = torch.arange(6)[None] < lengths[:, None]
+    ctx, w = att(s, att.precompute_keys(keys), keys, lengths=lengths)
+    assert ctx.shape == (2, 7, 4) and w.shape == (2, 7, 6)
+    for t in (0, 6):
+        c1, w1 = att(s[:, t], att.precompute_keys(keys), keys, mask)
+        torch.testing.assert_close(c1, ctx[:, t])
+        torch.testing.assert_close(w1, w[:, t])
+
+
+def test_state_dict_matches_joeynmt_layout():
+    """Parameter names and shapes of joeynmt's BahdanauAttention (query_layer, key_layer, energy_layer)."""
+    att = AdditiveAttention(query_size=6, key_size=8, hidden_size=5)
+    assert {k: tuple(v.shape) for k, v in att.state_dict().items()} == {
+        "query_layer.weight": (5, 6), "key_layer.weight": (5, 8), "energy_layer.weight": (1, 5)}

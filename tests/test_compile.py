@@ -49,3 +49,38 @@ def test_custom_op_opcheck():
     lens = torch.tensor([3, 1])
     args = (gi4, torch.randn(B, H), torch.randn(B, H), torch.randn(4 * H, H, requires_grad=True), None, lens, True)
     torch.library.opcheck(rnn.lstm_recurrence, args)
+
+
+def test_attention_and_cell_opcheck():
+    from fastseq.ops import attention, decoder
+
+    B, T, S, A, D, H = 2, 3, 5, 4, 3, 4
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    args = (torch.randn(B, T, A, requires_grad=True), torch.randn(B, S, A, requires_grad=True),
+            torch.randn(B, S, D, requires_grad=True), torch.randn(A, requires_grad=True), mask, None)
+    torch.library.opcheck(attention.additive_attention_op, args)
+    args = (torch.randn(B, 3 * H, requires_grad=True), torch.randn(B, D, requires_grad=True),
+            torch.randn(3 * H, D, requires_grad=True), torch.randn(B, 3 * H, requires_grad=True),
+            torch.randn(3 * H, requires_grad=True), torch.randn(B, H, requires_grad=True), True)
+    torch.library.opcheck(decoder.gru_context_cell_op, args)
+
+
+def test_decoder_compiles_fullgraph():
+    """The teacher-forced attention decoder (fused step ops) under torch.compile(fullgraph=True)."""
+    from fastseq.seq2seq.model import ModelConfig, Seq2Seq
+
+    torch.manual_seed(0)
+    model = Seq2Seq(ModelConfig(src_vocab_size=20, tgt_vocab_size=15, emb_size=6, enc_hidden_size=5,
+                                dec_hidden_size=7, attn_size=4, readout_size=5, dropout=0.0)).to(DEVICE)
+    src = torch.randint(4, 20, (3, 6), device=DEVICE)
+    lens = torch.tensor([6, 2, 4])
+    tgt = torch.randint(4, 15, (3, 4), device=DEVICE)
+    memory = model.encode(src, lens)
+    compiled = torch.compile(model.decoder, fullgraph=True, backend="aot_eager")
+    want, got = model.decoder(tgt, memory), compiled(tgt, memory)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    params = list(model.decoder.parameters())
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, params, g, retain_graph=True),
+                    torch.autograd.grad(want, params, g, retain_graph=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

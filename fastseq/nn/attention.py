@@ -1,7 +1,6 @@
 """Additive (Bahdanau) attention module."""
 from __future__ import annotations
 
-import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -10,19 +9,6 @@ from torch import Tensor, nn
 from fastseq import ops
 
 __all__ = ["AdditiveAttention"]
-
-# Masks already checked for empty rows. A decoder passes the same mask at every
-# step, so the check (a device-to-host sync) runs once per source batch, not per step;
-# a mask is treated as immutable once passed in.
-_CHECKED_MASKS: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
-
-
-def _check_nonempty_rows(mask: Tensor) -> None:
-    if _CHECKED_MASKS.get(id(mask)) is mask:
-        return
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("mask: every row needs at least one True entry (zero-length source)")
-    _CHECKED_MASKS[id(mask)] = mask
 
 
 class AdditiveAttention(nn.Module):
@@ -33,13 +19,23 @@ class AdditiveAttention(nn.Module):
               \alpha_{ij} = \mathrm{softmax}_j(e_{ij}),\quad c_i = \sum_j \alpha_{ij} h_j
 
     Parameters map one-to-one onto the usual implementations:
-    ``query_layer.weight`` = W_a ``[A, query_size]``, ``key_layer.weight`` = U_a
-    ``[A, key_size]`` (and ``key_layer.bias`` when ``bias=True``),
-    ``energy_layer.weight`` = v ``[1, A]``. This is joeynmt's ``BahdanauAttention``
-    layout (same names); see :meth:`load_from` for other layouts.
+
+    ============================  ===================  ==========================  ===================
+    fastseq                       shape                joeynmt BahdanauAttention   PyTorch tutorial
+    ============================  ===================  ==========================  ===================
+    ``query_layer.weight`` (W_a)  ``[A, query_size]``  ``query_layer.weight``      ``Wa.weight``
+    ``key_layer.weight`` (U_a)    ``[A, key_size]``    ``key_layer.weight``        ``Ua.weight``
+    ``key_layer.bias``            ``[A]`` (bias=True)  --                          ``Ua.bias`` (+ ``Wa.bias``)
+    ``energy_layer.weight`` (v)   ``[1, A]``           ``energy_layer.weight``     ``Va.weight``
+    ============================  ===================  ==========================  ===================
+
+    so a joeynmt state_dict loads as is, and :meth:`load_from` takes the others.
 
     The key projection ``U_a h`` depends only on the source, so it is computed
-    once per batch with :meth:`project_keys` and reused at every decoder step.
+    once per batch with :meth:`precompute_keys` and reused at every decoder step.
+    The scores, softmax and weighted sum run in one fused op
+    (:func:`fastseq.ops.additive_attention`) that never materialises the
+    ``[B, S, A]`` tanh tensor.
 
     Args:
         query_size: decoder state size. key_size: encoder output size.
@@ -55,50 +51,56 @@ class AdditiveAttention(nn.Module):
         self.key_layer = nn.Linear(key_size, hidden_size, bias=bias, **kw)
         self.energy_layer = nn.Linear(hidden_size, 1, bias=False, **kw)
 
-    def project_keys(self, keys: Tensor) -> Tensor:
-        """``keys [B, S, key_size]`` -> ``proj_keys [B, S, A]`` = U_a h."""
+    def precompute_keys(self, keys: Tensor) -> Tensor:
+        """``keys [B, S, key_size]`` -> ``proj_keys [B, S, A]`` = U_a h (+ bias), once per source batch.
+
+        Raises:
+            ValueError: ``keys.size(-1) != key_size``.
+        """
         if keys.shape[-1] != self.key_size:
             raise ValueError(
                 f"keys: expected size(-1) == key_size={self.key_size}, got shape {tuple(keys.shape)}"
             )
         return self.key_layer(keys)
 
+    project_keys = precompute_keys  # the 0.1 name
+
     def forward(self, query: Tensor, proj_keys: Tensor, values: Tensor,
-                mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                mask: Optional[Tensor] = None,
+                lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Attend from ``query`` over the source.
 
         Args:
-            query: ``[B, query_size]`` decoder state s_{i-1}.
-            proj_keys: ``[B, S, A]`` from :meth:`project_keys`.
+            query: ``[B, query_size]`` decoder state s_{i-1}, or ``[B, T, query_size]``
+                for T independent queries (e.g. teacher-forced attention after the RNN).
+            proj_keys: ``[B, S, A]`` from :meth:`precompute_keys`.
             values: ``[B, S, V]`` encoder states h_j.
-            mask: bool ``[B, S]``, True at real (non-padding) positions.
+            mask: bool ``[B, S]``, True at real (non-padding) positions; or
+            lengths: int ``[B]`` source lengths. At most one; neither: no padding.
 
         Returns:
-            context ``[B, V]`` and weights ``[B, S]`` (float, rows sum to 1).
+            context ``[B, V]`` (or ``[B, T, V]``) and weights ``[B, S]`` (or
+            ``[B, T, S]``; zero at padding, rows sum to 1), in the input dtype.
 
         Raises:
             ValueError: shapes disagree (the message names the argument), or a
-            row of ``mask`` has no True entry (a zero-length source).
+            source has zero length. TypeError/RuntimeError: dtype/device mismatch.
         """
-        B = query.shape[0]
-        if query.dim() != 2 or query.shape[1] != self.query_size:
-            raise ValueError(f"query: expected shape (B, {self.query_size}), got {tuple(query.shape)}")
-        if proj_keys.dim() != 3 or proj_keys.shape[0] != B or proj_keys.shape[2] != self.hidden_size:
+        if query.dim() not in (2, 3) or query.shape[-1] != self.query_size:
             raise ValueError(
-                f"proj_keys: expected shape ({B}, S, {self.hidden_size}), got {tuple(proj_keys.shape)}"
+                f"query: expected shape (B, {self.query_size}) or (B, T, {self.query_size}), "
+                f"got {tuple(query.shape)}"
             )
-        S = proj_keys.shape[1]
-        if values.dim() != 3 or values.shape[:2] != proj_keys.shape[:2]:
-            raise ValueError(f"values: expected shape ({B}, {S}, V), got {tuple(values.shape)}")
-        if mask is not None:
-            if mask.shape != (B, S) or mask.dtype != torch.bool:
-                raise ValueError(
-                    f"mask: expected a bool tensor of shape ({B}, {S}), got {mask.dtype} {tuple(mask.shape)}"
-                )
-            if not torch.compiler.is_compiling():
-                _check_nonempty_rows(mask)
-        return ops.additive_attention(self.query_layer(query), proj_keys, values,
-                                      self.energy_layer.weight, mask)
+        if proj_keys.dim() != 3 or proj_keys.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"proj_keys: expected shape ({query.shape[0]}, S, {self.hidden_size}), "
+                f"got {tuple(proj_keys.shape)}"
+            )
+        q = self.query_layer(query)
+        energy = self.energy_layer.weight
+        if torch.is_autocast_enabled(q.device.type):  # custom ops are not autocast: match q's dtype
+            energy, proj_keys, values = energy.to(q.dtype), proj_keys.to(q.dtype), values.to(q.dtype)
+        return ops.additive_attention(q, proj_keys, values, energy, mask, lengths)
 
     @torch.no_grad()
     def load_from(self, query_weight: Tensor, key_weight: Tensor, energy_weight: Tensor,

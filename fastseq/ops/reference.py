@@ -275,35 +275,173 @@ def lstm_recurrence_backward(
 
 
 # --------------------------------------------------------------------- attention
+#
+# Additive (Bahdanau) attention with precomputed key projections (Bahdanau, Cho &
+# Bengio 2015, eq. 6; the query and keys already projected: q = W_a s, K = U_a h):
+#
+#     energy[b, t, j] = v^T tanh(q[b, t] + K[b, j])
+#     weights[b, t]   = softmax_j(energy[b, t, j])   over valid positions j
+#     context[b, t]   = sum_j weights[b, t, j] V[b, j]
+#
+# Queries are always ``[B, T, A]`` here (T = 1 for one decoder step; T > 1 is the
+# multi-query form for queries that do not depend on the previous step).
 
 
-def additive_attention(
+def source_mask(mask: Optional[Tensor], lengths: Optional[Tensor], B: int, S: int,
+                device: torch.device) -> Optional[Tensor]:
+    """bool ``[B, S]`` valid positions from a mask or lengths (None: all valid)."""
+    if mask is not None:
+        return mask.to(device)
+    if lengths is not None:
+        return torch.arange(S, device=device)[None, :] < lengths.to(device)[:, None]
+    return None
+
+
+def additive_attention_forward(
     query: Tensor,
     proj_keys: Tensor,
     values: Tensor,
-    energy_weight: Tensor,
+    energy: Tensor,
     mask: Optional[Tensor] = None,
+    lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Additive (Bahdanau) attention with precomputed key projections.
-
-    energy_j = v^T tanh(query + proj_keys_j) (Bahdanau et al. 2015, eq. 6, with
-    the query already projected: ``query = W_a s_{i-1}`` and ``proj_keys = U_a h``);
-    weights = softmax over source positions j where ``mask`` is True;
-    context = sum_j weights_j * values_j.
+    """Additive attention, every query against every source position.
 
     Args:
-        query: ``[B, A]`` projected decoder state.
-        proj_keys: ``[B, S, A]`` projected encoder states.
-        values: ``[B, S, V]`` encoder states.
-        energy_weight: ``[1, A]`` (the energy layer ``v``).
-        mask: bool ``[B, S]``, True at real source positions; None: all real.
+        query: ``[B, T, A]`` projected queries q = W_a s.
+        proj_keys: ``[B, S, A]`` projected keys K = U_a h.
+        values: ``[B, S, D]`` values V (encoder states).
+        energy: ``[A]`` the energy vector v.
+        mask: bool ``[B, S]``, True at valid positions; or ``lengths`` int ``[B]``
+            (positions ``j < lengths[b]`` are valid); neither: all valid.
 
     Returns:
-        context ``[B, V]``, weights ``[B, S]`` (rows sum to 1).
+        context ``[B, T, D]`` and weights ``[B, T, S]`` (zero at invalid
+        positions, rows sum to 1), in the dtype of ``values``. Half inputs are
+        computed in float32.
     """
-    energy = torch.tanh(query.unsqueeze(1) + proj_keys) @ energy_weight.squeeze(0)  # [B, S]
-    if mask is not None:
-        energy = energy.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(energy.float(), dim=-1).to(values.dtype)
-    context = torch.bmm(weights.unsqueeze(1), values).squeeze(1)
-    return context, weights
+    cd = _compute_dtype(values)
+    q, k, v, e = query.to(cd), proj_keys.to(cd), values.to(cd), energy.to(cd)
+    scores = torch.tanh(q.unsqueeze(2) + k.unsqueeze(1)) @ e  # [B, T, S]
+    valid = source_mask(mask, lengths, k.shape[0], k.shape[1], k.device)
+    if valid is not None:
+        scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    context = weights @ v
+    return context.to(values.dtype), weights.to(values.dtype)
+
+
+def attention_score_grad(
+    grad_context: Tensor, grad_weights: Optional[Tensor], values: Tensor, weights: Tensor
+) -> Tuple[Tensor, Tensor]:
+    """Backward through the softmax and the weighted sum (shared by all backends).
+
+    With ``dw = grad_context V^T + grad_weights``::
+
+        grad_energy = weights * (dw - sum_j weights_j dw_j)     [B, T, S]
+        grad_values = weights^T grad_context                    [B, S, D]
+
+    Returns (grad_energy, grad_values) in float32 (float64 for float64 inputs).
+    """
+    cd = _compute_dtype(values)
+    w, dc = weights.to(cd), grad_context.to(cd)
+    dw = dc @ values.to(cd).transpose(1, 2)
+    if grad_weights is not None:
+        dw = dw + grad_weights.to(cd)
+    grad_energy = w * (dw - (w * dw).sum(-1, keepdim=True))
+    return grad_energy, w.transpose(1, 2) @ dc
+
+
+def additive_attention_backward(
+    grad_context: Tensor,
+    grad_weights: Optional[Tensor],
+    query: Tensor,
+    proj_keys: Tensor,
+    values: Tensor,
+    energy: Tensor,
+    weights: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`additive_attention_forward`; tanh(q + K) is recomputed.
+
+    With ``u = tanh(q_t + K_j)`` and ``g = grad_energy * v * (1 - u^2)``::
+
+        grad_query[t] = sum_j g[t, j],   grad_proj_keys[j] = sum_t g[t, j],
+        grad_energy_vector = sum_{b, t, j} grad_energy[b, t, j] u[b, t, j]
+
+    Returns:
+        (grad_query, grad_proj_keys, grad_values, grad_energy_vector), each in its
+        input's dtype.
+    """
+    cd = _compute_dtype(values)
+    de, dvalues = attention_score_grad(grad_context, grad_weights, values, weights)
+    e = energy.to(cd)
+    u = torch.tanh(query.to(cd).unsqueeze(2) + proj_keys.to(cd).unsqueeze(1))  # [B, T, S, A]
+    g = de.unsqueeze(-1) * (1 - u * u) * e
+    dq, dk = g.sum(2), g.sum(1)
+    de_vec = (de.unsqueeze(-1) * u).sum((0, 1, 2))
+    return dq.to(query.dtype), dk.to(proj_keys.dtype), dvalues.to(values.dtype), de_vec.to(energy.dtype)
+
+
+# ------------------------------------------------- GRU cell of the attention decoder
+#
+# The decoder GRU's input is [E y_{i-1}; c_i]. Its embedding part of the input
+# projection (``gi_emb``, with b_ih) is computed for all steps at once, and its
+# hidden projection ``gh = W_hh s + b_hh`` comes out of the same matrix product
+# as the attention query. What is left per step is fused here:
+#
+#     gi = gi_emb + c W_ic^T                 (W_ic: the context columns of W_ih)
+#     r = sigmoid(gi_r + gh_r), z = sigmoid(gi_z + gh_z)
+#     n = tanh(gi_n + r * gh_n),  s' = (1 - z) * n + z * s
+
+
+def gru_context_cell_forward(
+    gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor, b_hh: Optional[Tensor], h: Tensor,
+    save_gates: bool,
+) -> Tuple[Tensor, Tensor]:
+    """One GRU step whose input projection is ``gi + context W_ic^T``.
+
+    Args:
+        gi: ``[B, 3H]``; context: ``[B, D]``; w_ic: ``[3H, D]``; gh: ``[B, 3H]``
+        (``W_hh h``, without bias); b_hh: ``[3H]`` or None; h: ``[B, H]`` the
+        previous state.
+
+    Returns:
+        h' ``[B, H]``; gates ``[B, 4H]`` = (r, z, n, gh_n) or an empty ``[0]``.
+    """
+    cd = _compute_dtype(gi)
+    H = h.shape[1]
+    x = gi.to(cd) + context.to(cd) @ w_ic.to(cd).t()
+    hh = gh.to(cd) if b_hh is None else gh.to(cd) + b_hh.to(cd)
+    r = torch.sigmoid(x[:, :H] + hh[:, :H])
+    z = torch.sigmoid(x[:, H:2 * H] + hh[:, H:2 * H])
+    n = torch.tanh(x[:, 2 * H:] + r * hh[:, 2 * H:])
+    h_new = (1 - z) * n + z * h.to(cd)
+    gates = torch.cat([r, z, n, hh[:, 2 * H:]], 1).to(gi.dtype) if save_gates else gi.new_empty((0,))
+    return h_new.to(gi.dtype), gates
+
+
+def gru_context_cell_backward(
+    grad_h: Tensor, gates: Tensor, h: Tensor, context: Tensor, w_ic: Tensor, has_bias: bool
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor]:
+    """Gradients of :func:`gru_context_cell_forward`.
+
+    Returns:
+        (grad_gi ``[B, 3H]``, grad_context ``[B, D]``, grad_w_ic ``[3H, D]``,
+        grad_gh ``[B, 3H]``, grad_b_hh ``[3H]`` (None without bias), grad_h
+        ``[B, H]``), each in its input's dtype.
+    """
+    cd = _compute_dtype(h)
+    H = h.shape[1]
+    g = gates.to(cd)
+    r, z, n, hn = g[:, :H], g[:, H:2 * H], g[:, 2 * H:3 * H], g[:, 3 * H:]
+    dh = grad_h.to(cd)
+    dn = dh * (1 - z) * (1 - n * n)
+    dz = dh * (h.to(cd) - n) * z * (1 - z)
+    dr = dn * hn * r * (1 - r)
+    dgi = torch.cat([dr, dz, dn], 1)
+    dgh = torch.cat([dr, dz, dn * r], 1)
+    dctx = dgi @ w_ic.to(cd)
+    dw = dgi.t() @ context.to(cd)
+    db = dgh.sum(0).to(w_ic.dtype) if has_bias else None
+    return (dgi.to(gates.dtype), dctx.to(context.dtype), dw.to(w_ic.dtype), dgh.to(gates.dtype), db,
+            (dh * z).to(h.dtype))

@@ -25,19 +25,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq import _backend
 from fastseq.ops import reference
+from fastseq.ops._dispatch import implementation
 
 _LIB = "fastseq"
 
 
 def _impl(t: Tensor):
-    """The module implementing the ops for tensor ``t`` (Triton or reference)."""
-    if _backend.select(t) == "triton":
-        from fastseq.ops.triton import rnn as triton_rnn
-
-        return triton_rnn, {"allow_tf32": _backend.allow_tf32()}
-    return reference, {}
+    """The module implementing the recurrences for tensor ``t`` (Triton or reference)."""
+    return implementation(t, "rnn")
 
 
 def _grad_or_zeros(g: Optional[Tensor], like: Tensor) -> Tensor:

@@ -10,13 +10,16 @@
 The key projection ``U_a h`` is computed once per source batch
 (:meth:`Seq2Seq.encode`) and reused at every decoder step, in training and in
 search. The embedding part of the GRU input projection is computed for all
-target steps with one matrix product before the decoding loop; the recurrent
-product and gates run in fastseq's fused GRU op.
+target steps with one matrix product before the decoding loop. Each step is
+then :func:`fastseq.ops.attention_gru_step`: three kernel launches (one GEMM
+for the attention query and the GRU's hidden projection together, the fused
+additive attention, and one kernel for the context projection and the GRU
+gates), differentiated exactly by autograd.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastseq import ops
+from fastseq.ops import StepWeights
 from fastseq.nn import GRU, LSTM, AdditiveAttention, GRUCell
 
 PAD_ID = 0
@@ -122,23 +126,37 @@ class Decoder(nn.Module):
         gi_emb = F.linear(emb, self.cell.weight_ih[:, : self.emb_size], self.cell.bias_ih)
         return emb, gi_emb
 
-    def step(self, gi_emb: Tensor, state: Tensor, memory: Memory) -> Tuple[Tensor, Tensor, Tensor]:
-        """One decoder step.
+    def step_weights(self) -> StepWeights:
+        """The step's weights stacked and cast once per batch (see :class:`StepWeights`).
+
+        Under autocast they are cast to the autocast dtype here, once, instead of
+        at every step.
+        """
+        att, cell = self.attention, self.cell
+        dev = cell.weight_hh.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return StepWeights.build(
+            att.query_layer.weight, cell.weight_hh, cell.bias_hh, att.energy_layer.weight,
+            cell.weight_ih[:, self.emb_size:], dtype=dtype,
+        )
+
+    def step(self, gi_emb: Tensor, state: Tensor, memory: Memory,
+             weights: Optional[StepWeights] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """One decoder step (:func:`fastseq.ops.attention_gru_step`, three launches).
 
         Args:
             gi_emb: ``[B, 3H]`` embedding part of the GRU input projection.
             state: s_{i-1} ``[B, H]``. memory: see :class:`Memory`.
+            weights: from :meth:`step_weights`; pass it when running many steps
+                (built here otherwise).
 
         Returns:
             s_i ``[B, H]``, context c_i ``[B, 2*enc_hidden]``, weights ``[B, S]``.
         """
-        context, weights = self.attention(state, memory.proj_keys, memory.values, memory.mask)
-        gi = gi_emb + F.linear(context, self.cell.weight_ih[:, self.emb_size:])
-        w_hh, b_hh = self.cell.weight_hh, self.cell.bias_hh
-        if w_hh.dtype != gi.dtype:  # autocast
-            w_hh, b_hh = w_hh.to(gi.dtype), b_hh.to(gi.dtype)
-        new_state = ops.gru(gi.unsqueeze(0), state.to(gi.dtype), w_hh, b_hh)[0]
-        return new_state, context, weights
+        sw = self.step_weights() if weights is None else weights
+        dt = sw.w_cat.dtype
+        return ops.attention_gru_step(gi_emb.to(dt), state.to(dt), memory.proj_keys.to(dt),
+                                      memory.values.to(dt), sw, memory.mask)
 
     def logits(self, state: Tensor, context: Tensor, emb: Tensor) -> Tensor:
         """Output layer over ``[..., H]``, ``[..., 2*enc_hidden]``, ``[..., E]`` -> ``[..., V]``."""
@@ -148,10 +166,11 @@ class Decoder(nn.Module):
     def forward(self, tgt_in: Tensor, memory: Memory) -> Tensor:
         """Teacher-forced decoding: tgt_in ``[B, T]`` (bos + tokens) -> logits ``[B, T, V]``."""
         emb, gi_emb = self.embed_inputs(tgt_in)
+        sw = self.step_weights()
         state = memory.init_state
         states, contexts = [], []
         for t in range(tgt_in.shape[1]):
-            state, context, _ = self.step(gi_emb[:, t], state, memory)
+            state, context, _ = self.step(gi_emb[:, t], state, memory, sw)
             states.append(state)
             contexts.append(context)
         return self.logits(torch.stack(states, 1), torch.stack(contexts, 1), emb)
@@ -179,7 +198,8 @@ class Seq2Seq(nn.Module):
             )
         values, final = self.encoder(src, src_lengths)
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
-        proj_keys = self.decoder.attention.project_keys(values)
+        proj_keys = self.decoder.attention.precompute_keys(values)
+        values = values.to(proj_keys.dtype)  # autocast: one cast here, not one per step
         init_state = torch.tanh(self.decoder.bridge(final))
         return Memory(values, proj_keys, mask, init_state)
 

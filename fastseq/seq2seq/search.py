@@ -12,6 +12,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
+from fastseq.ops import StepWeights
 from fastseq.seq2seq.model import Memory, Seq2Seq
 
 
@@ -30,12 +31,14 @@ def _strip(tokens: Tensor, eos_id: int) -> List[List[int]]:
 
 
 def _step_log_probs(model: Seq2Seq, prev: Tensor, state: Tensor, memory: Memory,
-                    temperature: float = 1.0):
+                    weights: StepWeights, temperature: float = 1.0):
     dec = model.decoder
     emb, gi_emb = dec.embed_inputs(prev.unsqueeze(1))
-    state, context, _ = dec.step(gi_emb[:, 0], state, memory)
+    state, context, _ = dec.step(gi_emb[:, 0], state, memory, weights)
     logits = dec.logits(state, context, emb[:, 0]).float()
-    return torch.log_softmax(logits / temperature, dim=-1), state
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1), state
 
 
 def _decode(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_id: int,
@@ -44,12 +47,13 @@ def _decode(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_i
     """Left-to-right decoding of one hypothesis per sentence; ``choose`` maps
     log-probabilities ``[B, V]`` to the next tokens ``[B]``."""
     memory = model.encode(src, src_lengths)
+    weights = model.decoder.step_weights()
     B = src.shape[0]
     prev = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
     state = memory.init_state
     out, done = [], torch.zeros(B, dtype=torch.bool, device=src.device)
     for _ in range(_max_steps(src_lengths, max_len)):
-        log_probs, state = _step_log_probs(model, prev, state, memory, temperature)
+        log_probs, state = _step_log_probs(model, prev, state, memory, weights, temperature)
         prev = choose(log_probs)
         out.append(prev)
         done |= prev == eos_id
@@ -127,6 +131,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, e
     memory = model.encode(src, src_lengths)
     # Expand the source memory to B*K rows once; never recomputed or reordered.
     memory = memory.index_select(torch.arange(B, device=device).repeat_interleave(K))
+    weights = model.decoder.step_weights()
     state = memory.init_state
     prev = torch.full((B * K,), bos_id, dtype=torch.long, device=device)
     scores = torch.full((B, K), float("-inf"), device=device)
@@ -136,7 +141,7 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, e
     history = torch.empty((B * K, 0), dtype=torch.long, device=device)
     base = (torch.arange(B, device=device) * K).unsqueeze(1)  # [B, 1]
     for _ in range(_max_steps(src_lengths, max_len)):
-        log_probs, state = _step_log_probs(model, prev, state, memory)
+        log_probs, state = _step_log_probs(model, prev, state, memory, weights)
         V = log_probs.shape[-1]
         # A finished hypothesis only extends with eos, at no cost.
         frozen = torch.full_like(log_probs[0], float("-inf"))

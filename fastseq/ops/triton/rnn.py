@@ -63,6 +63,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastseq import _backend
+from fastseq.ops.launches import counted
 
 __all__ = ["gru_forward", "gru_backward", "lstm_forward", "lstm_backward"]
 
@@ -420,6 +421,14 @@ def _rnn_bwd_final_kernel(
 
 
 # ------------------------------------------------------------------ host side
+
+
+# Every launch is recorded while fastseq.ops.launches.count() is open.
+_gru_fwd_step_kernel = counted(_gru_fwd_step_kernel)
+_gru_bwd_step_kernel = counted(_gru_bwd_step_kernel)
+_lstm_fwd_step_kernel = counted(_lstm_fwd_step_kernel)
+_lstm_bwd_step_kernel = counted(_lstm_bwd_step_kernel)
+_rnn_bwd_final_kernel = counted(_rnn_bwd_final_kernel)
 
 
 class _Blocks(NamedTuple):

@@ -1,0 +1,178 @@
+"""Fused GRU cell of the attention decoder, in Triton.
+
+Same semantics as :func:`fastseq.ops.reference.gru_context_cell_forward`: the
+decoder GRU's input projection is ``gi + context W_ic^T`` (``gi``: its embedding
+part with ``b_ih``, precomputed for all steps; ``W_ic``: the context columns of
+``W_ih``), and its hidden projection is ``gh + b_hh`` with ``gh = W_hh s`` given.
+
+Forward (one launch): grid ``(cdiv(B, BLOCK_B), cdiv(H, BLOCK_H))``; each program
+computes ``context W_ic^T`` for the three gate columns of its hidden tile with
+``tl.dot`` over ``D`` (one fp32 accumulator per gate, each ``context`` chunk read
+once for all three), adds ``gi``, ``gh`` and ``b_hh``, applies the gates and the state
+update, and writes ``s'`` and the gates the backward needs, ``(r, z, n, gh_n)``.
+
+Backward: one pointwise launch turns ``grad_s'`` and the saved gates into
+``grad_gi`` (pre-activation gradients, also ``grad`` of the input projection),
+``grad_gh`` and the direct ``grad_s``; ``grad_context = grad_gi W_ic`` and
+``grad_W_ic = grad_gi^T context`` are two matrix products and
+``grad_b_hh = sum_b grad_gh`` a reduction (torch).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastseq import _backend
+from fastseq.ops.launches import counted
+from fastseq.ops.triton.rnn import _contig, _load_row, _load_tile, _pick_blocks, _store_tile, _tanh
+
+__all__ = ["gru_context_cell_forward", "gru_context_cell_backward"]
+
+
+@triton.heuristics(
+    {
+        "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
+        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+    }
+)
+@triton.jit
+def _gru_context_cell_fwd_kernel(
+    gi_ptr,  # [B, 3H] (row stride stride_gi)
+    c_ptr,  # [B, D] context (contiguous)
+    w_ptr,  # [3H, D] W_ic (contiguous)
+    gh_ptr,  # [B, 3H] W_hh h without bias (row stride stride_gh)
+    b_ptr,  # [3H] b_hh or None
+    h_ptr,  # [B, H] previous state (row stride stride_h)
+    out_ptr,  # [B, H] out: new state (contiguous)
+    gates_ptr,  # [B, 4H] out: (r, z, n, gh_n) or None
+    B, H, D, stride_gi, stride_gh, stride_h,
+    SAVE_GATES: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b, mask_j = offs_b < B, offs_j < H
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        c = _load_tile(c_ptr, offs_b, offs_k, D, 1, mask_b, mask_k)
+        # W^T tiles: (k, j) -> W_ic[g*H + j, k]
+        acc_r += tl.dot(c, _load_tile(w_ptr, offs_k, offs_j, 1, D, mask_k, mask_j),
+                        input_precision=PRECISION)
+        acc_z += tl.dot(c, _load_tile(w_ptr + H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
+                        input_precision=PRECISION)
+        acc_n += tl.dot(c, _load_tile(w_ptr + 2 * H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
+                        input_precision=PRECISION)
+    x_r = acc_r + _load_tile(gi_ptr, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
+    x_z = acc_z + _load_tile(gi_ptr + H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
+    x_n = acc_n + _load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
+    h_r = _load_tile(gh_ptr, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
+    h_z = _load_tile(gh_ptr + H, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
+    hn = _load_tile(gh_ptr + 2 * H, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
+    if HAS_BIAS:
+        h_r += _load_row(b_ptr, offs_j, mask_j)
+        h_z += _load_row(b_ptr + H, offs_j, mask_j)
+        hn += _load_row(b_ptr + 2 * H, offs_j, mask_j)
+    r = tl.sigmoid(x_r + h_r)
+    z = tl.sigmoid(x_z + h_z)
+    n = _tanh(x_n + r * hn)
+    h_prev = _load_tile(h_ptr, offs_b, offs_j, stride_h, 1, mask_b, mask_j)
+    _store_tile(out_ptr, (1.0 - z) * n + z * h_prev, offs_b, offs_j, H, mask_b, mask_j)
+    if SAVE_GATES:
+        _store_tile(gates_ptr, r, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        _store_tile(gates_ptr + H, z, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        _store_tile(gates_ptr + 2 * H, n, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        _store_tile(gates_ptr + 3 * H, hn, offs_b, offs_j, 4 * H, mask_b, mask_j)
+
+
+@triton.jit
+def _gru_context_cell_bwd_kernel(
+    dh_ptr,  # [B, H] grad of the new state (contiguous)
+    gates_ptr,  # [B, 4H] (r, z, n, gh_n)
+    h_ptr,  # [B, H] previous state (row stride stride_h)
+    dgi_ptr,  # [B, 3H] out: grad of gi (pre-activation gradients)
+    dgh_ptr,  # [B, 3H] out: grad of gh
+    dhp_ptr,  # [B, H] out: direct grad of the previous state, dh * z
+    B, H, stride_h,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask_b, mask_j = offs_b < B, offs_j < H
+    dh = _load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    r = _load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    z = _load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    n = _load_tile(gates_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    hn = _load_tile(gates_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    h = _load_tile(h_ptr, offs_b, offs_j, stride_h, 1, mask_b, mask_j)
+    dn = dh * (1.0 - z) * (1.0 - n * n)
+    dz = dh * (h - n) * z * (1.0 - z)
+    dr = dn * hn * r * (1.0 - r)
+    _store_tile(dgi_ptr, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    _store_tile(dgi_ptr + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    _store_tile(dgi_ptr + 2 * H, dn, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    _store_tile(dgh_ptr, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    _store_tile(dgh_ptr + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    _store_tile(dgh_ptr + 2 * H, dn * r, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    _store_tile(dhp_ptr, dh * z, offs_b, offs_j, H, mask_b, mask_j)
+
+
+_fwd = counted(_gru_context_cell_fwd_kernel)
+_bwd = counted(_gru_context_cell_bwd_kernel)
+
+
+def _row_strided(x: Tensor) -> Tensor:
+    """``x`` if its rows are contiguous (a column slice is fine), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def gru_context_cell_forward(
+    gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor, b_hh: Optional[Tensor], h: Tensor,
+    save_gates: bool, allow_tf32: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """One fused launch; arguments and returns as the reference's."""
+    B, H = h.shape
+    D = context.shape[1]
+    out = _backend.empty((B, H), gi)
+    gates = _backend.empty((B, 4 * H) if save_gates else (0,), gi)
+    if B == 0 or H == 0:
+        return out, gates
+    gi, gh, h = _row_strided(gi), _row_strided(gh), _row_strided(h)
+    c, w = context.contiguous(), w_ic.contiguous()
+    blk = _pick_blocks(B, H)
+    grid = (triton.cdiv(B, blk.BLOCK_B), triton.cdiv(H, blk.BLOCK_H))
+    _fwd[grid](
+        gi, c, w, gh, _contig(b_hh), h, out, gates if save_gates else None,
+        B, H, D, gi.stride(0), gh.stride(0), h.stride(0),
+        BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, BLOCK_K=blk.BLOCK_K,
+        PRECISION="tf32" if allow_tf32 else "ieee", num_warps=blk.num_warps,
+    )
+    return out, gates
+
+
+def gru_context_cell_backward(
+    grad_h: Tensor, gates: Tensor, h: Tensor, context: Tensor, w_ic: Tensor, has_bias: bool,
+    allow_tf32: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor]:
+    """One pointwise launch plus two matrix products; returns as the reference's."""
+    B, H = h.shape
+    dgi = _backend.empty((B, 3 * H), gates)
+    dgh = _backend.empty((B, 3 * H), gates)
+    dhp = _backend.empty((B, H), h)
+    if B and H:
+        h = _row_strided(h)
+        blk = _pick_blocks(B, H)
+        grid = (triton.cdiv(B, blk.BLOCK_B), triton.cdiv(H, blk.BLOCK_H))
+        _bwd[grid](grad_h.contiguous(), gates.contiguous(), h, dgi, dgh, dhp, B, H, h.stride(0),
+                   BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, num_warps=blk.num_warps)
+    dctx = (dgi @ w_ic.to(dgi.dtype)).to(context.dtype)
+    dw = (dgi.t() @ context.to(dgi.dtype)).to(w_ic.dtype)
+    db = dgh.sum(0).to(w_ic.dtype) if has_bias else None
+    return dgi, dctx, dw, dgh, db, dhp
