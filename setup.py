@@ -1,9 +1,40 @@
 """Build shim: metadata lives in pyproject.toml.
 
-The C++/CUDA fallback (csrc/) will be built here through
-torch.utils.cpp_extension when FASTSEQ_BUILD_EXT=1; today fastseq is pure Python
-(Triton kernels compile at run time).
+By default fastseq installs as pure Python: the Triton kernels compile at run
+time and the C++ extension (csrc/) is built on first use by
+torch.utils.cpp_extension.load (JIT, cached per user; see fastseq/ops/cpp.py).
+
+Ahead of time: ``FASTSEQ_BUILD_EXT=1 pip install --no-build-isolation .``
+builds it here as ``fastseq/_C*.so`` (CPU kernels; plus the CUDA kernels when
+torch has CUDA and nvcc is found; ``FASTSEQ_BUILD_CUDA=0`` skips them). The
+build needs torch installed already, hence ``--no-build-isolation``.
 """
+import glob
+import os
+
 from setuptools import setup
 
-setup()
+ext_modules, cmdclass = [], {}
+if os.environ.get("FASTSEQ_BUILD_EXT", "") == "1":
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cpu = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda)
+                and os.environ.get("FASTSEQ_BUILD_CUDA", "1") != "0")
+    omp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+    cxx = ["-O3", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"] + (["-fopenmp"] if omp else [])
+    kw = dict(
+        include_dirs=[os.path.join(here, "csrc", "cpu"), os.path.join(here, "csrc", "cuda")],
+        extra_link_args=["-fopenmp"] if omp else [],
+    )
+    if use_cuda:
+        ext = CUDAExtension("fastseq._C", cpu + cuda, define_macros=[("FASTSEQ_WITH_CUDA", "1")],
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, **kw)
+    else:
+        ext = CppExtension("fastseq._C", cpu, extra_compile_args={"cxx": cxx}, **kw)
+    ext_modules, cmdclass = [ext], {"build_ext": BuildExtension}
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

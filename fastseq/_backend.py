@@ -4,29 +4,39 @@ Backends
 --------
 ``reference``
     Plain PyTorch (``fastseq.ops.reference``): any device, any float dtype.
-    It is the ground truth in tests and the CPU path.
+    It is the ground truth in tests.
 ``triton``
     Fused Triton kernels (``fastseq.ops.triton``): CUDA tensors, or CPU tensors
     when the Triton interpreter is on (``TRITON_INTERPRET=1``, read by Triton
     when fastseq is imported). float32, float16, bfloat16.
+``cpp``
+    The C++ extension (``csrc/``, built with ``torch.utils.cpp_extension`` on
+    first use, see :mod:`fastseq.ops.cpp`): fused ATen CPU kernels for CPU
+    tensors, and its CUDA kernels for CUDA tensors when it was built with CUDA.
+``cuda``
+    The C++ extension's CUDA kernels only (CUDA tensors; for machines without Triton).
 ``auto`` (default)
-    ``triton`` for CUDA tensors when Triton imports and the dtype is supported,
-    otherwise ``reference``.
+    CUDA tensors: ``triton`` if Triton works, else the C++ extension's CUDA
+    kernels, else ``reference``. CPU tensors: ``cpp`` if the extension builds
+    (float32/float64), else ``reference``. A failed build never breaks an op:
+    it warns once, naming the reason, and the reference runs.
 
 The backend is chosen with the environment variable ``FASTSEQ_BACKEND``
-(``auto|triton|reference``), :func:`set_backend`, or the :func:`backend`
-context manager.
+(``auto|triton|cuda|cpp|reference``), :func:`set_backend`, or the
+:func:`backend` context manager. :func:`report` says which work here and why not.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cuda", "cpp", "reference")
+CPP_DTYPES = (torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _state = {"backend": None, "poison": os.environ.get("FASTSEQ_POISON", "") == "1"}
@@ -53,7 +63,7 @@ def set_backend(name: Optional[str]) -> None:
     """Force a backend for every fastseq op (``None`` returns to $FASTSEQ_BACKEND/auto).
 
     Raises:
-        ValueError: ``name`` is not one of ``auto``, ``triton``, ``reference``.
+        ValueError: ``name`` is not one of ``auto``, ``triton``, ``cuda``, ``cpp``, ``reference``.
     """
     _state["backend"] = None if name is None else _check_name(name)
 
@@ -102,24 +112,94 @@ def triton_reason(t: torch.Tensor) -> Optional[str]:
     return f"device {t.device} is not supported by Triton"
 
 
+def cpp_status() -> Tuple[bool, str]:
+    """(ok, reason): whether the C++ extension builds and loads here (builds on first call)."""
+    from fastseq.ops import cpp
+
+    return cpp.status()
+
+
+def cpp_reason(t: torch.Tensor) -> Optional[str]:
+    """None if the C++ extension can run on tensor ``t``, else why not (may build it)."""
+    if t.device.type not in ("cpu", "cuda"):
+        return f"device {t.device} is not supported by the C++ extension"
+    if t.dtype not in CPP_DTYPES + ((torch.float16, torch.bfloat16) if t.device.type == "cuda" else ()):
+        return f"dtype {t.dtype} is not supported by the C++ extension on {t.device.type}"
+    ok, why = cpp_status()
+    if not ok:
+        return why
+    if t.device.type == "cuda":
+        from fastseq.ops import cpp
+
+        if not cpp.has_cuda():
+            return "the C++ extension was built without CUDA (CPU-only torch or no nvcc)"
+    return None
+
+
+_warned = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
 def select(t: torch.Tensor) -> str:
-    """The backend that runs an op whose main input is ``t``.
+    """The backend that runs an op whose main input is ``t``: 'triton', 'cpp' or 'reference'.
 
     Raises:
-        RuntimeError: the 'triton' backend is forced but cannot run on ``t``.
+        RuntimeError: a backend is forced ('triton', 'cuda', 'cpp') but cannot run
+        on ``t``; the message says why.
     """
     name = get_backend()
     if name == "reference":
         return "reference"
-    why = triton_reason(t)
     if name == "triton":
+        why = triton_reason(t)
         if why is not None:
             raise RuntimeError(f"FASTSEQ_BACKEND=triton, but it cannot run here: {why}")
         return "triton"
-    # auto: Triton on GPUs, the reference elsewhere (the interpreter is opt-in).
-    if why is None and t.device.type == "cuda":
-        return "triton"
+    if name in ("cpp", "cuda"):
+        why = "the 'cuda' backend takes CUDA tensors" if name == "cuda" and t.device.type != "cuda" \
+            else cpp_reason(t)
+        if why is not None:
+            raise RuntimeError(f"FASTSEQ_BACKEND={name}, but it cannot run here: {why}")
+        return "cpp"
+    # auto
+    if t.device.type == "cuda":
+        if triton_reason(t) is None:
+            return "triton"
+        if t.dtype in CPP_DTYPES + (torch.float16, torch.bfloat16) and cpp_reason(t) is None:
+            return "cpp"
+        return "reference"
+    if t.device.type == "cpu" and t.dtype in CPP_DTYPES:
+        why = cpp_reason(t)
+        if why is None:
+            return "cpp"
+        _warn_once("cpp", f"fastseq: the C++ extension is unavailable ({why}); "
+                          "CPU ops run on the reference path")
     return "reference"
+
+
+def report() -> "dict[str, str]":
+    """Each backend and whether it works on this machine: 'ok' or the reason it does not."""
+    out = {"reference": "ok"}
+    ok, why = triton_status()
+    if ok and not torch.cuda.is_available() and not interpreter_on():
+        why = "no CUDA device (CPU tensors need the Triton interpreter, TRITON_INTERPRET=1)"
+    out["triton"] = why
+    ok, why = cpp_status()
+    out["cpp"] = why
+    if not torch.cuda.is_available():
+        out["cuda"] = "no CUDA device"
+    elif not ok:
+        out["cuda"] = why
+    else:
+        from fastseq.ops import cpp
+
+        out["cuda"] = "ok" if cpp.has_cuda() else "the C++ extension was built without CUDA"
+    return out
 
 
 def allow_tf32() -> bool:

@@ -91,21 +91,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def backend_report() -> List[Dict[str, str]]:
-    """One row per backend: whether it runs here, and why not."""
-    import torch
-
+    """One row per backend: whether it runs here, and why not (builds the C++ extension if needed)."""
     from fastseq import _backend
 
-    rows = [{"backend": "reference", "status": "ok", "detail": "plain PyTorch, any device and float dtype"}]
-    ok, why = _backend.triton_status()
-    if not ok:
-        rows.append({"backend": "triton", "status": "unavailable", "detail": why})
-    else:
-        probe = torch.empty(0, device="cuda") if torch.cuda.is_available() else torch.empty(0)
-        reason = _backend.triton_reason(probe)
-        rows.append({"backend": "triton", "status": "ok" if reason is None else "unavailable",
-                     "detail": f"on {probe.device.type} tensors" if reason is None else reason})
-    return rows
+    what = {"reference": "plain PyTorch, any device and float dtype",
+            "triton": "fused Triton kernels (CUDA tensors)",
+            "cpp": "C++ extension: fused ATen kernels (CPU tensors)",
+            "cuda": "C++ extension: CUDA kernels (CUDA tensors, without Triton)"}
+    return [{"backend": name, "status": "ok" if why == "ok" else "unavailable",
+             "detail": what[name] if why == "ok" else why}
+            for name, why in _backend.report().items()]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -22,6 +22,8 @@ def _available_backends():
     ok, _ = _backend.triton_status()
     if ok and (torch.cuda.is_available() or _backend.interpreter_on()):
         names.append("triton")
+    if _backend.cpp_status()[0]:  # builds the C++ extension on first use (cached)
+        names.append("cpp")
     return names
 
 
@@ -29,12 +31,13 @@ BACKENDS = _available_backends()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=["reference", "triton"])
+@pytest.fixture(params=["reference", "triton", "cpp"])
 def backend(request):
     """Run the test once per backend, forcing it for every fastseq op."""
     name = request.param
     if name not in BACKENDS:
-        pytest.skip(f"backend {name} not available here: {_backend.triton_status()[1]}")
+        why = _backend.cpp_status()[1] if name == "cpp" else _backend.triton_status()[1]
+        pytest.skip(f"backend {name} not available here: {why}")
     with _backend.backend(name):
         yield name
 

@@ -19,17 +19,41 @@ def test_env_and_context_manager(monkeypatch):
 
 
 def test_bad_backend_names_are_rejected(monkeypatch):
-    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'triton', 'reference'\), got 'cuDNN'"):
+    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'triton', 'cuda', 'cpp', 'reference'\), got 'cuDNN'"):
         fastseq.set_backend("cuDNN")
     monkeypatch.setenv("FASTSEQ_BACKEND", "fast")
     with pytest.raises(ValueError, match="FASTSEQ_BACKEND"):
         fastseq.get_backend()
 
 
-def test_auto_uses_reference_on_cpu_and_float64():
+def test_auto_on_cpu_uses_the_cpp_extension_when_it_builds():
+    ok, _ = _backend.cpp_status()
     with fastseq.backend("auto"):
-        assert _backend.select(torch.empty(1)) == "reference"
-        assert _backend.select(torch.empty(1, dtype=torch.float64)) == "reference"
+        assert _backend.select(torch.empty(1)) == ("cpp" if ok else "reference")
+        assert _backend.select(torch.empty(1, dtype=torch.float64)) == ("cpp" if ok else "reference")
+        assert _backend.select(torch.empty(1, dtype=torch.bfloat16)) == "reference"
+
+
+def test_failed_cpp_build_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_backend, "cpp_status", lambda: (False, "CalledProcessError: g++ failed"))
+    monkeypatch.setattr(_backend, "_warned", set())
+    with fastseq.backend("auto"):
+        with pytest.warns(RuntimeWarning, match="C.. extension is unavailable .CalledProcessError: g.. failed."):
+            assert _backend.select(torch.empty(1)) == "reference"
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.select(torch.empty(1)) == "reference"  # warned once only
+        out = rnn.gru(torch.randn(2, 1, 6), torch.randn(1, 2), torch.randn(6, 2))
+        assert out.shape == (2, 1, 2)
+    with fastseq.backend("cpp"), pytest.raises(RuntimeError, match="FASTSEQ_BACKEND=cpp, but it cannot run here: CalledProcessError"):
+        _backend.select(torch.empty(1))
+
+
+def test_forced_cuda_backend_needs_cuda_tensors():
+    with fastseq.backend("cuda"), pytest.raises(RuntimeError, match="the 'cuda' backend takes CUDA tensors"):
+        _backend.select(torch.empty(1))
 
 
 def test_forced_triton_explains_why_it_cannot_run(monkeypatch):
@@ -51,8 +75,8 @@ def test_env_var_forces_triton_on_cpu_under_the_interpreter(monkeypatch):
     calls = []
     from fastseq.ops.triton import rnn as tri
 
-    real = tri.gru_forward
-    monkeypatch.setattr(tri, "gru_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tri.gru_recurrence_forward
+    monkeypatch.setattr(tri, "gru_recurrence_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     rnn.gru(torch.randn(2, 1, 6), torch.randn(1, 2), torch.randn(6, 2))
     assert calls == [1]
 

@@ -184,3 +184,15 @@ def test_search_agrees_across_backends():
             out[name] = (greedy_search(model, src, lens, 2, 3, max_len=8),
                          beam_search(model, src, lens, 2, 3, beam_size=3, max_len=8))
     assert out["reference"] == out["triton"]
+
+
+def test_eager_seq2seq_baseline_searches_like_the_model(backend):
+    """The eager torch.nn baseline (used by the CPU/GPU benchmarks) decodes the same."""
+    from fastseq.seq2seq.eager import EagerSeq2Seq
+
+    model, src, lens, _ = _model()
+    model.eval()
+    eager = EagerSeq2Seq(model)
+    assert greedy_search(eager, src, lens, 2, 3, max_len=8) == greedy_search(model, src, lens, 2, 3, max_len=8)
+    assert beam_search(eager, src, lens, 2, 3, beam_size=3, max_len=8) == \
+        beam_search(model, src, lens, 2, 3, beam_size=3, max_len=8)

@@ -42,15 +42,15 @@ def test_gru_kernels(dtype, T, B, H, bias, lengths):
     from fastseq.ops.triton import rnn as tri
 
     gi, h0, _, w, b, lens = _make(3, T, B, H, dtype, bias, lengths, seed=T * 100 + B * 10 + H)
-    hs, gates = tri.gru_forward(gi, h0, w, b, lens, True)
+    hs, gates = tri.gru_recurrence_forward(gi, h0, w, b, lens, True)
     hs_r, gates_r = reference.gru_recurrence_forward(gi, h0, w, b, lens, True)
     _close("hs", hs, hs_r, dtype)
     _close("gates", gates, gates_r, dtype)
-    hs_n, none = tri.gru_forward(gi, h0, w, b, lens, False)
+    hs_n, none = tri.gru_recurrence_forward(gi, h0, w, b, lens, False)
     assert none.numel() == 0
     _close("hs (no gates)", hs_n, hs_r, dtype)
     grad = torch.randn(hs.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
-    got = tri.gru_backward(grad, h0, w, hs_r, gates_r, lens, bias)
+    got = tri.gru_recurrence_backward(grad, h0, w, hs_r, gates_r, lens, bias)
     want = reference.gru_recurrence_backward(grad, h0, w, hs_r, gates_r, lens, bias)
     for name, a, e in zip(["grad gi", "grad h0", "grad w_hh", "grad b_hh"], got, want):
         if e is None:
@@ -66,7 +66,7 @@ def test_lstm_kernels(dtype, T, B, H, bias, lengths):
     from fastseq.ops.triton import rnn as tri
 
     gi, h0, c0, w, b, lens = _make(4, T, B, H, dtype, bias, lengths, seed=T * 100 + B * 10 + H + 7)
-    hs, cs, gates = tri.lstm_forward(gi, h0, c0, w, b, lens, True)
+    hs, cs, gates = tri.lstm_recurrence_forward(gi, h0, c0, w, b, lens, True)
     hs_r, cs_r, gates_r = reference.lstm_recurrence_forward(gi, h0, c0, w, b, lens, True)
     _close("hs", hs, hs_r, dtype)
     _close("cs", cs, cs_r, dtype)
@@ -74,7 +74,7 @@ def test_lstm_kernels(dtype, T, B, H, bias, lengths):
     g = torch.Generator().manual_seed(2)
     grad_h = torch.randn(hs.shape, generator=g).to(DEVICE, dtype)
     grad_c = torch.randn(cs.shape, generator=g).to(DEVICE, dtype)
-    got = tri.lstm_backward(grad_h, grad_c, h0, c0, w, hs_r, cs_r, gates_r, lens, bias)
+    got = tri.lstm_recurrence_backward(grad_h, grad_c, h0, c0, w, hs_r, cs_r, gates_r, lens, bias)
     want = reference.lstm_recurrence_backward(grad_h, grad_c, h0, c0, w, hs_r, cs_r, gates_r, lens, bias)
     for name, a, e in zip(["grad gi", "grad h0", "grad c0", "grad w_hh", "grad b_hh"], got, want):
         if e is None:

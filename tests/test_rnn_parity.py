@@ -44,7 +44,7 @@ def assert_close(name: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
 
 
 def dtypes_for(backend: str):
-    if backend == "reference":
+    if backend in ("reference", "cpp"):
         return [torch.float64, torch.float32]
     return [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
 

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.ops._dispatch import implementation
+from fastseq.ops._dispatch import direct_call_ok, implementation
 
 __all__ = ["additive_attention", "check_source"]
 
@@ -209,7 +209,11 @@ def additive_attention(
     if lengths is not None:
         lengths = lengths.to(values.device)
     q = query.unsqueeze(1) if single else query
-    context, weights = additive_attention_op(q, proj_keys, values, energy, mask, lengths)
+    if direct_call_ok(q, proj_keys, values, energy):
+        mod, kw = _impl(values)
+        context, weights = mod.additive_attention_forward(q, proj_keys, values, energy, mask, lengths, **kw)
+    else:
+        context, weights = additive_attention_op(q, proj_keys, values, energy, mask, lengths)
     if single:
         return context.squeeze(1), weights.squeeze(1)
     return context, weights

@@ -25,8 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.ops import reference
-from fastseq.ops._dispatch import implementation
+from fastseq.ops._dispatch import direct_call_ok, implementation
 
 _LIB = "fastseq"
 
@@ -54,9 +53,7 @@ def gru_recurrence(
 ) -> Tuple[Tensor, Tensor]:
     """GRU recurrence. gi ``[T,B,3H]``, h0 ``[B,H]`` -> hs ``[T,B,H]``, gates ``[T,B,4H]`` (or ``[0]``)."""
     mod, kw = _impl(gi)
-    if mod is reference:
-        return reference.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates)
-    return mod.gru_forward(gi, h0, w_hh, b_hh, lengths, save_gates, **kw)
+    return mod.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates, **kw)
 
 
 @gru_recurrence.register_fake
@@ -79,10 +76,7 @@ def gru_recurrence_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``gru_recurrence``; grad_b_hh is an empty ``[0]`` tensor when has_bias is False."""
     mod, kw = _impl(hs)
-    if mod is reference:
-        out = reference.gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias)
-    else:
-        out = mod.gru_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias, **kw)
+    out = mod.gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias, **kw)
     dgi, dh0, dw, db = out
     return dgi, dh0, dw, db if db is not None else w_hh.new_empty((0,))
 
@@ -134,9 +128,7 @@ def lstm_recurrence(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """LSTM recurrence. gi ``[T,B,4H]`` -> hs, cs ``[T,B,H]``, gates ``[T,B,4H]`` (or ``[0]``)."""
     mod, kw = _impl(gi)
-    if mod is reference:
-        return reference.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates)
-    return mod.lstm_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates, **kw)
+    return mod.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates, **kw)
 
 
 @lstm_recurrence.register_fake
@@ -162,12 +154,9 @@ def lstm_recurrence_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``lstm_recurrence``; grad_b_hh is ``[0]`` when has_bias is False."""
     mod, kw = _impl(hs)
-    if mod is reference:
-        out = reference.lstm_recurrence_backward(
-            grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias
-        )
-    else:
-        out = mod.lstm_backward(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias, **kw)
+    out = mod.lstm_recurrence_backward(
+        grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias, **kw
+    )
     dgi, dh0, dc0, dw, db = out
     return dgi, dh0, dc0, dw, db if db is not None else w_hh.new_empty((0,))
 
@@ -273,6 +262,9 @@ def gru(
     _check_args(3, gi, (("h0", h0),), w_hh, b_hh, lengths)
     if lengths is not None:
         lengths = lengths.to(gi.device)
+    if direct_call_ok(gi, h0, w_hh, b_hh):
+        mod, kw = _impl(gi)
+        return mod.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, False, **kw)[0]
     hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, _needs_grad(gi, h0, w_hh, b_hh))
     return hs
 
@@ -292,6 +284,10 @@ def lstm(
     _check_args(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, lengths)
     if lengths is not None:
         lengths = lengths.to(gi.device)
+    if direct_call_ok(gi, h0, c0, w_hh, b_hh):
+        mod, kw = _impl(gi)
+        hs, cs, _ = mod.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, False, **kw)
+        return hs, cs
     hs, cs, _ = lstm_recurrence(
         gi, h0, c0, w_hh, b_hh, lengths, _needs_grad(gi, h0, c0, w_hh, b_hh)
     )

@@ -6,18 +6,23 @@ the way the common toolkits and tutorials write it: per step, ``query_layer``,
 ``cat`` and ``torch.nn.GRUCell`` (cuDNN/ATen's own cell). It shares the wrapped
 decoder's parameters (no copies), so the two give the same outputs and
 gradients up to rounding: it is the parity reference for the fused decoder step
-and the eager baseline in the benchmarks.
+and the eager baseline in the benchmarks. :class:`EagerSeq2Seq` does the same
+for a whole :class:`~fastseq.seq2seq.model.Seq2Seq` (its encoder runs through
+``torch.nn.GRU/LSTM``'s own forward: cuDNN on GPUs, oneDNN/ATen on CPUs), and
+works with the search functions in :mod:`fastseq.seq2seq.search`.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from fastseq.seq2seq.model import Decoder, Memory
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-__all__ = ["EagerDecoder"]
+from fastseq.seq2seq.model import Decoder, Memory, Seq2Seq
+
+__all__ = ["EagerDecoder", "EagerSeq2Seq"]
 
 
 class EagerDecoder(nn.Module):
@@ -27,7 +32,20 @@ class EagerDecoder(nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def step(self, emb: Tensor, state: Tensor, memory: Memory) -> Tuple[Tensor, Tensor, Tensor]:
+    # The interface the search functions use (see Decoder): the "input projection"
+    # of the eager decoder is the embedding itself; there are no stacked weights.
+    def embed_inputs(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        emb = self.decoder.dropout(self.decoder.embed(tokens))
+        return emb, emb
+
+    def step_weights(self) -> None:
+        return None
+
+    def logits(self, state: Tensor, context: Tensor, emb: Tensor) -> Tensor:
+        return self.decoder.logits(state, context, emb)
+
+    def step(self, emb: Tensor, state: Tensor, memory: Memory,
+             weights: Optional[object] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """emb ``[B, E]``, state ``[B, H]`` -> (state, context ``[B, D]``, weights ``[B, S]``)."""
         d = self.decoder
         att = d.attention
@@ -51,3 +69,32 @@ class EagerDecoder(nn.Module):
             states.append(state)
             contexts.append(context)
         return d.logits(torch.stack(states, 1), torch.stack(contexts, 1), emb)
+
+
+class EagerSeq2Seq(nn.Module):
+    """Eager torch.nn version of a whole :class:`Seq2Seq` (shares its parameters)."""
+
+    def __init__(self, model: Seq2Seq):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.decoder = EagerDecoder(model.decoder)
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Memory:
+        """As :meth:`Seq2Seq.encode`, with the encoder RNN on torch.nn's own kernels."""
+        m = self.model
+        enc = m.encoder
+        x = enc.dropout(enc.embed(src))
+        packed = pack_padded_sequence(x, src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        rnn_base = nn.GRU if isinstance(enc.rnn, nn.GRU) else nn.LSTM
+        out, h_n = rnn_base.forward(enc.rnn, packed)
+        if isinstance(h_n, tuple):
+            h_n = h_n[0]
+        values, _ = pad_packed_sequence(out, batch_first=True, total_length=src.shape[1])
+        final = torch.cat([h_n[-2], h_n[-1]], dim=-1)
+        mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
+        proj_keys = m.decoder.attention.key_layer(values)
+        return Memory(values, proj_keys, mask, torch.tanh(m.decoder.bridge(final)))
+
+    def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
+        return self.decoder(tgt_in, self.encode(src, src_lengths))

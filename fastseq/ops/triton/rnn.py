@@ -65,7 +65,7 @@ from torch import Tensor
 from fastseq import _backend
 from fastseq.ops.launches import counted
 
-__all__ = ["gru_forward", "gru_backward", "lstm_forward", "lstm_backward"]
+__all__ = ["gru_recurrence_forward", "gru_recurrence_backward", "lstm_recurrence_forward", "lstm_recurrence_backward"]
 
 
 # ------------------------------------------------------------------ jit helpers
@@ -504,7 +504,7 @@ def _empty_backward(T, B, H, G, h0, w_hh, hs, has_bias, n_state):
     return (dgi, *states, dw, db)
 
 
-def gru_forward(
+def gru_recurrence_forward(
     gi: Tensor,
     h0: Tensor,
     w_hh: Tensor,
@@ -549,7 +549,7 @@ def gru_forward(
     return hs, gates
 
 
-def gru_backward(
+def gru_recurrence_backward(
     grad_hs: Tensor,
     h0: Tensor,
     w_hh: Tensor,
@@ -559,7 +559,7 @@ def gru_backward(
     has_bias: bool,
     allow_tf32: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """Backward of :func:`gru_forward` (one fused launch per step, t = T-1 .. 0).
+    """Backward of :func:`gru_recurrence_forward` (one fused launch per step, t = T-1 .. 0).
 
     Args:
         grad_hs: ``[T, B, H]`` gradient w.r.t. ``hs`` (includes that of h_n);
@@ -573,7 +573,7 @@ def gru_backward(
     if T == 0 or B == 0 or H == 0:
         return _empty_backward(T, B, H, 3, h0, w_hh, hs, has_bias, 1)
     if gates.dim() != 3:
-        raise ValueError("gru_backward needs the gates saved by gru_forward(save_gates=True)")
+        raise ValueError("gru_recurrence_backward needs the gates saved by gru_recurrence_forward(save_gates=True)")
     grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
     lens = _prep_lengths(lengths, hs)
     grid, kw = _launch_args(B, H, allow_tf32)
@@ -594,7 +594,7 @@ def gru_backward(
     return dgi, dh0, dw, db
 
 
-def lstm_forward(
+def lstm_recurrence_forward(
     gi: Tensor,
     h0: Tensor,
     c0: Tensor,
@@ -643,7 +643,7 @@ def lstm_forward(
     return hs, cs, gates
 
 
-def lstm_backward(
+def lstm_recurrence_backward(
     grad_hs: Tensor,
     grad_cs: Tensor,
     h0: Tensor,
@@ -656,7 +656,7 @@ def lstm_backward(
     has_bias: bool,
     allow_tf32: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """Backward of :func:`lstm_forward` (one fused launch per step, t = T-1 .. 0).
+    """Backward of :func:`lstm_recurrence_forward` (one fused launch per step, t = T-1 .. 0).
 
     Args:
         grad_hs, grad_cs: ``[T, B, H]`` gradients w.r.t. ``hs`` and ``cs``
@@ -670,7 +670,7 @@ def lstm_backward(
     if T == 0 or B == 0 or H == 0:
         return _empty_backward(T, B, H, 4, h0, w_hh, hs, has_bias, 2)
     if gates.dim() != 3:
-        raise ValueError("lstm_backward needs the gates saved by lstm_forward(save_gates=True)")
+        raise ValueError("lstm_recurrence_backward needs the gates saved by lstm_recurrence_forward(save_gates=True)")
     grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
     hs, grad_cs = hs.contiguous(), _contig(grad_cs)
     lens = _prep_lengths(lengths, hs)

@@ -1,0 +1,917 @@
+// GRU and LSTM recurrences on the CPU (ATen), with the exact semantics of
+// fastseq/ops/reference.py: time-major gi [T, B, G*H] (the input projection,
+// computed outside), optional int64/int32 lengths (rows past their length pass
+// their state through), saved gates GRU (r, z, n, hn) / LSTM activated
+// (i, f, g, o) as [T, B, 4H], half inputs computed in float32.
+//
+// Per step: the recurrent product h_{t-1} W_hh^T into a preallocated buffer,
+// then ONE fused pointwise kernel (gates, state update, lengths mask, saved
+// gates; raw pointers, loops the compiler vectorises, no ATen call per
+// element). Backward: per step one fused pointwise kernel and the dh carry
+// product; dW_hh and db_hh as products over all steps at the end. Nothing is
+// allocated per step.
+//
+// Two ways to run the products:
+//  * BLAS path (float/double, when the BLAS that ATen itself uses exports
+//    sgemm_/dgemm_, i.e. the MKL x86-64 wheels): the work is split between
+//    threads once per call (see split_work): by batch rows (each thread runs
+//    every step of its rows, no synchronisation) or, for small batches, by
+//    hidden units (one at::parallel_for per step; each thread multiplies its
+//    own rows of W_hh, which stay in its core's cache, and runs the pointwise
+//    kernel on its own units). Each thread calls the BLAS single-threaded.
+//  * ATen path (no BLAS symbols, or FASTSEQ_CPP_GEMM=aten): at::mm_out /
+//    addmm_ for the whole product (threaded by ATen's BLAS), then the
+//    pointwise kernel with at::parallel_for over batch rows.
+// Both give the same results up to float rounding (tests cover both).
+#include "common.h"
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+namespace fastseq {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// ============================================================ pointwise kernels
+//
+// Every kernel handles batch rows [b0, b1) and hidden units [j0, j1). A row is
+// processed in blocks of kBlock units, one simple pass per activation: each
+// pass is a short loop with independent iterations that the out-of-order core
+// overlaps (one loop computing all the gates of an element is a long
+// dependency chain and runs about 2x slower). With SAVE the activations are
+// written straight into the saved gates, otherwise into stack buffers.
+// Whether a row is still running is decided per row, outside the loops (GCC
+// does not vectorise a select on a bool).
+
+constexpr int64_t kBlock = 256;
+
+// out = sigmoid(x + (h + b))
+template <typename T>
+FASTSEQ_INLINE void sigmoid_pass(const T* FASTSEQ_RESTRICT x, const T* FASTSEQ_RESTRICT h,
+                                 const T* FASTSEQ_RESTRICT b, T* FASTSEQ_RESTRICT out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = sigmoid_f(x[j] + (h[j] + b[j]));
+}
+
+// out = tanh(x + (h + b))
+template <typename T>
+FASTSEQ_INLINE void tanh_pass(const T* FASTSEQ_RESTRICT x, const T* FASTSEQ_RESTRICT h,
+                              const T* FASTSEQ_RESTRICT b, T* FASTSEQ_RESTRICT out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = tanh_f(x[j] + (h[j] + b[j]));
+}
+
+template <typename T>
+FASTSEQ_INLINE void tanh_copy_pass(const T* FASTSEQ_RESTRICT x, T* FASTSEQ_RESTRICT out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = tanh_f(x[j]);
+}
+
+template <typename T>
+FASTSEQ_INLINE void add_pass(const T* FASTSEQ_RESTRICT a, T* FASTSEQ_RESTRICT acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] = acc[j] + a[j];
+}
+
+template <typename T>
+FASTSEQ_INLINE void zero_pass(T* FASTSEQ_RESTRICT out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = T(0);
+}
+
+// ------------------------------------------------------------- GRU forward
+
+template <typename T>
+struct GruFwd {
+  const T* gi;             // [B, 3H] (gi[t])
+  const T* gh;             // h_{t-1} W_hh^T (no bias): (b, gate k, unit j) at gh[b * gh_ld + k * gh_gs + j]
+  const T* bias;           // [3H] (zeros when there is no bias)
+  const T* h_prev;         // [B, H]
+  const int64_t* lengths;  // [B] or nullptr
+  T* h_out;                // [B, H] (hs[t])
+  T* gates;                // [B, 4H] (gates[t]) or nullptr
+  int64_t t, H, gh_ld, gh_gs;
+};
+
+// hn = h + b; n = tanh(x + r * hn)
+template <typename T>
+FASTSEQ_INLINE void gru_n_pass(const T* FASTSEQ_RESTRICT x, const T* FASTSEQ_RESTRICT h,
+                               const T* FASTSEQ_RESTRICT b, const T* FASTSEQ_RESTRICT r,
+                               T* FASTSEQ_RESTRICT hn, T* FASTSEQ_RESTRICT n_out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = h[j] + b[j];
+    hn[j] = v;
+    n_out[j] = tanh_f(x[j] + r[j] * v);
+  }
+}
+
+// h' = (1 - z) * n + z * h
+template <typename T>
+FASTSEQ_INLINE void gru_h_pass(const T* FASTSEQ_RESTRICT z, const T* FASTSEQ_RESTRICT nn,
+                               const T* FASTSEQ_RESTRICT hp, T* FASTSEQ_RESTRICT ho, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) ho[j] = (T(1) - z[j]) * nn[j] + z[j] * hp[j];
+}
+
+template <typename T, bool SAVE>
+FASTSEQ_INLINE void gru_fwd_rows_impl(const GruFwd<T>& a, int64_t b0, int64_t b1, int64_t j_begin,
+                                      int64_t j_end) {
+  const int64_t H = a.H, gs = a.gh_gs;
+  const T* bb = a.bias;
+  T buf[4][kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const bool valid = a.lengths == nullptr || a.lengths[b] > a.t;
+    const T* xi = a.gi + b * 3 * H;
+    const T* hh = a.gh + b * a.gh_ld;
+    const T* hp = a.h_prev + b * H;
+    T* ho = a.h_out + b * H;
+    T* g = SAVE ? a.gates + b * 4 * H : nullptr;
+    if (!valid) {
+      std::memcpy(ho + j_begin, hp + j_begin, sizeof(T) * (j_end - j_begin));
+      if (!SAVE) continue;  // the reference still saves the (unused) gates of a finished row
+    }
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, j_end - j0);
+      T* r = SAVE ? g + j0 : buf[0];
+      T* z = SAVE ? g + H + j0 : buf[1];
+      T* nn = SAVE ? g + 2 * H + j0 : buf[2];
+      T* hn = SAVE ? g + 3 * H + j0 : buf[3];
+      sigmoid_pass<T>(xi + j0, hh + j0, bb + j0, r, n);
+      sigmoid_pass<T>(xi + H + j0, hh + gs + j0, bb + H + j0, z, n);
+      gru_n_pass<T>(xi + 2 * H + j0, hh + 2 * gs + j0, bb + 2 * H + j0, r, hn, nn, n);
+      if (valid) gru_h_pass<T>(z, nn, hp + j0, ho + j0, n);
+    }
+  }
+}
+
+// ------------------------------------------------------------ GRU backward
+
+template <typename T>
+struct GruBwd {
+  const T* grad_hs;  // [B, H] (grad_hs[t])
+  const T* gates;    // [B, 4H] (gates[t])
+  const T* h_prev;   // [B, H]
+  const int64_t* lengths;
+  T* dh;   // [B, H]: in: gradient into h_t from step t+1; out: the carry part of dh_{t-1}
+  T* dgi;  // [B, 3H] (dgi[t])
+  T* dgh;  // [B, 3H] (dgh[t])
+  int64_t t, H;
+};
+
+template <typename T>
+FASTSEQ_INLINE void gru_bwd_pass(const T* FASTSEQ_RESTRICT gy, const T* FASTSEQ_RESTRICT gr,
+                                 const T* FASTSEQ_RESTRICT gz, const T* FASTSEQ_RESTRICT gn,
+                                 const T* FASTSEQ_RESTRICT ghn, const T* FASTSEQ_RESTRICT hp,
+                                 T* FASTSEQ_RESTRICT dh, T* FASTSEQ_RESTRICT dxr, T* FASTSEQ_RESTRICT dxz,
+                                 T* FASTSEQ_RESTRICT dxn, T* FASTSEQ_RESTRICT dhr, T* FASTSEQ_RESTRICT dhz,
+                                 T* FASTSEQ_RESTRICT dhn, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = dh[j] + gy[j];
+    const T r = gr[j], z = gz[j], nn = gn[j], h_n = ghn[j];
+    const T dn = d * (T(1) - z);
+    const T dz = d * (hp[j] - nn);
+    const T dn_pre = dn * (T(1) - nn * nn);
+    const T dz_pre = dz * z * (T(1) - z);
+    const T dr_pre = dn_pre * h_n * r * (T(1) - r);
+    dxr[j] = dr_pre;
+    dxz[j] = dz_pre;
+    dxn[j] = dn_pre;
+    dhr[j] = dr_pre;
+    dhz[j] = dz_pre;
+    dhn[j] = dn_pre * r;
+    dh[j] = d * z;  // + dgh[t] @ W_hh, added by the product that follows
+  }
+}
+
+template <typename T>
+FASTSEQ_INLINE void gru_bwd_rows_impl(const GruBwd<T>& a, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+  const int64_t H = a.H, n = j1 - j0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const bool valid = a.lengths == nullptr || a.lengths[b] > a.t;
+    const T* gy = a.grad_hs + b * H + j0;
+    const T* g = a.gates + b * 4 * H + j0;
+    T* dh = a.dh + b * H + j0;
+    T* dx = a.dgi + b * 3 * H + j0;
+    T* dhh = a.dgh + b * 3 * H + j0;
+    if (valid) {
+      gru_bwd_pass<T>(gy, g, g + H, g + 2 * H, g + 3 * H, a.h_prev + b * H + j0, dh, dx, dx + H, dx + 2 * H,
+                      dhh, dhh + H, dhh + 2 * H, n);
+    } else {  // past its length: no gate gradients, dh passes through (+ grad_hs[t])
+      add_pass<T>(gy, dh, n);
+      for (int64_t k = 0; k < 3; ++k) {
+        zero_pass<T>(dx + k * H, n);
+        zero_pass<T>(dhh + k * H, n);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------ LSTM forward
+
+template <typename T>
+struct LstmFwd {
+  const T* gi;      // [B, 4H]
+  const T* gh;      // h_{t-1} W_hh^T (no bias): (b, gate k, unit j) at gh[b * gh_ld + k * gh_gs + j]
+  const T* bias;    // [4H] (zeros when there is no bias)
+  const T* h_prev;  // [B, H]
+  const T* c_prev;  // [B, H]
+  const int64_t* lengths;
+  T* h_out;  // [B, H]
+  T* c_out;  // [B, H]
+  T* gates;  // [B, 4H] or nullptr
+  int64_t t, H, gh_ld, gh_gs;
+};
+
+// c' = f * c + i * g
+template <typename T>
+FASTSEQ_INLINE void lstm_c_pass(const T* FASTSEQ_RESTRICT i, const T* FASTSEQ_RESTRICT f,
+                                const T* FASTSEQ_RESTRICT gg, const T* FASTSEQ_RESTRICT cp,
+                                T* FASTSEQ_RESTRICT co, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) co[j] = f[j] * cp[j] + i[j] * gg[j];
+}
+
+// h' = o * tanh(c')
+template <typename T>
+FASTSEQ_INLINE void lstm_h_pass(const T* FASTSEQ_RESTRICT o, const T* FASTSEQ_RESTRICT c,
+                                T* FASTSEQ_RESTRICT ho, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) ho[j] = o[j] * tanh_f(c[j]);
+}
+
+template <typename T, bool SAVE>
+FASTSEQ_INLINE void lstm_fwd_rows_impl(const LstmFwd<T>& a, int64_t b0, int64_t b1, int64_t j_begin,
+                                       int64_t j_end) {
+  const int64_t H = a.H, gs = a.gh_gs;
+  const T* bb = a.bias;
+  T buf[4][kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const bool valid = a.lengths == nullptr || a.lengths[b] > a.t;
+    const T* xi = a.gi + b * 4 * H;
+    const T* hh = a.gh + b * a.gh_ld;
+    const T* hp = a.h_prev + b * H;
+    const T* cp = a.c_prev + b * H;
+    T* ho = a.h_out + b * H;
+    T* co = a.c_out + b * H;
+    T* g = SAVE ? a.gates + b * 4 * H : nullptr;
+    if (!valid) {
+      std::memcpy(ho + j_begin, hp + j_begin, sizeof(T) * (j_end - j_begin));
+      std::memcpy(co + j_begin, cp + j_begin, sizeof(T) * (j_end - j_begin));
+      if (!SAVE) continue;
+    }
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, j_end - j0);
+      T* i = SAVE ? g + j0 : buf[0];
+      T* f = SAVE ? g + H + j0 : buf[1];
+      T* gg = SAVE ? g + 2 * H + j0 : buf[2];
+      T* o = SAVE ? g + 3 * H + j0 : buf[3];
+      sigmoid_pass<T>(xi + j0, hh + j0, bb + j0, i, n);
+      sigmoid_pass<T>(xi + H + j0, hh + gs + j0, bb + H + j0, f, n);
+      tanh_pass<T>(xi + 2 * H + j0, hh + 2 * gs + j0, bb + 2 * H + j0, gg, n);
+      sigmoid_pass<T>(xi + 3 * H + j0, hh + 3 * gs + j0, bb + 3 * H + j0, o, n);
+      if (valid) {
+        lstm_c_pass<T>(i, f, gg, cp + j0, co + j0, n);
+        lstm_h_pass<T>(o, co + j0, ho + j0, n);
+      }
+    }
+  }
+}
+
+// ----------------------------------------------------------- LSTM backward
+
+template <typename T>
+struct LstmBwd {
+  const T* grad_hs;  // [B, H]
+  const T* grad_cs;  // [B, H]
+  const T* gates;    // [B, 4H]
+  const T* c;        // [B, H] (cs[t])
+  const T* c_prev;   // [B, H]
+  const int64_t* lengths;
+  T* dh;  // in: gradient into h_t from step t+1; out: carry part of dh_{t-1}
+  T* dc;  // in: gradient into c_t from step t+1; out: dc_{t-1}
+  T* dg;  // [B, 4H] (dg[t])
+  int64_t t, H;
+};
+
+template <typename T>
+FASTSEQ_INLINE void lstm_bwd_pass(const T* FASTSEQ_RESTRICT gy, const T* FASTSEQ_RESTRICT gc,
+                                  const T* FASTSEQ_RESTRICT gi_, const T* FASTSEQ_RESTRICT gf,
+                                  const T* FASTSEQ_RESTRICT gg_, const T* FASTSEQ_RESTRICT go,
+                                  const T* FASTSEQ_RESTRICT tcs, const T* FASTSEQ_RESTRICT cp,
+                                  T* FASTSEQ_RESTRICT dh, T* FASTSEQ_RESTRICT dc, T* FASTSEQ_RESTRICT di,
+                                  T* FASTSEQ_RESTRICT df, T* FASTSEQ_RESTRICT dgg, T* FASTSEQ_RESTRICT dout,
+                                  int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = dh[j] + gy[j];
+    const T dc_in = dc[j] + gc[j];
+    const T i = gi_[j], f = gf[j], gg = gg_[j], o = go[j], tc = tcs[j];
+    const T dc_tot = dc_in + d * o * (T(1) - tc * tc);
+    di[j] = dc_tot * gg * i * (T(1) - i);
+    df[j] = dc_tot * cp[j] * f * (T(1) - f);
+    dgg[j] = dc_tot * i * (T(1) - gg * gg);
+    dout[j] = d * tc * o * (T(1) - o);
+    dh[j] = T(0);  // dg[t] @ W_hh is added by the product that follows
+    dc[j] = dc_tot * f;
+  }
+}
+
+template <typename T>
+FASTSEQ_INLINE void lstm_bwd_rows_impl(const LstmBwd<T>& a, int64_t b0, int64_t b1, int64_t j_begin,
+                                       int64_t j_end) {
+  const int64_t H = a.H;
+  T tc[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    const bool valid = a.lengths == nullptr || a.lengths[b] > a.t;
+    const T* gy = a.grad_hs + b * H;
+    const T* gc = a.grad_cs + b * H;
+    const T* g = a.gates + b * 4 * H;
+    const T* cc = a.c + b * H;
+    const T* cp = a.c_prev + b * H;
+    T* dh = a.dh + b * H;
+    T* dc = a.dc + b * H;
+    T* dg = a.dg + b * 4 * H;
+    if (!valid) {  // past its length: no gate gradients, dh and dc pass through
+      const int64_t n = j_end - j_begin;
+      add_pass<T>(gy + j_begin, dh + j_begin, n);
+      add_pass<T>(gc + j_begin, dc + j_begin, n);
+      for (int64_t k = 0; k < 4; ++k) zero_pass<T>(dg + k * H + j_begin, n);
+      continue;
+    }
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, j_end - j0);
+      tanh_copy_pass<T>(cc + j0, tc, n);
+      lstm_bwd_pass<T>(gy + j0, gc + j0, g + j0, g + H + j0, g + 2 * H + j0, g + 3 * H + j0, tc, cp + j0,
+                       dh + j0, dc + j0, dg + j0, dg + H + j0, dg + 2 * H + j0, dg + 3 * H + j0, n);
+    }
+  }
+}
+
+// ------------------------------------------------- ISA dispatch of the kernels
+//
+// float: a baseline build and an AVX2+FMA build of each kernel, picked once at
+// run time. double: the baseline build (libm activations).
+
+#define FASTSEQ_DEFINE_ROWS(NAME, ARGS, ...)                                                              \
+  template <typename T>                                                                                  \
+  void NAME##_base(const ARGS<T>& a, int64_t b0, int64_t b1, int64_t j0, int64_t j1, bool save) {        \
+    __VA_ARGS__                                                                                          \
+  }                                                                                                      \
+  FASTSEQ_TARGET_AVX2 void NAME##_avx2(const ARGS<float>& a, int64_t b0, int64_t b1, int64_t j0,         \
+                                       int64_t j1, bool save) {                                          \
+    using T = float;                                                                                     \
+    __VA_ARGS__                                                                                          \
+  }                                                                                                      \
+  template <typename T>                                                                                  \
+  void NAME(const ARGS<T>& a, int64_t b0, int64_t b1, int64_t j0, int64_t j1, bool save) {               \
+    if constexpr (std::is_same_v<T, float>) {                                                            \
+      if (FASTSEQ_X86_DISPATCH && cpu_has_avx2_fma()) return NAME##_avx2(a, b0, b1, j0, j1, save);       \
+    }                                                                                                    \
+    NAME##_base<T>(a, b0, b1, j0, j1, save);                                                             \
+  }
+
+FASTSEQ_DEFINE_ROWS(gru_fwd_rows, GruFwd,
+                    if (save) gru_fwd_rows_impl<T, true>(a, b0, b1, j0, j1);
+                    else gru_fwd_rows_impl<T, false>(a, b0, b1, j0, j1);)
+FASTSEQ_DEFINE_ROWS(gru_bwd_rows, GruBwd, (void)save; gru_bwd_rows_impl<T>(a, b0, b1, j0, j1);)
+FASTSEQ_DEFINE_ROWS(lstm_fwd_rows, LstmFwd,
+                    if (save) lstm_fwd_rows_impl<T, true>(a, b0, b1, j0, j1);
+                    else lstm_fwd_rows_impl<T, false>(a, b0, b1, j0, j1);)
+FASTSEQ_DEFINE_ROWS(lstm_bwd_rows, LstmBwd, (void)save; lstm_bwd_rows_impl<T>(a, b0, b1, j0, j1);)
+
+#undef FASTSEQ_DEFINE_ROWS
+
+// ==================================================================== helpers
+
+struct Dims {
+  int64_t T, B, H;
+};
+
+Dims check_forward(int64_t G, const Tensor& gi, std::initializer_list<std::pair<const Tensor*, const char*>> states,
+                   const Tensor& w_hh, const std::optional<Tensor>& b_hh) {
+  TORCH_CHECK(gi.dim() == 3, "fastseq_cpp: gi: expected a 3-D tensor [T, B, ", G, "*H], got shape ",
+              gi.sizes());
+  check_float_cpu(gi, "gi");
+  const Tensor& h0 = *states.begin()->first;
+  TORCH_CHECK(h0.dim() == 2, "fastseq_cpp: h0: expected a 2-D tensor [B, H], got shape ", h0.sizes());
+  const int64_t T = gi.size(0), B = gi.size(1), H = h0.size(1);
+  TORCH_CHECK(gi.size(2) == G * H, "fastseq_cpp: gi: expected size(2) == ", G, "*H = ", G * H,
+              " (H from h0), got shape ", gi.sizes());
+  for (const auto& s : states) {
+    check_float_cpu(*s.first, s.second);
+    check_shape(*s.first, {B, H}, s.second);
+  }
+  check_float_cpu(w_hh, "w_hh");
+  check_shape(w_hh, {G * H, H}, "w_hh");
+  if (b_hh.has_value() && b_hh->defined()) {
+    check_float_cpu(*b_hh, "b_hh");
+    check_shape(*b_hh, {G * H}, "b_hh");
+  }
+  return {T, B, H};
+}
+
+// The bias in the compute dtype, or zeros when there is none.
+Tensor bias_or_zeros(const std::optional<Tensor>& b_hh, int64_t n, at::ScalarType cd) {
+  if (b_hh.has_value() && b_hh->defined()) return in_cd(*b_hh, cd);
+  return at::zeros({n}, at::TensorOptions().dtype(cd));
+}
+
+// ATen path: the pointwise pass over batch rows, in parallel when big enough.
+template <typename F>
+void for_rows(int64_t B, int64_t cols, const F& f) {
+  const int64_t grain = row_grain(cols);
+  if (B <= grain) {
+    f(0, B);
+  } else {
+    at::parallel_for(0, B, grain, f);
+  }
+}
+
+// How the BLAS path shares a call between threads:
+//  * kRows: batch rows split into `chunks` slices of `width` rows. A row of
+//    h_t depends only on the same row of h_{t-1}, so each thread runs ALL the
+//    steps of its rows (its own products and pointwise passes) with no
+//    synchronisation at all: one at::parallel_for per call. Used when every
+//    thread gets enough rows for an efficient product (and, with one chunk,
+//    for single-threaded calls).
+//  * kUnits: hidden units split into `chunks` slices of `width` units (a
+//    multiple of 8, for vector alignment). One at::parallel_for per step; each
+//    thread multiplies its own rows of W_hh (which stay in its core's cache
+//    from step to step) and runs the pointwise pass on its units. Used for
+//    small batches, where the product is a matrix-vector product bound by
+//    reading W_hh.
+enum class SplitKind { kRows, kUnits };
+
+struct Split {
+  SplitKind kind;
+  int64_t chunks, width;
+};
+
+Split split_work(int64_t B, int64_t G, int64_t H) {
+  // Below this many multiply-adds per step a fork/join costs more than it saves.
+  constexpr int64_t kMinParallelMacs = 1 << 15;
+  // Measured on 2 cores (bench/cpu_rnn_cpp.py, H 256/512): splitting the units
+  // wins up to B = 32 (each thread reads only its half of W_hh); the batch
+  // split is as fast from 32 rows per thread on and needs no per-step sync.
+  constexpr int64_t kRowsPerThreadBig = 32;
+  // With many threads a unit slice gets thin; then split rows from 8 per thread.
+  constexpr int64_t kMinUnitsPerThread = 32;
+  constexpr int64_t kRowsPerThreadSmall = 8;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  auto rows = [&]() {
+    const int64_t width = (B + threads - 1) / threads;
+    return Split{SplitKind::kRows, (B + width - 1) / width, width};
+  };
+  if (threads <= 1 || B * G * H * H < kMinParallelMacs) return {SplitKind::kRows, 1, std::max<int64_t>(B, 1)};
+  if (B >= kRowsPerThreadBig * threads) return rows();
+  if (H >= kMinUnitsPerThread * threads) {
+    int64_t width = (H + threads - 1) / threads;
+    width = (width + 7) / 8 * 8;
+    return {SplitKind::kUnits, (H + width - 1) / width, width};
+  }
+  if (B >= kRowsPerThreadSmall * threads) return rows();
+  return {SplitKind::kRows, 1, std::max<int64_t>(B, 1)};
+}
+
+// f(begin, end) for every slice [c * width, min(n, (c + 1) * width)), in parallel.
+template <typename F>
+void for_slices(const Split& s, int64_t n, const F& f) {
+  if (s.chunks == 1) {
+    f(0, n);  // on the calling thread; the BLAS may use its own threads
+    return;
+  }
+  at::parallel_for(0, s.chunks, 1, [&](int64_t c0, int64_t c1) {
+    BlasOneThread one_thread;
+    for (int64_t c = c0; c < c1; ++c) f(c * s.width, std::min(n, (c + 1) * s.width));
+  });
+}
+
+// The forward product of one thread's slice [j0, j1) of the hidden units in
+// the kUnits split: the rows k*H + j0 .. k*H + j1 of W_hh for every gate k.
+// From kPackMinRows rows on, W_hh is first copied (once per call, each thread
+// its own slice) so that a slice's rows are contiguous: one product per step
+// instead of one per gate (about 15% faster at B = 8; for a matrix-vector
+// product it makes no difference and the copy would be pure cost). The
+// product then lands in gh with the columns of slice [j0, j1) grouped as
+// (gate, unit) at offset G*j0, which the forward kernels read through
+// (gh_ld, gh_gs).
+template <typename T>
+struct UnitsProduct {
+  int64_t G, B, H;
+  const T* w;          // W_hh [G*H, H]
+  T* packed = nullptr;  // [G*H, H], slices contiguous, or nullptr
+  T* gh;                // [B, G*H]
+
+  static constexpr int64_t kPackMinRows = 4;
+
+  void pack_slice(int64_t j0, int64_t j1) {
+    const int64_t n = j1 - j0;
+    for (int64_t k = 0; k < G; ++k) {
+      std::memcpy(packed + (G * j0 + k * n) * H, w + (k * H + j0) * H, sizeof(T) * n * H);
+    }
+  }
+
+  // gh for slice [j0, j1), and the args of the pointwise pass reading it.
+  template <typename Args>
+  Args run(const Args& a, const T* h_prev, int64_t j0, int64_t j1) const {
+    Args s = a;
+    const int64_t n = j1 - j0;
+    if (packed != nullptr) {
+      gemm_nt<T>(B, G * n, H, h_prev, H, packed + G * j0 * H, H, T(0), gh + G * j0, G * H);
+      s.gh = gh + (G - 1) * j0;  // so that gh[b*ld + k*n + j] is (b, k, j) for j in [j0, j1)
+      s.gh_gs = n;
+    } else if (j0 == 0 && j1 == H) {
+      gemm_nt<T>(B, G * H, H, h_prev, H, w, H, T(0), gh, G * H);
+    } else {
+      for (int64_t k = 0; k < G; ++k) {
+        gemm_nt<T>(B, n, H, h_prev, H, w + (k * H + j0) * H, H, T(0), gh + k * H + j0, G * H);
+      }
+    }
+    return s;
+  }
+};
+
+template <typename T>
+bool use_blas(int64_t B, int64_t G, int64_t H) {
+  return blas_available<T>() && !gemm_forced_aten() && B > 0 && H > 0 && B * G * H < INT_MAX &&
+         G * H <= INT_MAX / 2;
+}
+
+Tensor finish(const Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// dW_hh = sum_t dg[t]^T h_{t-1}: step 0 against h0, the other steps as one product.
+Tensor weight_grad(const Tensor& dg, const Tensor& h_init, const Tensor& hs, int64_t GH, int64_t H) {
+  const int64_t T = dg.size(0), B = dg.size(1);
+  Tensor dw = at::empty({GH, H}, dg.options());
+  if (T == 0) return dw.zero_();
+  at::mm_out(dw, dg.select(0, 0).t(), h_init);
+  if (T > 1) {
+    dw.addmm_(dg.narrow(0, 1, T - 1).reshape({(T - 1) * B, GH}).t(),
+              hs.narrow(0, 0, T - 1).reshape({(T - 1) * B, H}));
+  }
+  return dw;
+}
+
+// ======================================================================= GRU
+
+std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
+                                                  const std::optional<Tensor>& b_hh,
+                                                  const std::optional<Tensor>& lengths, bool save_gates) {
+  const Dims d = check_forward(3, gi, {{&h0, "h0"}}, w_hh, b_hh);
+  const int64_t T = d.T, B = d.B, H = d.H;
+  const auto cd = compute_dtype(gi.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor x = in_cd(gi, cd), h_init = in_cd(h0, cd), w = in_cd(w_hh, cd);
+  const Tensor bias = bias_or_zeros(b_hh, 3 * H, cd);
+  const Tensor lens = lengths_i64(lengths, B);
+  Tensor hs = at::empty({T, B, H}, opt);
+  Tensor gates = save_gates ? at::empty({T, B, 4 * H}, opt) : Tensor();
+  Tensor gh = at::empty({B, 3 * H}, opt);
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::gru_recurrence_forward", [&] {
+    using T_ = scalar_t;
+    GruFwd<T_> a;
+    a.gh = gh.data_ptr<T_>();
+    a.gh_ld = 3 * H;
+    a.gh_gs = H;
+    a.bias = bias.data_ptr<T_>();
+    a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+    a.H = H;
+    const T_* x_p = x.data_ptr<T_>();
+    const T_* w_p = w.data_ptr<T_>();
+    T_* gh_p = gh.data_ptr<T_>();
+    T_* hs_p = hs.data_ptr<T_>();
+    T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
+    auto at_step = [&](GruFwd<T_>& s, int64_t t) {
+      s.t = t;
+      s.gi = x_p + t * B * 3 * H;
+      s.h_prev = t == 0 ? h_init.data_ptr<T_>() : hs_p + (t - 1) * B * H;
+      s.h_out = hs_p + t * B * H;
+      s.gates = save_gates ? g_p + t * B * 4 * H : nullptr;
+    };
+    if (!use_blas<T_>(B, 3, H)) {
+      const Tensor wt = w.t();
+      for (int64_t t = 0; t < T; ++t) {
+        at_step(a, t);
+        at::mm_out(gh, t == 0 ? h_init : hs.select(0, t - 1), wt);
+        for_rows(B, 3 * H, [&](int64_t b0, int64_t b1) { gru_fwd_rows(a, b0, b1, 0, H, save_gates); });
+      }
+      return;
+    }
+    const Split split = split_work(B, 3, H);
+    if (split.kind == SplitKind::kRows) {
+      for_slices(split, B, [&](int64_t b0, int64_t b1) {
+        GruFwd<T_> s = a;
+        for (int64_t t = 0; t < T; ++t) {
+          at_step(s, t);
+          gemm_nt<T_>(b1 - b0, 3 * H, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * 3 * H, 3 * H);
+          gru_fwd_rows(s, b0, b1, 0, H, save_gates);
+        }
+      });
+      return;
+    }
+    UnitsProduct<T_> prod{3, B, H, w_p, nullptr, gh_p};
+    Tensor packed;
+    if (B >= prod.kPackMinRows) {
+      packed = at::empty({3 * H, H}, opt);
+      prod.packed = packed.data_ptr<T_>();
+      for_slices(split, H, [&](int64_t j0, int64_t j1) { prod.pack_slice(j0, j1); });
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      at_step(a, t);
+      for_slices(split, H, [&](int64_t j0, int64_t j1) {
+        gru_fwd_rows(prod.run(a, a.h_prev, j0, j1), 0, B, j0, j1, save_gates);
+      });
+    }
+  });
+  const auto out_dt = gi.scalar_type();
+  return {finish(hs, out_dt), save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
+    const Tensor& grad_hs, const Tensor& h0, const Tensor& w_hh, const Tensor& hs, const Tensor& gates,
+    const std::optional<Tensor>& lengths, bool has_bias) {
+  TORCH_CHECK(hs.dim() == 3, "fastseq_cpp: hs: expected a 3-D tensor [T, B, H], got shape ", hs.sizes());
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  check_float_cpu(hs, "hs");
+  check_float_cpu(grad_hs, "grad_hs");
+  check_shape(grad_hs, {T, B, H}, "grad_hs");
+  check_float_cpu(h0, "h0");
+  check_shape(h0, {B, H}, "h0");
+  check_float_cpu(w_hh, "w_hh");
+  check_shape(w_hh, {3 * H, H}, "w_hh");
+  check_float_cpu(gates, "gates");
+  check_shape(gates, {T, B, 4 * H}, "gates");
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor gy = in_cd(grad_hs, cd), h_init = in_cd(h0, cd), w = in_cd(w_hh, cd);
+  const Tensor hs_c = in_cd(hs, cd), g_c = in_cd(gates, cd);
+  const Tensor lens = lengths_i64(lengths, B);
+  Tensor dgi = at::empty({T, B, 3 * H}, opt);
+  Tensor dgh = at::empty({T, B, 3 * H}, opt);
+  Tensor dh = at::zeros({B, H}, opt);
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::gru_recurrence_backward", [&] {
+    using T_ = scalar_t;
+    GruBwd<T_> a;
+    a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+    a.dh = dh.data_ptr<T_>();
+    a.H = H;
+    const T_* gy_p = gy.data_ptr<T_>();
+    const T_* g_p = g_c.data_ptr<T_>();
+    const T_* hs_p = hs_c.data_ptr<T_>();
+    const T_* h0_p = h_init.data_ptr<T_>();
+    const T_* w_p = w.data_ptr<T_>();
+    T_* dh_p = dh.data_ptr<T_>();
+    T_* dgi_p = dgi.data_ptr<T_>();
+    T_* dgh_p = dgh.data_ptr<T_>();
+    auto at_step = [&](GruBwd<T_>& s, int64_t t) {
+      s.t = t;
+      s.grad_hs = gy_p + t * B * H;
+      s.gates = g_p + t * B * 4 * H;
+      s.h_prev = t == 0 ? h0_p : hs_p + (t - 1) * B * H;
+      s.dgi = dgi_p + t * B * 3 * H;
+      s.dgh = dgh_p + t * B * 3 * H;
+    };
+    if (!use_blas<T_>(B, 3, H)) {
+      for (int64_t t = T - 1; t >= 0; --t) {
+        at_step(a, t);
+        for_rows(B, 3 * H, [&](int64_t b0, int64_t b1) { gru_bwd_rows(a, b0, b1, 0, H, false); });
+        dh.addmm_(dgh.select(0, t), w);
+      }
+      return;
+    }
+    const Split split = split_work(B, 3, H);
+    if (split.kind == SplitKind::kRows) {
+      // Each thread, its rows, all steps: step t's pointwise pass leaves the carry
+      // in dh; dh += dgh[t] @ W_hh completes dh_{t-1}.
+      for_slices(split, B, [&](int64_t b0, int64_t b1) {
+        GruBwd<T_> s = a;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          at_step(s, t);
+          gru_bwd_rows(s, b0, b1, 0, H, false);
+          gemm_nn<T_>(b1 - b0, H, 3 * H, s.dgh + b0 * 3 * H, 3 * H, w_p, H, T_(1), dh_p + b0 * H, H);
+        }
+      });
+      return;
+    }
+    for (int64_t t = T - 1; t >= 0; --t) {
+      at_step(a, t);
+      // Each thread: its columns of dh += dgh[t+1] @ W_hh, then step t on its units.
+      for_slices(split, H, [&](int64_t j0, int64_t j1) {
+        if (t + 1 < T) {
+          gemm_nn<T_>(B, j1 - j0, 3 * H, dgh_p + (t + 1) * B * 3 * H, 3 * H, w_p + j0, H, T_(1), dh_p + j0, H);
+        }
+        gru_bwd_rows(a, 0, B, j0, j1, false);
+      });
+    }
+    if (T > 0) dh.addmm_(dgh.select(0, 0), w);
+  });
+
+  const Tensor dw = weight_grad(dgh, h_init, hs_c, 3 * H, H);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? finish(dgh.sum({0, 1}), wdt) : at::empty({0}, w_hh.options());
+  return {finish(dgi, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dw, wdt), db};
+}
+
+// ====================================================================== LSTM
+
+std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& c0,
+                                                           const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+                                                           const std::optional<Tensor>& lengths,
+                                                           bool save_gates) {
+  const Dims d = check_forward(4, gi, {{&h0, "h0"}, {&c0, "c0"}}, w_hh, b_hh);
+  const int64_t T = d.T, B = d.B, H = d.H;
+  const auto cd = compute_dtype(gi.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor x = in_cd(gi, cd), h_init = in_cd(h0, cd), c_init = in_cd(c0, cd), w = in_cd(w_hh, cd);
+  const Tensor bias = bias_or_zeros(b_hh, 4 * H, cd);
+  const Tensor lens = lengths_i64(lengths, B);
+  Tensor hs = at::empty({T, B, H}, opt);
+  Tensor cs = at::empty({T, B, H}, opt);
+  Tensor gates = save_gates ? at::empty({T, B, 4 * H}, opt) : Tensor();
+  Tensor gh = at::empty({B, 4 * H}, opt);
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::lstm_recurrence_forward", [&] {
+    using T_ = scalar_t;
+    LstmFwd<T_> a;
+    a.gh = gh.data_ptr<T_>();
+    a.gh_ld = 4 * H;
+    a.gh_gs = H;
+    a.bias = bias.data_ptr<T_>();
+    a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+    a.H = H;
+    const T_* x_p = x.data_ptr<T_>();
+    const T_* w_p = w.data_ptr<T_>();
+    T_* gh_p = gh.data_ptr<T_>();
+    T_* hs_p = hs.data_ptr<T_>();
+    T_* cs_p = cs.data_ptr<T_>();
+    const T_* c0_p = c_init.data_ptr<T_>();
+    T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
+    auto at_step = [&](LstmFwd<T_>& s, int64_t t) {
+      s.t = t;
+      s.gi = x_p + t * B * 4 * H;
+      s.h_prev = t == 0 ? h_init.data_ptr<T_>() : hs_p + (t - 1) * B * H;
+      s.c_prev = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
+      s.h_out = hs_p + t * B * H;
+      s.c_out = cs_p + t * B * H;
+      s.gates = save_gates ? g_p + t * B * 4 * H : nullptr;
+    };
+    if (!use_blas<T_>(B, 4, H)) {
+      const Tensor wt = w.t();
+      for (int64_t t = 0; t < T; ++t) {
+        at_step(a, t);
+        at::mm_out(gh, t == 0 ? h_init : hs.select(0, t - 1), wt);
+        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { lstm_fwd_rows(a, b0, b1, 0, H, save_gates); });
+      }
+      return;
+    }
+    const Split split = split_work(B, 4, H);
+    if (split.kind == SplitKind::kRows) {
+      for_slices(split, B, [&](int64_t b0, int64_t b1) {
+        LstmFwd<T_> s = a;
+        for (int64_t t = 0; t < T; ++t) {
+          at_step(s, t);
+          gemm_nt<T_>(b1 - b0, 4 * H, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * 4 * H, 4 * H);
+          lstm_fwd_rows(s, b0, b1, 0, H, save_gates);
+        }
+      });
+      return;
+    }
+    UnitsProduct<T_> prod{4, B, H, w_p, nullptr, gh_p};
+    Tensor packed;
+    if (B >= prod.kPackMinRows) {
+      packed = at::empty({4 * H, H}, opt);
+      prod.packed = packed.data_ptr<T_>();
+      for_slices(split, H, [&](int64_t j0, int64_t j1) { prod.pack_slice(j0, j1); });
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      at_step(a, t);
+      for_slices(split, H, [&](int64_t j0, int64_t j1) {
+        lstm_fwd_rows(prod.run(a, a.h_prev, j0, j1), 0, B, j0, j1, save_gates);
+      });
+    }
+  });
+  const auto out_dt = gi.scalar_type();
+  return {finish(hs, out_dt), finish(cs, out_dt),
+          save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
+    const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& hs, const Tensor& cs, const Tensor& gates, const std::optional<Tensor>& lengths,
+    bool has_bias) {
+  TORCH_CHECK(hs.dim() == 3, "fastseq_cpp: hs: expected a 3-D tensor [T, B, H], got shape ", hs.sizes());
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  check_float_cpu(hs, "hs");
+  for (const auto& p : {std::make_pair(&grad_hs, "grad_hs"), std::make_pair(&grad_cs, "grad_cs"),
+                        std::make_pair(&cs, "cs")}) {
+    check_float_cpu(*p.first, p.second);
+    check_shape(*p.first, {T, B, H}, p.second);
+  }
+  check_float_cpu(h0, "h0");
+  check_shape(h0, {B, H}, "h0");
+  check_float_cpu(c0, "c0");
+  check_shape(c0, {B, H}, "c0");
+  check_float_cpu(w_hh, "w_hh");
+  check_shape(w_hh, {4 * H, H}, "w_hh");
+  check_float_cpu(gates, "gates");
+  check_shape(gates, {T, B, 4 * H}, "gates");
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor gy = in_cd(grad_hs, cd), gcy = in_cd(grad_cs, cd);
+  const Tensor h_init = in_cd(h0, cd), c_init = in_cd(c0, cd), w = in_cd(w_hh, cd);
+  const Tensor hs_c = in_cd(hs, cd), cs_c = in_cd(cs, cd), g_c = in_cd(gates, cd);
+  const Tensor lens = lengths_i64(lengths, B);
+  Tensor dg = at::empty({T, B, 4 * H}, opt);
+  Tensor dh = at::zeros({B, H}, opt);
+  Tensor dc = at::zeros({B, H}, opt);
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::lstm_recurrence_backward", [&] {
+    using T_ = scalar_t;
+    LstmBwd<T_> a;
+    a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+    a.dh = dh.data_ptr<T_>();
+    a.dc = dc.data_ptr<T_>();
+    a.H = H;
+    const T_* gy_p = gy.data_ptr<T_>();
+    const T_* gc_p = gcy.data_ptr<T_>();
+    const T_* g_p = g_c.data_ptr<T_>();
+    const T_* cs_p = cs_c.data_ptr<T_>();
+    const T_* c0_p = c_init.data_ptr<T_>();
+    const T_* w_p = w.data_ptr<T_>();
+    T_* dh_p = dh.data_ptr<T_>();
+    T_* dg_p = dg.data_ptr<T_>();
+    auto at_step = [&](LstmBwd<T_>& s, int64_t t) {
+      s.t = t;
+      s.grad_hs = gy_p + t * B * H;
+      s.grad_cs = gc_p + t * B * H;
+      s.gates = g_p + t * B * 4 * H;
+      s.c = cs_p + t * B * H;
+      s.c_prev = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
+      s.dg = dg_p + t * B * 4 * H;
+    };
+    if (!use_blas<T_>(B, 4, H)) {
+      for (int64_t t = T - 1; t >= 0; --t) {
+        at_step(a, t);
+        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { lstm_bwd_rows(a, b0, b1, 0, H, false); });
+        dh.addmm_(dg.select(0, t), w);
+      }
+      return;
+    }
+    const Split split = split_work(B, 4, H);
+    if (split.kind == SplitKind::kRows) {
+      for_slices(split, B, [&](int64_t b0, int64_t b1) {
+        LstmBwd<T_> s = a;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          at_step(s, t);
+          lstm_bwd_rows(s, b0, b1, 0, H, false);
+          gemm_nn<T_>(b1 - b0, H, 4 * H, s.dg + b0 * 4 * H, 4 * H, w_p, H, T_(1), dh_p + b0 * H, H);
+        }
+      });
+      return;
+    }
+    for (int64_t t = T - 1; t >= 0; --t) {
+      at_step(a, t);
+      for_slices(split, H, [&](int64_t j0, int64_t j1) {
+        if (t + 1 < T) {
+          gemm_nn<T_>(B, j1 - j0, 4 * H, dg_p + (t + 1) * B * 4 * H, 4 * H, w_p + j0, H, T_(1), dh_p + j0, H);
+        }
+        lstm_bwd_rows(a, 0, B, j0, j1, false);
+      });
+    }
+    if (T > 0) dh.addmm_(dg.select(0, 0), w);
+  });
+
+  const Tensor dw = weight_grad(dg, h_init, hs_c, 4 * H, H);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? finish(dg.sum({0, 1}), wdt) : at::empty({0}, w_hh.options());
+  return {finish(dg, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dc, c0.scalar_type()),
+          finish(dw, wdt), db};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastseq
+
+TORCH_LIBRARY(fastseq_cpp, m) {
+  m.def(
+      "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
+      "bool save_gates=True) -> (Tensor, Tensor)");
+  m.def(
+      "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
+      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
+      "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
+      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastseq_cpp, CPU, m) {
+  m.impl("gru_recurrence_forward", &fastseq::cpu::gru_recurrence_forward);
+  m.impl("gru_recurrence_backward", &fastseq::cpu::gru_recurrence_backward);
+  m.impl("lstm_recurrence_forward", &fastseq::cpu::lstm_recurrence_forward);
+  m.impl("lstm_recurrence_backward", &fastseq::cpu::lstm_recurrence_backward);
+}

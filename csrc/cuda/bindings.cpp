@@ -1,0 +1,686 @@
+// CUDA implementations of the fastseq_cpp ops (ATen side, host compiler).
+//
+// Semantics, signatures and output layouts are those of
+// fastseq/ops/reference.py; the schemas are defined by the CPU sources
+// (csrc/cpu, TORCH_LIBRARY / TORCH_LIBRARY_FRAGMENT(fastseq_cpp, ...)); this
+// file only adds the CUDA kernels of the same ops
+// (TORCH_LIBRARY_IMPL(fastseq_cpp, CUDA, m); the name follows
+// -DFASTSEQ_CPP_LIBRARY like the CPU sources).
+//
+// Split of the work:
+//   * matrix products through ATen (at::mm_out / addmm_ / bmm, i.e. cuBLAS),
+//     on the current stream, in the compute dtype;
+//   * everything pointwise / fused through the launchers of kernels.h
+//     (csrc/cuda/*.cu), which take raw pointers and the current CUDA stream
+//     from c10::cuda::getCurrentCUDAStream().
+//
+// Precision (as the reference): half / bfloat16 inputs are computed in float32
+// (GEMMs included: the weights are converted once per call, the recurrent
+// state is carried in float32 between steps and only hs / cs are stored in
+// half); float64 stays float64. Outputs are in the dtypes the reference
+// returns. Where the reference returns None (grad_b_hh without a bias) the op
+// returns an empty [0] tensor.
+//
+// When the inputs that the kernels read in one storage dtype do not share a
+// dtype (mixed precision), they are all converted to the compute dtype first,
+// which is exactly what the reference computes with; results are cast back.
+//
+// FASTSEQ_CUDA_HOST_EMULATION (tests only; see common.cuh): the same code on
+// CPU tensors, the kernels running on CPU threads, registered as a separate
+// library `fastseq_cuda_emu` (with the schemas spelled out, so their match
+// with these C++ signatures is checked when it loads).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#ifndef FASTSEQ_CUDA_HOST_EMULATION
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "kernels.h"
+
+namespace fastseq {
+namespace cuda {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+// ------------------------------------------------------------------ helpers
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+DType dtype_tag(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::Float32;
+    case at::kDouble:
+      return DType::Float64;
+    case at::kHalf:
+      return DType::Float16;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "fastseq_cpp (CUDA): unsupported dtype ", t);
+  return DType::Float32;  // not reached
+}
+
+bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// ---------------------------------------------------- device, stream, errors
+
+#ifndef FASTSEQ_CUDA_HOST_EMULATION
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t stream_of(const at::Device& dev) { return c10::cuda::getCurrentCUDAStream(dev.index()).stream(); }
+bool on_expected_device(const Tensor& t) { return t.is_cuda(); }
+std::string error_string(cudaError_t err) { return cudaGetErrorString(err); }
+#else
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+cudaStream_t stream_of(const at::Device&) { return nullptr; }
+bool on_expected_device(const Tensor& t) { return t.is_cpu(); }
+std::string error_string(cudaError_t err) { return "cudaError_t " + std::to_string(static_cast<int>(err)); }
+#endif
+
+void check_float_cuda(const Tensor& t, const char* name, const at::Device& dev) {
+  TORCH_CHECK(t.defined(), "fastseq_cpp (CUDA): ", name, ": undefined tensor");
+  TORCH_CHECK(on_expected_device(t), "fastseq_cpp (CUDA): ", name, ": expected a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.device() == dev, "fastseq_cpp (CUDA): ", name, ": expected a tensor on ", dev, ", got ",
+              t.device());
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+              "fastseq_cpp (CUDA): ", name, ": expected float32/float64/float16/bfloat16, got ", s);
+}
+
+void check_shape(const Tensor& t, at::IntArrayRef want, const char* name) {
+  TORCH_CHECK(t.sizes() == want, "fastseq_cpp (CUDA): ", name, ": expected shape ", want, ", got ", t.sizes());
+}
+
+void check_arg(const Tensor& t, at::IntArrayRef want, const char* name, const at::Device& dev) {
+  check_float_cuda(t, name, dev);
+  check_shape(t, want, name);
+}
+
+void check_dims(const Tensor& t, int64_t dims, const char* name, const char* layout) {
+  TORCH_CHECK(t.dim() == dims, "fastseq_cpp (CUDA): ", name, ": expected a ", dims, "-D tensor ", layout,
+              ", got shape ", t.sizes());
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "fastseq_cpp (CUDA): ", op, ": kernel launch failed: ", error_string(err));
+}
+
+// int64 lengths on `dev` (a CPU lengths tensor is copied over), or undefined.
+Tensor lengths_on(const OptTensor& lengths, int64_t B, const at::Device& dev) {
+  if (!has(lengths)) return Tensor();
+  const Tensor& l = *lengths;
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == B, "fastseq_cpp (CUDA): lengths: expected shape [", B, "], got ",
+              l.sizes());
+  TORCH_CHECK(at::isIntegralType(l.scalar_type(), /*includeBool=*/false),
+              "fastseq_cpp (CUDA): lengths: expected an integer tensor, got ", l.scalar_type());
+  return l.to(dev, at::kLong).contiguous();
+}
+
+// `t` itself if its last dimension is contiguous (any row stride), else a copy.
+Tensor rows_contig(const Tensor& t) { return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous(); }
+
+// Pointer `elems` elements past the start of `t` (which must be defined).
+void* at_elem(const Tensor& t, int64_t elems) {
+  return static_cast<char*>(t.data_ptr()) + elems * static_cast<int64_t>(t.element_size());
+}
+
+const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// The dtype the kernels read `ts` in: their dtype when they share one that
+// computes in `cd`, else `cd` itself (then every one of them is converted).
+at::ScalarType storage_dtype(std::initializer_list<const Tensor*> ts, at::ScalarType cd) {
+  const at::ScalarType s = (*ts.begin())->scalar_type();
+  for (const Tensor* t : ts) {
+    if (t->scalar_type() != s) return cd;
+  }
+  return compute_dtype(s) == cd ? s : cd;
+}
+
+// dW = sum_t dG[t]^T h_{t-1} (h_{-1} = h0): step 0 against h0, the other steps
+// as one product, without materialising [h0; hs[:-1]].
+Tensor weight_grad(const Tensor& dG, const Tensor& h_init, const Tensor& hs_cd, int64_t GH) {
+  const int64_t T = dG.size(0), B = dG.size(1), H = h_init.size(1);
+  Tensor dw = at::zeros({GH, H}, dG.options());
+  if (T > 0) {
+    at::mm_out(dw, dG.select(0, 0).t(), h_init);
+    if (T > 1) {
+      dw.addmm_(dG.narrow(0, 1, T - 1).reshape({(T - 1) * B, GH}).t(),
+                hs_cd.narrow(0, 0, T - 1).reshape({(T - 1) * B, H}));
+    }
+  }
+  return dw;
+}
+
+// ====================================================================== GRU
+
+std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
+                                                  const OptTensor& b_hh, const OptTensor& lengths,
+                                                  bool save_gates) {
+  check_dims(gi, 3, "gi", "[T, B, 3H]");
+  const at::Device dev = gi.device();
+  check_float_cuda(gi, "gi", dev);
+  TORCH_CHECK(gi.size(2) % 3 == 0, "fastseq_cpp (CUDA): gi: last dimension ", gi.size(2), " is not 3H");
+  const int64_t T = gi.size(0), B = gi.size(1), H = gi.size(2) / 3;
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(w_hh, {3 * H, H}, "w_hh", dev);
+  if (has(b_hh)) check_arg(*b_hh, {3 * H}, "b_hh", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto st = gi.scalar_type();
+  const auto cd = compute_dtype(st);
+  const auto opt_cd = gi.options().dtype(cd);
+  const Tensor x = gi.stride(2) == 1 ? gi : gi.contiguous();
+  const Tensor wt = w_hh.to(cd).t();
+  const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
+  const Tensor h_init = h0.to(cd).contiguous();
+  const Tensor lens = lengths_on(lengths, B, dev);
+  Tensor hs = at::empty({T, B, H}, gi.options());
+  Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  Tensor gh = at::empty({B, 3 * H}, opt_cd);
+  // Half inputs: the state is carried in float32 (ping-pong), hs only stores it.
+  const bool carry = st != cd;
+  Tensor state = carry ? at::empty({2, B, H}, opt_cd) : Tensor();
+
+  GruFwdStep a{};
+  a.ld_gi = x.stride(1);
+  a.gh = gh.data_ptr();
+  a.bias = ptr_or_null(bias);
+  a.ld_h = H;
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.B = B;
+  a.H = H;
+  const DType tag = dtype_tag(st);
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor h_prev = t == 0 ? h_init : (carry ? state.select(0, (t - 1) & 1) : hs.select(0, t - 1));
+    at::mm_out(gh, h_prev, wt);
+    a.t = t;
+    a.gi = at_elem(x, t * x.stride(0));
+    a.h_prev = h_prev.data_ptr();
+    a.h_state = carry ? state.select(0, t & 1).data_ptr() : nullptr;
+    a.hs_out = at_elem(hs, t * B * H);
+    a.gates = save_gates ? at_elem(gates, t * B * 4 * H) : nullptr;
+    check_launch(gru_forward_step(tag, a, stream), "gru_recurrence_forward");
+  }
+  return {hs, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor& grad_hs, const Tensor& h0,
+                                                                   const Tensor& w_hh, const Tensor& hs,
+                                                                   const Tensor& gates, const OptTensor& lengths,
+                                                                   bool has_bias) {
+  check_dims(hs, 3, "hs", "[T, B, H]");
+  const at::Device dev = hs.device();
+  check_float_cuda(hs, "hs", dev);
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  check_arg(grad_hs, {T, B, H}, "grad_hs", dev);
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(w_hh, {3 * H, H}, "w_hh", dev);
+  check_arg(gates, {T, B, 4 * H}, "gates", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto st = storage_dtype({&hs, &grad_hs, &gates}, cd);
+  const auto opt_cd = hs.options().dtype(cd);
+  const Tensor gy = grad_hs.to(st).contiguous();
+  const Tensor g = gates.to(st).contiguous();
+  const Tensor hs_k = hs.to(st).contiguous();
+  const Tensor w = w_hh.to(cd);
+  const Tensor h_init = h0.to(cd).contiguous();
+  const Tensor lens = lengths_on(lengths, B, dev);
+  Tensor dgi = at::empty({T, B, 3 * H}, hs.options().dtype(st));
+  Tensor dgh = at::empty({T, B, 3 * H}, opt_cd);
+  Tensor dh = at::zeros({B, H}, opt_cd);
+
+  GruBwdStep a{};
+  a.h_prev_c = h_init.data_ptr();
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.B = B;
+  a.H = H;
+  a.dh = dh.data_ptr();
+  const DType tag = dtype_tag(st);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    a.t = t;
+    a.grad_hs = at_elem(gy, t * B * H);
+    a.gates = at_elem(g, t * B * 4 * H);
+    a.h_prev_s = t > 0 ? at_elem(hs_k, (t - 1) * B * H) : nullptr;
+    a.dgi = at_elem(dgi, t * B * 3 * H);
+    a.dgh = at_elem(dgh, t * B * 3 * H);
+    check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
+    dh.addmm_(dgh.select(0, t), w);  // dh = d z + dgh[t] @ W_hh
+  }
+
+  const Tensor dw = weight_grad(dgh, h_init, hs_k.to(cd), 3 * H);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? dgh.sum({0, 1}).to(wdt) : at::empty({0}, w_hh.options());
+  return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dw.to(wdt), db};
+}
+
+// ===================================================================== LSTM
+
+std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& c0,
+                                                           const Tensor& w_hh, const OptTensor& b_hh,
+                                                           const OptTensor& lengths, bool save_gates) {
+  check_dims(gi, 3, "gi", "[T, B, 4H]");
+  const at::Device dev = gi.device();
+  check_float_cuda(gi, "gi", dev);
+  TORCH_CHECK(gi.size(2) % 4 == 0, "fastseq_cpp (CUDA): gi: last dimension ", gi.size(2), " is not 4H");
+  const int64_t T = gi.size(0), B = gi.size(1), H = gi.size(2) / 4;
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(c0, {B, H}, "c0", dev);
+  check_arg(w_hh, {4 * H, H}, "w_hh", dev);
+  if (has(b_hh)) check_arg(*b_hh, {4 * H}, "b_hh", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto st = gi.scalar_type();
+  const auto cd = compute_dtype(st);
+  const auto opt_cd = gi.options().dtype(cd);
+  const Tensor x = gi.stride(2) == 1 ? gi : gi.contiguous();
+  const Tensor wt = w_hh.to(cd).t();
+  const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
+  const Tensor h_init = h0.to(cd).contiguous();
+  const Tensor c_init = c0.to(cd).contiguous();
+  const Tensor lens = lengths_on(lengths, B, dev);
+  Tensor hs = at::empty({T, B, H}, gi.options());
+  Tensor cs = at::empty({T, B, H}, gi.options());
+  Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  Tensor gh = at::empty({B, 4 * H}, opt_cd);
+  const bool carry = st != cd;
+  Tensor h_state = carry ? at::empty({2, B, H}, opt_cd) : Tensor();
+  Tensor c_state = carry ? at::empty({2, B, H}, opt_cd) : Tensor();
+
+  LstmFwdStep a{};
+  a.ld_gi = x.stride(1);
+  a.gh = gh.data_ptr();
+  a.bias = ptr_or_null(bias);
+  a.ld_h = H;
+  a.ld_c = H;
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.B = B;
+  a.H = H;
+  const DType tag = dtype_tag(st);
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor h_prev = t == 0 ? h_init : (carry ? h_state.select(0, (t - 1) & 1) : hs.select(0, t - 1));
+    const Tensor c_prev = t == 0 ? c_init : (carry ? c_state.select(0, (t - 1) & 1) : cs.select(0, t - 1));
+    at::mm_out(gh, h_prev, wt);
+    a.t = t;
+    a.gi = at_elem(x, t * x.stride(0));
+    a.h_prev = h_prev.data_ptr();
+    a.c_prev = c_prev.data_ptr();
+    a.h_state = carry ? h_state.select(0, t & 1).data_ptr() : nullptr;
+    a.c_state = carry ? c_state.select(0, t & 1).data_ptr() : nullptr;
+    a.hs_out = at_elem(hs, t * B * H);
+    a.cs_out = at_elem(cs, t * B * H);
+    a.gates = save_gates ? at_elem(gates, t * B * 4 * H) : nullptr;
+    check_launch(lstm_forward_step(tag, a, stream), "lstm_recurrence_forward");
+  }
+  return {hs, cs, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
+    const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& hs, const Tensor& cs, const Tensor& gates, const OptTensor& lengths, bool has_bias) {
+  check_dims(hs, 3, "hs", "[T, B, H]");
+  const at::Device dev = hs.device();
+  check_float_cuda(hs, "hs", dev);
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  check_arg(grad_hs, {T, B, H}, "grad_hs", dev);
+  check_arg(grad_cs, {T, B, H}, "grad_cs", dev);
+  check_arg(cs, {T, B, H}, "cs", dev);
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(c0, {B, H}, "c0", dev);
+  check_arg(w_hh, {4 * H, H}, "w_hh", dev);
+  check_arg(gates, {T, B, 4 * H}, "gates", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto st = storage_dtype({&hs, &grad_hs, &grad_cs, &cs, &gates}, cd);
+  const auto opt_cd = hs.options().dtype(cd);
+  const Tensor gy = grad_hs.to(st).contiguous();
+  const Tensor gcy = grad_cs.to(st).contiguous();
+  const Tensor g = gates.to(st).contiguous();
+  const Tensor cs_k = cs.to(st).contiguous();
+  const Tensor w = w_hh.to(cd);
+  const Tensor h_init = h0.to(cd).contiguous();
+  const Tensor c_init = c0.to(cd).contiguous();
+  const Tensor lens = lengths_on(lengths, B, dev);
+  Tensor dg = at::empty({T, B, 4 * H}, opt_cd);
+  // float32/float64: grad_gi is dg itself; half: a copy in the storage dtype.
+  Tensor dgi_s = st != cd ? at::empty({T, B, 4 * H}, hs.options().dtype(st)) : Tensor();
+  Tensor dh = at::zeros({B, H}, opt_cd);
+  Tensor dc = at::zeros({B, H}, opt_cd);
+
+  LstmBwdStep a{};
+  a.c_prev_c = c_init.data_ptr();
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.B = B;
+  a.H = H;
+  a.dh = dh.data_ptr();
+  a.dc = dc.data_ptr();
+  const DType tag = dtype_tag(st);
+  for (int64_t t = T - 1; t >= 0; --t) {
+    a.t = t;
+    a.grad_hs = at_elem(gy, t * B * H);
+    a.grad_cs = at_elem(gcy, t * B * H);
+    a.gates = at_elem(g, t * B * 4 * H);
+    a.c = at_elem(cs_k, t * B * H);
+    a.c_prev_s = t > 0 ? at_elem(cs_k, (t - 1) * B * H) : nullptr;
+    a.dg = at_elem(dg, t * B * 4 * H);
+    a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
+    check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
+    dh.addmm_(dg.select(0, t), w);  // dh = dg[t] @ W_hh (or the passed-through dh)
+  }
+
+  const Tensor dw = weight_grad(dg, h_init, hs.to(cd), 4 * H);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? dg.sum({0, 1}).to(wdt) : at::empty({0}, w_hh.options());
+  const Tensor dgi = dgi_s.defined() ? dgi_s : dg;
+  return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dc.to(c0.scalar_type()), dw.to(wdt), db};
+}
+
+// ================================================================ attention
+
+std::tuple<Tensor, Tensor> additive_attention_forward(const Tensor& query, const Tensor& proj_keys,
+                                                      const Tensor& values, const Tensor& energy,
+                                                      const OptTensor& mask, const OptTensor& lengths) {
+  check_dims(query, 3, "query", "[B, T, A]");
+  check_dims(values, 3, "values", "[B, S, D]");
+  const at::Device dev = values.device();
+  check_float_cuda(values, "values", dev);
+  const int64_t B = query.size(0), T = query.size(1), A = query.size(2);
+  const int64_t S = values.size(1), D = values.size(2);
+  check_arg(query, {B, T, A}, "query", dev);
+  check_shape(values, {B, S, D}, "values");
+  check_arg(proj_keys, {B, S, A}, "proj_keys", dev);
+  check_arg(energy, {A}, "energy", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto vt = values.scalar_type();
+  const auto cd = compute_dtype(vt);
+  const auto st = storage_dtype({&values, &query, &proj_keys, &energy}, cd);
+  const Tensor q = rows_contig(query.to(st));
+  const Tensor k = rows_contig(proj_keys.to(st));
+  const Tensor v = rows_contig(values.to(st));
+  const Tensor e = energy.to(st).contiguous();
+  // A mask wins over lengths (reference.source_mask); [1, S] / [B, 1] masks broadcast.
+  Tensor m;
+  if (has(mask)) {
+    TORCH_CHECK(mask->dim() == 2, "fastseq_cpp (CUDA): mask: expected a 2-D tensor [B, S], got shape ",
+                mask->sizes());
+    m = mask->to(dev, at::kBool).expand({B, S}).contiguous();
+  }
+  const Tensor lens = m.defined() ? Tensor() : lengths_on(lengths, B, dev);
+  const auto opt_st = values.options().dtype(st);
+  Tensor context = at::empty({B, T, D}, opt_st);
+  Tensor weights = at::empty({B, T, S}, opt_st);
+  const DType tag = dtype_tag(st);
+  const int64_t ws_elems = attention_forward_workspace_elems(tag, B, T, S);
+  Tensor ws = ws_elems > 0 ? at::empty({ws_elems}, values.options().dtype(cd)) : Tensor();
+
+  AttnFwd a{};
+  a.q = q.data_ptr();
+  a.sq_b = q.stride(0);
+  a.sq_t = q.stride(1);
+  a.k = k.data_ptr();
+  a.sk_b = k.stride(0);
+  a.sk_s = k.stride(1);
+  a.v = v.data_ptr();
+  a.sv_b = v.stride(0);
+  a.sv_s = v.stride(1);
+  a.e = e.data_ptr();
+  a.mask = m.defined() ? static_cast<const uint8_t*>(m.data_ptr()) : nullptr;
+  a.sm_b = S;
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.B = B;
+  a.T = T;
+  a.S = S;
+  a.A = A;
+  a.D = D;
+  a.context = context.data_ptr();
+  a.weights = weights.data_ptr();
+  a.workspace = ws.defined() ? ws.data_ptr() : nullptr;
+  check_launch(attention_forward(tag, a, stream), "additive_attention_forward");
+  return {context.to(vt), weights.to(vt)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_backward(
+    const Tensor& grad_context, const OptTensor& grad_weights, const Tensor& query, const Tensor& proj_keys,
+    const Tensor& values, const Tensor& energy, const Tensor& weights) {
+  check_dims(query, 3, "query", "[B, T, A]");
+  check_dims(values, 3, "values", "[B, S, D]");
+  const at::Device dev = values.device();
+  check_float_cuda(values, "values", dev);
+  const int64_t B = query.size(0), T = query.size(1), A = query.size(2);
+  const int64_t S = values.size(1), D = values.size(2);
+  check_arg(query, {B, T, A}, "query", dev);
+  check_shape(values, {B, S, D}, "values");
+  check_arg(proj_keys, {B, S, A}, "proj_keys", dev);
+  check_arg(energy, {A}, "energy", dev);
+  check_arg(weights, {B, T, S}, "weights", dev);
+  check_arg(grad_context, {B, T, D}, "grad_context", dev);
+  if (has(grad_weights)) check_arg(*grad_weights, {B, T, S}, "grad_weights", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  // Softmax and weighted-sum part (reference.attention_score_grad), in cd:
+  //   dw = grad_context V^T + grad_weights, de = w (dw - sum_j w dw), dV = w^T grad_context
+  const auto cd = compute_dtype(values.scalar_type());
+  const Tensor w = weights.to(cd);
+  const Tensor dc = grad_context.to(cd);
+  Tensor dw = at::bmm(dc, values.to(cd).transpose(1, 2));
+  if (has(grad_weights)) dw.add_(grad_weights->to(cd));
+  const Tensor de = (w * (dw - (w * dw).sum(-1, /*keepdim=*/true))).contiguous();
+  const Tensor dvalues = at::bmm(w.transpose(1, 2), dc);
+
+  // Energy part: fused kernels, tanh(q + K) recomputed.
+  const auto st = storage_dtype({&query, &proj_keys, &energy}, cd);
+  const Tensor q = rows_contig(query.to(st));
+  const Tensor k = rows_contig(proj_keys.to(st));
+  const Tensor e = energy.to(st).contiguous();
+  const auto opt_st = query.options().dtype(st);
+  Tensor dq = at::empty({B, T, A}, opt_st);
+  Tensor dk = at::empty({B, S, A}, opt_st);
+  const int64_t n_chunks = attention_backward_chunks(S);
+  Tensor dv_part = at::empty({B * n_chunks, A}, query.options().dtype(cd));
+
+  AttnEnergyBwd a{};
+  a.q = q.data_ptr();
+  a.sq_b = q.stride(0);
+  a.sq_t = q.stride(1);
+  a.k = k.data_ptr();
+  a.sk_b = k.stride(0);
+  a.sk_s = k.stride(1);
+  a.e = e.data_ptr();
+  a.de = de.data_ptr();
+  a.B = B;
+  a.T = T;
+  a.S = S;
+  a.A = A;
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr();
+  a.dv_part = dv_part.data_ptr();
+  check_launch(attention_energy_backward(dtype_tag(st), a, stream), "additive_attention_backward");
+  return {dq.to(query.scalar_type()), dk.to(proj_keys.scalar_type()), dvalues.to(values.scalar_type()),
+          dv_part.sum(0).to(energy.scalar_type())};
+}
+
+// ============================================ GRU cell of the attention decoder
+
+std::tuple<Tensor, Tensor> gru_context_cell_forward(const Tensor& gi, const Tensor& context, const Tensor& w_ic,
+                                                    const Tensor& gh, const OptTensor& b_hh, const Tensor& h,
+                                                    bool save_gates) {
+  check_dims(h, 2, "h", "[B, H]");
+  check_dims(context, 2, "context", "[B, D]");
+  const at::Device dev = h.device();
+  check_float_cuda(h, "h", dev);
+  const int64_t B = h.size(0), H = h.size(1), D = context.size(1);
+  check_arg(gi, {B, 3 * H}, "gi", dev);
+  check_arg(context, {B, D}, "context", dev);
+  check_arg(w_ic, {3 * H, D}, "w_ic", dev);
+  check_arg(gh, {B, 3 * H}, "gh", dev);
+  if (has(b_hh)) check_arg(*b_hh, {3 * H}, "b_hh", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto cd = compute_dtype(gi.scalar_type());
+  const Tensor xc = at::mm(context.to(cd), w_ic.to(cd).t()).contiguous();  // context W_ic^T, [B, 3H]
+  const auto st = storage_dtype({&gi, &gh, &h}, cd);
+  const Tensor x = rows_contig(gi.to(st));
+  const Tensor g_h = rows_contig(gh.to(st));
+  const Tensor hp = rows_contig(h.to(st));
+  const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
+  const auto opt_st = gi.options().dtype(st);
+  Tensor out = at::empty({B, H}, opt_st);
+  Tensor gates = save_gates ? at::empty({B, 4 * H}, opt_st) : at::empty({0}, gi.options());
+
+  GruCellFwd a{};
+  a.gi = x.data_ptr();
+  a.ld_gi = x.stride(0);
+  a.xc = xc.data_ptr();
+  a.gh = g_h.data_ptr();
+  a.ld_gh = g_h.stride(0);
+  a.bias = ptr_or_null(bias);
+  a.h = hp.data_ptr();
+  a.ld_h = hp.stride(0);
+  a.B = B;
+  a.H = H;
+  a.h_out = out.data_ptr();
+  a.gates = save_gates ? gates.data_ptr() : nullptr;
+  check_launch(gru_cell_forward(dtype_tag(st), a, stream), "gru_context_cell_forward");
+  return {out.to(gi.scalar_type()), gates.to(gi.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_backward(
+    const Tensor& grad_h, const Tensor& gates, const Tensor& h, const Tensor& context, const Tensor& w_ic,
+    bool has_bias) {
+  check_dims(h, 2, "h", "[B, H]");
+  check_dims(context, 2, "context", "[B, D]");
+  const at::Device dev = h.device();
+  check_float_cuda(h, "h", dev);
+  const int64_t B = h.size(0), H = h.size(1), D = context.size(1);
+  check_arg(grad_h, {B, H}, "grad_h", dev);
+  check_arg(gates, {B, 4 * H}, "gates", dev);
+  check_arg(context, {B, D}, "context", dev);
+  check_arg(w_ic, {3 * H, D}, "w_ic", dev);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto cd = compute_dtype(h.scalar_type());
+  const auto st = storage_dtype({&gates, &grad_h, &h}, cd);
+  const Tensor gy = grad_h.to(st).contiguous();
+  const Tensor g = gates.to(st).contiguous();
+  const Tensor hp = rows_contig(h.to(st));
+  const auto opt_cd = h.options().dtype(cd);
+  const auto opt_st = h.options().dtype(st);
+  Tensor dgi_c = at::empty({B, 3 * H}, opt_cd);
+  Tensor dgh_c, dgi_s, dgh_s;
+  if (st == cd) {
+    dgh_c = at::empty({B, 3 * H}, opt_cd);
+  } else {
+    dgi_s = at::empty({B, 3 * H}, opt_st);
+    dgh_s = at::empty({B, 3 * H}, opt_st);
+    if (has_bias) dgh_c = at::empty({B, 3 * H}, opt_cd);  // db in the compute dtype
+  }
+  Tensor dhp = at::empty({B, H}, opt_st);
+
+  GruCellBwd a{};
+  a.grad_h = gy.data_ptr();
+  a.gates = g.data_ptr();
+  a.h = hp.data_ptr();
+  a.ld_h = hp.stride(0);
+  a.B = B;
+  a.H = H;
+  a.dgi_c = dgi_c.data_ptr();
+  a.dgh_c = dgh_c.defined() ? dgh_c.data_ptr() : nullptr;
+  a.dgi_s = dgi_s.defined() ? dgi_s.data_ptr() : nullptr;
+  a.dgh_s = dgh_s.defined() ? dgh_s.data_ptr() : nullptr;
+  a.dh_prev = dhp.data_ptr();
+  check_launch(gru_cell_backward(dtype_tag(st), a, stream), "gru_context_cell_backward");
+
+  const Tensor dctx = at::mm(dgi_c, w_ic.to(cd)).to(context.scalar_type());
+  const Tensor dw = at::mm(dgi_c.t(), context.to(cd)).to(w_ic.scalar_type());
+  Tensor db = has_bias ? dgh_c.sum(0).to(w_ic.scalar_type()) : at::empty({0}, w_ic.options());
+  const auto gdt = gates.scalar_type();
+  const Tensor dgi = (st == cd ? dgi_c : dgi_s).to(gdt);
+  const Tensor dgh = (st == cd ? dgh_c : dgh_s).to(gdt);
+  return {dgi, dctx, dw, dgh, db, dhp.to(h.scalar_type())};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastseq
+
+#define FASTSEQ_CUDA_IMPLS(m)                                                                     \
+  m.impl("gru_recurrence_forward", &fastseq::cuda::gru_recurrence_forward);                    \
+  m.impl("gru_recurrence_backward", &fastseq::cuda::gru_recurrence_backward);                  \
+  m.impl("lstm_recurrence_forward", &fastseq::cuda::lstm_recurrence_forward);                  \
+  m.impl("lstm_recurrence_backward", &fastseq::cuda::lstm_recurrence_backward);                \
+  m.impl("additive_attention_forward", &fastseq::cuda::additive_attention_forward);            \
+  m.impl("additive_attention_backward", &fastseq::cuda::additive_attention_backward);          \
+  m.impl("gru_context_cell_forward", &fastseq::cuda::gru_context_cell_forward);                \
+  m.impl("gru_context_cell_backward", &fastseq::cuda::gru_context_cell_backward)
+
+#ifndef FASTSEQ_CUDA_HOST_EMULATION
+
+// The library name, overridable like the CPU sources' (-DFASTSEQ_CPP_LIBRARY=...).
+#ifndef FASTSEQ_CPP_LIBRARY
+#define FASTSEQ_CPP_LIBRARY fastseq_cpp
+#endif
+
+TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CUDA, m) {
+  FASTSEQ_CUDA_IMPLS(m);
+}
+
+#else  // test build: the schemas of csrc/cpu, under another name
+
+TORCH_LIBRARY(fastseq_cuda_emu, m) {
+  m.def(
+      "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
+      "bool save_gates=True) -> (Tensor, Tensor)");
+  m.def(
+      "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
+      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
+      "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
+      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "additive_attention_forward(Tensor query, Tensor proj_keys, Tensor values, Tensor energy, "
+      "Tensor? mask=None, Tensor? lengths=None) -> (Tensor, Tensor)");
+  m.def(
+      "additive_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
+      "Tensor proj_keys, Tensor values, Tensor energy, Tensor weights) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "gru_context_cell_forward(Tensor gi, Tensor context, Tensor w_ic, Tensor gh, Tensor? b_hh, "
+      "Tensor h, bool save_gates=True) -> (Tensor, Tensor)");
+  m.def(
+      "gru_context_cell_backward(Tensor grad_h, Tensor gates, Tensor h, Tensor context, Tensor w_ic, "
+      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {
+  FASTSEQ_CUDA_IMPLS(m);
+}
+
+#endif

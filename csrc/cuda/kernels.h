@@ -1,0 +1,210 @@
+// Launchers of the fastseq CUDA kernels (csrc/cuda/*.cu).
+//
+// This header is shared by the nvcc-compiled kernels and by the host-compiled
+// ATen bindings (bindings.cpp). It names no ATen / c10 / torch type: tensors
+// travel as raw device pointers, sizes and strides (in elements), the stream
+// as a cudaStream_t, and the element type as a DType tag. The launchers have
+// C++ linkage and take only PODs, so the _GLIBCXX_USE_CXX11_ABI setting of the
+// two compilers does not matter.
+//
+// Pointer types
+// -------------
+// "S" pointers hold the storage dtype named by the `dtype` argument (float,
+// double, __half or __nv_bfloat16). "C" pointers hold the compute dtype:
+// double for Float64 storage, float for every other storage dtype (half
+// inputs are computed in float32, like fastseq/ops/reference.py). `int64_t*`
+// pointers are device int64 arrays; `uint8_t*` masks are device bool arrays.
+// Optional pointers may be nullptr. All pointers are device pointers.
+//
+// Every launcher enqueues its kernel(s) on `stream` and returns
+// cudaGetLastError() (cudaSuccess when nothing had to be launched, e.g. an
+// empty batch). Nothing here synchronises or allocates.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastseq {
+namespace cuda {
+
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+// ================================================================ recurrences
+//
+// Time-major, gate order GRU (r, z, n), LSTM (i, f, g, o), saved gates as in
+// the reference: GRU (r, z, n, hn) with hn = W_hn h + b_hn, LSTM activated
+// (i, f, g, o). One launch per time step; the recurrent products are cuBLAS
+// GEMMs issued by the caller between the launches.
+//
+// `lengths` (optional, int64 [B]): row b updates only at steps t < lengths[b];
+// past its length its state passes through unchanged (its gates are still
+// computed and saved, as the reference does), and in the backward its gate
+// gradients are zero and dh (dc) passes through.
+
+// GRU forward, step t (element (b, j) per thread):
+//   r = sig(gi_r + gh_r + b_r), z = sig(gi_z + gh_z + b_z), hn = gh_n + b_n,
+//   n = tanh(gi_n + r * hn),    h' = (1 - z) n + z h_prev (or h_prev if not valid).
+struct GruFwdStep {
+  const void* gi;      // S [B, 3H], rows ld_gi apart (gi[t])
+  int64_t ld_gi;
+  const void* gh;      // C [B, 3H] contiguous: h_prev W_hh^T (no bias)
+  const void* bias;    // C [3H] b_hh, or nullptr
+  const void* h_prev;  // C [B, H], rows ld_h apart
+  int64_t ld_h;
+  const int64_t* lengths;  // [B] or nullptr
+  int64_t t, B, H;
+  void* h_state;  // C [B, H] contiguous: h' in the compute dtype, or nullptr
+  void* hs_out;   // S [B, H] contiguous: hs[t]
+  void* gates;    // S [B, 4H] contiguous: (r, z, n, hn), or nullptr
+};
+cudaError_t gru_forward_step(DType dtype, const GruFwdStep& a, cudaStream_t stream);
+
+// GRU backward, step t. With d = dh + grad_hs[t]:
+//   dn = d (1 - z) (1 - n^2), dz = d (h_prev - n) z (1 - z), dr = dn hn r (1 - r)
+//   dgi[t] = (dr, dz, dn), dgh[t] = (dr, dz, dn r), dh <- d z
+// (rows past their length: dgi = dgh = 0, dh <- d). The caller then adds
+// dgh[t] @ W_hh to dh (cuBLAS, beta = 1).
+struct GruBwdStep {
+  const void* grad_hs;   // S [B, H] contiguous (grad_hs[t])
+  const void* gates;     // S [B, 4H] contiguous (gates[t])
+  const void* h_prev_s;  // S [B, H] contiguous (hs[t-1]), or nullptr: then h_prev_c
+  const void* h_prev_c;  // C [B, H] contiguous (h0 in the compute dtype)
+  const int64_t* lengths;
+  int64_t t, B, H;
+  void* dh;   // C [B, H] contiguous, in/out
+  void* dgi;  // S [B, 3H] contiguous out
+  void* dgh;  // C [B, 3H] contiguous out
+};
+cudaError_t gru_backward_step(DType dtype, const GruBwdStep& a, cudaStream_t stream);
+
+// LSTM forward, step t: pre = gi[t] + gh + b; i, f, o = sig, g = tanh;
+//   c' = f c_prev + i g, h' = o tanh(c') (or h_prev, c_prev if not valid).
+struct LstmFwdStep {
+  const void* gi;  // S [B, 4H], rows ld_gi apart
+  int64_t ld_gi;
+  const void* gh;      // C [B, 4H] contiguous
+  const void* bias;    // C [4H] or nullptr
+  const void* h_prev;  // C [B, H], rows ld_h apart
+  int64_t ld_h;
+  const void* c_prev;  // C [B, H], rows ld_c apart
+  int64_t ld_c;
+  const int64_t* lengths;
+  int64_t t, B, H;
+  void* h_state;  // C [B, H] contiguous or nullptr
+  void* c_state;  // C [B, H] contiguous or nullptr
+  void* hs_out;   // S [B, H] contiguous
+  void* cs_out;   // S [B, H] contiguous
+  void* gates;    // S [B, 4H] contiguous (i, f, g, o) or nullptr
+};
+cudaError_t lstm_forward_step(DType dtype, const LstmFwdStep& a, cudaStream_t stream);
+
+// LSTM backward, step t. With d = dh + grad_hs[t], dc_in = dc + grad_cs[t],
+// tc = tanh(c_t), dc_tot = dc_in + d o (1 - tc^2):
+//   dg[t] = (dc_tot g i (1-i), dc_tot c_prev f (1-f), dc_tot i (1-g^2), d tc o (1-o))
+//   dh <- 0, dc <- dc_tot f   (rows past their length: dg = 0, dh <- d, dc <- dc_in)
+// The caller then adds dg[t] @ W_hh to dh.
+struct LstmBwdStep {
+  const void* grad_hs;   // S [B, H] contiguous
+  const void* grad_cs;   // S [B, H] contiguous
+  const void* gates;     // S [B, 4H] contiguous
+  const void* c;         // S [B, H] contiguous (cs[t])
+  const void* c_prev_s;  // S [B, H] contiguous (cs[t-1]) or nullptr: then c_prev_c
+  const void* c_prev_c;  // C [B, H] contiguous (c0 in the compute dtype)
+  const int64_t* lengths;
+  int64_t t, B, H;
+  void* dh;     // C [B, H] in/out
+  void* dc;     // C [B, H] in/out
+  void* dg;     // C [B, 4H] out
+  void* dgi_s;  // S [B, 4H] out: dg in the storage dtype, or nullptr
+};
+cudaError_t lstm_backward_step(DType dtype, const LstmBwdStep& a, cudaStream_t stream);
+
+// ================================================================= attention
+//
+// energy[b,t,j] = v^T tanh(q[b,t] + K[b,j]); softmax over valid j; context =
+// weights @ V. One block per (b, t) query: one warp per source position j at a
+// time (lanes over A, warp-shuffle sum), block softmax, then threads over D.
+// Validity: mask[b, j] != 0 if a mask is given (lengths are then ignored, as
+// in the reference), else j < lengths[b] if lengths are given, else all.
+
+struct AttnFwd {
+  const void* q;  // S [B, T, A], strides (sq_b, sq_t, 1)
+  int64_t sq_b, sq_t;
+  const void* k;  // S [B, S, A], strides (sk_b, sk_s, 1)
+  int64_t sk_b, sk_s;
+  const void* v;  // S [B, S, D], strides (sv_b, sv_s, 1)
+  int64_t sv_b, sv_s;
+  const void* e;          // S [A] contiguous (the energy vector)
+  const uint8_t* mask;    // [B, S] bool, rows sm_b apart, or nullptr
+  int64_t sm_b;
+  const int64_t* lengths;  // [B] or nullptr
+  int64_t B, T, S, A, D;
+  void* context;    // S [B, T, D] contiguous out
+  void* weights;    // S [B, T, S] contiguous out
+  void* workspace;  // C [B * T * S] scores, or nullptr (see below)
+};
+// Elements (of the compute dtype) the `workspace` of attention_forward needs:
+// 0 when a query's S scores fit in shared memory (then pass nullptr).
+int64_t attention_forward_workspace_elems(DType dtype, int64_t B, int64_t T, int64_t S);
+cudaError_t attention_forward(DType dtype, const AttnFwd& a, cudaStream_t stream);
+
+// Energy part of the attention backward, tanh(q + K) recomputed. Given
+// de = dL/d energy[b,t,j] (C, from the softmax backward), with
+// u = tanh(q_t + K_j), g = de (1 - u^2) v:
+//   dq[b,t] = sum_j g,  dk[b,j] = sum_t g,  dv_part[b*n_chunks + c] = sum_{t, j in chunk c} de u
+// (sum dv_part over its rows for grad of v). Two launches, each output
+// element owned by one thread: no atomics, deterministic.
+struct AttnEnergyBwd {
+  const void* q;  // S [B, T, A], strides (sq_b, sq_t, 1)
+  int64_t sq_b, sq_t;
+  const void* k;  // S [B, S, A], strides (sk_b, sk_s, 1)
+  int64_t sk_b, sk_s;
+  const void* e;   // S [A] contiguous
+  const void* de;  // C [B, T, S] contiguous
+  int64_t B, T, S, A;
+  void* dq;       // S [B, T, A] contiguous out
+  void* dk;       // S [B, S, A] contiguous out
+  void* dv_part;  // C [B * attention_backward_chunks(S), A] contiguous out
+};
+int64_t attention_backward_chunks(int64_t S);
+cudaError_t attention_energy_backward(DType dtype, const AttnEnergyBwd& a, cudaStream_t stream);
+
+// ============================================ GRU cell of the attention decoder
+//
+// Forward: x = gi + xc (xc = context W_ic^T, a cuBLAS GEMM by the caller),
+// hh = gh + b_hh; r = sig(x_r + hh_r), z = sig(x_z + hh_z),
+// n = tanh(x_n + r hh_n), h' = (1 - z) n + z h; gates (r, z, n, hh_n).
+struct GruCellFwd {
+  const void* gi;  // S [B, 3H], rows ld_gi apart
+  int64_t ld_gi;
+  const void* xc;  // C [B, 3H] contiguous
+  const void* gh;  // S [B, 3H], rows ld_gh apart
+  int64_t ld_gh;
+  const void* bias;  // C [3H] or nullptr
+  const void* h;     // S [B, H], rows ld_h apart
+  int64_t ld_h;
+  int64_t B, H;
+  void* h_out;  // S [B, H] contiguous
+  void* gates;  // S [B, 4H] contiguous or nullptr
+};
+cudaError_t gru_cell_forward(DType dtype, const GruCellFwd& a, cudaStream_t stream);
+
+// Backward (pointwise part): dn = dh (1-z)(1-n^2), dz = dh (h - n) z (1-z),
+// dr = dn hn r (1-r); dgi = (dr, dz, dn), dgh = (dr, dz, dn r), dh_prev = dh z.
+struct GruCellBwd {
+  const void* grad_h;  // S [B, H] contiguous
+  const void* gates;   // S [B, 4H] contiguous
+  const void* h;       // S [B, H], rows ld_h apart
+  int64_t ld_h;
+  int64_t B, H;
+  void* dgi_c;   // C [B, 3H] out (always)
+  void* dgh_c;   // C [B, 3H] out or nullptr
+  void* dgi_s;   // S [B, 3H] out or nullptr
+  void* dgh_s;   // S [B, 3H] out or nullptr
+  void* dh_prev; // S [B, H] out
+};
+cudaError_t gru_cell_backward(DType dtype, const GruCellBwd& a, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastseq

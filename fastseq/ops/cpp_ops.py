@@ -1,0 +1,59 @@
+"""The C++ extension's ops behind the reference's function names and signatures.
+
+:func:`fastseq.ops._dispatch.implementation` returns this module for the
+``cpp`` (and ``cuda``) backends; each function calls
+``torch.ops.fastseq_cpp.<name>`` (built on first use by :mod:`fastseq.ops.cpp`;
+PyTorch's dispatcher picks the CPU or CUDA kernel by the tensors' device) and
+turns the empty ``[0]`` tensors the C++ ops return for absent outputs back into
+``None``, as the reference returns them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from fastseq.ops import cpp
+
+
+def _none_if_empty(t: Tensor, present: bool) -> Optional[Tensor]:
+    return t if present else None
+
+
+def gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates):
+    return tuple(cpp.load().gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates))
+
+
+def gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias):
+    dgi, dh0, dw, db = cpp.load().gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias)
+    return dgi, dh0, dw, _none_if_empty(db, has_bias)
+
+
+def lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates):
+    return tuple(cpp.load().lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates))
+
+
+def lstm_recurrence_backward(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias):
+    dgi, dh0, dc0, dw, db = cpp.load().lstm_recurrence_backward(
+        grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias
+    )
+    return dgi, dh0, dc0, dw, _none_if_empty(db, has_bias)
+
+
+def additive_attention_forward(query, proj_keys, values, energy, mask=None, lengths=None):
+    return tuple(cpp.load().additive_attention_forward(query, proj_keys, values, energy, mask, lengths))
+
+
+def additive_attention_backward(grad_context, grad_weights, query, proj_keys, values, energy, weights):
+    return tuple(cpp.load().additive_attention_backward(
+        grad_context, grad_weights, query, proj_keys, values, energy, weights
+    ))
+
+
+def gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, save_gates):
+    return tuple(cpp.load().gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, save_gates))
+
+
+def gru_context_cell_backward(grad_h, gates, h, context, w_ic, has_bias):
+    dgi, dctx, dw, dgh, db, dh = cpp.load().gru_context_cell_backward(grad_h, gates, h, context, w_ic, has_bias)
+    return dgi, dctx, dw, dgh, _none_if_empty(db, has_bias), dh

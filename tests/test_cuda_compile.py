@@ -1,0 +1,415 @@
+"""Compile checks of the CUDA sources under csrc/cuda (compiled, never run here).
+
+* Every ``csrc/cuda/*.cu`` is compiled by nvcc to an object file for sm_80 and
+  for sm_90 (one nvcc run per file and arch), with the macros
+  ``torch.utils.cpp_extension`` passes to nvcc (``-D__CUDA_NO_HALF_OPERATORS__``
+  and friends), so the kernels also build the way the extension loader builds
+  them. Skipped when nvcc is not found (PATH, ``$CUDA_HOME/bin``,
+  ``/usr/local/cuda/bin``).
+* The kernel sources must not include ATen / c10 / torch headers (they are
+  built by nvcc without torch's CUDA headers, which the CPU wheel lacks).
+* ``csrc/cuda/bindings.cpp`` (the ATen side) gets a syntax-only compile with
+  the host compiler against this torch's headers and the CUDA toolkit's
+  headers, in C++20 as ``torch.utils.cpp_extension`` builds it, with
+  ``-D_GLIBCXX_USE_CXX11_ABI`` matching torch. A CPU-only torch wheel ships
+  ``c10/cuda/*.h`` but not the one header generated when torch is built with
+  CUDA, ``c10/cuda/impl/cuda_cmake_macros.h`` (it only defines
+  ``C10_CUDA_BUILD_SHARED_LIBS`` and version numbers); when it is missing the
+  test writes that one-line stand-in into a temporary include directory and
+  says so in its output. Everything else (ATen, c10/cuda/CUDAStream.h,
+  CUDAGuard.h, torch/library.h, cuda_runtime.h) is the real header. This
+  checks syntax and types (templates included), not linking: the ops'
+  schemas are checked against their definitions only when the library is
+  loaded, which needs a CUDA build of torch.
+
+Nothing here runs on a GPU. As a stand-in, the ``emulated`` tests (marked
+``slow``, about a minute the first time: one host-compiler build cached under
+the system temp directory) compile the same kernel sources and bindings.cpp
+with the host compiler and ``-DFASTSEQ_CUDA_HOST_EMULATION``: every kernel
+launch then runs on CPU threads (csrc/cuda/emu/host_emulation.h: blocks in
+turn, a block's threads concurrently, real barriers and warp shuffles) on CPU
+tensors, with the ATen side (GEMMs, state carry, dtype handling) unchanged,
+registered as ``torch.ops.fastseq_cuda_emu`` with the schemas of the CPU ops
+(so their match with the C++ signatures is checked on load). The results are
+compared with fastseq/ops/reference.py for float32/float64/float16/bfloat16.
+This checks the kernels' indexing and arithmetic and the glue code, not
+anything GPU-specific (timing, occupancy, races the emulation does not
+expose, cuBLAS).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "csrc" / "cuda"
+CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+ARCHS = ("80", "90")
+
+# What torch.utils.cpp_extension adds to every nvcc command line (COMMON_NVCC_FLAGS).
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
+
+_TIMEOUT_S = 600
+
+
+def _nvcc() -> Optional[str]:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc")
+    candidates.append(Path("/usr/local/cuda/bin/nvcc"))
+    for cand in candidates:
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    return None
+
+
+def _cuda_include() -> Optional[Path]:
+    """The CUDA toolkit's include directory (holding cuda_runtime.h)."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(Path(os.environ["CUDA_HOME"]) / "include")
+    nvcc = _nvcc()
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent / "include")
+    candidates.append(Path("/usr/local/cuda/include"))
+    for cand in candidates:
+        if (cand / "cuda_runtime.h").is_file():
+            return cand
+    return None
+
+
+def _run(cmd: List[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=_TIMEOUT_S)
+
+
+def _report(cmd: List[str], proc: subprocess.CompletedProcess) -> str:
+    return (f"command: {' '.join(cmd)}\nexit status: {proc.returncode}\n"
+            f"--- stderr ---\n{proc.stderr[-20000:]}\n--- stdout ---\n{proc.stdout[-5000:]}")
+
+
+def test_cuda_sources_present():
+    assert CU_FILES, f"no .cu files under {CUDA_DIR}"
+    assert (CUDA_DIR / "kernels.h").is_file()
+    assert (CUDA_DIR / "bindings.cpp").is_file()
+
+
+@pytest.mark.parametrize("path", CU_FILES + sorted(CUDA_DIR.glob("*.cuh")) + [CUDA_DIR / "kernels.h"],
+                         ids=lambda p: p.name)
+def test_kernel_sources_include_no_torch_headers(path):
+    """The nvcc-compiled side must not depend on ATen / c10 / torch headers."""
+    bad = [m.group(0) for m in re.finditer(r'#\s*include\s*[<"](ATen|c10|torch|caffe2)/[^>"]*[>"]',
+                                           path.read_text())]
+    assert not bad, f"{path.name} includes {bad}"
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm_{a}")
+@pytest.mark.parametrize("path", CU_FILES, ids=lambda p: p.name)
+def test_nvcc_compiles(path, arch, tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (not on PATH, nor in $CUDA_HOME/bin or /usr/local/cuda/bin)")
+    obj = tmp_path / f"{path.stem}.sm_{arch}.o"
+    cmd = [nvcc, "-c", "-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+           *TORCH_NVCC_DEFINES, "-Xcompiler", "-fPIC", str(path), "-o", str(obj)]
+    proc = _run(cmd, tmp_path)
+    assert proc.returncode == 0, "nvcc failed\n" + _report(cmd, proc)
+    assert obj.is_file() and obj.stat().st_size > 0
+
+
+def test_bindings_syntax(tmp_path):
+    """Syntax-only compile of bindings.cpp (see the module docstring for what it covers)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++ / c++ / $CXX) found")
+    cuda_inc = _cuda_include()
+    if cuda_inc is None:
+        pytest.skip("CUDA toolkit headers (cuda_runtime.h) not found")
+    torch_incs = [Path(p) for p in cpp_extension.include_paths()]
+    if not any((p / "c10" / "cuda" / "CUDAStream.h").is_file() for p in torch_incs):
+        pytest.skip("this torch install ships no c10/cuda headers")
+
+    include_flags: List[str] = []
+    shim_note = ""
+    if not any((p / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file() for p in torch_incs):
+        # Generated only by CUDA builds of torch (see the module docstring).
+        shim = tmp_path / "shim"
+        (shim / "c10" / "cuda" / "impl").mkdir(parents=True)
+        (shim / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text(
+            "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        include_flags += ["-isystem", str(shim)]
+        shim_note = "stand-in c10/cuda/impl/cuda_cmake_macros.h used (CPU-only torch wheel)"
+    for p in torch_incs:
+        include_flags += ["-isystem", str(p)]
+    include_flags += ["-isystem", str(cuda_inc)]
+
+    abi = int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Wextra", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+           *include_flags, str(CUDA_DIR / "bindings.cpp")]
+    proc = _run(cmd, tmp_path)
+    if shim_note:
+        print(shim_note)
+    assert proc.returncode == 0, "host compiler failed\n" + _report(cmd, proc)
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning:" in ln and str(CUDA_DIR) in ln]
+    assert not warnings, "warnings in bindings.cpp\n" + "\n".join(warnings)
+
+
+# ------------------------------------------------------------------------------------------------
+# Host emulation: the kernels' arithmetic and the ATen glue against the reference (no GPU).
+
+_EMU_NAME = "fastseq_cuda_emu"
+_EMU_DEFINES = ["-DFASTSEQ_CUDA_HOST_EMULATION", *TORCH_NVCC_DEFINES[:3]]
+
+
+def _emu_build_dir(extra: List[str]) -> Path:
+    import torch
+
+    h = hashlib.sha256()
+    for p in sorted(CUDA_DIR.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(CUDA_DIR)).encode())
+            h.update(p.read_bytes())
+    h.update(repr((extra, torch.__version__, os.environ.get("CXX", ""))).encode())
+    return Path(tempfile.gettempdir()) / f"fastseq-cuda-emu-{h.hexdigest()[:16]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _emu_ops():
+    """Build (or reuse) and load the emulated library once per process; None + reason if impossible."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX") or "g++") is None and shutil.which("c++") is None:
+        return None, "no host C++ compiler"
+    cuda_inc = _cuda_include()
+    if cuda_inc is None:
+        return None, "CUDA toolkit headers (cuda_runtime.h, cuda_fp16.h) not found"
+    cflags = ["-O1", "-pthread", *_EMU_DEFINES]
+    bdir = _emu_build_dir(cflags + [str(cuda_inc)])
+    bdir.mkdir(parents=True, exist_ok=True)
+    sources = [str(CUDA_DIR / "bindings.cpp")]
+    for cu in CU_FILES:  # the .cu files, compiled as C++ by the host compiler
+        wrapper = bdir / f"emu_{cu.stem}.cpp"
+        text = f'#include "{cu}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        sources.append(str(wrapper))
+    if not hasattr(torch.ops, _EMU_NAME) or not hasattr(getattr(torch.ops, _EMU_NAME), "gru_recurrence_forward"):
+        cpp_extension.load(name=_EMU_NAME, sources=sources, extra_cflags=cflags, extra_ldflags=["-pthread"],
+                           extra_include_paths=[str(cuda_inc), str(CUDA_DIR)], build_directory=str(bdir),
+                           is_python_module=False, verbose=False)
+    return getattr(torch.ops, _EMU_NAME), ""
+
+
+@pytest.fixture(scope="module")
+def emu():
+    ops, why = _emu_ops()
+    if ops is None:
+        pytest.skip(why)
+    return ops
+
+
+_DTYPES = ("float32", "float64", "float16", "bfloat16")
+_TOL = {"float32": (2e-5, 2e-5), "float64": (1e-10, 1e-10), "float16": (4e-3, 4e-3), "bfloat16": (3e-2, 3e-2)}
+
+
+def _close(got, want, dt_name, what):
+    import torch
+
+    if want is None:  # the reference's None: an empty [0] tensor from the C++ op
+        assert got.numel() == 0 and got.dim() == 1, f"{what}: expected an empty [0] tensor, got {tuple(got.shape)}"
+        return
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype}, reference {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, reference {tuple(want.shape)}"
+    rtol, atol = _TOL[dt_name]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def _all_close(got, want, dt_name, what):
+    assert len(got) == len(want), f"{what}: {len(got)} outputs, reference {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        _close(g, w, dt_name, f"{what}[{i}]")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", _DTYPES)
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_recurrences(emu, cell, dt_name):
+    import torch
+    from fastseq.ops import reference as R
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt)
+
+    T, B, H = 5, 4, 7
+    G = 3 if cell == "gru" else 4
+    for bias in (True, False):
+        for lengths in (torch.tensor([5, 2, 0, 3]), torch.tensor([5, 5, 1, 4], dtype=torch.int32), None):
+            for save in (True, False):
+                # gi as a slice of a wider product (row stride > G*H): strided input path.
+                gi = rnd(T, B, G * H + 3)[:, :, 3:]
+                h0, c0 = rnd(B, H), rnd(B, H)
+                w = rnd(G * H, H, scale=0.4)
+                b = rnd(G * H) if bias else None
+                tag = f"{cell} {dt_name} bias={bias} lengths={lengths is not None} save={save}"
+                if cell == "gru":
+                    got = emu.gru_recurrence_forward(gi, h0, w, b, lengths, save)
+                    want = R.gru_recurrence_forward(gi, h0, w, b, lengths, save)
+                else:
+                    got = emu.lstm_recurrence_forward(gi, h0, c0, w, b, lengths, save)
+                    want = R.lstm_recurrence_forward(gi, h0, c0, w, b, lengths, save)
+                _all_close(got, want, dt_name, f"forward {tag}")
+                if not save:
+                    continue
+                grad_hs = rnd(T, B, H)
+                if cell == "gru":
+                    hs, gates = want
+                    got = emu.gru_recurrence_backward(grad_hs, h0, w, hs, gates, lengths, bias)
+                    want = R.gru_recurrence_backward(grad_hs, h0, w, hs, gates, lengths, bias)
+                else:
+                    hs, cs, gates = want
+                    grad_cs = rnd(T, B, H)
+                    got = emu.lstm_recurrence_backward(grad_hs, grad_cs, h0, c0, w, hs, cs, gates, lengths, bias)
+                    want = R.lstm_recurrence_backward(grad_hs, grad_cs, h0, c0, w, hs, cs, gates, lengths, bias)
+                _all_close(got, want, dt_name, f"backward {tag}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", _DTYPES)
+def test_emulated_attention(emu, dt_name):
+    import torch
+    from fastseq.ops import reference as R
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(1)
+    B, T, S, A, D = 3, 2, 37, 40, 33
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dt)
+
+    mask = torch.rand(B, S, generator=gen) > 0.3
+    mask[:, 0] = True
+    cases = {
+        "none": (None, None),
+        "lengths": (None, torch.tensor([S, 11, 1])),
+        "mask": (mask, None),
+        "mask+lengths": (mask, torch.tensor([3, 3, 3])),  # the mask wins
+        "broadcast mask": (mask[:1], None),
+    }
+    for name, (m, lengths) in cases.items():
+        q, k, v, e = rnd(B, T, A), rnd(B, S, A), rnd(B, S, D), rnd(A)
+        got = emu.additive_attention_forward(q, k, v, e, m, lengths)
+        want = R.additive_attention_forward(q, k, v, e, m, lengths)
+        _all_close(got, want, dt_name, f"forward {name}")
+        context, weights = want
+        grad_context, grad_weights = rnd(B, T, D), rnd(B, T, S)
+        for gw in (None, grad_weights):
+            got = emu.additive_attention_backward(grad_context, gw, q, k, v, e, weights)
+            want = R.additive_attention_backward(grad_context, gw, q, k, v, e, weights)
+            _all_close(got, want, dt_name, f"backward {name} grad_weights={gw is not None}")
+
+
+@pytest.mark.slow
+def test_emulated_attention_edge_cases(emu):
+    import torch
+    from fastseq.ops import reference as R
+
+    gen = torch.Generator().manual_seed(2)
+    # Scores too large for shared memory (float64: S > 6016): the global-workspace path
+    # (the same code for float32 from S > 12032, which is slow to emulate).
+    S = 6100
+    q, k = torch.randn(2, 1, 4, generator=gen).double(), torch.randn(2, S, 4, generator=gen).double()
+    v, e = torch.randn(2, S, 3, generator=gen).double(), torch.randn(4, generator=gen).double()
+    lengths = torch.tensor([S, 17])
+    _all_close(emu.additive_attention_forward(q, k, v, e, None, lengths),
+               R.additive_attention_forward(q, k, v, e, None, lengths), "float64", f"workspace S={S}")
+    # Mixed dtypes (float32 queries, float16 keys/values): computed in float32 like the reference.
+    q, k = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 5, 8, generator=gen).half()
+    v, e = torch.randn(2, 5, 6, generator=gen).half(), torch.randn(8, generator=gen)
+    want = R.additive_attention_forward(q, k, v, e, None, None)
+    _all_close(emu.additive_attention_forward(q, k, v, e, None, None), want, "float16", "mixed forward")
+    gc = torch.randn(2, 3, 6, generator=gen).half()
+    _all_close(emu.additive_attention_backward(gc, None, q, k, v, e, want[1]),
+               R.additive_attention_backward(gc, None, q, k, v, e, want[1]), "float16", "mixed backward")
+    # A row without valid positions: NaN weights, as the reference's softmax.
+    m = torch.tensor([[True] * 5, [False] * 5])
+    q, k, v, e = (torch.randn(2, 1, 8, generator=gen), torch.randn(2, 5, 8, generator=gen),
+                  torch.randn(2, 5, 6, generator=gen), torch.randn(8, generator=gen))
+    _all_close(emu.additive_attention_forward(q, k, v, e, m, None), R.additive_attention_forward(q, k, v, e, m, None),
+               "float32", "all-masked row")
+    # Empty sizes.
+    for B, T, S in ((2, 3, 0), (2, 0, 4), (0, 2, 3)):
+        q, k = torch.randn(B, T, 8, generator=gen), torch.randn(B, S, 8, generator=gen)
+        v, e = torch.randn(B, S, 6, generator=gen), torch.randn(8, generator=gen)
+        got = emu.additive_attention_forward(q, k, v, e, None, None)
+        assert [tuple(x.shape) for x in got] == [(B, T, 6), (B, T, S)]
+        gb = emu.additive_attention_backward(torch.randn(B, T, 6, generator=gen), None, q, k, v, e, got[1])
+        assert [tuple(x.shape) for x in gb] == [(B, T, 8), (B, S, 8), (B, S, 6), (8,)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", _DTYPES)
+def test_emulated_context_cell(emu, dt_name):
+    import torch
+    from fastseq.ops import reference as R
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(3)
+    B, H, D = 5, 9, 11
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt)
+
+    for bias in (True, False):
+        for save in (True, False):
+            gi, context, w_ic = rnd(B, 3 * H), rnd(B, D), rnd(3 * H, D, scale=0.3)
+            gh = rnd(B, 3 * H + 4)[:, 4:]  # a column slice of a wider product
+            b, h = (rnd(3 * H) if bias else None), rnd(B, H)
+            tag = f"{dt_name} bias={bias} save={save}"
+            want = R.gru_context_cell_forward(gi, context, w_ic, gh, b, h, save)
+            _all_close(emu.gru_context_cell_forward(gi, context, w_ic, gh, b, h, save), want, dt_name,
+                       f"forward {tag}")
+            if save:
+                grad_h = rnd(B, H)
+                _all_close(emu.gru_context_cell_backward(grad_h, want[1], h, context, w_ic, bias),
+                           R.gru_context_cell_backward(grad_h, want[1], h, context, w_ic, bias), dt_name,
+                           f"backward {tag}")
+
+
+@pytest.mark.slow
+def test_emulated_recurrence_empty_sizes(emu):
+    import torch
+
+    for T, B, H in ((0, 3, 4), (3, 0, 4), (3, 2, 0), (1, 1, 1)):
+        gi, h0, w = torch.randn(T, B, 3 * H), torch.randn(B, H), torch.randn(3 * H, H)
+        hs, gates = emu.gru_recurrence_forward(gi, h0, w, None, None, True)
+        assert tuple(hs.shape) == (T, B, H) and tuple(gates.shape) == (T, B, 4 * H)
+        grads = emu.gru_recurrence_backward(torch.randn(T, B, H), h0, w, hs, gates, None, True)
+        assert [tuple(x.shape) for x in grads] == [(T, B, 3 * H), (B, H), (3 * H, H), (3 * H,)]
+        c0, w4 = torch.randn(B, H), torch.randn(4 * H, H)
+        hs, cs, gates = emu.lstm_recurrence_forward(torch.randn(T, B, 4 * H), h0, c0, w4, None, None, True)
+        grads = emu.lstm_recurrence_backward(torch.randn(T, B, H), torch.randn(T, B, H), h0, c0, w4, hs, cs,
+                                             gates, None, False)
+        assert [tuple(x.shape) for x in grads] == [(T, B, 4 * H), (B, H), (B, H), (4 * H, H), (0,)]
