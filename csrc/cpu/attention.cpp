@@ -60,21 +60,21 @@ struct AttnFwd {
 
 // v^T tanh(q + k) over A; buf: A elements of scratch.
 template <typename T>
-FASTSEQ_ATTN_INLINE T energy_score(const T* FASTSEQ_ATTN_RESTRICT q, const T* FASTSEQ_ATTN_RESTRICT k,
-                                   const T* FASTSEQ_ATTN_RESTRICT e, T* FASTSEQ_ATTN_RESTRICT buf,
+FASTSEQ_INLINE T energy_score(const T* FASTSEQ_RESTRICT q, const T* FASTSEQ_RESTRICT k,
+                                   const T* FASTSEQ_RESTRICT e, T* FASTSEQ_RESTRICT buf,
                                    int64_t A) {
   for (int64_t a = 0; a < A; ++a) buf[a] = tanh_f(q[a] + k[a]) * e[a];
   return sum_lanes(buf, A);
 }
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void axpy(T alpha, const T* FASTSEQ_ATTN_RESTRICT x, T* FASTSEQ_ATTN_RESTRICT y,
+FASTSEQ_INLINE void axpy(T alpha, const T* FASTSEQ_RESTRICT x, T* FASTSEQ_RESTRICT y,
                               int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void attn_fwd_rows_impl(const AttnFwd<T>& p, int64_t i0, int64_t i1) {
+FASTSEQ_INLINE void attn_fwd_rows_impl(const AttnFwd<T>& p, int64_t i0, int64_t i1) {
   const int64_t S = p.S, A = p.A, D = p.D;
   const T inf = std::numeric_limits<T>::infinity();
   const T nan = std::numeric_limits<T>::quiet_NaN();
@@ -142,13 +142,13 @@ struct ScoreGrad {
 };
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void score_grad_rows_impl(const ScoreGrad<T>& p, int64_t i0, int64_t i1) {
+FASTSEQ_INLINE void score_grad_rows_impl(const ScoreGrad<T>& p, int64_t i0, int64_t i1) {
   const int64_t S = p.S;
   for (int64_t i = i0; i < i1; ++i) {
-    T* FASTSEQ_ATTN_RESTRICT x = p.dw + i * S;
-    const T* FASTSEQ_ATTN_RESTRICT w = p.w + i * S;
+    T* FASTSEQ_RESTRICT x = p.dw + i * S;
+    const T* FASTSEQ_RESTRICT w = p.w + i * S;
     if (p.gw != nullptr) {
-      const T* FASTSEQ_ATTN_RESTRICT g = p.gw + i * S;
+      const T* FASTSEQ_RESTRICT g = p.gw + i * S;
       for (int64_t j = 0; j < S; ++j) x[j] += g[j];
     }
     T s = T(0);
@@ -172,9 +172,9 @@ struct EnergyBwd {
 };
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void energy_bwd_pair(const T* FASTSEQ_ATTN_RESTRICT q, const T* FASTSEQ_ATTN_RESTRICT k,
-                                         const T* FASTSEQ_ATTN_RESTRICT e, T d, T* FASTSEQ_ATTN_RESTRICT dq,
-                                         T* FASTSEQ_ATTN_RESTRICT dk, T* FASTSEQ_ATTN_RESTRICT dv,
+FASTSEQ_INLINE void energy_bwd_pair(const T* FASTSEQ_RESTRICT q, const T* FASTSEQ_RESTRICT k,
+                                         const T* FASTSEQ_RESTRICT e, T d, T* FASTSEQ_RESTRICT dq,
+                                         T* FASTSEQ_RESTRICT dk, T* FASTSEQ_RESTRICT dv,
                                          int64_t A) {
   for (int64_t a = 0; a < A; ++a) {
     const T u = tanh_f(q[a] + k[a]);
@@ -186,7 +186,7 @@ FASTSEQ_ATTN_INLINE void energy_bwd_pair(const T* FASTSEQ_ATTN_RESTRICT q, const
 }
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void energy_bwd_items_impl(const EnergyBwd<T>& p, int64_t i0, int64_t i1) {
+FASTSEQ_INLINE void energy_bwd_items_impl(const EnergyBwd<T>& p, int64_t i0, int64_t i1) {
   const int64_t Tq = p.Tq, S = p.S, A = p.A;
   for (int64_t item = i0; item < i1; ++item) {
     const int64_t b = item / p.n_chunks, c = item % p.n_chunks;
@@ -219,12 +219,12 @@ struct RowSum {
 };
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void row_sum_impl(const RowSum<T>& p, int64_t m0, int64_t m1) {
-  T* FASTSEQ_ATTN_RESTRICT out = p.out;
-  const T* FASTSEQ_ATTN_RESTRICT first = p.part;
+FASTSEQ_INLINE void row_sum_impl(const RowSum<T>& p, int64_t m0, int64_t m1) {
+  T* FASTSEQ_RESTRICT out = p.out;
+  const T* FASTSEQ_RESTRICT first = p.part;
   for (int64_t m = m0; m < m1; ++m) out[m] = first[m];
   for (int64_t r = 1; r < p.n; ++r) {
-    const T* FASTSEQ_ATTN_RESTRICT x = p.part + r * p.M;
+    const T* FASTSEQ_RESTRICT x = p.part + r * p.M;
     for (int64_t m = m0; m < m1; ++m) out[m] += x[m];
   }
 }

@@ -48,10 +48,10 @@ struct CellFwd {
 };
 
 template <typename T, bool BIAS, bool SAVE>
-FASTSEQ_ATTN_INLINE void cell_fwd_row(const T* FASTSEQ_ATTN_RESTRICT xi, const T* FASTSEQ_ATTN_RESTRICT cw,
-                                      const T* FASTSEQ_ATTN_RESTRICT hh, const T* FASTSEQ_ATTN_RESTRICT bb,
-                                      const T* FASTSEQ_ATTN_RESTRICT hp, T* FASTSEQ_ATTN_RESTRICT ho,
-                                      T* FASTSEQ_ATTN_RESTRICT g, int64_t H) {
+FASTSEQ_INLINE void cell_fwd_row(const T* FASTSEQ_RESTRICT xi, const T* FASTSEQ_RESTRICT cw,
+                                      const T* FASTSEQ_RESTRICT hh, const T* FASTSEQ_RESTRICT bb,
+                                      const T* FASTSEQ_RESTRICT hp, T* FASTSEQ_RESTRICT ho,
+                                      T* FASTSEQ_RESTRICT g, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     const T x_r = xi[j] + cw[j];
     const T x_z = xi[H + j] + cw[H + j];
@@ -73,7 +73,7 @@ FASTSEQ_ATTN_INLINE void cell_fwd_row(const T* FASTSEQ_ATTN_RESTRICT xi, const T
 }
 
 template <typename T, bool BIAS, bool SAVE>
-FASTSEQ_ATTN_INLINE void cell_fwd_rows_t(const CellFwd<T>& p, int64_t b0, int64_t b1) {
+FASTSEQ_INLINE void cell_fwd_rows_t(const CellFwd<T>& p, int64_t b0, int64_t b1) {
   const int64_t H = p.H;
   for (int64_t b = b0; b < b1; ++b) {
     cell_fwd_row<T, BIAS, SAVE>(p.gi + b * p.s_gi, p.cw + b * 3 * H, p.gh + b * p.s_gh, p.bias,
@@ -82,7 +82,7 @@ FASTSEQ_ATTN_INLINE void cell_fwd_rows_t(const CellFwd<T>& p, int64_t b0, int64_
 }
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void cell_fwd_rows_impl(const CellFwd<T>& p, int64_t b0, int64_t b1) {
+FASTSEQ_INLINE void cell_fwd_rows_impl(const CellFwd<T>& p, int64_t b0, int64_t b1) {
   if (p.bias != nullptr) {
     if (p.gates != nullptr) {
       cell_fwd_rows_t<T, true, true>(p, b0, b1);
@@ -112,15 +112,15 @@ struct CellBwd {
 };
 
 template <typename T>
-FASTSEQ_ATTN_INLINE void cell_bwd_rows_impl(const CellBwd<T>& p, int64_t b0, int64_t b1) {
+FASTSEQ_INLINE void cell_bwd_rows_impl(const CellBwd<T>& p, int64_t b0, int64_t b1) {
   const int64_t H = p.H;
   for (int64_t b = b0; b < b1; ++b) {
-    const T* FASTSEQ_ATTN_RESTRICT dy = p.dy + b * H;
-    const T* FASTSEQ_ATTN_RESTRICT g = p.gates + b * 4 * H;
-    const T* FASTSEQ_ATTN_RESTRICT hp = p.h + b * H;
-    T* FASTSEQ_ATTN_RESTRICT dx = p.dgi + b * 3 * H;
-    T* FASTSEQ_ATTN_RESTRICT dhh = p.dgh + b * 3 * H;
-    T* FASTSEQ_ATTN_RESTRICT dh = p.dh + b * H;
+    const T* FASTSEQ_RESTRICT dy = p.dy + b * H;
+    const T* FASTSEQ_RESTRICT g = p.gates + b * 4 * H;
+    const T* FASTSEQ_RESTRICT hp = p.h + b * H;
+    T* FASTSEQ_RESTRICT dx = p.dgi + b * 3 * H;
+    T* FASTSEQ_RESTRICT dhh = p.dgh + b * 3 * H;
+    T* FASTSEQ_RESTRICT dh = p.dh + b * H;
     for (int64_t j = 0; j < H; ++j) {
       const T d = dy[j];
       const T r = g[j], z = g[H + j], n = g[2 * H + j], h_n = g[3 * H + j];

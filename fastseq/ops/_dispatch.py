@@ -32,14 +32,15 @@ def implementation(t: Tensor, triton_module: str) -> Tuple[ModuleType, Dict[str,
     return reference, {}
 
 
+def needs_grad(*tensors) -> bool:
+    """Autograd will need a backward through an op taking ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def direct_call_ok(*tensors) -> bool:
     """True when an op can skip its torch.library wrapper and call the implementation
     directly: nothing needs a gradient and no torch.compile trace is running. The
     wrapper (autograd + fake tensors) costs ~30 us per call, which is most of a
     small decoder step at inference time; the result is the same.
     """
-    if torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return True
+    return not torch.compiler.is_compiling() and not needs_grad(*tensors)

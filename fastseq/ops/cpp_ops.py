@@ -16,7 +16,8 @@ from torch import Tensor
 from fastseq.ops import cpp
 
 
-def _none_if_empty(t: Tensor, present: bool) -> Optional[Tensor]:
+def _optional(t: Tensor, present: bool) -> Optional[Tensor]:
+    """The C++ op's placeholder ``[0]`` tensor becomes None when the output is absent."""
     return t if present else None
 
 
@@ -26,7 +27,7 @@ def gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates):
 
 def gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias):
     dgi, dh0, dw, db = cpp.load().gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias)
-    return dgi, dh0, dw, _none_if_empty(db, has_bias)
+    return dgi, dh0, dw, _optional(db, has_bias)
 
 
 def lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates):
@@ -37,7 +38,7 @@ def lstm_recurrence_backward(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, leng
     dgi, dh0, dc0, dw, db = cpp.load().lstm_recurrence_backward(
         grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias
     )
-    return dgi, dh0, dc0, dw, _none_if_empty(db, has_bias)
+    return dgi, dh0, dc0, dw, _optional(db, has_bias)
 
 
 def additive_attention_forward(query, proj_keys, values, energy, mask=None, lengths=None):
@@ -56,4 +57,4 @@ def gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, save_gates):
 
 def gru_context_cell_backward(grad_h, gates, h, context, w_ic, has_bias):
     dgi, dctx, dw, dgh, db, dh = cpp.load().gru_context_cell_backward(grad_h, gates, h, context, w_ic, has_bias)
-    return dgi, dctx, dw, dgh, _none_if_empty(db, has_bias), dh
+    return dgi, dctx, dw, dgh, _optional(db, has_bias), dh

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.ops._dispatch import direct_call_ok, implementation
+from fastseq.ops._dispatch import direct_call_ok, implementation, needs_grad
 from fastseq.ops.attention import additive_attention
 
 __all__ = ["StepWeights", "attention_gru_step", "gru_context_cell"]
@@ -139,9 +139,7 @@ def gru_context_cell(gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor,
             raise TypeError(f"{name}: expected dtype {gi.dtype} (that of gi), got {t.dtype}")
         if t.device != gi.device:
             raise RuntimeError(f"{name}: expected device {gi.device} (that of gi), got {t.device}")
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gi, context, w_ic, gh, b_hh, h)
-    )
+    save = needs_grad(gi, context, w_ic, gh, b_hh, h)
     if not save and direct_call_ok():
         mod, kw = _impl(gi)
         return mod.gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, False, **kw)[0]

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.ops._dispatch import direct_call_ok, implementation
+from fastseq.ops._dispatch import direct_call_ok, implementation, needs_grad
 
 _LIB = "fastseq"
 
@@ -236,10 +236,6 @@ def _check_args(gates: int, gi: Tensor, states: Tuple[Tuple[str, Tensor], ...], 
             raise TypeError(f"lengths: expected an int32/int64 tensor, got {lengths.dtype}")
 
 
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def gru(
     gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
@@ -265,7 +261,7 @@ def gru(
     if direct_call_ok(gi, h0, w_hh, b_hh):
         mod, kw = _impl(gi)
         return mod.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, False, **kw)[0]
-    hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, _needs_grad(gi, h0, w_hh, b_hh))
+    hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, needs_grad(gi, h0, w_hh, b_hh))
     return hs
 
 
@@ -289,6 +285,6 @@ def lstm(
         hs, cs, _ = mod.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, False, **kw)
         return hs, cs
     hs, cs, _ = lstm_recurrence(
-        gi, h0, c0, w_hh, b_hh, lengths, _needs_grad(gi, h0, c0, w_hh, b_hh)
+        gi, h0, c0, w_hh, b_hh, lengths, needs_grad(gi, h0, c0, w_hh, b_hh)
     )
     return hs, cs
