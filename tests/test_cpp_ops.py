@@ -86,7 +86,10 @@ SIZES = [(T, B, H) for T in (1, 6) for B in (1, 5) for H in (1, 7, 16)]
 # batches: B = 2 multiplies W_hh gate by gate, B >= 4 a repacked copy; H = 72
 # and 136 leave a ragged last slice), the batch rows split (B = 19: ragged
 # too), and rows spanning two blocks of the pointwise kernels (300 > 256).
-BIG_SIZES = [(6, 5, 72), (4, 2, 136), (5, 19, 40), (3, 4, 300)]
+# float32 runs the units split's forward product on csrc/cpu/gemm.h up to 32
+# rows: B = 1 and 8 take its 1-row and 4-row tiles, H = 108 and 70 a K that is
+# not a multiple of 8 and slices that are not multiples of its 3 or 4 columns.
+BIG_SIZES = [(6, 5, 72), (4, 2, 136), (5, 19, 40), (3, 4, 300), (3, 1, 108), (3, 8, 70)]
 CASES = [(True, None), (False, None), (True, "int64"), (False, "int64")]
 
 

@@ -145,15 +145,19 @@ class _FusedRNNBase:
             params = [self._layer_params(layer, d) for d in range(D)]
             # One GEMM for the input projection of every step and both directions.
             w_ih = torch.cat([p[0] for p in params]) if D > 1 else params[0][0]
+            # An LSTM adds b_ih and b_hh to the same pre-activations: fold b_hh into the
+            # projection's bias (one fused addmm; autograd gives both the same gradient).
+            fold = self._IS_LSTM and self.bias
             b_ih = None
             if self.bias:
-                b_ih = torch.cat([p[2] for p in params]) if D > 1 else params[0][2]
-            gi_all = F.linear(x, w_ih, b_ih)
+                b_ih = torch.cat([p[2] + p[3] if fold else p[2] for p in params])
+            # A contiguous input lets F.linear fuse the bias into the GEMM (addmm).
+            gi_all = F.linear(x.contiguous(), w_ih, b_ih)
             gi_dirs = gi_all.chunk(D, dim=-1)
             outs = []
             for d in range(D):
                 gi = gi_dirs[d] if d == 0 else reverse_padded(gi_dirs[d], lengths)
-                w_hh, b_hh = params[d][1], params[d][3]
+                w_hh, b_hh = params[d][1], (None if fold else params[d][3])
                 if w_hh.dtype != gi.dtype:  # autocast: run the recurrence in gi's dtype
                     w_hh = w_hh.to(gi.dtype)
                     b_hh = b_hh.to(gi.dtype) if b_hh is not None else None
