@@ -26,3 +26,19 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def link_atomic(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> None:
+    """Make ``dst`` name the same file as ``src`` (a hard link; a copy where links
+    are not supported), replacing any previous ``dst`` atomically."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Errors about the user's input (config, files, data), reported as one line, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
 def _load_yaml(path: str) -> Dict[str, Any]:
@@ -35,29 +37,66 @@ def _load_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from fastseq.seq2seq.train import TrainConfig, train
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from --config, then the flags, then --set KEY=VALUE (YAML values)."""
+    import yaml
+
+    from fastseq.seq2seq.train import TrainConfig
 
     values = _load_yaml(args.config) if args.config else {}
-    for key in ("corpus", "out", "epochs", "max_steps", "max_minutes", "device", "seed", "threads"):
-        v = getattr(args, key)
+    for key in ("corpus", "out", "data_dir", "epochs", "max_steps", "max_minutes", "device", "seed",
+                "threads"):
+        v = getattr(args, key, None)
         if v is not None:
             values[key] = v
-    if args.no_progress:
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"fastseq {args.command}: --set {item!r}: expected KEY=VALUE")
+        values[key.strip()] = yaml.safe_load(text)  # data only, never evaluated
+    if getattr(args, "no_progress", False):
         values["progress"] = False
     try:
-        cfg = TrainConfig.from_dict(values)
+        return TrainConfig.from_dict(values)
     except ValueError as exc:
+        raise SystemExit(f"fastseq {args.command}: {exc}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fastseq.seq2seq.train import train
+
+    cfg = _train_config(args)
+    try:
+        result = train(cfg, resume=args.resume)
+    except USER_ERRORS as exc:
         raise SystemExit(f"fastseq train: {exc}")
-    result = train(cfg)
+    if not result:  # torchrun: ranks other than 0 report nothing
+        return 0
     test = (f"test BLEU {result['test_bleu']:.2f} chrF {result['test_chrf']:.2f} (beam {cfg.beam_size})"
             if "test_bleu" in result else "no test split")
+    procs = f" x {result['world_size']} processes" if result["world_size"] > 1 else ""
+    bleu = f"{result['val_bleu']:.2f}" if result["val_bleu"] >= 0 else "n/a"
     print(
         f"fastseq train: {cfg.corpus} {cfg.src_lang}->{cfg.tgt_lang}, {result['steps']} steps / "
-        f"{result['epochs']} epochs in {result['wall_time_s'] / 60:.1f} min on {result['device']}, "
-        f"{result['tokens_per_s']:.0f} target tok/s, best val BLEU {result['val_bleu']:.2f} "
-        f"(epoch {result['best_epoch']}), {test}; checkpoint {cfg.out}/best.pt"
+        f"{result['epochs']} epochs in {result['wall_time_s'] / 60:.1f} min on {result['device']}{procs} "
+        f"({result['precision']}), {result['tokens_per_s']:.0f} target tok/s, best val BLEU "
+        f"{bleu} (step {result['best_step']}), {test}; checkpoint {cfg.out}/best.pt"
     )
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from fastseq.seq2seq.train import prepare_data
+
+    cfg = _train_config(args)
+    try:
+        shards, src_tok, tgt_tok = prepare_data(cfg)
+    except USER_ERRORS as exc:
+        raise SystemExit(f"fastseq preprocess: {exc}")
+    meta = shards.meta
+    print(f"fastseq preprocess: {meta['num_pairs']} pairs in {shards.num_shards} shard(s) under "
+          f"{shards.directory} (vocab {src_tok.vocab_size}/{tgt_tok.vocab_size}; dropped "
+          f"{meta['dropped_empty']} empty, {meta['dropped_too_long']} longer than {meta['max_len']})")
     return 0
 
 
@@ -135,19 +174,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a seq2seq model (YAML config and/or flags)")
-    p.add_argument("--config", help="YAML file of TrainConfig keys, or a bundled name (multi30k-cpu, multi30k-gpu)")
-    p.add_argument("--corpus", help="'multi30k' or a directory of {split}.{lang}[.gz] files")
-    p.add_argument("--out", help="output directory for checkpoints and metrics")
+    def config_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--config", help="YAML file of TrainConfig keys, or a bundled name "
+                                        "(multi30k-cpu, multi30k-gpu, tatoeba-deu-eng-cpu)")
+        q.add_argument("--corpus", help="'multi30k' or a directory of {split}.{lang}[.gz] files")
+        q.add_argument("--out", help="output directory for checkpoints, logs and metrics")
+        q.add_argument("--data-dir", dest="data_dir", help="preprocessed shards (default OUT/data)")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override any config key (repeatable), e.g. --set accum_steps=4")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("train", help="train a seq2seq model (YAML config and/or flags); under "
+                                     "torchrun, DistributedDataParallel over the processes")
+    config_args(p)
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many updates")
     p.add_argument("--max-minutes", dest="max_minutes", type=float,
                    help="stop training after this much wall time (then test)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last.pt exactly where it stopped")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("preprocess", help="train the tokenizers and write the token-id shards "
+                                          "that train reads (done by train when missing)")
+    config_args(p)
+    p.set_defaults(func=_cmd_preprocess)
 
     def decoding_args(q: argparse.ArgumentParser, sampling: bool) -> None:
         q.add_argument("--checkpoint", required=True, help="best.pt or last.pt from fastseq train")

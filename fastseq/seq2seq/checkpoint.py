@@ -8,9 +8,11 @@ the state_dict, both tokenizers (sentencepiece model bytes) and metadata, so
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 from typing import Any, Dict, Union
 
+import numpy as np
 import torch
 
 from fastseq._io import atomic_write
@@ -47,3 +49,29 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
     if ckpt.get("version") != VERSION:
         raise ValueError(f"checkpoint {path}: format version {ckpt.get('version')} is not supported (expected {VERSION})")
     return ckpt
+
+
+def rng_state() -> Dict[str, Any]:
+    """The random states a training step draws from (Python, numpy, torch CPU and
+    CUDA), in a form ``torch.load(weights_only=True)`` reads back."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

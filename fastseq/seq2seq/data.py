@@ -22,12 +22,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import sentencepiece as spm
@@ -224,6 +225,75 @@ def read_parallel(
         logger.warning("%s / %s: dropped %d of %d pairs with an empty side", src_path, tgt_path,
                        len(pairs) - len(kept), len(pairs))
     return kept
+
+
+LINE_BLOCK = 4096  # lines decoded at once by the streaming readers
+
+
+def iter_parallel(src_path: PathLike, tgt_path: PathLike) -> Iterator[tuple[int, str, str]]:
+    """Stream two aligned files, for corpora too large for :func:`read_parallel`.
+
+    Files are UTF-8, gzip-compressed if the name ends in ``.gz``, split on ``"\\n"`` only (a final
+    newline does not produce an extra empty line). They are read in blocks of
+    ``LINE_BLOCK`` lines, so memory use is two blocks whatever the file size.
+
+    Yields:
+        ``(line number, source line, target line)``: the 1-based line number and both lines
+        stripped of surrounding whitespace. Empty lines are yielded too; filtering is the
+        caller's choice.
+
+    Raises:
+        FileNotFoundError: a file does not exist (raised on the first ``next()``).
+        ValueError: a line is not valid UTF-8 (the message names the file and the line number),
+            or the files have different line counts (the message names both files and both
+            counts). The latter is raised on reaching the end of the shorter file, before the
+            pairs of its last block are yielded.
+    """
+    src_path, tgt_path = Path(src_path), Path(tgt_path)
+    with _open_binary(src_path) as src_file, _open_binary(tgt_path) as tgt_file:
+        line_number = 0  # lines yielded so far
+        while True:
+            src_lines = _read_block(src_file, src_path, line_number + 1)
+            tgt_lines = _read_block(tgt_file, tgt_path, line_number + 1)
+            if len(src_lines) != len(tgt_lines):
+                src_count = line_number + len(src_lines) + sum(1 for _ in src_file)
+                tgt_count = line_number + len(tgt_lines) + sum(1 for _ in tgt_file)
+                raise ValueError(
+                    f"parallel files differ in length: {src_count} lines in {src_path} "
+                    f"but {tgt_count} lines in {tgt_path}"
+                )
+            if not src_lines:
+                return
+            yield from zip(itertools.count(line_number + 1), src_lines, tgt_lines)
+            line_number += len(src_lines)
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    """``path`` opened for binary reading, through gzip if its name ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _read_block(file: BinaryIO, path: Path, first_line: int) -> list[str]:
+    """The next (up to) ``LINE_BLOCK`` lines of ``file``, decoded and stripped; [] at its end.
+
+    Args:
+        file: a binary file (lines end at ``b"\\n"``).
+        path: its name, for error messages.
+        first_line: the 1-based number of the next line, for error messages.
+
+    Raises:
+        ValueError: a line is not valid UTF-8 (the message names ``path`` and the line number).
+    """
+    raw = list(itertools.islice(file, LINE_BLOCK))
+    data = b"".join(raw)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_number = first_line + data.count(b"\n", 0, err.start)
+        raise ValueError(f"{path}: invalid UTF-8 on line {line_number} ({err.reason})") from err
+    # Every raw line but the last ends in "\n", so the split has len(raw) parts and, if the
+    # last line ends in "\n" too, an empty one after them.
+    return [line.strip() for line in text.split("\n")[: len(raw)]]
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -473,16 +543,37 @@ class TokenBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def _pack(self, order: np.ndarray) -> list[list[int]]:
         """Cut indices sorted by ascending length into consecutive batches within the budget."""
-        batches: list[list[int]] = []
-        batch: list[int] = []
-        for index, length in zip(order.tolist(), self.lengths[order].tolist()):
-            if batch and (len(batch) + 1) * length > self.max_tokens:
-                batches.append(batch)
-                batch = []
-            batch.append(index)
-        if batch:
+        return pack_by_length(order, self.lengths, self.max_tokens)
+
+
+def pack_by_length(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[list[int]]:
+    """Cut example indices sorted by ascending length into consecutive batches within a budget.
+
+    Greedy: a batch is closed when adding the next example would make
+    ``len(batch) * length of that example > max_tokens``. Since ``order`` is sorted by length,
+    the last example of a batch is its longest, so every batch satisfies
+    ``len(batch) * max(length in batch) <= max_tokens`` (as long as no single example exceeds
+    ``max_tokens``, which the callers check).
+
+    Args:
+        order: ``[N]`` integer array, indices into ``lengths`` in ascending order of length.
+        lengths: ``[M]`` integer array, the size of each example in tokens.
+        max_tokens: budget for ``batch size * longest example``.
+
+    Returns:
+        The batches, lists of indices taken from ``order`` in its order; together they hold each
+        index of ``order`` exactly once.
+    """
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for index, length in zip(order.tolist(), lengths[order].tolist()):
+        if batch and (len(batch) + 1) * length > max_tokens:
             batches.append(batch)
-        return batches
+            batch = []
+        batch.append(index)
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 @dataclass
