@@ -8,6 +8,15 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Union
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import (os.umask is process-wide)
+
+
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` for binary writing; on success it is
@@ -16,6 +25,7 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
         with os.fdopen(fd, "wb") as f:
             yield f

@@ -659,7 +659,7 @@ class _Trainer:
         best = load_checkpoint(self.out / "best.pt")
         self.model.load_state_dict(best["model"])
         result: Dict[str, Any] = {
-            "steps": st.step, "epochs": st.epoch + (st.batches_done > 0), "train_time_s": st.train_time,
+            "steps": st.step, "epochs": round(self._epochs_done(), 2), "train_time_s": st.train_time,
             "wall_time_s": self._elapsed(), "tokens_per_s": st.tokens / max(st.train_time, 1e-9),
             "best_step": best["step"], "best_epoch": best["epoch"],
             "val_bleu": best["metrics"].get("val_bleu", -1.0), "device": str(self.device),
