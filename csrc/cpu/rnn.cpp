@@ -688,6 +688,52 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   return {finish(hs, out_dt), save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
 }
 
+// The backward step loop shared by the GRU and the LSTM (G gates per unit). For
+// t = T-1..0: at_step(s, t) points the step arguments at step t, rows(s, b0, b1,
+// j0, j1) runs the fused pointwise pass on rows [b0, b1) and units [j0, j1)
+// (writing dgate[t] and leaving the carry in dh), and dh += dgate[t] @ W_hh
+// completes dh_{t-1}. Work split as in the forward (see split_work).
+template <typename T_, typename S, typename AtStep, typename Rows>
+void backward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtStep& at_step,
+                    const Rows& rows, const Tensor& dgate, const Tensor& w, Tensor& dh) {
+  T_* dgate_p = dgate.data_ptr<T_>();
+  const T_* w_p = w.data_ptr<T_>();
+  T_* dh_p = dh.data_ptr<T_>();
+  const int64_t GH = G * H;
+  if (!use_blas<T_>(B, G, H)) {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      at_step(a, t);
+      for_rows(B, GH, [&](int64_t b0, int64_t b1) { rows(a, b0, b1, 0, H); });
+      dh.addmm_(dgate.select(0, t), w);
+    }
+    return;
+  }
+  const Split split = split_work(B, G, H);
+  if (split.kind == SplitKind::kRows) {
+    // Each thread, its rows, all steps.
+    for_slices(split, B, [&](int64_t b0, int64_t b1) {
+      S s = a;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        at_step(s, t);
+        rows(s, b0, b1, 0, H);
+        gemm_nn<T_>(b1 - b0, H, GH, dgate_p + (t * B + b0) * GH, GH, w_p, H, T_(1), dh_p + b0 * H, H);
+      }
+    });
+    return;
+  }
+  for (int64_t t = T - 1; t >= 0; --t) {
+    at_step(a, t);
+    // Each thread: its columns of dh += dgate[t+1] @ W_hh, then step t on its units.
+    for_slices(split, H, [&](int64_t j0, int64_t j1) {
+      if (t + 1 < T) {
+        gemm_nn<T_>(B, j1 - j0, GH, dgate_p + (t + 1) * B * GH, GH, w_p + j0, H, T_(1), dh_p + j0, H);
+      }
+      rows(a, 0, B, j0, j1);
+    });
+  }
+  if (T > 0) dh.addmm_(dgate.select(0, 0), w);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
     const Tensor& grad_hs, const Tensor& h0, const Tensor& w_hh, const Tensor& hs, const Tensor& gates,
     const std::optional<Tensor>& lengths, bool has_bias) {
@@ -721,8 +767,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
     const T_* g_p = g_c.data_ptr<T_>();
     const T_* hs_p = hs_c.data_ptr<T_>();
     const T_* h0_p = h_init.data_ptr<T_>();
-    const T_* w_p = w.data_ptr<T_>();
-    T_* dh_p = dh.data_ptr<T_>();
     T_* dgi_p = dgi.data_ptr<T_>();
     T_* dgh_p = dgh.data_ptr<T_>();
     auto at_step = [&](GruBwd<T_>& s, int64_t t) {
@@ -733,39 +777,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
       s.dgi = dgi_p + t * B * 3 * H;
       s.dgh = dgh_p + t * B * 3 * H;
     };
-    if (!use_blas<T_>(B, 3, H)) {
-      for (int64_t t = T - 1; t >= 0; --t) {
-        at_step(a, t);
-        for_rows(B, 3 * H, [&](int64_t b0, int64_t b1) { gru_bwd_rows(a, b0, b1, 0, H, false); });
-        dh.addmm_(dgh.select(0, t), w);
-      }
-      return;
-    }
-    const Split split = split_work(B, 3, H);
-    if (split.kind == SplitKind::kRows) {
-      // Each thread, its rows, all steps: step t's pointwise pass leaves the carry
-      // in dh; dh += dgh[t] @ W_hh completes dh_{t-1}.
-      for_slices(split, B, [&](int64_t b0, int64_t b1) {
-        GruBwd<T_> s = a;
-        for (int64_t t = T - 1; t >= 0; --t) {
-          at_step(s, t);
-          gru_bwd_rows(s, b0, b1, 0, H, false);
-          gemm_nn<T_>(b1 - b0, H, 3 * H, s.dgh + b0 * 3 * H, 3 * H, w_p, H, T_(1), dh_p + b0 * H, H);
-        }
-      });
-      return;
-    }
-    for (int64_t t = T - 1; t >= 0; --t) {
-      at_step(a, t);
-      // Each thread: its columns of dh += dgh[t+1] @ W_hh, then step t on its units.
-      for_slices(split, H, [&](int64_t j0, int64_t j1) {
-        if (t + 1 < T) {
-          gemm_nn<T_>(B, j1 - j0, 3 * H, dgh_p + (t + 1) * B * 3 * H, 3 * H, w_p + j0, H, T_(1), dh_p + j0, H);
-        }
-        gru_bwd_rows(a, 0, B, j0, j1, false);
-      });
-    }
-    if (T > 0) dh.addmm_(dgh.select(0, 0), w);
+    backward_steps<T_>(a, T, B, H, 3, at_step,
+                       [](const GruBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                         gru_bwd_rows(s, b0, b1, j0, j1, false);
+                       },
+                       dgh, w, dh);
   });
 
   const Tensor dw = weight_grad(dgh, h_init, hs_c, 3 * H, H);
@@ -899,8 +915,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     const T_* g_p = g_c.data_ptr<T_>();
     const T_* cs_p = cs_c.data_ptr<T_>();
     const T_* c0_p = c_init.data_ptr<T_>();
-    const T_* w_p = w.data_ptr<T_>();
-    T_* dh_p = dh.data_ptr<T_>();
     T_* dg_p = dg.data_ptr<T_>();
     auto at_step = [&](LstmBwd<T_>& s, int64_t t) {
       s.t = t;
@@ -911,36 +925,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
       s.c_prev = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
       s.dg = dg_p + t * B * 4 * H;
     };
-    if (!use_blas<T_>(B, 4, H)) {
-      for (int64_t t = T - 1; t >= 0; --t) {
-        at_step(a, t);
-        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { lstm_bwd_rows(a, b0, b1, 0, H, false); });
-        dh.addmm_(dg.select(0, t), w);
-      }
-      return;
-    }
-    const Split split = split_work(B, 4, H);
-    if (split.kind == SplitKind::kRows) {
-      for_slices(split, B, [&](int64_t b0, int64_t b1) {
-        LstmBwd<T_> s = a;
-        for (int64_t t = T - 1; t >= 0; --t) {
-          at_step(s, t);
-          lstm_bwd_rows(s, b0, b1, 0, H, false);
-          gemm_nn<T_>(b1 - b0, H, 4 * H, s.dg + b0 * 4 * H, 4 * H, w_p, H, T_(1), dh_p + b0 * H, H);
-        }
-      });
-      return;
-    }
-    for (int64_t t = T - 1; t >= 0; --t) {
-      at_step(a, t);
-      for_slices(split, H, [&](int64_t j0, int64_t j1) {
-        if (t + 1 < T) {
-          gemm_nn<T_>(B, j1 - j0, 4 * H, dg_p + (t + 1) * B * 4 * H, 4 * H, w_p + j0, H, T_(1), dh_p + j0, H);
-        }
-        lstm_bwd_rows(a, 0, B, j0, j1, false);
-      });
-    }
-    if (T > 0) dh.addmm_(dg.select(0, 0), w);
+    backward_steps<T_>(a, T, B, H, 4, at_step,
+                       [](const LstmBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                         lstm_bwd_rows(s, b0, b1, j0, j1, false);
+                       },
+                       dg, w, dh);
   });
 
   const Tensor dw = weight_grad(dg, h_init, hs_c, 4 * H, H);

@@ -204,7 +204,13 @@ def sample_pairs(src_path: Path, tgt_path: Path, n: int, limit: int = 0,
                  seed: int = 0) -> List[Tuple[str, str]]:
     """A uniform sample (reservoir, Vitter's algorithm R) of at most ``n``
     non-empty pairs among the first ``limit`` lines (0: all), in O(n) memory.
-    With ``n`` at least the number of pairs, all of them in file order."""
+    With ``n`` at least the number of pairs, all of them in file order.
+
+    Raises:
+        ValueError: ``n < 1`` or ``limit < 0``; the files' own errors (see ``iter_parallel``).
+    """
+    if n < 1 or limit < 0:
+        raise ValueError(f"sample_pairs: expected n >= 1 and limit >= 0, got n={n}, limit={limit}")
     rng = random.Random(seed)
     sample: List[Tuple[str, str]] = []
     seen = 0
