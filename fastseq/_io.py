@@ -17,14 +17,34 @@ def _read_umask() -> int:
 _UMASK = _read_umask()  # read once, at import (os.umask is process-wide)
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 @contextlib.contextmanager
 def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``path`` for binary writing; on success it is
-    flushed, fsynced and renamed over ``path`` (``os.replace``), on error removed.
-    A crash mid-write leaves any previous file at ``path`` intact."""
+    flushed, fsynced and renamed over ``path`` (``os.replace``), and the directory
+    fsynced; on error it is removed. A crash (or SIGKILL) mid-write leaves any
+    previous file at ``path`` intact, plus at most one stale ``.{name}.*.tmp``
+    file, which :func:`remove_stale_tmp` deletes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
         with os.fdopen(fd, "wb") as f:
@@ -36,6 +56,29 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_tmp(path: Union[str, os.PathLike]) -> int:
+    """Delete temporary files that an interrupted :func:`atomic_write` (or
+    :func:`link_atomic`) of ``path`` left behind -- of every file in ``path``
+    when it is a directory; returns how many. Call it only when no other
+    process is writing there."""
+    path = Path(path)
+    if path.is_dir():
+        pattern, where = ".*.tmp", path
+    else:
+        pattern, where = _tmp_prefix(path) + "*.tmp", path.parent
+    if not where.is_dir():
+        return 0
+    n = 0
+    for tmp in where.glob(pattern):
+        try:
+            tmp.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 def link_atomic(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> None:

@@ -16,8 +16,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-# Errors about the user's input (config, files, data), reported as one line, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+# Errors about the user's input (config, files, data) or the machine (disk full,
+# permissions), reported as one line, not a traceback. UnicodeDecodeError is a ValueError.
+USER_ERRORS = (ValueError, OSError)
+
+
+def _yaml_error(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _load_yaml(path: str) -> Dict[str, Any]:
@@ -30,8 +35,11 @@ def _load_yaml(path: str) -> Dict[str, Any]:
         if not named.is_file():
             raise SystemExit(f"fastseq: --config {path}: no such file (nor {named})")
         p = named
-    with p.open(encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with p.open(encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}  # data only: no tags that build objects
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"fastseq: --config {p}: not valid YAML ({_yaml_error(exc)})")
     if not isinstance(data, dict):
         raise SystemExit(f"fastseq: --config {p}: expected a mapping of keys to values, got {type(data).__name__}")
     return data
@@ -53,7 +61,11 @@ def _train_config(args: argparse.Namespace):
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"fastseq {args.command}: --set {item!r}: expected KEY=VALUE")
-        values[key.strip()] = yaml.safe_load(text)  # data only, never evaluated
+        try:
+            values[key.strip()] = yaml.safe_load(text)  # data only, never evaluated
+        except yaml.YAMLError as exc:
+            raise SystemExit(f"fastseq {args.command}: --set {item!r}: not a valid YAML value "
+                             f"({_yaml_error(exc)})")
     if getattr(args, "no_progress", False):
         values["progress"] = False
     try:
@@ -63,12 +75,15 @@ def _train_config(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fastseq.seq2seq.train import train
+    from fastseq.seq2seq.train import TrainingError, TrainingInterrupted, train
 
     cfg = _train_config(args)
     try:
         result = train(cfg, resume=args.resume)
-    except USER_ERRORS as exc:
+    except TrainingInterrupted as exc:
+        print(f"fastseq train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except TrainingError as exc:
         raise SystemExit(f"fastseq train: {exc}")
     if not result:  # torchrun: ranks other than 0 report nothing
         return 0
@@ -89,10 +104,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fastseq.seq2seq.train import prepare_data
 
     cfg = _train_config(args)
-    try:
-        shards, src_tok, tgt_tok = prepare_data(cfg)
-    except USER_ERRORS as exc:
-        raise SystemExit(f"fastseq preprocess: {exc}")
+    shards, src_tok, tgt_tok = prepare_data(cfg)
     meta = shards.meta
     print(f"fastseq preprocess: {meta['num_pairs']} pairs in {shards.num_shards} shard(s) under "
           f"{shards.directory} (vocab {src_tok.vocab_size}/{tgt_tok.vocab_size}; dropped "
@@ -104,12 +116,30 @@ def _cmd_translate(args: argparse.Namespace) -> int:
     from fastseq.seq2seq.translate import Translator
 
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
-    lines = [line.rstrip("\n") for line in sys.stdin]
+    lines = _read_stdin_lines()
     for hyp in translator.translate(lines, method=args.method, beam_size=args.beam_size,
                                     alpha=args.length_penalty, batch_size=args.batch_size,
                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed):
         print(hyp)
     return 0
+
+
+def _read_stdin_lines() -> List[str]:
+    """stdin as UTF-8 lines (no newlines).
+
+    Raises:
+        ValueError: invalid UTF-8, naming the line and the byte offset in it.
+    """
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream without bytes underneath (e.g. io.StringIO)
+        return [line.rstrip("\r\n") for line in sys.stdin]
+    lines = []
+    for n, raw in enumerate(stream, start=1):
+        try:
+            lines.append(raw.decode("utf-8").rstrip("\r\n"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"stdin line {n}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return lines
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -119,6 +149,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     corpus = load_corpus(args.corpus, args.src_lang, args.tgt_lang)
+    if args.split not in corpus.splits:
+        raise ValueError(f"--split {args.split}: corpus {args.corpus!r} has no such split "
+                         f"(it has {sorted(corpus.splits)})")
     pairs = corpus.read(args.split)
     hyps = translator.translate([s for s, _ in pairs], method=args.method, beam_size=args.beam_size,
                                 alpha=args.length_penalty, batch_size=args.batch_size)
@@ -234,10 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line; errors in the user's input end it with one line on
+    stderr and status 1 (SystemExit), Ctrl-C with status 130, never a traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        if args.verbose:
+            logging.getLogger("fastseq").exception("fastseq %s failed", args.command)
+        raise SystemExit(f"fastseq {args.command}: {exc}")
+    except KeyboardInterrupt:
+        print(f"fastseq {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

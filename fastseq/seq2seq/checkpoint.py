@@ -4,38 +4,106 @@ A checkpoint is a dict saved with ``torch.save``; it holds the model config,
 the state_dict, both tokenizers (sentencepiece model bytes) and metadata, so
 ``fastseq translate`` needs nothing else. It is loaded with
 ``torch.load(weights_only=True)``, so a checkpoint file cannot run code.
+
+Integrity: ``torch.load`` does not verify the zip's CRCs, so a flipped bit in
+tensor data loads silently as a different number. Each checkpoint therefore
+carries a SHA-256 ``digest`` of its contents (every tensor's bytes, dtype and
+shape, every string and number, in order), recomputed on load; a mismatch is
+reported as a corrupted file. Checkpoints without a digest (written before
+0.2) load unchecked.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import struct
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 import torch
 
-from fastseq._io import atomic_write
+from fastseq._io import atomic_write, link_atomic
 
 FORMAT = "fastseq.seq2seq"
 VERSION = 1
 
 
-def save_checkpoint(path: Union[str, os.PathLike], payload: Dict[str, Any]) -> None:
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    """Hash ``obj`` (nested dicts/lists/tuples of tensors, arrays, bytes, str,
+    numbers, bools, None) canonically: type tags and lengths, so different
+    structures never hash alike."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(b"T" + str(t.dtype).encode() + struct.pack("<q", t.dim())
+                 + struct.pack(f"<{t.dim()}q", *t.shape))
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, np.ndarray):
+        _feed(h, torch.from_numpy(np.ascontiguousarray(obj)))
+    elif isinstance(obj, dict):
+        h.update(b"D" + struct.pack("<q", len(obj)))
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update((b"L" if isinstance(obj, list) else b"U") + struct.pack("<q", len(obj)))
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(b"B" + struct.pack("<q", len(obj)) + bytes(obj))
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(b"S" + struct.pack("<q", len(data)) + data)
+    elif obj is None or isinstance(obj, (bool, int, float, torch.dtype, torch.device)):
+        h.update(b"V" + repr(obj).encode())
+    else:  # anything else torch.load(weights_only=True) can return
+        h.update(b"R" + type(obj).__name__.encode() + repr(obj).encode())
+
+
+def digest(payload: Dict[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's contents, the ``digest`` entry excluded."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Union[str, os.PathLike], payload: Dict[str, Any],
+                    keep_previous: Optional[Union[str, os.PathLike]] = None) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file in the same
-    directory, flushed and fsynced, then ``os.replace``. A crash mid-write
-    leaves the previous file at ``path`` intact."""
+    directory, flushed and fsynced, then ``os.replace`` (and the directory
+    fsynced). A crash or a kill mid-write leaves the previous file at ``path``
+    intact. The file carries a digest of its contents (see the module docstring).
+
+    Args:
+        keep_previous: if given and ``path`` exists, ``path``'s current file is
+            first linked there (atomically), so one older good state survives
+            even if the new file is later damaged.
+
+    Raises:
+        OSError: the file cannot be written (e.g. the disk is full); the
+            previous file at ``path`` is then left as it was.
+    """
+    full = {"format": FORMAT, "version": VERSION, **payload}
+    full["digest"] = digest(full)
+    if keep_previous is not None and Path(path).is_file():
+        link_atomic(path, keep_previous)
     with atomic_write(path) as f:
-        torch.save({"format": FORMAT, "version": VERSION, **payload}, f)
+        torch.save(full, f)
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain
+    data only, so loading a checkpoint never runs code from it.
+
     Raises:
         FileNotFoundError: no file at ``path``.
         ValueError: the file is not a readable fastseq checkpoint (truncated,
-            corrupted, or another format); the message names the file.
+            corrupted, its digest does not match, holds objects other than
+            tensors and plain data, or is another format); the message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -43,11 +111,21 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"checkpoint {path} cannot be read, it is truncated, corrupted or not a "
+                         f"checkpoint ({type(exc).__name__}: {first[:300]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint")
     if ckpt.get("version") != VERSION:
         raise ValueError(f"checkpoint {path}: format version {ckpt.get('version')} is not supported (expected {VERSION})")
+    if "digest" in ckpt:
+        try:
+            actual = digest(ckpt)
+        except Exception as exc:  # noqa: BLE001 - a corrupted structure
+            actual = f"unhashable ({type(exc).__name__})"
+        if actual != ckpt["digest"]:
+            raise ValueError(f"checkpoint {path} is corrupted: its contents do not match the digest "
+                             f"written with it (expected {str(ckpt['digest'])[:16]}..., got {actual[:16]}...)")
     return ckpt
 
 

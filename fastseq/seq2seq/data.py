@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -180,12 +181,16 @@ def read_lines(path: PathLike) -> list[str]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not valid UTF-8 (the message names the file and the line number).
+        ValueError: the file is not valid UTF-8 (the message names the file and the line number),
+            or a gzip file is truncated or corrupted.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        data = f.read()
+        try:
+            data = f.read()
+        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+            raise ValueError(_gzip_message(path, 1, err)) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -268,6 +273,11 @@ def iter_parallel(src_path: PathLike, tgt_path: PathLike) -> Iterator[tuple[int,
             line_number += len(src_lines)
 
 
+def _gzip_message(path: Path, line: int, err: BaseException) -> str:
+    return (f"{path}: cannot read past line {line - 1}: the file is truncated or not valid gzip "
+            f"({type(err).__name__}: {err})")
+
+
 def _open_binary(path: Path) -> BinaryIO:
     """``path`` opened for binary reading, through gzip if its name ends in ``.gz``."""
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
@@ -282,9 +292,13 @@ def _read_block(file: BinaryIO, path: Path, first_line: int) -> list[str]:
         first_line: the 1-based number of the next line, for error messages.
 
     Raises:
-        ValueError: a line is not valid UTF-8 (the message names ``path`` and the line number).
+        ValueError: a line is not valid UTF-8 (the message names ``path`` and the line number),
+            or a gzip file is truncated or corrupted.
     """
-    raw = list(itertools.islice(file, LINE_BLOCK))
+    try:
+        raw = list(itertools.islice(file, LINE_BLOCK))
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(_gzip_message(path, first_line, err)) from None
     data = b"".join(raw)
     try:
         text = data.decode("utf-8")

@@ -27,6 +27,22 @@ One run, ``train(cfg)``:
    ``last.pt`` on exactly the trajectory of an uninterrupted run.
 5. **Logs**: ``train_log.csv`` / ``eval_log.csv`` (:mod:`.runlog`), a PNG of
    the curves, and ``metrics.json`` with the test BLEU of ``best.pt``.
+
+Faults:
+
+- **Non-finite loss or gradients**: detected before the optimizer step (the
+  weights are never updated with NaN/Inf). ``nonfinite_loss: skip`` (default)
+  drops that update with a warning and stops with :class:`TrainingError` after
+  ``max_skipped_updates`` in a row; ``stop`` raises :class:`TrainingError` at
+  once. fp16 overflow steps are the GradScaler's business and are not counted.
+- **SIGINT / SIGTERM** (Ctrl-C, ``kill``, torchrun shutting down): the run
+  finishes the current update, writes ``last.pt`` atomically and raises
+  :class:`TrainingInterrupted`; ``fastseq train`` then exits with status
+  128 + the signal number. A second signal interrupts at once (still safe:
+  every write is atomic).
+- **Checkpoints** are written atomically, with a digest
+  (:mod:`.checkpoint`); the previous ``last.pt`` is kept as ``last.prev.pt``,
+  and ``--resume`` falls back to it, with a warning, when ``last.pt`` is unreadable.
 """
 from __future__ import annotations
 
@@ -35,6 +51,8 @@ import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -43,7 +61,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from fastseq._io import atomic_write, link_atomic
+from fastseq._io import atomic_write, link_atomic, remove_stale_tmp
 from fastseq.seq2seq import distributed
 from fastseq.seq2seq.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastseq.seq2seq.data import (
@@ -61,6 +79,25 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BEST_METRICS = ("val_bleu", "val_loss")
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. non-finite losses); the message says why and
+    which checkpoint holds the last good state."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised by :func:`train` after SIGINT/SIGTERM, once ``last.pt`` is written.
+
+    Attributes:
+        signum: the signal number. step: the update ``last.pt`` holds. path: ``last.pt``.
+    """
+
+    def __init__(self, signum: int, step: int, path: Path):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
+                         f"the training state is saved in {path} (continue with --resume)")
 
 
 @dataclass
@@ -103,6 +140,8 @@ class TrainConfig:
     lr_decay: float = 0.5             # multiply lr when validation loss does not improve (1: off)
     clip_norm: float = 1.0
     label_smoothing: float = 0.1
+    nonfinite_loss: str = "skip"      # non-finite loss/gradients: skip the update | stop
+    max_skipped_updates: int = 10     # skip: stop after this many non-finite updates in a row
     # evaluation and checkpoints
     eval_every: int = 0               # evaluate + checkpoint every N updates (0: once per epoch)
     save_every: int = 0               # also write last.pt every N updates (0: only at evaluations)
@@ -151,7 +190,7 @@ class TrainConfig:
         """Raise ValueError for values out of range, before any work starts."""
         positive = ["src_vocab_size", "tgt_vocab_size", "epochs", "max_tokens", "max_len",
                     "beam_size", "eval_batch_size", "accum_steps", "shard_size", "tokenizer_sample",
-                    "keep_checkpoints"]
+                    "keep_checkpoints", "max_skipped_updates"]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"config key {key!r}: expected > 0, got {getattr(self, key)}")
@@ -168,7 +207,7 @@ class TrainConfig:
         if not self.clip_norm > 0:
             raise ValueError(f"config key 'clip_norm': expected > 0, got {self.clip_norm}")
         choices = {"tokenizer": ("unigram", "bpe"), "precision": PRECISIONS, "lr_schedule": KINDS,
-                   "best_metric": BEST_METRICS}
+                   "best_metric": BEST_METRICS, "nonfinite_loss": NONFINITE_POLICIES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config key {key!r}: expected one of {allowed}, got {getattr(self, key)!r}")
@@ -348,6 +387,40 @@ class TrainState:
     kept: List[List[float]] = field(default_factory=list)  # [score, step] of kept step checkpoints
     history: List[Dict[str, float]] = field(default_factory=list)  # evaluation records
     stopped_early: bool = False
+    skipped_updates: int = 0      # updates dropped for a non-finite loss or gradient
+    skipped_in_a_row: int = 0
+
+
+def _load_resume_state(out: Path) -> Dict[str, Any]:
+    """The checkpoint ``--resume`` continues from: ``last.pt``, or ``last.prev.pt``
+    (with a warning) when ``last.pt`` is missing or unreadable.
+
+    Raises:
+        FileNotFoundError: neither file exists.
+        ValueError: neither is a readable checkpoint with training state (the
+            message gives each file's error).
+    """
+    errors = []
+    for name in ("last.pt", "last.prev.pt"):
+        path = out / name
+        if not path.is_file():
+            errors.append(f"{path}: no such file")
+            continue
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        if ckpt.get("state") is None:
+            errors.append(f"{path} holds no training state")
+            continue
+        if errors:
+            logger.warning("--resume: %s; resuming from %s (step %d) instead", "; ".join(errors),
+                           path, ckpt["step"])
+        return ckpt
+    if all(e.endswith("no such file") for e in errors):
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last.pt'}")
+    raise ValueError("--resume: no usable checkpoint: " + "; ".join(errors))
 
 
 def _group(it: Iterator[Tuple[int, Batch]], n: int) -> Iterator[List[Batch]]:
@@ -397,17 +470,17 @@ class _Trainer:
         torch.manual_seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        resume_ckpt = None
-        if resume:
-            last = self.out / "last.pt"
-            if not last.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint at {last}")
-            resume_ckpt = load_checkpoint(last)
-            if resume_ckpt.get("state") is None:
-                raise ValueError(f"--resume: {last} holds no training state")
+        resume_ckpt = _load_resume_state(self.out) if resume else None
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            for stale in (self.out, self.out / "checkpoints"):  # left by a killed writer
+                remove_stale_tmp(stale)
         self.shards, self.src_tok, self.tgt_tok = prepare_data(cfg, ctx)
+        meta = self.shards.meta
+        if ctx.is_main and (meta["dropped_empty"] or meta["dropped_too_long"]):
+            logger.warning("training data: %d pairs kept; dropped %d with an empty side and %d longer "
+                           "than max_len=%d subword tokens", meta["num_pairs"], meta["dropped_empty"],
+                           meta["dropped_too_long"], meta["max_len"])
         self.batches = StreamingBatches(self.shards, cfg.max_tokens, seed=cfg.seed)
         self.per_update = ctx.world_size * cfg.accum_steps
         self.updates_per_epoch = self.batches.num_batches // self.per_update
@@ -495,24 +568,62 @@ class _Trainer:
     def _save_last(self) -> None:
         rngs = self.ctx.gather(rng_state())  # collective: every rank calls it
         if self.ctx.is_main:
-            save_checkpoint(self.out / "last.pt", {**self._payload(full=True), "rng": rngs})
+            save_checkpoint(self.out / "last.pt", {**self._payload(full=True), "rng": rngs},
+                            keep_previous=self.out / "last.prev.pt")
 
     # ----------------------------------------------------------------- loop
 
     def run(self) -> Dict[str, Any]:
         cfg, st = self.cfg, self.state
-        stop = st.stopped_early or self._budget_spent()
-        while st.epoch < cfg.epochs and not stop:
-            stop = self._epoch()
-            if st.batches_done >= self.updates_per_epoch * self.per_update:  # epoch complete
-                st.epoch += 1
-                st.batches_done = 0
-                if not cfg.eval_every:
-                    stop = self._evaluate() or stop
-        if st.history == [] or st.history[-1]["step"] != st.step:
-            self._evaluate()  # the final state is always evaluated and checkpointed
+        with self._signals():
+            stop = st.stopped_early or self._budget_spent()
+            while st.epoch < cfg.epochs and not stop:
+                stop = self._epoch()
+                if self._interrupted:
+                    break
+                if st.batches_done >= self.updates_per_epoch * self.per_update:  # epoch complete
+                    st.epoch += 1
+                    st.batches_done = 0
+                    if not cfg.eval_every:
+                        stop = self._evaluate() or stop
+            if not self._interrupted and self.ctx.any(bool(self._signal)):  # during an evaluation
+                self._interrupted = self._signal or int(signal.SIGTERM)
+            if self._interrupted:
+                self._save_last()  # collective: every rank learnt of the signal together
+                if self.ctx.is_main:
+                    for log in (self.train_log, self.eval_log):
+                        log.close()
+                raise TrainingInterrupted(self._interrupted, st.step, self.out / "last.pt")
+            if st.history == [] or st.history[-1]["step"] != st.step:
+                self._evaluate()  # the final state is always evaluated and checkpointed
         self.ctx.barrier()
         return self._finish() if self.ctx.is_main else {}
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """While training: SIGINT/SIGTERM set ``_signal``; the loop then saves and stops.
+        A second signal gets the previous handler (Ctrl-C twice interrupts at once)."""
+        self._signal = 0
+        self._interrupted = 0
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            self._signal = signum
+            for s, h in previous.items():
+                signal.signal(s, h)
+            logger.warning("%s received: saving last.pt after this update, then stopping "
+                           "(send it again to stop at once)", signal.Signals(signum).name)
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
 
     def _epoch(self) -> bool:
         """Updates until the end of the epoch; True if training must stop."""
@@ -529,17 +640,27 @@ class _Trainer:
                     break
                 loss, tokens, lr, dt = self._update(micro)
                 remaining -= 1
-                st.step += 1
                 st.batches_done += self.per_update
-                st.tokens += tokens
                 st.train_time += dt
                 bar.update()
-                if ctx.is_main:
-                    self.train_log.write(step=st.step, epoch=self._epochs_done(), loss=loss, lr=lr, tokens=tokens,
-                                         tokens_per_s=tokens / max(dt, 1e-9), elapsed_s=self._elapsed())
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{st.tokens / st.train_time:.0f}",
-                                    lr=f"{lr:.2e}", refresh=False)
-                stop = ctx.any(self._budget_spent())
+                updated = math.isfinite(loss)  # False: skipped for a non-finite loss
+                if updated:
+                    st.step += 1
+                    st.tokens += tokens
+                    if ctx.is_main:
+                        self.train_log.write(step=st.step, epoch=self._epochs_done(), loss=loss, lr=lr,
+                                             tokens=tokens, tokens_per_s=tokens / max(dt, 1e-9),
+                                             elapsed_s=self._elapsed())
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{st.tokens / max(st.train_time, 1e-9):.0f}",
+                                        lr=f"{lr:.2e}", refresh=False)
+                # One collective per update: budget spent, or a signal received, on any rank.
+                budget, signalled = ctx.all_reduce_sum([float(self._budget_spent()), float(self._signal)])
+                if signalled:
+                    self._interrupted = self._signal or int(signal.SIGTERM)  # maybe another rank's
+                    return True
+                if not updated:
+                    continue
+                stop = budget > 0
                 if cfg.eval_every and st.step % cfg.eval_every == 0:
                     stop = self._evaluate() or stop
                 elif cfg.save_every and st.step % cfg.save_every == 0:
@@ -575,12 +696,47 @@ class _Trainer:
                 self.scaler.scale(loss * (n_tok * ctx.world_size / n_global)).backward()
             loss_sum += float(loss.detach()) * n_tok
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm))
+        # Gradients are already averaged over processes, and the loss sum is reduced
+        # here, so every rank takes the same decision below.
         (loss_total,) = ctx.all_reduce_sum([loss_sum])
-        return loss_total / n_global, int(n_global), lr, time.time() - t0
+        loss_mean = loss_total / n_global
+        # Under fp16, an overflowing gradient with a finite loss is the GradScaler's
+        # normal business: its step() skips the update and lowers the scale.
+        scaler_overflow = self.scaler.is_enabled() and math.isfinite(loss_mean)
+        if math.isfinite(loss_mean) and (math.isfinite(grad_norm) or scaler_overflow):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.skipped_in_a_row = 0
+            return loss_mean, int(n_global), lr, time.time() - t0
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler.is_enabled():
+            self.scaler.update()
+        self._nonfinite(loss_mean, grad_norm)
+        return float("nan"), int(n_global), lr, time.time() - t0
+
+    def _nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Count a dropped update; raise TrainingError when the policy says stop."""
+        cfg, st = self.cfg, self.state
+        st.skipped_updates += 1
+        st.skipped_in_a_row += 1
+        what = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} (loss {loss}, "
+                f"gradient norm {grad_norm}) at update {st.step + 1} (epoch {st.epoch + 1}, global "
+                f"batches {st.batches_done}-{st.batches_done + self.per_update - 1})")
+        last = self.out / "last.pt"
+        saved = f"{last} holds the last saved state" if last.is_file() else "no checkpoint was saved yet"
+        advice = ("lower lr, raise warmup_steps, lower clip_norm, or train in fp32/bf16 "
+                  "instead of fp16")
+        if cfg.nonfinite_loss == "stop":
+            raise TrainingError(f"{what}; the weights were not updated; stopping (nonfinite_loss: stop). "
+                                f"{saved}. Try: {advice}, or nonfinite_loss: skip")
+        if st.skipped_in_a_row >= cfg.max_skipped_updates:
+            raise TrainingError(f"{what}: {st.skipped_in_a_row} non-finite updates in a row "
+                                f"(max_skipped_updates={cfg.max_skipped_updates}); stopping. {saved}. "
+                                f"Try: {advice}")
+        logger.warning("%s: update skipped (%d in a row, %d in all)", what, st.skipped_in_a_row,
+                       st.skipped_updates)
 
     def _budget_spent(self) -> bool:
         cfg = self.cfg
@@ -671,6 +827,9 @@ class _Trainer:
             "val_bleu": best["metrics"].get("val_bleu", -1.0), "device": str(self.device),
             "world_size": self.ctx.world_size, "precision": self.precision, "parameters": self.n_params,
             "train_pairs": self.shards.num_pairs, "stopped_early": st.stopped_early,
+            "skipped_updates": st.skipped_updates,
+            "dropped_empty": self.shards.meta["dropped_empty"],
+            "dropped_too_long": self.shards.meta["dropped_too_long"],
             "history": st.history, "curves": str(curves),
         }
         if "test" in self.corpus.splits:

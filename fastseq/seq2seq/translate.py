@@ -47,10 +47,30 @@ class Translator:
         """Translate ``sentences`` (raw text), batching sentences of similar length.
 
         Raises:
-            ValueError: unknown ``method``.
+            ValueError: unknown ``method``; ``batch_size`` or ``beam_size`` < 1;
+                ``max_len`` < 1; ``alpha`` < 0; ``temperature`` <= 0; ``top_k`` < 0.
+            TypeError: ``sentences`` is a single string, or holds non-strings.
         """
         if method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+        if isinstance(sentences, str):
+            raise TypeError("sentences: expected a sequence of strings, got a single str")
+        bad = next((i for i, t in enumerate(sentences) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"sentences: expected strings, got {type(sentences[bad]).__name__} at index {bad}")
+        for name, value, lo in (("batch_size", batch_size, 1), ("beam_size", beam_size, 1)):
+            if not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name}: expected an integer >= {lo}, got {value!r}")
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            raise ValueError(f"max_len: expected None or an integer >= 1, got {max_len!r}")
+        if not alpha >= 0:
+            raise ValueError(f"alpha: expected >= 0 (length-penalty exponent), got {alpha!r}")
+        if method == "sample" and not temperature > 0:
+            raise ValueError(f"temperature: expected > 0, got {temperature!r}")
+        if method == "sample" and (not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k: expected an integer >= 0 (0 = no limit), got {top_k!r}")
+        if not sentences:
+            return []
         was_training = self.model.training
         self.model.eval()
         ids = [self.src_tok.encode(s) + [EOS_ID] for s in sentences]
