@@ -198,3 +198,46 @@ def test_interrupt_in_process_raises_after_saving(tmp_path, data_dir, monkeypatc
     assert info.value.signum == signal.SIGTERM and info.value.step == 3
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def _worker_pid(parent: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank (Linux /proc)."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    raise LookupError(f"no worker with RANK={rank} under pid {parent}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_sigterm_to_one_torchrun_worker_stops_every_rank_at_the_same_update(tmp_path, data_dir):
+    """Under torchrun (2 gloo processes), SIGTERM reaching only rank 1 is shared at
+    the next update: both ranks stop together, rank 0 writes last.pt for that
+    update, and a --resume run continues from it."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in
+                              dict(TINY, data_dir=data_dir, max_steps=400, epochs=50).items()))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastseq", "train", "--config", str(conf), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(_steps(out)) >= 4:
+            os.kill(_worker_pid(proc.pid, 1), signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0  # torchrun reports its workers' non-zero exits
+    steps = _steps(out)
+    assert 4 <= steps[-1] < 400
+    # Both ranks print it, for the same update; rank 0 gathered both ranks' RNG states.
+    assert stderr.count(f"interrupted by SIGTERM at step {steps[-1]};") == 2, stderr[-3000:]
+    last = load_checkpoint(out / "last.pt")
+    assert last["step"] == steps[-1] and last["world_size"] == 2 and len(last["rng"]) == 2
+
+    resumed = subprocess.run(cmd + ["--resume", "--max-steps", str(steps[-1] + 2), "--set", "test_limit=2"],
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _steps(out) == list(range(1, steps[-1] + 3))
