@@ -24,6 +24,26 @@ Backends
 The backend is chosen with the environment variable ``FASTSEQ_BACKEND``
 (``auto|triton|cuda|cpp|reference``), :func:`set_backend`, or the
 :func:`backend` context manager. :func:`report` says which work here and why not.
+
+Shape limits
+------------
+A fused backend that runs on a tensor may still be unable to take a given
+*shape*: a Triton grid axis past 65535 (the attention puts B on grid axis 1),
+Triton's int32 element offsets past ``2**31 - 1`` (very large hidden sizes,
+``H*H*G`` weights), the CUDA kernels' ``2**31 - 1`` blocks on grid axis 0.
+Each fused backend module has an ``unsupported_reason(family, t, sizes)``
+next to its launch code (:mod:`fastseq.ops.triton.rnn`, ``.attention``,
+``.cell``, :mod:`fastseq.ops.cpp_ops`) that returns None or an
+:class:`Unsupported` (a stable ``kind`` and a message naming the shape and the
+limit). :func:`fastseq.ops._dispatch.implementation` asks it on every call and,
+for a shape the backend cannot take, falls back -- Triton to the C++ extension
+if that can run (and take the shape), else to the reference -- with one
+``RuntimeWarning`` per (backend, kind of limit) (:func:`warn_limit`). This holds
+for a forced backend too (``FASTSEQ_BACKEND=triton``): forcing picks the
+backend for every shape it can take; a shape it cannot take still runs, on the
+fallback, with the warning, never a crash or a silently wrong answer. (A
+forced backend that cannot run on the *tensor* at all -- wrong device or
+dtype, Triton not importable -- still raises, see :func:`select`.)
 """
 from __future__ import annotations
 
@@ -31,7 +51,7 @@ import contextlib
 import functools
 import os
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -139,14 +159,56 @@ def cpp_reason(t: torch.Tensor) -> Optional[str]:
 _warned = set()
 
 
-def _warn_once(key: str, msg: str) -> None:
+def _warn_once(key: str, msg: str, stacklevel: int = 3) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+
+
+class Unsupported(NamedTuple):
+    """Why a fused backend cannot take a shape (see "Shape limits" above).
+
+    ``kind`` is a stable name of the limit (``"grid"``, ``"int32-index"``, ...):
+    one warning is issued per (backend, kind). ``message`` names the shape and
+    the limit.
+    """
+
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def extent(t: torch.Tensor) -> int:
+    """Elements a kernel may address from ``t``'s data pointer: 1 + the largest
+    offset ``sum((size - 1) * stride)`` (0 for an empty tensor). Equals
+    ``numel()`` for a contiguous tensor; larger for a strided view."""
+    if t.is_contiguous():
+        return t.numel()
+    e = 1
+    for n, s in zip(t.shape, t.stride()):
+        if n == 0:
+            return 0
+        e += (n - 1) * abs(s)
+    return e
+
+
+def warn_limit(backend_name: str, fallback: str, why: Unsupported) -> None:
+    """The one warning for a shape ``backend_name`` cannot take (once per backend and kind)."""
+    _warn_once(
+        f"limit:{backend_name}:{why.kind}",
+        f"fastseq: the {backend_name} backend cannot take this shape ({why.message}); "
+        f"running it on the {fallback} backend instead (warned once per limit)",
+        stacklevel=5,
+    )
 
 
 def select(t: torch.Tensor) -> str:
     """The backend that runs an op whose main input is ``t``: 'triton', 'cpp' or 'reference'.
+
+    Only the tensor's device and dtype count here; shape limits are applied on
+    top by :func:`fastseq.ops._dispatch.implementation` (fallback with a warning).
 
     Raises:
         RuntimeError: a backend is forced ('triton', 'cuda', 'cpp') but cannot run

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -52,9 +53,11 @@ inline bool cpu_has_avx2_fma() {
 // float: branch-free polynomial exp (Cephes expf, ~1 ulp) so the gate loops
 // vectorise without -ffast-math; double: libm (the reference's accuracy).
 
-FASTSEQ_INLINE float exp_f(float x) {
+FASTSEQ_INLINE float exp_f(float x_in) {
   // Clamp so that 2^n stays a normal float; NaN passes through (comparisons false).
-  x = x > 88.3762626647949f ? 88.3762626647949f : x;
+  // Past the clamp the result is set to what expf gives (0 below, +inf above,
+  // up to the denormal range), so sigmoid(-inf) is exactly 0 as in torch.
+  float x = x_in > 88.3762626647949f ? 88.3762626647949f : x_in;
   x = x < -87.3365447504f ? -87.3365447504f : x;
   // n = round(x / ln 2) with the 1.5 * 2^23 trick (vectorises on SSE2 too).
   const float magic = 12582912.0f;
@@ -73,7 +76,9 @@ FASTSEQ_INLINE float exp_f(float x) {
   int32_t bits = (n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  float out = p * scale;
+  out = x_in > 88.7228391117f ? std::numeric_limits<float>::infinity() : out;
+  return x_in < -87.3365447504f ? 0.0f : out;
 }
 
 FASTSEQ_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from fastseq import ops
+from fastseq.ops import _checks
 
 __all__ = ["AdditiveAttention"]
 
@@ -55,13 +56,30 @@ class AdditiveAttention(nn.Module):
         """``keys [B, S, key_size]`` -> ``proj_keys [B, S, A]`` = U_a h (+ bias), once per source batch.
 
         Raises:
-            ValueError: ``keys.size(-1) != key_size``.
+            TypeError: ``keys`` is not a tensor, or not of the module's dtype.
+            ValueError: ``keys`` is not 3-D, or ``keys.size(-1) != key_size``.
+            RuntimeError: ``keys`` is not on the module's device.
         """
+        _checks.tensor("keys", keys)
+        if keys.dim() != 3:
+            raise ValueError(
+                f"keys: expected a 3-D tensor (B, S, key_size={self.key_size}), got shape {tuple(keys.shape)}"
+            )
         if keys.shape[-1] != self.key_size:
             raise ValueError(
                 f"keys: expected size(-1) == key_size={self.key_size}, got shape {tuple(keys.shape)}"
             )
+        self._check_like_params("keys", keys, self.key_layer.weight)
         return self.key_layer(keys)
+
+    @staticmethod
+    def _check_like_params(name: str, t: Tensor, w: Tensor) -> None:
+        if t.device != w.device:
+            raise RuntimeError(f"{name}: expected device {w.device} (the module's parameters), got {t.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+        if t.dtype != w.dtype and not torch.is_autocast_enabled(t.device.type):
+            raise TypeError(f"{name}: expected dtype {w.dtype} (the module's parameters), got {t.dtype}")
 
     project_keys = precompute_keys  # the 0.1 name
 
@@ -86,6 +104,8 @@ class AdditiveAttention(nn.Module):
             ValueError: shapes disagree (the message names the argument), or a
             source has zero length. TypeError/RuntimeError: dtype/device mismatch.
         """
+        for name, t in (("query", query), ("proj_keys", proj_keys), ("values", values)):
+            _checks.tensor(name, t)
         if query.dim() not in (2, 3) or query.shape[-1] != self.query_size:
             raise ValueError(
                 f"query: expected shape (B, {self.query_size}) or (B, T, {self.query_size}), "
@@ -96,6 +116,12 @@ class AdditiveAttention(nn.Module):
                 f"proj_keys: expected shape ({query.shape[0]}, S, {self.hidden_size}), "
                 f"got {tuple(proj_keys.shape)}"
             )
+        w = self.query_layer.weight
+        self._check_like_params("query", query, w)
+        if not torch.is_autocast_enabled(query.device.type):
+            for name, t in (("proj_keys", proj_keys), ("values", values)):
+                if t.dtype != query.dtype:
+                    raise TypeError(f"{name}: expected dtype {query.dtype} (that of query), got {t.dtype}")
         q = self.query_layer(query)
         energy = self.energy_layer.weight
         if torch.is_autocast_enabled(q.device.type):  # custom ops are not autocast: match q's dtype

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastseq import ops
+from fastseq.ops import _checks
 
 __all__ = ["GRUCell", "LSTMCell"]
 
@@ -20,8 +21,9 @@ __all__ = ["GRUCell", "LSTMCell"]
 def _check_cell_input(cell: torch.nn.RNNCellBase, input: Tensor, hx: Tuple[Optional[Tensor], ...],
                       names: Tuple[str, ...]) -> bool:
     """Validate like torch.nn; returns True for unbatched (1-D) input."""
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+    _checks.tensor("input", input)
+    for name, h in zip(names, hx):
+        _checks.optional_tensor(name, h)
     if input.dim() not in (1, 2):
         raise ValueError(
             f"input: expected a 1-D (unbatched) or 2-D (batched) tensor, "
@@ -34,13 +36,22 @@ def _check_cell_input(cell: torch.nn.RNNCellBase, input: Tensor, hx: Tuple[Optio
     w = cell.weight_hh
     if input.device != w.device:
         raise RuntimeError(f"input: expected device {w.device} (the module's parameters), got {input.device}")
-    if input.dtype != w.dtype and not torch.is_autocast_enabled(input.device.type):
+    autocast = torch.is_autocast_enabled(input.device.type)
+    if not input.is_floating_point():
+        raise TypeError(f"input: expected a floating-point dtype, got {input.dtype}")
+    if input.dtype != w.dtype and not autocast:
         raise TypeError(f"input: expected dtype {w.dtype} (the module's parameters), got {input.dtype}")
     unbatched = input.dim() == 1
     expected = (cell.hidden_size,) if unbatched else (input.shape[0], cell.hidden_size)
     for name, h in zip(names, hx):
-        if h is not None and tuple(h.shape) != expected:
+        if h is None:
+            continue
+        if tuple(h.shape) != expected:
             raise ValueError(f"{name}: expected shape {expected}, got {tuple(h.shape)}")
+        if h.device != input.device:
+            raise RuntimeError(f"{name}: expected device {input.device} (that of input), got {h.device}")
+        if h.dtype != input.dtype and not (autocast and h.is_floating_point()):
+            raise TypeError(f"{name}: expected dtype {input.dtype} (that of input), got {h.dtype}")
     return unbatched
 
 
@@ -91,7 +102,12 @@ class LSTMCell(torch.nn.LSTMCell):
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError("hx: expected a tuple (h, c) for LSTMCell")
+            got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
+                else type(hx).__name__
+            raise TypeError(f"hx: expected a tuple (h, c) for LSTMCell, got {got}")
+        if hx is not None:
+            _checks.tensor("hx[0] (h)", hx[0])
+            _checks.tensor("hx[1] (c)", hx[1])
         h0, c0 = (None, None) if hx is None else hx
         unbatched = _check_cell_input(self, input, (h0, c0), ("hx[0] (h)", "hx[1] (c)"))
         x = input.unsqueeze(0) if unbatched else input

@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastseq import ops
+from fastseq.ops import _checks
 
 # Dynamo refuses to trace subclasses of torch.nn.GRU/LSTM unless this flag is set
 # (it guards against tracing cuDNN RNNs). fastseq's forward is plain, traceable
@@ -59,8 +60,15 @@ class _FusedRNNBase:
         (kind, packed input or None)) where kind says how to shape the output.
         """
         if isinstance(input, PackedSequence):
+            # lengths stay on the CPU here (pad_packed_sequence returns them there):
+            # forward() checks them on the CPU and moves them to the device once.
             x, lengths = pad_packed_sequence(input, batch_first=False)
-            lengths = lengths.to(device=x.device, dtype=torch.int64)
+            lengths = lengths.to(dtype=torch.int64)
+            if x.shape[-1] != self.input_size:
+                raise ValueError(
+                    f"input: expected size(-1) == input_size={self.input_size}, "
+                    f"got a PackedSequence with data of shape {tuple(input.data.shape)}"
+                )
             if hx is not None:
                 hx = self._as_tuple(hx)
                 self._check_hx(hx, x.shape[1])
@@ -86,6 +94,7 @@ class _FusedRNNBase:
                             f"{name}: for unbatched 2-D input expected a 2-D hidden state, "
                             f"got {h.dim()}-D with shape {tuple(h.shape)}"
                         )
+                self._check_hx(hx, None)
                 hx = tuple(h.unsqueeze(1) for h in hx)
         else:
             x = input.transpose(0, 1) if self.batch_first else input
@@ -94,28 +103,39 @@ class _FusedRNNBase:
                 f"input: expected size(-1) == input_size={self.input_size}, "
                 f"got shape {tuple(input.shape)}"
             )
-        if hx is not None:
+        if x.shape[0] == 0:  # torch.nn raises too ("Expected sequence length to be larger than 0")
+            raise ValueError(
+                f"input: expected a sequence length >= 1, got shape {tuple(input.shape)} "
+                f"(sequence length 0)"
+            )
+        if hx is not None and not unbatched:
             self._check_hx(hx, x.shape[1])
         return x, None, hx, ("unbatched" if unbatched else "dense", None)
 
     def _as_tuple(self, hx) -> Tuple[Tensor, ...]:
         if self._IS_LSTM:
             if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                raise TypeError("hx: expected a tuple (h_0, c_0) for LSTM")
+                got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
+                    else type(hx).__name__
+                raise TypeError(f"hx: expected a tuple (h_0, c_0) for LSTM, got {got}")
+            _checks.tensor("hx[0] (h_0)", hx[0])
+            _checks.tensor("hx[1] (c_0)", hx[1])
             return tuple(hx)
         if not isinstance(hx, Tensor):
             raise TypeError(f"hx: expected a Tensor h_0 for GRU, got {type(hx).__name__}")
         return (hx,)
 
-    def _check_hx(self, hx: Tuple[Tensor, ...], batch: int) -> None:
+    def _check_hx(self, hx: Tuple[Tensor, ...], batch: Optional[int]) -> None:
+        """hx shapes for a batch of ``batch`` rows (None: unbatched input, 2-D states)."""
         D = 2 if self.bidirectional else 1
-        expected = (D * self.num_layers, batch, self.hidden_size)
+        if batch is None:
+            expected, layout = (D * self.num_layers, self.hidden_size), "(num_layers*num_directions, hidden_size)"
+        else:
+            expected = (D * self.num_layers, batch, self.hidden_size)
+            layout = "(num_layers*num_directions, batch, hidden_size)"
         for name, h in zip(("h_0", "c_0"), hx):
             if tuple(h.shape) != expected:
-                raise ValueError(
-                    f"{name}: expected shape (num_layers*num_directions, batch, hidden_size) = "
-                    f"{expected}, got {tuple(h.shape)}"
-                )
+                raise ValueError(f"{name}: expected shape {layout} = {expected}, got {tuple(h.shape)}")
 
     def _check_params(self, x: Tensor) -> None:
         w = self.weight_hh_l0
@@ -186,15 +206,22 @@ class _FusedRNNBase:
         else:
             h0s = hx[0]
             c0s = hx[1] if self._IS_LSTM else None
+            autocast = torch.is_autocast_enabled(x.device.type)
             for name, h in zip(("h_0", "c_0"), hx):
                 if h.device != x.device:
                     raise RuntimeError(f"{name}: expected device {x.device}, got {h.device}")
+                if h.dtype != x.dtype and not (autocast and h.is_floating_point()):
+                    raise TypeError(f"{name}: expected dtype {x.dtype} (that of input), got {h.dtype}")
+        if lengths is not None:  # checked on the CPU, moved once; the ops reuse the check
+            lengths = _checks.lengths("lengths", lengths, B, x.shape[0], x.device)
         y, h_n, c_n = self._run(x, lengths, h0s, c0s)
         if kind == "packed":
             order = packed.sorted_indices
             y_sorted = y if order is None else y.index_select(1, order)
-            lens_sorted = lengths if order is None else lengths[order]
-            data = pack_padded_sequence(y_sorted, lens_sorted.cpu(), enforce_sorted=True).data
+            # The sorted lengths from the (CPU) batch sizes: no device-to-host copy.
+            bs = packed.batch_sizes
+            lens_sorted = (bs.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
+            data = pack_padded_sequence(y_sorted, lens_sorted, enforce_sorted=True).data
             out = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
         elif kind == "unbatched":
             out = y.squeeze(1)

@@ -25,13 +25,22 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastseq import _backend
+from fastseq.ops import _checks
 from fastseq.ops._dispatch import direct_call_ok, implementation
 
 __all__ = ["additive_attention", "check_source"]
 
 
-def _impl(t: Tensor):
-    return implementation(t, "attention")
+def _impl(query: Tensor, proj_keys: Tensor, values: Tensor):
+    """The module implementing the attention for these (3-D query) inputs; a shape a
+    fused backend cannot take falls back (:func:`fastseq.ops._dispatch.implementation`)."""
+    def sizes():
+        B, T, A = query.shape
+        return {"B": B, "T": T, "S": proj_keys.shape[1], "A": A, "D": values.shape[2],
+                "extent": max(_backend.extent(query), _backend.extent(proj_keys), _backend.extent(values))}
+
+    return implementation(values, "attention", sizes)
 
 
 @torch.library.custom_op("fastseq::additive_attention", mutates_args=())
@@ -44,7 +53,7 @@ def additive_attention_op(
     lengths: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Unchecked op: query ``[B,T,A]`` -> context ``[B,T,D]``, weights ``[B,T,S]``."""
-    mod, kw = _impl(values)
+    mod, kw = _impl(query, proj_keys, values)
     return mod.additive_attention_forward(query, proj_keys, values, energy, mask, lengths, **kw)
 
 
@@ -66,7 +75,7 @@ def additive_attention_backward_op(
     weights: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``additive_attention``: grads w.r.t. query, proj_keys, values, energy."""
-    mod, kw = _impl(values)
+    mod, kw = _impl(query, proj_keys, values)
     return mod.additive_attention_backward(
         grad_context, grad_weights, query, proj_keys, values, energy, weights, **kw
     )
@@ -103,9 +112,10 @@ torch.library.register_autograd(
 
 # ------------------------------------------------------------------ validation
 
-# Masks/lengths already checked for empty sources. A decoder passes the same
-# tensor at every step, so the check (a device-to-host sync) runs once per source
-# batch, not per step; a mask or lengths tensor is treated as immutable once passed in.
+# Masks already checked for empty sources. A decoder passes the same tensor at
+# every step, so the check (a device-to-host sync) runs once per source batch,
+# not per step; a mask or lengths tensor is treated as immutable once passed in
+# (lengths use the same per-tensor cache, fastseq.ops._checks.value_range).
 _CHECKED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
 
 
@@ -116,8 +126,13 @@ def check_source(mask: Optional[Tensor], lengths: Optional[Tensor], B: int, S: i
     Raises:
         ValueError: both given; wrong shape; a zero-length source (a row of
             ``mask`` with no True entry, or ``lengths`` < 1); ``lengths`` > S.
-        TypeError: ``mask`` is not bool, or ``lengths`` is not an integer tensor.
+        TypeError: ``mask`` / ``lengths`` is not a tensor; ``mask`` is not bool,
+            or ``lengths`` is not an int32/int64 tensor.
+        RuntimeError: ``mask`` not on ``device``; ``lengths`` neither on the CPU
+            nor on ``device``.
     """
+    _checks.optional_tensor("mask", mask)
+    _checks.optional_tensor("lengths", lengths)
     if mask is not None and lengths is not None:
         raise ValueError("mask, lengths: pass at most one of them")
     if mask is not None:
@@ -132,21 +147,26 @@ def check_source(mask: Optional[Tensor], lengths: Optional[Tensor], B: int, S: i
             raise TypeError(f"lengths: expected an int32/int64 tensor, got {lengths.dtype}")
         if tuple(lengths.shape) != (B,):
             raise ValueError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
+        if lengths.device.type != "cpu" and lengths.device != device:
+            where = "a CPU tensor" if device.type == "cpu" else f"a CPU tensor or one on {device}"
+            raise RuntimeError(f"lengths: expected {where}, got a tensor on {lengths.device}")
     t = mask if mask is not None else lengths
-    if t is None or torch.compiler.is_compiling() or _CHECKED.get(id(t)) is t or B == 0:
+    if t is None or B == 0 or torch.compiler.is_compiling() or "meta" in (t.device.type, device.type):
         return
     if mask is not None:
+        if _CHECKED.get(id(t)) is t:
+            return
         if not bool(mask.any(dim=1).all()):
             row = int((~mask.any(dim=1)).nonzero()[0, 0])
             raise ValueError(f"mask: row {row} has no True entry (a zero-length source); "
                              "every source needs at least one position")
+        _CHECKED[id(t)] = t
     else:
-        lo, hi = int(lengths.min()), int(lengths.max())
+        lo, hi = _checks.value_range(lengths)
         if lo < 1:
             raise ValueError(f"lengths: every source needs length >= 1 (zero-length source), got min {lo}")
         if hi > S:
             raise ValueError(f"lengths: expected values <= S = {S}, got max {hi}")
-    _CHECKED[id(t)] = t
 
 
 def additive_attention(
@@ -183,7 +203,10 @@ def additive_attention(
         ValueError: a shape that does not fit, or a zero-length source.
         TypeError / RuntimeError: a dtype / device that does not fit.
         (Each message names the argument, the expected and the actual value.)
+        A non-tensor argument gives a TypeError naming it.
     """
+    for name, t in (("query", query), ("proj_keys", proj_keys), ("values", values), ("energy", energy)):
+        _checks.tensor(name, t)
     if proj_keys.dim() != 3:
         raise ValueError(f"proj_keys: expected a 3-D tensor [B, S, A], got shape {tuple(proj_keys.shape)}")
     B, S, A = proj_keys.shape
@@ -210,7 +233,7 @@ def additive_attention(
         lengths = lengths.to(values.device)
     q = query.unsqueeze(1) if single else query
     if direct_call_ok(q, proj_keys, values, energy):
-        mod, kw = _impl(values)
+        mod, kw = _impl(q, proj_keys, values)
         context, weights = mod.additive_attention_forward(q, proj_keys, values, energy, mask, lengths, **kw)
     else:
         context, weights = additive_attention_op(q, proj_keys, values, energy, mask, lengths)

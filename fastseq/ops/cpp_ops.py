@@ -13,7 +13,37 @@ from typing import Optional
 
 from torch import Tensor
 
+from fastseq import _backend
 from fastseq.ops import cpp
+
+# What the CUDA kernels cannot take (module constants, so tests can lower them).
+# The CPU kernels index with int64 and guard their BLAS calls; they have no limit.
+CUDA_MAX_GRID_X = 2**31 - 1  # blocks on grid axis 0 (launched as unsigned int)
+CUDA_ATTN_KEY_CHUNK = 8  # source positions per block of the attention keys backward (kChunk)
+
+
+def cuda_limits(family: str, sizes) -> Optional[_backend.Unsupported]:
+    """The CUDA kernels' limits (csrc/cuda/*.cu launch code): the attention
+    forward and query backward launch one block per query (``B*T`` blocks), the
+    keys backward one per ``(b, chunk of 8 source positions)``; the recurrence
+    and cell kernels use capped grid-stride loops (no limit)."""
+    if family != "attention":
+        return None
+    B, T, S = sizes["B"], sizes["T"], sizes["S"]
+    blocks = max(B * T, B * -(-S // CUDA_ATTN_KEY_CHUNK))
+    if blocks > CUDA_MAX_GRID_X:
+        return _backend.Unsupported(
+            "grid", f"B={B}, T={T}, S={S}: {blocks} blocks on grid axis 0, past the limit {CUDA_MAX_GRID_X}"
+        )
+    return None
+
+
+def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsupported]:
+    """None if the extension's kernels for ``t``'s device can take ``sizes`` (as the
+    Triton modules' ``unsupported_reason``), else why not."""
+    if t.device.type != "cuda":
+        return None
+    return cuda_limits(family, sizes)
 
 
 def _optional(t: Tensor, present: bool) -> Optional[Tensor]:

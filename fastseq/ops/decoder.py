@@ -30,14 +30,23 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastseq import _backend
+from fastseq.ops import _checks
 from fastseq.ops._dispatch import direct_call_ok, implementation, needs_grad
 from fastseq.ops.attention import additive_attention
 
 __all__ = ["StepWeights", "attention_gru_step", "gru_context_cell"]
 
 
-def _impl(t: Tensor):
-    return implementation(t, "cell")
+def _impl(t: Tensor, h: Tensor, context: Tensor, *strided: Tensor):
+    """The module implementing the cell for these inputs (``strided``: the row-strided
+    ones the kernels read in place); a shape a fused backend cannot take falls back."""
+    def sizes():
+        B, H = h.shape
+        return {"B": B, "H": H, "D": context.shape[1],
+                "extent": max([_backend.extent(h)] + [_backend.extent(x) for x in strided])}
+
+    return implementation(t, "cell", sizes)
 
 
 @torch.library.custom_op("fastseq::gru_context_cell", mutates_args=())
@@ -46,7 +55,7 @@ def gru_context_cell_op(
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Unchecked op; see :func:`fastseq.ops.reference.gru_context_cell_forward`."""
-    mod, kw = _impl(gi)
+    mod, kw = _impl(gi, h, context, gi, gh)
     return mod.gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, save_gates, **kw)
 
 
@@ -61,7 +70,7 @@ def gru_context_cell_backward_op(
     grad_h: Tensor, gates: Tensor, h: Tensor, context: Tensor, w_ic: Tensor, has_bias: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``gru_context_cell``: grads w.r.t. gi, context, w_ic, gh, b_hh ([0] without bias), h."""
-    mod, kw = _impl(gates)
+    mod, kw = _impl(gates, h, context)
     dgi, dctx, dw, dgh, db, dh = mod.gru_context_cell_backward(
         grad_h, gates, h, context, w_ic, has_bias, **kw
     )
@@ -118,8 +127,12 @@ def gru_context_cell(gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor,
 
     Raises:
         ValueError / TypeError / RuntimeError: a shape, dtype or device that does
-        not fit (the message names the argument, the expected and the actual value).
+        not fit (the message names the argument, the expected and the actual value);
+        TypeError: an argument that is not a tensor.
     """
+    for name, t in (("gi", gi), ("context", context), ("w_ic", w_ic), ("gh", gh), ("h", h)):
+        _checks.tensor(name, t)
+    _checks.optional_tensor("b_hh", b_hh)
     if h.dim() != 2:
         raise ValueError(f"h: expected a 2-D tensor [B, H], got shape {tuple(h.shape)}")
     B, H = h.shape
@@ -141,7 +154,7 @@ def gru_context_cell(gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor,
             raise RuntimeError(f"{name}: expected device {gi.device} (that of gi), got {t.device}")
     save = needs_grad(gi, context, w_ic, gh, b_hh, h)
     if not save and direct_call_ok():
-        mod, kw = _impl(gi)
+        mod, kw = _impl(gi, h, context, gi, gh)
         return mod.gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, False, **kw)[0]
     return gru_context_cell_op(gi, context, w_ic, gh, b_hh, h, save)[0]
 
@@ -191,9 +204,27 @@ def attention_gru_step(
 
     Raises:
         ValueError / TypeError / RuntimeError: as :func:`additive_attention` and
-        :func:`gru_context_cell`.
+        :func:`gru_context_cell`; TypeError: ``weights`` is not a :class:`StepWeights`.
     """
-    A = weights.energy.shape[0]
+    if not isinstance(weights, StepWeights):
+        raise TypeError(f"weights: expected a StepWeights (StepWeights.build(...)), got {type(weights).__name__}")
+    _checks.tensor("h", h)
+    w_cat, energy = weights.w_cat, weights.energy
+    if energy.dim() != 1:
+        raise ValueError(f"weights.energy: expected a 1-D tensor [A], got shape {tuple(energy.shape)}")
+    A = energy.shape[0]
+    if h.dim() != 2:
+        raise ValueError(f"h: expected a 2-D tensor [B, H], got shape {tuple(h.shape)}")
+    if w_cat.dim() != 2 or w_cat.shape[0] != A + 3 * w_cat.shape[1]:
+        raise ValueError(f"weights.w_cat: expected a 2-D tensor (A + 3*H, H) with A = {A} "
+                         f"(from weights.energy), got shape {tuple(w_cat.shape)}")
+    if h.shape[1] != w_cat.shape[1]:
+        raise ValueError(f"h: expected shape (B, H) = ({h.shape[0]}, {w_cat.shape[1]}) "
+                         f"(H from weights.w_cat), got {tuple(h.shape)}")
+    if h.dtype != w_cat.dtype:
+        raise TypeError(f"h: expected dtype {w_cat.dtype} (that of weights.w_cat), got {h.dtype}")
+    if h.device != w_cat.device:
+        raise RuntimeError(f"h: expected device {w_cat.device} (that of weights.w_cat), got {h.device}")
     p = h @ weights.w_cat.t()
     context, alpha = additive_attention(p[:, :A], proj_keys, values, weights.energy, mask, lengths)
     return gru_context_cell(gi, context, weights.w_ic, p[:, A:], weights.b_hh, h), context, alpha

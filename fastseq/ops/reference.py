@@ -142,8 +142,10 @@ def gru_recurrence_backward(
         gh_grad = torch.cat([dr_pre, dz_pre, dn_pre * r], dim=1)
         dh_prev = gh_grad @ w + dh * z
         if valid is not None:
-            gi_grad = gi_grad * valid
-            gh_grad = gh_grad * valid
+            # Select rather than multiply: a padded step's gates may hold NaN/Inf
+            # (from padding in gi), and 0 * NaN would leak into the gradients.
+            gi_grad = gi_grad.masked_fill(~valid, 0.0)
+            gh_grad = gh_grad.masked_fill(~valid, 0.0)
             dh_prev = torch.where(valid, dh_prev, dh)
         dgi[t] = gi_grad
         dgh[t] = gh_grad
@@ -257,7 +259,7 @@ def lstm_recurrence_backward(
         dc_prev = dc_tot * f
         valid = _valid(lengths, t, dh)
         if valid is not None:
-            dg = dg * valid
+            dg = dg.masked_fill(~valid, 0.0)  # select, not multiply: see the GRU backward
             dh_prev = torch.where(valid, dh_prev, dh)
             dc_prev = torch.where(valid, dc_prev, dc_in)
         dg_all[t] = dg
@@ -326,6 +328,9 @@ def additive_attention_forward(
     valid = source_mask(mask, lengths, k.shape[0], k.shape[1], k.device)
     if valid is not None:
         scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+        # Padding values take no part (as in the fused kernels, which never read
+        # them): a NaN/Inf there must not turn 0 * value into NaN.
+        v = v.masked_fill(~valid.unsqueeze(-1), 0.0)
     weights = torch.softmax(scores, dim=-1)
     context = weights @ v
     return context.to(values.dtype), weights.to(values.dtype)

@@ -25,14 +25,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fastseq.ops import _checks
 from fastseq.ops._dispatch import direct_call_ok, implementation, needs_grad
 
 _LIB = "fastseq"
 
 
-def _impl(t: Tensor):
-    """The module implementing the recurrences for tensor ``t`` (Triton or reference)."""
-    return implementation(t, "rnn")
+def _impl(t: Tensor, T: int, B: int, H: int, G: int):
+    """The module implementing a ``G``-gate recurrence of these sizes on tensor ``t``
+    (Triton, C++ or reference; a shape a fused backend cannot take falls back)."""
+    return implementation(t, "rnn", {"T": T, "B": B, "H": H, "G": G})
 
 
 def _grad_or_zeros(g: Optional[Tensor], like: Tensor) -> Tensor:
@@ -52,7 +54,7 @@ def gru_recurrence(
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
     """GRU recurrence. gi ``[T,B,3H]``, h0 ``[B,H]`` -> hs ``[T,B,H]``, gates ``[T,B,4H]`` (or ``[0]``)."""
-    mod, kw = _impl(gi)
+    mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 3)
     return mod.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates, **kw)
 
 
@@ -75,7 +77,7 @@ def gru_recurrence_backward(
     has_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``gru_recurrence``; grad_b_hh is an empty ``[0]`` tensor when has_bias is False."""
-    mod, kw = _impl(hs)
+    mod, kw = _impl(hs, *hs.shape, 3)
     out = mod.gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias, **kw)
     dgi, dh0, dw, db = out
     return dgi, dh0, dw, db if db is not None else w_hh.new_empty((0,))
@@ -127,7 +129,7 @@ def lstm_recurrence(
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """LSTM recurrence. gi ``[T,B,4H]`` -> hs, cs ``[T,B,H]``, gates ``[T,B,4H]`` (or ``[0]``)."""
-    mod, kw = _impl(gi)
+    mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 4)
     return mod.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates, **kw)
 
 
@@ -153,7 +155,7 @@ def lstm_recurrence_backward(
     has_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``lstm_recurrence``; grad_b_hh is ``[0]`` when has_bias is False."""
-    mod, kw = _impl(hs)
+    mod, kw = _impl(hs, *hs.shape, 4)
     out = mod.lstm_recurrence_backward(
         grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias, **kw
     )
@@ -206,13 +208,23 @@ torch.library.register_autograd(
 
 
 def _check_args(gates: int, gi: Tensor, states: Tuple[Tuple[str, Tensor], ...], w_hh: Tensor,
-                b_hh: Optional[Tensor], lengths: Optional[Tensor]) -> None:
-    """Validate a recurrence call; errors name the argument, the expected and the actual value."""
+                b_hh: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[Tensor]:
+    """Validate a recurrence call; errors name the argument, the expected and the actual value.
+
+    Returns ``lengths`` checked (values in ``[1, T]``) and on gi's device.
+    """
+    _checks.tensor("gi", gi)
+    for name, t in states:
+        _checks.tensor(name, t)
+    _checks.tensor("w_hh", w_hh)
+    _checks.optional_tensor("b_hh", b_hh)
     if gi.dim() != 3:
         raise ValueError(f"gi: expected a 3-D tensor [T, B, {gates}*H], got shape {tuple(gi.shape)}")
     T, B, GH = gi.shape
-    h0 = states[0][1]
-    H = h0.shape[-1] if h0.dim() == 2 else -1
+    for name, t in states:
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor [B, H], got shape {tuple(t.shape)}")
+    H = states[0][1].shape[1]
     if GH != gates * H:
         raise ValueError(f"gi: expected size(2) == {gates}*H = {gates * H} (H from h0), got shape {tuple(gi.shape)}")
     for name, t in states:
@@ -229,11 +241,7 @@ def _check_args(gates: int, gi: Tensor, states: Tuple[Tuple[str, Tensor], ...], 
             raise TypeError(f"{name}: expected dtype {gi.dtype} (that of gi), got {t.dtype}")
         if t.device != gi.device:
             raise RuntimeError(f"{name}: expected device {gi.device} (that of gi), got {t.device}")
-    if lengths is not None:
-        if lengths.dim() != 1 or lengths.shape[0] != B:
-            raise ValueError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
-        if lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"lengths: expected an int32/int64 tensor, got {lengths.dtype}")
+    return _checks.lengths("lengths", lengths, B, T, gi.device)
 
 
 def gru(
@@ -245,21 +253,26 @@ def gru(
     Args:
         gi: ``[T, B, 3H]`` = ``x W_ih^T + b_ih`` for every step (gate order r, z, n).
         h0: ``[B, H]``. w_hh: ``[3H, H]``. b_hh: ``[3H]`` or None.
-        lengths: int64 ``[B]`` (on any device) or None.
+        lengths: int32/int64 ``[B]`` on the CPU or gi's device, or None (every row
+            runs T steps). Every value in ``[1, T]``; any order (sorted or not: rows
+            are independent). Row ``b`` updates at steps ``t < lengths[b]`` only.
+            CPU lengths are checked without a device sync; device lengths are
+            checked once per tensor object (one sync, cached).
 
     Returns:
         hs ``[T, B, H]``: the state after every step; rows past their length
-        carry their final state, so ``hs[-1]`` is h_n.
+        carry their final state, so ``hs[-1]`` is h_n. (T = 0 or B = 0 give an
+        empty ``hs``.)
 
     Raises:
-        ValueError / TypeError / RuntimeError: a shape, dtype or device that does
-        not fit (the message names the argument, the expected and the actual value).
+        TypeError: an argument that is not a tensor; a dtype that does not fit.
+        ValueError: a shape that does not fit; ``lengths`` < 1 or > T.
+        RuntimeError: a device that does not fit.
+        (Each message names the argument, the expected and the actual value.)
     """
-    _check_args(3, gi, (("h0", h0),), w_hh, b_hh, lengths)
-    if lengths is not None:
-        lengths = lengths.to(gi.device)
+    lengths = _check_args(3, gi, (("h0", h0),), w_hh, b_hh, lengths)
     if direct_call_ok(gi, h0, w_hh, b_hh):
-        mod, kw = _impl(gi)
+        mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 3)
         return mod.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, False, **kw)[0]
     hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, needs_grad(gi, h0, w_hh, b_hh))
     return hs
@@ -271,17 +284,19 @@ def lstm(
 ) -> Tuple[Tensor, Tensor]:
     """LSTM recurrence over precomputed input projections (gate order i, f, g, o).
 
+    Args:
+        gi: ``[T, B, 4H]``; h0, c0: ``[B, H]``; w_hh: ``[4H, H]``; b_hh: ``[4H]`` or None;
+        lengths: as :func:`gru`.
+
     Returns:
         (hs, cs), each ``[T, B, H]``; ``hs[-1]``, ``cs[-1]`` are h_n, c_n.
 
     Raises:
-        ValueError / TypeError / RuntimeError: as :func:`gru`.
+        TypeError / ValueError / RuntimeError: as :func:`gru`.
     """
-    _check_args(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, lengths)
-    if lengths is not None:
-        lengths = lengths.to(gi.device)
+    lengths = _check_args(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, lengths)
     if direct_call_ok(gi, h0, c0, w_hh, b_hh):
-        mod, kw = _impl(gi)
+        mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 4)
         hs, cs, _ = mod.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, False, **kw)
         return hs, cs
     hs, cs, _ = lstm_recurrence(

@@ -20,8 +20,11 @@ pass over the source in ``BLOCK_S`` tiles with an online softmax (running max
 
 so the ``[B, T, S, A]`` tensor of ``tanh`` arguments never touches memory.
 The weights are an output, so the program with ``d``-slice 0 writes the raw
-scores as it goes and, after the pass, rescales them in place to
-``exp(e - m - log l)`` (a ``[T, S]`` read and write, no ``A`` factor). With
+fp32 scores as it goes and, after the pass, turns them into
+``exp(e - m - log l)`` (a ``[T, S]`` read and write, no ``A`` factor): in
+place for fp32 weights; for half weights the scores go to an fp32 scratch
+buffer, so the weights are the rounded softmax of the fp32 scores, not the
+softmax of rounded scores. With
 several ``d``-slices the scores are recomputed per slice (cheap: decode-time
 attention is launch-bound, and it keeps every program independent).
 ``p @ V`` uses ``tl.dot`` when ``BLOCK_T >= 16`` (the multi-query form), and a
@@ -111,6 +114,7 @@ def _attention_fwd_kernel(
     len_ptr,  # [B] int64 or None
     ctx_ptr,  # [B, T, D] out (contiguous)
     w_ptr,  # [B, T, S] out (contiguous)
+    sc_ptr,  # [B, T, S] fp32 raw scores (contiguous; w_ptr itself when the weights are fp32)
     T, S, A, D,
     stride_qb, stride_qt, stride_kb, stride_ks, stride_vb, stride_vs, stride_mb,
     HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_DOT: tl.constexpr,
@@ -128,6 +132,7 @@ def _attention_fwd_kernel(
     k_row = k_ptr + b * stride_kb
     v_row = v_ptr + b * stride_vb
     w_rows = w_ptr + b * T * S + offs_t[:, None] * S
+    sc_rows = sc_ptr + b * T * S + offs_t[:, None] * S
     write_w = pid_d == 0
     mask_tw = mask_t & ((offs_t * 0 + pid_d) == 0)  # rows whose weights this program writes
 
@@ -141,7 +146,7 @@ def _attention_fwd_kernel(
         e = _energy_tile(q_row, k_row, e_ptr, offs_t, offs_s, mask_t, in_s, A, stride_qt, stride_ks,
                          BLOCK_T, BLOCK_S, BLOCK_A)
         e = tl.where(valid[None, :], e, float("-inf"))
-        tl.store(w_rows + offs_s[None, :], e, mask=mask_tw[:, None] & in_s[None, :])
+        tl.store(sc_rows + offs_s[None, :], e, mask=mask_tw[:, None] & in_s[None, :])
         m_new = tl.maximum(m_i, tl.max(e, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(e - m_new[:, None])
@@ -164,7 +169,7 @@ def _attention_fwd_kernel(
         for s0 in range(0, S, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)
             wm = mask_t[:, None] & (offs_s < S)[None, :]
-            e = tl.load(w_rows + offs_s[None, :], mask=wm, other=float("-inf")).to(tl.float32)
+            e = tl.load(sc_rows + offs_s[None, :], mask=wm, other=float("-inf"))
             tl.store(w_rows + offs_s[None, :], tl.exp(e - lse[:, None]).to(w_ptr.dtype.element_ty),
                      mask=wm)
 
@@ -262,6 +267,42 @@ def _bwd_blocks(T: int, S: int, A: int) -> _Blocks:
     return _Blocks(bt, bs, ba, 0, 4)
 
 
+# What these kernels cannot take (module constants, so tests can lower them).
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2; B is on axis 1
+MAX_INDEX = 2**31 - 1  # element offsets inside a kernel are int32
+
+
+def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsupported]:
+    """None if the attention kernels can take ``sizes`` = ``{"B", "T", "S", "A", "D",
+    "extent"}`` (``extent``: the largest :func:`fastseq._backend.extent` of query,
+    proj_keys and values, which may be strided views), else why not.
+
+    Limits: B (grid axis 1, forward and backward) and the ``cdiv(D, BLOCK_D)``
+    context slices (grid axis 2) at most ``MAX_GRID_YZ``; every tensor a launch
+    indexes -- the inputs, ``weights [B, T, S]``, ``context [B, T, D]``, the
+    backward's ``[n_s, B, T, A]`` partials -- at most ``MAX_INDEX`` elements.
+    """
+    B, T, S, A, D = sizes["B"], sizes["T"], sizes["S"], sizes["A"], sizes["D"]
+    if B > MAX_GRID_YZ:
+        return _backend.Unsupported(
+            "grid", f"B={B} batch rows on grid axis 1, past the limit {MAX_GRID_YZ}"
+        )
+    d_tiles = triton.cdiv(D, _fwd_blocks(T, S, A, D).BLOCK_D)
+    if d_tiles > MAX_GRID_YZ:
+        return _backend.Unsupported(
+            "grid", f"D={D}: {d_tiles} context slices on grid axis 2, past the limit {MAX_GRID_YZ}"
+        )
+    n_s = triton.cdiv(S, _bwd_blocks(T, S, A).BLOCK_S)
+    n = max(sizes["extent"], B * T * S, B * T * D, B * S * A, n_s * B * T * A)
+    if n > MAX_INDEX:
+        return _backend.Unsupported(
+            "int32-index",
+            f"B={B}, T={T}, S={S}, A={A}, D={D}: a tensor of {n} elements, past the Triton "
+            f"kernels' int32 offsets (at most {MAX_INDEX})",
+        )
+    return None
+
+
 def _last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -292,10 +333,13 @@ def additive_attention_forward(
     e = energy.contiguous()
     m = None if mask is None else mask.to(device=values.device).contiguous().view(torch.uint8)
     lens = None if lengths is None else lengths.to(device=values.device, dtype=torch.int64).contiguous()
+    # Raw scores stay fp32 (half weights would round them before the softmax).
+    scores = weights if weights.dtype == torch.float32 else torch.empty(
+        (B, T, S), device=values.device, dtype=torch.float32)
     blk = _fwd_blocks(T, S, A, D)
     grid = (triton.cdiv(T, blk.BLOCK_T), B, triton.cdiv(D, blk.BLOCK_D))
     _fwd[grid](
-        q, k, v, e, m, lens, context, weights,
+        q, k, v, e, m, lens, context, weights, scores,
         T, S, A, D,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if m is None else m.stride(0),

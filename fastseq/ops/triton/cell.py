@@ -128,6 +128,36 @@ _fwd = counted(_gru_context_cell_fwd_kernel)
 _bwd = counted(_gru_context_cell_bwd_kernel)
 
 
+# What these kernels cannot take (module constants, so tests can lower them).
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+MAX_INDEX = 2**31 - 1  # element offsets inside a kernel are int32
+
+
+def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsupported]:
+    """None if the cell kernels can take ``sizes`` = ``{"B", "H", "D", "extent"}``
+    (``extent``: the largest :func:`fastseq._backend.extent` of the row-strided
+    inputs gi, gh, h), else why not.
+
+    Limits: ``cdiv(H, BLOCK_H)`` hidden tiles on grid axis 1 at most
+    ``MAX_GRID_YZ``; every tensor a launch indexes (``[B, 4H]`` gates,
+    ``w_ic [3H, D]``, ``context [B, D]``, the inputs) at most ``MAX_INDEX`` elements.
+    """
+    B, H, D = sizes["B"], sizes["H"], sizes["D"]
+    n = max(sizes["extent"], B * 4 * H, 3 * H * D, B * D)
+    if n > MAX_INDEX:
+        return _backend.Unsupported(
+            "int32-index",
+            f"B={B}, H={H}, D={D}: a tensor of {n} elements, past the Triton kernels' "
+            f"int32 offsets (at most {MAX_INDEX})",
+        )
+    tiles = triton.cdiv(H, _pick_blocks(B, H).BLOCK_H)
+    if tiles > MAX_GRID_YZ:
+        return _backend.Unsupported(
+            "grid", f"H={H}: {tiles} hidden tiles on grid axis 1, past the limit {MAX_GRID_YZ}"
+        )
+    return None
+
+
 def _row_strided(x: Tensor) -> Tensor:
     """``x`` if its rows are contiguous (a column slice is fine), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()

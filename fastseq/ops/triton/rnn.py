@@ -245,7 +245,9 @@ def _gru_bwd_step_kernel(
     _store_tile(dgi_ptr + 2 * H, dn_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
     _store_tile(dg_ptr, dr_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
     _store_tile(dg_ptr + H, dz_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    _store_tile(dg_ptr + 2 * H, dn_pre * r, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    # Select after the product: a padded step's saved r may be NaN/Inf (padding in
+    # gi), and 0 * NaN would carry into step t-1 through the matmul.
+    _store_tile(dg_ptr + 2 * H, tl.where(valid, dn_pre * r, 0.0), offs_b, offs_j, 3 * H, mask_b, mask_j)
     # Direct (non-matmul) part of the gradient into h_{t-1}.
     _store_tile(dh_ptr, tl.where(valid, dh * z, dh), offs_b, offs_j, H, mask_b, mask_j)
 
@@ -471,6 +473,37 @@ def _launch_args(B: int, H: int, allow_tf32: bool):
         num_warps=blk.num_warps,
     )
     return grid, kw
+
+
+# ------------------------------------------------------------------ limits
+
+# What these kernels cannot take (module constants, so tests can lower them).
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (axis 0: 2**31 - 1)
+MAX_INDEX = 2**31 - 1  # element offsets inside a kernel are int32
+
+
+def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsupported]:
+    """None if the recurrence kernels can take ``sizes`` = ``{"T", "B", "H", "G"}``
+    (G = 3 for the GRU, 4 for the LSTM), else why not (:class:`fastseq._backend.Unsupported`).
+
+    Limits: the largest tensor a launch indexes -- a step's ``[B, 4H]`` gates or
+    ``[B, G*H]`` gradient, or ``W_hh [G*H, H]`` -- must have at most ``MAX_INDEX``
+    elements (int32 offsets), and the ``cdiv(H, BLOCK_H)`` hidden tiles fit grid axis 1.
+    """
+    B, H, G = sizes["B"], sizes["H"], sizes["G"]
+    n = max(B * 4 * H, G * H * H)
+    if n > MAX_INDEX:
+        return _backend.Unsupported(
+            "int32-index",
+            f"B={B}, H={H}: a per-step [B, 4H] tensor or W_hh [{G}*H, H] has {n} elements, "
+            f"past the Triton kernels' int32 offsets (at most {MAX_INDEX})",
+        )
+    tiles = triton.cdiv(H, _pick_blocks(B, H).BLOCK_H)
+    if tiles > MAX_GRID_YZ:
+        return _backend.Unsupported(
+            "grid", f"H={H}: {tiles} hidden tiles on grid axis 1, past the limit {MAX_GRID_YZ}"
+        )
+    return None
 
 
 def _prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
