@@ -44,7 +44,7 @@ def implementation(t: Tensor, family: str,
     cached per (backend, family, device, dtype, sizes).
     """
     name = _backend.select(t)
-    if name != "reference" and sizes is not None:
+    if name != "reference" and sizes is not None and _shape_limited(name, t):
         if callable(sizes):
             sizes = sizes()
         key = (name, family, t.is_cuda, t.dtype, *sizes.values())
@@ -56,6 +56,17 @@ def implementation(t: Tensor, family: str,
             _DECISIONS[key] = final
         name = final
     return _module(name, family)
+
+
+def _shape_limited(name: str, t: Tensor) -> bool:
+    """Whether backend ``name`` has shape limits on ``t``'s device. The C++ CPU kernels
+    take any shape (``cpp_ops.CPU_SHAPE_LIMITS`` is False), so the CPU inference path,
+    where a decoder step costs tens of microseconds, skips the per-call check."""
+    if name == "cpp" and not t.is_cuda:
+        from fastseq.ops import cpp_ops
+
+        return cpp_ops.CPU_SHAPE_LIMITS
+    return True
 
 
 # (backend, family, is CUDA, dtype, *sizes) -> the backend that runs it. The limit

@@ -38,6 +38,11 @@ def cuda_limits(family: str, sizes) -> Optional[_backend.Unsupported]:
     return None
 
 
+# The CPU kernels index with int64 and loop over any size: no shape limits, so the
+# dispatcher does not ask (tests set this to exercise the fallback on CPU).
+CPU_SHAPE_LIMITS = False
+
+
 def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsupported]:
     """None if the extension's kernels for ``t``'s device can take ``sizes`` (as the
     Triton modules' ``unsupported_reason``), else why not."""

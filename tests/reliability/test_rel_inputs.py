@@ -1010,6 +1010,7 @@ def test_limit_fallback_cpp_goes_to_reference(monkeypatch, fresh_warnings):
     _needs("cpp")
     from fastseq.ops import cpp_ops
 
+    monkeypatch.setattr(cpp_ops, "CPU_SHAPE_LIMITS", True)  # the CPU kernels have none
     monkeypatch.setattr(cpp_ops, "unsupported_reason",
                         lambda family, t, sizes: _backend.Unsupported("grid", f"{family}: B={sizes['B']} (test limit)"))
     (gi, h0, w, b), lengths = _gru_inputs()
