@@ -66,6 +66,24 @@ def _forget(key: int, ref) -> None:
         del _RANGES[key]
 
 
+def lengths_layout(name: str, t, B: int, device: torch.device) -> None:
+    """Check that ``t`` is an int32/int64 tensor of shape ``(B,)`` on the CPU or ``device``
+    (its values are not looked at).
+
+    Raises:
+        TypeError: not a tensor, or not int32/int64. ValueError: wrong shape.
+        RuntimeError: on a device other than the CPU and ``device``.
+    """
+    tensor(name, t)
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name}: expected an int32/int64 tensor, got {t.dtype}")
+    if tuple(t.shape) != (B,):
+        raise ValueError(f"{name}: expected shape ({B},), got {tuple(t.shape)}")
+    if t.device.type != "cpu" and t.device != device:
+        where = "a CPU tensor" if device.type == "cpu" else f"a CPU tensor or one on {device}"
+        raise RuntimeError(f"{name}: expected {where}, got a tensor on {t.device}")
+
+
 def lengths(name: str, t, B: int, T: int, device: torch.device, what: str = "T") -> Optional[Tensor]:
     """Validate sequence lengths and return them on ``device`` (None stays None).
 
@@ -82,14 +100,7 @@ def lengths(name: str, t, B: int, T: int, device: torch.device, what: str = "T")
     """
     if t is None:
         return None
-    tensor(name, t)
-    if t.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name}: expected an int32/int64 tensor, got {t.dtype}")
-    if tuple(t.shape) != (B,):
-        raise ValueError(f"{name}: expected shape ({B},), got {tuple(t.shape)}")
-    if t.device.type != "cpu" and t.device != device:
-        where = "a CPU tensor" if device.type == "cpu" else f"a CPU tensor or one on {device}"
-        raise RuntimeError(f"{name}: expected {where}, got a tensor on {t.device}")
+    lengths_layout(name, t, B, device)
     if B == 0 or torch.compiler.is_compiling() or t.device.type == "meta" or device.type == "meta":
         return t if t.device == device or device.type == "meta" else t.to(device)
     lo, hi = value_range(t)

@@ -143,13 +143,7 @@ def check_source(mask: Optional[Tensor], lengths: Optional[Tensor], B: int, S: i
         if mask.device != device:
             raise RuntimeError(f"mask: expected device {device} (that of values), got {mask.device}")
     if lengths is not None:
-        if lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"lengths: expected an int32/int64 tensor, got {lengths.dtype}")
-        if tuple(lengths.shape) != (B,):
-            raise ValueError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
-        if lengths.device.type != "cpu" and lengths.device != device:
-            where = "a CPU tensor" if device.type == "cpu" else f"a CPU tensor or one on {device}"
-            raise RuntimeError(f"lengths: expected {where}, got a tensor on {lengths.device}")
+        _checks.lengths_layout("lengths", lengths, B, device)
     t = mask if mask is not None else lengths
     if t is None or B == 0 or torch.compiler.is_compiling() or "meta" in (t.device.type, device.type):
         return
