@@ -27,7 +27,9 @@ from torch import Tensor
 
 from fastseq import _backend
 from fastseq.ops.launches import counted
-from fastseq.ops.triton.rnn import _contig, _load_row, _load_tile, _pick_blocks, _store_tile, _tanh
+from fastseq.ops.triton.rnn import (
+    _contig, _load_row, _load_tile, _pick_blocks, _store_tile, _tanh, hidden_tile_limits,
+)
 
 __all__ = ["gru_context_cell_forward", "gru_context_cell_backward"]
 
@@ -144,18 +146,8 @@ def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsup
     """
     B, H, D = sizes["B"], sizes["H"], sizes["D"]
     n = max(sizes["extent"], B * 4 * H, 3 * H * D, B * D)
-    if n > MAX_INDEX:
-        return _backend.Unsupported(
-            "int32-index",
-            f"B={B}, H={H}, D={D}: a tensor of {n} elements, past the Triton kernels' "
-            f"int32 offsets (at most {MAX_INDEX})",
-        )
-    tiles = triton.cdiv(H, _pick_blocks(B, H).BLOCK_H)
-    if tiles > MAX_GRID_YZ:
-        return _backend.Unsupported(
-            "grid", f"H={H}: {tiles} hidden tiles on grid axis 1, past the limit {MAX_GRID_YZ}"
-        )
-    return None
+    return hidden_tile_limits(B, H, n, f"B={B}, H={H}, D={D}: a tensor of {n} elements",
+                              MAX_INDEX, MAX_GRID_YZ)
 
 
 def _row_strided(x: Tensor) -> Tensor:

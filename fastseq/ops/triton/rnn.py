@@ -492,16 +492,23 @@ def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsup
     """
     B, H, G = sizes["B"], sizes["H"], sizes["G"]
     n = max(B * 4 * H, G * H * H)
-    if n > MAX_INDEX:
+    return hidden_tile_limits(B, H, n, f"B={B}, H={H}: a per-step [B, 4H] tensor or W_hh [{G}*H, H] "
+                                       f"has {n} elements", MAX_INDEX, MAX_GRID_YZ)
+
+
+def hidden_tile_limits(B: int, H: int, n: int, what: str, max_index: int,
+                       max_grid: int) -> Optional[_backend.Unsupported]:
+    """The limits of kernels tiled over ``[B, H]`` (these and :mod:`.cell`'s): the
+    largest tensor a launch indexes (``n`` elements, described by ``what``) within
+    int32 offsets, and the ``cdiv(H, BLOCK_H)`` hidden tiles within grid axis 1."""
+    if n > max_index:
         return _backend.Unsupported(
-            "int32-index",
-            f"B={B}, H={H}: a per-step [B, 4H] tensor or W_hh [{G}*H, H] has {n} elements, "
-            f"past the Triton kernels' int32 offsets (at most {MAX_INDEX})",
+            "int32-index", f"{what}, past the Triton kernels' int32 offsets (at most {max_index})"
         )
     tiles = triton.cdiv(H, _pick_blocks(B, H).BLOCK_H)
-    if tiles > MAX_GRID_YZ:
+    if tiles > max_grid:
         return _backend.Unsupported(
-            "grid", f"H={H}: {tiles} hidden tiles on grid axis 1, past the limit {MAX_GRID_YZ}"
+            "grid", f"H={H}: {tiles} hidden tiles on grid axis 1, past the limit {max_grid}"
         )
     return None
 
