@@ -14,12 +14,12 @@ import torch
 
 import fastseq
 import fastseq.nn as fnn
-from fastseq import _backend
+from fastseq.backend import selection
 
 pytest.importorskip("pytest_benchmark")
 
-if not _backend.cpp_status()[0]:
-    pytest.skip(f"C++ extension unavailable: {_backend.cpp_status()[1]}", allow_module_level=True)
+if not selection.cpp_status()[0]:
+    pytest.skip(f"C++ extension unavailable: {selection.cpp_status()[1]}", allow_module_level=True)
 
 T, I = 32, 256
 

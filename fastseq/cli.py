@@ -161,7 +161,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def backend_report() -> List[Dict[str, str]]:
     """One row per backend: whether it runs here, and why not (builds the C++ extension if needed)."""
-    from fastseq import _backend
+    from fastseq.backend import selection
 
     what = {"reference": "plain PyTorch, any device and float dtype",
             "triton": "fused Triton kernels (CUDA tensors)",
@@ -169,14 +169,13 @@ def backend_report() -> List[Dict[str, str]]:
             "cuda": "C++ extension: CUDA kernels (CUDA tensors, without Triton)"}
     return [{"backend": name, "status": "ok" if why == "ok" else "unavailable",
              "detail": what[name] if why == "ok" else why}
-            for name, why in _backend.report().items()]
+            for name, why in selection.report().items()]
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     import fastseq
-    from fastseq import _backend
 
     try:
         import triton
@@ -192,7 +191,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"device    cuda: {torch.cuda.get_device_name()}")
     else:
         print(f"device    cpu ({torch.get_num_threads()} threads); no CUDA device")
-    print(f"backend   {_backend.get_backend()} (FASTSEQ_BACKEND / fastseq.set_backend)")
+    print(f"backend   {fastseq.get_backend()} (FASTSEQ_BACKEND / fastseq.set_backend)")
     for row in backend_report():
         print(f"  {row['backend']:<10} {row['status']:<12} {row['detail']}")
     return 0

@@ -14,7 +14,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fastseq.ops.triton import attention, cell, rnn  # noqa: E402
+from fastseq.ops.attention import triton as attention  # noqa: E402
+from fastseq.ops.decoder_step import triton as cell  # noqa: E402
+from fastseq.ops.recurrence import triton as rnn  # noqa: E402
 
 
 def _jit(k):

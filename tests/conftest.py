@@ -1,6 +1,13 @@
 """Test setup: on a machine without a GPU, the Triton kernels run under the
 Triton interpreter (TRITON_INTERPRET=1 must be set before triton is imported),
-and every output is NaN-poisoned before kernels write it."""
+and every output is NaN-poisoned before kernels write it.
+
+Which backends run here is decided lazily, at test time: the C++ extension is
+built (or loaded from its cache) the first time a test asks for the ``cpp``
+backend (:func:`available`, the ``backend`` and ``cpp_ops`` fixtures), never
+while tests are being collected.
+"""
+import functools
 import os
 
 if "TRITON_INTERPRET" not in os.environ:
@@ -12,34 +19,53 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from fastseq import _backend  # noqa: E402
+from fastseq.backend import alloc, extension, selection  # noqa: E402
 
-_backend.set_poison(True)
+alloc.set_poison(True)
 
-
-def _available_backends():
-    names = ["reference"]
-    ok, _ = _backend.triton_status()
-    if ok and (torch.cuda.is_available() or _backend.interpreter_on()):
-        names.append("triton")
-    if _backend.cpp_status()[0]:  # builds the C++ extension on first use (cached)
-        names.append("cpp")
-    return names
-
-
-BACKENDS = _available_backends()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ALL_BACKENDS = ("reference", "triton", "cpp")
+# Triton needs no build: known at collection (for skipif marks).
+TRITON = selection.triton_status()[0] and (torch.cuda.is_available() or selection.interpreter_on())
 
 
-@pytest.fixture(params=["reference", "triton", "cpp"])
+@functools.lru_cache(maxsize=None)
+def unavailable(name: str):
+    """None if backend ``name`` runs here, else why not (``cpp``: builds the extension, cached)."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        return None if TRITON else selection.triton_status()[1]
+    ok, why = selection.cpp_status()
+    return None if ok else why
+
+
+def available(name: str) -> bool:
+    return unavailable(name) is None
+
+
+def require(name: str) -> None:
+    """Skip the calling test (with the reason) if backend ``name`` does not run here."""
+    why = unavailable(name)
+    if why is not None:
+        pytest.skip(f"backend {name} not available here: {why}")
+
+
+@pytest.fixture(params=list(ALL_BACKENDS))
 def backend(request):
     """Run the test once per backend, forcing it for every fastseq op."""
-    name = request.param
-    if name not in BACKENDS:
-        why = _backend.cpp_status()[1] if name == "cpp" else _backend.triton_status()[1]
-        pytest.skip(f"backend {name} not available here: {why}")
-    with _backend.backend(name):
-        yield name
+    require(request.param)
+    with selection.backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(scope="session")
+def cpp_ops():
+    """``torch.ops.fastseq_cpp``, built on first use; a failed build fails the test."""
+    try:
+        return extension.load()
+    except Exception as exc:  # noqa: BLE001 - a build failure fails the tests that need it
+        pytest.fail(f"building/loading the C++ extension failed: {exc}", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

@@ -39,16 +39,18 @@ def test_zero_length_source_raises():
     att = AdditiveAttention(2, 3, 4)
     keys = torch.randn(2, 3, 3)
     mask = torch.tensor([[True, False, False], [False, False, False]])
-    with pytest.raises(ValueError, match="zero-length source"):
+    with pytest.raises(RuntimeError, match="zero-length source"):
         att(torch.randn(2, 2), att.precompute_keys(keys), keys, mask)
 
 
 def test_bad_shapes_name_the_argument():
     att = AdditiveAttention(2, 3, 4)
     keys = torch.randn(2, 5, 3)
-    with pytest.raises(ValueError, match="query: expected shape"):
+    with pytest.raises(RuntimeError, match="query: expected shape"):
         att(torch.randn(2, 3), att.precompute_keys(keys), keys)
-    with pytest.raises(ValueError, match="keys: expected size"):
+    with pytest.raises(ValueError, match="query: expected shape"):  # rank, as torch.nn modules
+        att(torch.randn(2, 1, 1, 2), att.precompute_keys(keys), keys)
+    with pytest.raises(RuntimeError, match="keys: expected size"):
         att.precompute_keys(torch.randn(2, 5, 4))
 
 

@@ -1,5 +1,9 @@
 """torch.compile(fullgraph=True) traces modules built on fastseq's custom ops
-(fake implementations + registered autograd) and agrees with eager."""
+(fake implementations + registered autograd) and agrees with eager.
+
+Tracing a subclass of torch.nn.GRU/LSTM needs Dynamo's ``allow_rnn`` flag, which
+fastseq leaves alone on import (tests/test_dropin.py); these tests opt in the way
+the README says, scoped to the compiled call."""
 import pytest
 import torch
 
@@ -27,7 +31,8 @@ def test_fullgraph_compile_matches_eager(compile_backend):
     x = torch.randn(3, 5, 4, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     eager_out = model(x)
-    comp_out = compiled(x)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        comp_out = compiled(x)
     torch.testing.assert_close(comp_out, eager_out, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(eager_out)
     params = list(model.parameters())
@@ -37,9 +42,22 @@ def test_fullgraph_compile_matches_eager(compile_backend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_compile_without_the_flag_runs_the_rnn_eagerly():
+    """Without the opt-in, torch.compile (not fullgraph) still runs the model: the
+    fastseq RNN runs eagerly at a graph break; with fullgraph it is refused."""
+    torch._dynamo.reset()
+    model = Tiny().to(DEVICE)
+    x = torch.randn(3, 5, 4, device=DEVICE)
+    assert torch._dynamo.config.allow_rnn is False
+    torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x), rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="allow_rnn"):
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+
+
 def test_custom_op_opcheck():
     """torch.library.opcheck: schema, fake impl and autograd registration are consistent."""
-    from fastseq.ops import rnn
+    from fastseq.ops import recurrence as rnn
 
     T, B, H = 3, 2, 4
     gi = torch.randn(T, B, 3 * H, requires_grad=True)
@@ -52,7 +70,8 @@ def test_custom_op_opcheck():
 
 
 def test_attention_and_cell_opcheck():
-    from fastseq.ops import attention, decoder
+    from fastseq.ops import attention
+    from fastseq.ops import decoder_step as decoder
 
     B, T, S, A, D, H = 2, 3, 5, 4, 3, 4
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])

@@ -6,7 +6,7 @@ import torch
 
 import fastseq
 import fastseq.nn as fnn
-from fastseq import _backend
+from fastseq.backend import selection
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -17,8 +17,8 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 def test_auto_backend_uses_triton_on_cuda():
     with fastseq.backend("auto"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            assert _backend.select(torch.empty(1, device="cuda", dtype=dtype)) == "triton"
-        assert _backend.select(torch.empty(1, device="cuda", dtype=torch.float64)) == "reference"
+            assert selection.select(torch.empty(1, device="cuda", dtype=dtype)) == "triton"
+        assert selection.select(torch.empty(1, device="cuda", dtype=torch.float64)) == "reference"
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])

@@ -4,10 +4,10 @@ outputs, lengths (unsorted, including 1), sizes that are not tile multiples."""
 import pytest
 import torch
 
-from conftest import BACKENDS, DEVICE
-from fastseq.ops import reference
+from conftest import DEVICE, TRITON
+from fastseq.ops.recurrence import naive as reference
 
-pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="Triton backend not available here")
+pytestmark = pytest.mark.skipif(not TRITON, reason="Triton backend not available here")
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
@@ -39,7 +39,7 @@ SHAPES = [(1, 1, 5), (3, 2, 16), (5, 17, 20), (2, 3, 33)]  # (T, B, H)
 @pytest.mark.parametrize("T,B,H", SHAPES)
 @pytest.mark.parametrize("bias,lengths", [(True, False), (False, True), (True, True)])
 def test_gru_kernels(dtype, T, B, H, bias, lengths):
-    from fastseq.ops.triton import rnn as tri
+    from fastseq.ops.recurrence import triton as tri
 
     gi, h0, _, w, b, lens = _make(3, T, B, H, dtype, bias, lengths, seed=T * 100 + B * 10 + H)
     hs, gates = tri.gru_recurrence_forward(gi, h0, w, b, lens, True)
@@ -63,7 +63,7 @@ def test_gru_kernels(dtype, T, B, H, bias, lengths):
 @pytest.mark.parametrize("T,B,H", SHAPES)
 @pytest.mark.parametrize("bias,lengths", [(True, False), (False, True), (True, True)])
 def test_lstm_kernels(dtype, T, B, H, bias, lengths):
-    from fastseq.ops.triton import rnn as tri
+    from fastseq.ops.recurrence import triton as tri
 
     gi, h0, c0, w, b, lens = _make(4, T, B, H, dtype, bias, lengths, seed=T * 100 + B * 10 + H + 7)
     hs, cs, gates = tri.lstm_recurrence_forward(gi, h0, c0, w, b, lens, True)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from fastseq import ops
-from fastseq.ops import _checks
+from fastseq.ops import validation
 
 __all__ = ["AdditiveAttention"]
 
@@ -56,17 +56,17 @@ class AdditiveAttention(nn.Module):
         """``keys [B, S, key_size]`` -> ``proj_keys [B, S, A]`` = U_a h (+ bias), once per source batch.
 
         Raises:
-            TypeError: ``keys`` is not a tensor, or not of the module's dtype.
-            ValueError: ``keys`` is not 3-D, or ``keys.size(-1) != key_size``.
-            RuntimeError: ``keys`` is not on the module's device.
+            fastseq.ops.validation.ArgumentTypeError: ``keys`` is not a tensor.
+            ValueError: ``keys`` is not 3-D.
+            RuntimeError: ``keys.size(-1) != key_size``; not of the module's dtype or device.
         """
-        _checks.tensor("keys", keys)
+        validation.tensor("keys", keys)
         if keys.dim() != 3:
             raise ValueError(
                 f"keys: expected a 3-D tensor (B, S, key_size={self.key_size}), got shape {tuple(keys.shape)}"
             )
         if keys.shape[-1] != self.key_size:
-            raise ValueError(
+            raise RuntimeError(
                 f"keys: expected size(-1) == key_size={self.key_size}, got shape {tuple(keys.shape)}"
             )
         self._check_like_params("keys", keys, self.key_layer.weight)
@@ -76,10 +76,9 @@ class AdditiveAttention(nn.Module):
     def _check_like_params(name: str, t: Tensor, w: Tensor) -> None:
         if t.device != w.device:
             raise RuntimeError(f"{name}: expected device {w.device} (the module's parameters), got {t.device}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+        validation.floating(name, t)
         if t.dtype != w.dtype and not torch.is_autocast_enabled(t.device.type):
-            raise TypeError(f"{name}: expected dtype {w.dtype} (the module's parameters), got {t.dtype}")
+            raise RuntimeError(f"{name}: expected dtype {w.dtype} (the module's parameters), got {t.dtype}")
 
     project_keys = precompute_keys  # the 0.1 name
 
@@ -101,18 +100,20 @@ class AdditiveAttention(nn.Module):
             ``[B, T, S]``; zero at padding, rows sum to 1), in the input dtype.
 
         Raises:
-            ValueError: shapes disagree (the message names the argument), or a
-            source has zero length. TypeError/RuntimeError: dtype/device mismatch.
+            fastseq.ops.validation.ArgumentTypeError: an argument that is not a tensor.
+            ValueError: ``query`` not 2-D or 3-D; both ``mask`` and ``lengths``.
+            RuntimeError: sizes, dtypes or devices that disagree, or a source of
+            zero length (each message names the argument).
         """
         for name, t in (("query", query), ("proj_keys", proj_keys), ("values", values)):
-            _checks.tensor(name, t)
-        if query.dim() not in (2, 3) or query.shape[-1] != self.query_size:
-            raise ValueError(
-                f"query: expected shape (B, {self.query_size}) or (B, T, {self.query_size}), "
-                f"got {tuple(query.shape)}"
-            )
+            validation.tensor(name, t)
+        expected = f"query: expected shape (B, {self.query_size}) or (B, T, {self.query_size}), "
+        if query.dim() not in (2, 3):
+            raise ValueError(expected + f"got {tuple(query.shape)}")
+        if query.shape[-1] != self.query_size:
+            raise RuntimeError(expected + f"got {tuple(query.shape)}")
         if proj_keys.dim() != 3 or proj_keys.shape[-1] != self.hidden_size:
-            raise ValueError(
+            raise RuntimeError(
                 f"proj_keys: expected shape ({query.shape[0]}, S, {self.hidden_size}), "
                 f"got {tuple(proj_keys.shape)}"
             )
@@ -121,7 +122,7 @@ class AdditiveAttention(nn.Module):
         if not torch.is_autocast_enabled(query.device.type):
             for name, t in (("proj_keys", proj_keys), ("values", values)):
                 if t.dtype != query.dtype:
-                    raise TypeError(f"{name}: expected dtype {query.dtype} (that of query), got {t.dtype}")
+                    raise RuntimeError(f"{name}: expected dtype {query.dtype} (that of query), got {t.dtype}")
         q = self.query_layer(query)
         energy = self.energy_layer.weight
         if torch.is_autocast_enabled(q.device.type):  # custom ops are not autocast: match q's dtype

@@ -2,7 +2,8 @@
 
 One step of the recurrence: the input projection is one ``F.linear``, and the
 recurrent product plus the gate nonlinearities run in the same fused op as the
-full-sequence layers (a length-1 sequence).
+full-sequence layers (a length-1 sequence). Errors are those of torch.nn for the
+same input (:mod:`fastseq.ops.validation`).
 """
 from __future__ import annotations
 
@@ -13,45 +14,44 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastseq import ops
-from fastseq.ops import _checks
+from fastseq.ops import validation
+from fastseq.ops.validation import ArgumentTypeError
 
 __all__ = ["GRUCell", "LSTMCell"]
 
 
 def _check_cell_input(cell: torch.nn.RNNCellBase, input: Tensor, hx: Tuple[Optional[Tensor], ...],
                       names: Tuple[str, ...]) -> bool:
-    """Validate like torch.nn; returns True for unbatched (1-D) input."""
-    _checks.tensor("input", input)
+    """Validate like torch.nn (same exception classes); returns True for unbatched (1-D) input."""
+    validation.tensor("input", input)
     for name, h in zip(names, hx):
-        _checks.optional_tensor(name, h)
+        validation.optional_tensor(name, h)
     if input.dim() not in (1, 2):
         raise ValueError(
             f"input: expected a 1-D (unbatched) or 2-D (batched) tensor, "
             f"got {input.dim()}-D with shape {tuple(input.shape)}"
         )
     if input.shape[-1] != cell.input_size:
-        raise ValueError(
+        raise RuntimeError(
             f"input: expected size(-1) == input_size={cell.input_size}, got shape {tuple(input.shape)}"
         )
     w = cell.weight_hh
     if input.device != w.device:
         raise RuntimeError(f"input: expected device {w.device} (the module's parameters), got {input.device}")
     autocast = torch.is_autocast_enabled(input.device.type)
-    if not input.is_floating_point():
-        raise TypeError(f"input: expected a floating-point dtype, got {input.dtype}")
+    validation.floating("input", input)
     if input.dtype != w.dtype and not autocast:
-        raise TypeError(f"input: expected dtype {w.dtype} (the module's parameters), got {input.dtype}")
+        raise RuntimeError(f"input: expected dtype {w.dtype} (the module's parameters), got {input.dtype}")
     unbatched = input.dim() == 1
     expected = (cell.hidden_size,) if unbatched else (input.shape[0], cell.hidden_size)
     for name, h in zip(names, hx):
         if h is None:
             continue
-        if tuple(h.shape) != expected:
-            raise ValueError(f"{name}: expected shape {expected}, got {tuple(h.shape)}")
+        validation.shape(name, h, expected)
         if h.device != input.device:
             raise RuntimeError(f"{name}: expected device {input.device} (that of input), got {h.device}")
         if h.dtype != input.dtype and not (autocast and h.is_floating_point()):
-            raise TypeError(f"{name}: expected dtype {input.dtype} (that of input), got {h.dtype}")
+            raise RuntimeError(f"{name}: expected dtype {input.dtype} (that of input), got {h.dtype}")
     return unbatched
 
 
@@ -74,8 +74,11 @@ class GRUCell(torch.nn.GRUCell):
         h' with the shape of ``hx``.
 
     Raises:
-        ValueError / TypeError / RuntimeError naming the argument, on a wrong
-        shape, dtype or device.
+        ValueError: ``input`` not 1-D or 2-D.
+        RuntimeError: a wrong size, dtype or device of ``input`` or ``hx``.
+        fastseq.ops.validation.ArgumentTypeError: an argument that is not a tensor.
+        (The classes torch.nn raises for the same input; each message names the
+        argument, the expected and the actual value.)
     """
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
@@ -98,16 +101,22 @@ class LSTMCell(torch.nn.LSTMCell):
 
     Returns:
         ``(h', c')`` with the shapes of ``hx``.
+
+    Raises:
+        As :class:`GRUCell`; also RuntimeError for an ``hx`` tuple whose length is not
+        2, or whose ``h`` and ``c`` dtypes differ (torch.nn.LSTMCell promotes them on
+        the CPU; fastseq rejects).
     """
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
-                else type(hx).__name__
-            raise TypeError(f"hx: expected a tuple (h, c) for LSTMCell, got {got}")
         if hx is not None:
-            _checks.tensor("hx[0] (h)", hx[0])
-            _checks.tensor("hx[1] (c)", hx[1])
+            if not isinstance(hx, (tuple, list)):
+                raise ArgumentTypeError(f"hx: expected a tuple (h, c) for LSTMCell, got {type(hx).__name__}")
+            if len(hx) != 2:
+                raise validation.ArgumentCountError(f"hx: expected a tuple (h, c) for LSTMCell, "
+                                   f"got a {type(hx).__name__} of length {len(hx)}")
+            validation.tensor("hx[0] (h)", hx[0])
+            validation.tensor("hx[1] (c)", hx[1])
         h0, c0 = (None, None) if hx is None else hx
         unbatched = _check_cell_input(self, input, (h0, c0), ("hx[0] (h)", "hx[1] (c)"))
         x = input.unsqueeze(0) if unbatched else input

@@ -10,6 +10,17 @@ and runs the recurrence through the fused op
 Variable-length input (``PackedSequence``) is handled inside the recurrence:
 rows stop updating after their length, and the reverse direction reads each
 row reversed within its own length, exactly as cuDNN's packed mode does.
+
+Errors are those of torch.nn for the same input (:mod:`fastseq.ops.validation`).
+
+``torch.compile``: Dynamo refuses to trace any subclass of torch.nn.GRU/LSTM
+unless ``torch._dynamo.config.allow_rnn`` is set. fastseq does not set it (that
+would change how Dynamo treats your own torch.nn RNNs); without it, a compiled
+model runs these modules eagerly at a graph break. To trace them
+(``fullgraph=True``), opt in around the compiled call::
+
+    with torch._dynamo.config.patch(allow_rnn=True):
+        out = compiled_model(x)
 """
 from __future__ import annotations
 
@@ -21,12 +32,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastseq import ops
-from fastseq.ops import _checks
-
-# Dynamo refuses to trace subclasses of torch.nn.GRU/LSTM unless this flag is set
-# (it guards against tracing cuDNN RNNs). fastseq's forward is plain, traceable
-# PyTorch around custom ops, so allow it; see README, "torch.compile".
-torch._dynamo.config.allow_rnn = True
+from fastseq.ops import validation
+from fastseq.ops.validation import ArgumentTypeError
 
 __all__ = ["GRU", "LSTM"]
 
@@ -65,7 +72,7 @@ class _FusedRNNBase:
             x, lengths = pad_packed_sequence(input, batch_first=False)
             lengths = lengths.to(dtype=torch.int64)
             if x.shape[-1] != self.input_size:
-                raise ValueError(
+                raise RuntimeError(
                     f"input: expected size(-1) == input_size={self.input_size}, "
                     f"got a PackedSequence with data of shape {tuple(input.data.shape)}"
                 )
@@ -74,7 +81,7 @@ class _FusedRNNBase:
                 self._check_hx(hx, x.shape[1])
             return x, lengths, hx, ("packed", input)
         if not isinstance(input, Tensor):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"input: expected a Tensor or PackedSequence, got {type(input).__name__}"
             )
         if input.dim() not in (2, 3):
@@ -90,7 +97,7 @@ class _FusedRNNBase:
             if hx is not None:
                 for name, h in zip(("h_0", "c_0"), hx):
                     if h.dim() != 2:
-                        raise ValueError(
+                        raise RuntimeError(
                             f"{name}: for unbatched 2-D input expected a 2-D hidden state, "
                             f"got {h.dim()}-D with shape {tuple(h.shape)}"
                         )
@@ -99,12 +106,12 @@ class _FusedRNNBase:
         else:
             x = input.transpose(0, 1) if self.batch_first else input
         if x.shape[-1] != self.input_size:
-            raise ValueError(
+            raise RuntimeError(
                 f"input: expected size(-1) == input_size={self.input_size}, "
                 f"got shape {tuple(input.shape)}"
             )
         if x.shape[0] == 0:  # torch.nn raises too ("Expected sequence length to be larger than 0")
-            raise ValueError(
+            raise RuntimeError(
                 f"input: expected a sequence length >= 1, got shape {tuple(input.shape)} "
                 f"(sequence length 0)"
             )
@@ -114,15 +121,16 @@ class _FusedRNNBase:
 
     def _as_tuple(self, hx) -> Tuple[Tensor, ...]:
         if self._IS_LSTM:
-            if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) \
-                    else type(hx).__name__
-                raise TypeError(f"hx: expected a tuple (h_0, c_0) for LSTM, got {got}")
-            _checks.tensor("hx[0] (h_0)", hx[0])
-            _checks.tensor("hx[1] (c_0)", hx[1])
+            if not isinstance(hx, (tuple, list)):
+                raise ArgumentTypeError(f"hx: expected a tuple (h_0, c_0) for LSTM, got {type(hx).__name__}")
+            if len(hx) != 2:
+                raise validation.ArgumentCountError(f"hx: expected a tuple (h_0, c_0) for LSTM, "
+                                   f"got a {type(hx).__name__} of length {len(hx)}")
+            validation.tensor("hx[0] (h_0)", hx[0])
+            validation.tensor("hx[1] (c_0)", hx[1])
             return tuple(hx)
         if not isinstance(hx, Tensor):
-            raise TypeError(f"hx: expected a Tensor h_0 for GRU, got {type(hx).__name__}")
+            raise ArgumentTypeError(f"hx: expected a Tensor h_0 for GRU, got {type(hx).__name__}")
         return (hx,)
 
     def _check_hx(self, hx: Tuple[Tensor, ...], batch: Optional[int]) -> None:
@@ -134,8 +142,7 @@ class _FusedRNNBase:
             expected = (D * self.num_layers, batch, self.hidden_size)
             layout = "(num_layers*num_directions, batch, hidden_size)"
         for name, h in zip(("h_0", "c_0"), hx):
-            if tuple(h.shape) != expected:
-                raise ValueError(f"{name}: expected shape {layout} = {expected}, got {tuple(h.shape)}")
+            validation.shape(name, h, expected, f"{layout} = ")
 
     def _check_params(self, x: Tensor) -> None:
         w = self.weight_hh_l0
@@ -143,10 +150,9 @@ class _FusedRNNBase:
             raise RuntimeError(
                 f"input: expected device {w.device} (the module's parameters), got {x.device}"
             )
-        if not x.is_floating_point():
-            raise TypeError(f"input: expected a floating-point dtype, got {x.dtype}")
+        validation.floating("input", x, ValueError)
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
+            raise ValueError(
                 f"input: expected dtype {w.dtype} (the module's parameters), got {x.dtype}"
             )
 
@@ -211,9 +217,9 @@ class _FusedRNNBase:
                 if h.device != x.device:
                     raise RuntimeError(f"{name}: expected device {x.device}, got {h.device}")
                 if h.dtype != x.dtype and not (autocast and h.is_floating_point()):
-                    raise TypeError(f"{name}: expected dtype {x.dtype} (that of input), got {h.dtype}")
+                    raise RuntimeError(f"{name}: expected dtype {x.dtype} (that of input), got {h.dtype}")
         if lengths is not None:  # checked on the CPU, moved once; the ops reuse the check
-            lengths = _checks.lengths("lengths", lengths, B, x.shape[0], x.device)
+            lengths = validation.lengths("lengths", lengths, B, x.shape[0], x.device)
         y, h_n, c_n = self._run(x, lengths, h0s, c0s)
         if kind == "packed":
             order = packed.sorted_indices
@@ -253,8 +259,12 @@ class GRU(_FusedRNNBase, torch.nn.GRU):
         unbatched as the input), h_n ``[D*num_layers, B, hidden_size]``.
 
     Raises:
-        ValueError / TypeError / RuntimeError naming the argument, on a wrong
-        shape, dtype or device.
+        RuntimeError: a wrong size of ``input`` or ``hx``, a wrong device, a
+            dtype of ``hx`` other than the input's, a sequence length of 0.
+        ValueError: ``input`` not 2-D or 3-D; its dtype not the parameters'.
+        fastseq.ops.validation.ArgumentTypeError: ``input`` or ``hx`` of the wrong
+            Python type. (The classes torch.nn raises for the same input; each
+            message names the argument, the expected and the actual value.)
     """
 
     _IS_LSTM = False

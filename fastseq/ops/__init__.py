@@ -1,7 +1,18 @@
-"""The op layer: reference math, fused Triton kernels, and the custom ops that dispatch between them."""
+"""The op layer: one folder per op, each with its custom op, its plain-PyTorch
+reference (``naive.py``) and its per-backend launch code (``triton.py``, ``cpp.py``),
+registered in :mod:`fastseq.backend.registry`.
+
+* :mod:`.recurrence` -- GRU/LSTM recurrences (:func:`gru`, :func:`lstm`);
+* :mod:`.attention` -- additive attention (:func:`additive_attention`);
+* :mod:`.decoder_step` -- the attention decoder's GRU context cell and step
+  (:func:`gru_context_cell`, :func:`attention_gru_step`, :class:`StepWeights`);
+* :mod:`.validation` -- the argument checks and their error classes, shared with :mod:`fastseq.nn`;
+* :mod:`.triton_utils` -- the Triton primitives every op's kernels use;
+* :mod:`.launches` -- the kernel-launch counter.
+"""
 from fastseq.ops.attention import additive_attention
-from fastseq.ops.decoder import StepWeights, attention_gru_step, gru_context_cell
-from fastseq.ops.rnn import gru, gru_recurrence, lstm, lstm_recurrence
+from fastseq.ops.decoder_step import StepWeights, attention_gru_step, gru_context_cell
+from fastseq.ops.recurrence import gru, gru_recurrence, lstm, lstm_recurrence
 
 __all__ = [
     "StepWeights", "additive_attention", "attention_gru_step", "gru", "gru_context_cell",

@@ -1,6 +1,6 @@
 """Kernel-launch accounting for fastseq's own kernels.
 
-Every Triton kernel in :mod:`fastseq.ops.triton` is wrapped with :func:`counted`,
+Every Triton kernel (``fastseq/ops/<op>/triton.py``) is wrapped with :func:`counted`,
 so each launch is recorded while a :func:`count` block is open. Tests use it to
 state how many kernels one decoder step launches; on a GPU the same count is
 cross-checked with the CUDA profiler (tests/test_gpu.py).

@@ -39,7 +39,7 @@ compared tensor must also be finite. Lengths are either a drawn permutation of
 1..T (ragged) or any drawn list (hypothesis favours repeated values there).
 
 Backends: each of reference, triton (its CPU interpreter here) and cpp that
-``conftest.BACKENDS`` lists; the others are skipped. dtypes: reference and cpp
+``conftest.available`` finds running here; the others are skipped. dtypes: reference and cpp
 float32/float64; triton float32/float16 (a float16 attention bug these tests
 found -- weights normalised from scores rounded to half -- is fixed, and the
 test at the end of the file guards it). On triton T <= 4 (the
@@ -66,13 +66,15 @@ from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import fastseq
 import fastseq.nn as fnn
-from conftest import BACKENDS
-from fastseq import _backend, ops
-from fastseq.ops import launches, reference
-from fastseq.ops.decoder import StepWeights
-
-ALL_BACKENDS = ["reference", "triton", "cpp"]
+from conftest import ALL_BACKENDS, TRITON, require
+from fastseq import ops
+from fastseq.ops import launches
+from fastseq.ops.attention import naive as attention_ref
+from fastseq.ops.decoder_step import StepWeights
+from fastseq.ops.decoder_step import naive as cell_ref
+from fastseq.ops.recurrence import naive as recurrence_ref
 
 # max_examples per property and backend.
 _EXAMPLES = {  # (reference, cpp, triton)
@@ -116,9 +118,7 @@ def run_property(backend: str, prop: Callable, key: str, tag: str = "") -> None:
     examples (what ``derandomize=True`` does, which alone would seed every property
     alike: they share this inner function).
     """
-    if backend not in BACKENDS:
-        why = _backend.cpp_status()[1] if backend == "cpp" else _backend.triton_status()[1]
-        pytest.skip(f"backend {backend} not available here: {why}")
+    require(backend)
     n = EXAMPLES[key][backend]
 
     @seed(zlib.crc32(f"{key}/{tag}/{backend}".encode()))
@@ -127,7 +127,7 @@ def run_property(backend: str, prop: Callable, key: str, tag: str = "") -> None:
                                      HealthCheck.function_scoped_fixture])
     @given(data=st.data())
     def check(data):
-        with _backend.backend(backend), launches.count() as n:
+        with fastseq.backend(backend), launches.count() as n:
             prop(data, backend)
         # A shape a backend cannot take falls back silently (but for a warning):
         # make sure the Triton kernels really ran.
@@ -449,9 +449,9 @@ def _recurrence_property(kind: str):
 
         def truth(gi, h0, w_hh, b_hh, c0=None):
             if lstm:
-                return reference.lstm_recurrence_forward(layout(gi), h0, c0, w_hh, b_hh, lengths,
+                return recurrence_ref.lstm_recurrence_forward(layout(gi), h0, c0, w_hh, b_hh, lengths,
                                                          False)[:2]
-            return reference.gru_recurrence_forward(layout(gi), h0, w_hh, b_hh, lengths, False)[:1]
+            return recurrence_ref.gru_recurrence_forward(layout(gi), h0, w_hh, b_hh, lengths, False)[:1]
 
         want = run(truth, inputs, torch.float64, grad_seed=s)
         assert_all(run(fast, inputs, dtype, grad_seed=s), want, dtype, ["hs", "cs"])
@@ -491,7 +491,7 @@ def prop_attention_op(data, backend):
 
     def truth(query, proj_keys, values, energy):
         q = query.unsqueeze(1) if T is None else query
-        ctx, w = reference.additive_attention_forward(q, proj_keys, values, energy.reshape(-1),
+        ctx, w = attention_ref.additive_attention_forward(q, proj_keys, values, energy.reshape(-1),
                                                       mask, lengths)
         return (ctx.squeeze(1), w.squeeze(1)) if T is None else (ctx, w)
 
@@ -524,7 +524,7 @@ def prop_context_cell_op(data, backend):
         return (ops.gru_context_cell(gi, context, w_ic, wide[:, extra:], b_hh, h),)
 
     def truth(gi, context, w_ic, wide, b_hh, h):
-        return reference.gru_context_cell_forward(gi, context, w_ic, wide[:, extra:], b_hh, h, False)[:1]
+        return cell_ref.gru_context_cell_forward(gi, context, w_ic, wide[:, extra:], b_hh, h, False)[:1]
 
     want = run(truth, inputs, torch.float64, grad_seed=s)
     assert_all(run(fast, inputs, dtype, grad_seed=s), want, dtype, ["h'"])
@@ -560,10 +560,10 @@ def prop_attention_step_op(data, backend):
         return ops.attention_gru_step(gi, h, proj_keys, values, weights, mask=mask, lengths=lengths)
 
     def truth(gi, h, proj_keys, values, w_a, w_hh, b_hh, energy, w_ic):
-        ctx, alpha = reference.additive_attention_forward((h @ w_a.t()).unsqueeze(1), proj_keys, values,
+        ctx, alpha = attention_ref.additive_attention_forward((h @ w_a.t()).unsqueeze(1), proj_keys, values,
                                                           energy.reshape(-1), mask, lengths)
         ctx, alpha = ctx.squeeze(1), alpha.squeeze(1)
-        h_new = reference.gru_context_cell_forward(gi, ctx, w_ic, h @ w_hh.t(), b_hh, h, False)[0]
+        h_new = cell_ref.gru_context_cell_forward(gi, ctx, w_ic, h @ w_hh.t(), b_hh, h, False)[0]
         return h_new, ctx, alpha
 
     got = run(fast, inputs, dtype, grad_seed=s)
@@ -579,7 +579,7 @@ def test_attention_gru_step_matches_reference(backend_name):
 # ------------------------------------------------- regression: half attention weights
 
 
-@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton backend not available here")
+@pytest.mark.skipif(not TRITON, reason="Triton backend not available here")
 def test_triton_half_attention_weights_are_the_fp32_softmax():
     """Triton float16 attention == the reference's (which computes in fp32 and rounds
     once): weights within 1.5e-3 (~3 ulps at 1) and summing to 1, context and every
@@ -610,10 +610,10 @@ def test_triton_half_attention_weights_are_the_fp32_softmax():
         def fn(query, proj_keys, values, energy):
             return ops.additive_attention(query, proj_keys, values, energy)
 
-        with _backend.backend("triton"), launches.count() as n:
+        with fastseq.backend("triton"), launches.count() as n:
             got = run(fn, inputs, torch.float16, grad_seed=s)
         assert sum(n.values()) >= 2, "the Triton kernels did not run"
-        with _backend.backend("reference"):
+        with fastseq.backend("reference"):
             want = run(fn, inputs, torch.float16, grad_seed=s)
         weights = got[0][1].double()
         assert (weights.sum(-1) - 1).abs().max() <= 1.5e-3, "weights do not sum to 1"

@@ -1,6 +1,6 @@
 """Fused additive (Bahdanau) attention in Triton, forward and backward.
 
-Same semantics and layouts as :func:`fastseq.ops.reference.additive_attention_forward`:
+Same semantics and layouts as :func:`.naive.additive_attention_forward`:
 queries ``q [B, T, A]``, projected keys ``K [B, S, A]``, values ``V [B, S, D]``,
 energy vector ``v [A]``; ``energy[t, j] = v^T tanh(q_t + K_j)``, softmax over the
 valid positions, ``context_t = sum_j weights[t, j] V_j``.
@@ -34,7 +34,7 @@ Backward
 --------
 The softmax and weighted-sum part (``grad_energy``, ``grad_values``) are two
 batched matrix products and a pointwise pass, shared with the reference
-(:func:`fastseq.ops.reference.attention_score_grad`). The energy part, the only
+(:func:`.naive.attention_score_grad`). The energy part, the only
 one with an ``A`` factor, is one fused launch that recomputes
 ``u = tanh(q_t + K_j)`` tile by tile: grid ``(cdiv(S, BLOCK_S), B)``; the
 program for source tile ``j`` loops over ``A`` chunks and all queries and forms
@@ -48,19 +48,20 @@ input dtypes.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastseq import _backend
-from fastseq.ops import reference
+from fastseq.backend import alloc, limits as backend_limits
+from fastseq.backend.selection import interpreter_on
+from fastseq.ops.attention.naive import attention_score_grad
 from fastseq.ops.launches import counted
-from fastseq.ops.triton.rnn import _tanh
+from fastseq.ops.triton_utils import precision, tanh
 
-__all__ = ["additive_attention_forward", "additive_attention_backward"]
+__all__ = ["additive_attention_forward", "additive_attention_backward", "limits"]
 
 _NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so exp(m - m_new) never sees inf - inf
 
@@ -80,7 +81,7 @@ def _energy_tile(
         k = tl.load(k_ptr + offs_s[:, None] * stride_ks + offs_a[None, :],
                     mask=mask_s[:, None] & mask_a[None, :], other=0.0).to(tl.float32)
         v = tl.load(e_ptr + offs_a, mask=mask_a, other=0.0).to(tl.float32)
-        u = _tanh(q[:, None, :] + k[None, :, :])
+        u = tanh(q[:, None, :] + k[None, :, :])
         acc += tl.sum(u * v[None, None, :], axis=2)
     return acc
 
@@ -209,7 +210,7 @@ def _attention_energy_bwd_kernel(
                         mask=mask_t[:, None] & mask_a[None, :], other=0.0).to(tl.float32)
             de = tl.load(de_row + offs_t[:, None] * S + offs_s[None, :],
                          mask=mask_t[:, None] & mask_s[None, :], other=0.0)
-            u = _tanh(q[:, None, :] + k[None, :, :])  # [BT, BS, BA]
+            u = tanh(q[:, None, :] + k[None, :, :])  # [BT, BS, BA]
             deu = de[:, :, None] * u
             g = (de[:, :, None] - deu * u) * v[None, None, :]  # de * (1 - u^2) * v
             dk += tl.sum(g, axis=0)
@@ -250,7 +251,7 @@ def _fwd_blocks(T: int, S: int, A: int, D: int) -> _Blocks:
     stay at 16 so the numpy emulation stays small and multi-tile paths run.
     """
     bt = min(_p2(T), 16)
-    if _backend.interpreter_on():
+    if interpreter_on():
         return _Blocks(bt, 16, 16, 16, 1)
     bs = min(_p2(S), 32)
     ba = max(4, min(_p2(A), 4096 // (bt * bs)))
@@ -260,45 +261,40 @@ def _fwd_blocks(T: int, S: int, A: int, D: int) -> _Blocks:
 
 def _bwd_blocks(T: int, S: int, A: int) -> _Blocks:
     bt = min(_p2(T), 16)
-    if _backend.interpreter_on():
+    if interpreter_on():
         return _Blocks(bt, 16, 16, 0, 1)
     bs = min(_p2(S), 64)
     ba = max(4, min(_p2(A), 4096 // (bt * bs)))
     return _Blocks(bt, bs, ba, 0, 4)
 
 
-# What these kernels cannot take (module constants, so tests can lower them).
-MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2; B is on axis 1
-MAX_INDEX = 2**31 - 1  # element offsets inside a kernel are int32
-
-
-def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsupported]:
+def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     """None if the attention kernels can take ``sizes`` = ``{"B", "T", "S", "A", "D",
-    "extent"}`` (``extent``: the largest :func:`fastseq._backend.extent` of query,
+    "extent"}`` (``extent``: the largest :func:`fastseq.backend.extent` of query,
     proj_keys and values, which may be strided views), else why not.
 
     Limits: B (grid axis 1, forward and backward) and the ``cdiv(D, BLOCK_D)``
     context slices (grid axis 2) at most ``MAX_GRID_YZ``; every tensor a launch
     indexes -- the inputs, ``weights [B, T, S]``, ``context [B, T, D]``, the
-    backward's ``[n_s, B, T, A]`` partials -- at most ``MAX_INDEX`` elements.
+    backward's ``[n_s, B, T, A]`` partials -- within int32 offsets
+    (:mod:`fastseq.backend.limits`).
     """
     B, T, S, A, D = sizes["B"], sizes["T"], sizes["S"], sizes["A"], sizes["D"]
-    if B > MAX_GRID_YZ:
-        return _backend.Unsupported(
-            "grid", f"B={B} batch rows on grid axis 1, past the limit {MAX_GRID_YZ}"
-        )
+    max_grid, max_index = backend_limits.MAX_GRID_YZ, backend_limits.MAX_INDEX
+    if B > max_grid:
+        return backend_limits.Unsupported("grid", f"B={B} batch rows on grid axis 1, past the limit {max_grid}")
     d_tiles = triton.cdiv(D, _fwd_blocks(T, S, A, D).BLOCK_D)
-    if d_tiles > MAX_GRID_YZ:
-        return _backend.Unsupported(
-            "grid", f"D={D}: {d_tiles} context slices on grid axis 2, past the limit {MAX_GRID_YZ}"
+    if d_tiles > max_grid:
+        return backend_limits.Unsupported(
+            "grid", f"D={D}: {d_tiles} context slices on grid axis 2, past the limit {max_grid}"
         )
     n_s = triton.cdiv(S, _bwd_blocks(T, S, A).BLOCK_S)
     n = max(sizes["extent"], B * T * S, B * T * D, B * S * A, n_s * B * T * A)
-    if n > MAX_INDEX:
-        return _backend.Unsupported(
+    if n > max_index:
+        return backend_limits.Unsupported(
             "int32-index",
             f"B={B}, T={T}, S={S}, A={A}, D={D}: a tensor of {n} elements, past the Triton "
-            f"kernels' int32 offsets (at most {MAX_INDEX})",
+            f"kernels' int32 offsets (at most {max_index})",
         )
     return None
 
@@ -314,7 +310,6 @@ def additive_attention_forward(
     energy: Tensor,
     mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
-    allow_tf32: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Fused additive attention (one launch); arguments as the reference's.
 
@@ -323,8 +318,8 @@ def additive_attention_forward(
     """
     B, T, A = query.shape
     S, D = values.shape[1], values.shape[2]
-    context = _backend.empty((B, T, D), values)
-    weights = _backend.empty((B, T, S), values)
+    context = alloc.empty((B, T, D), values)
+    weights = alloc.empty((B, T, S), values)
     if B == 0 or T == 0 or D == 0:
         if weights.numel():
             weights.zero_()
@@ -344,7 +339,7 @@ def additive_attention_forward(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if m is None else m.stride(0),
         BLOCK_T=blk.BLOCK_T, BLOCK_S=blk.BLOCK_S, BLOCK_A=blk.BLOCK_A, BLOCK_D=blk.BLOCK_D,
-        PRECISION="tf32" if allow_tf32 else "ieee", num_warps=blk.num_warps,
+        PRECISION=precision(), num_warps=blk.num_warps,
     )
     return context, weights
 
@@ -357,21 +352,20 @@ def additive_attention_backward(
     values: Tensor,
     energy: Tensor,
     weights: Tensor,
-    allow_tf32: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. (query, proj_keys, values, energy); tanh(q + K) is recomputed."""
     B, T, A = query.shape
     S = proj_keys.shape[1]
-    de, dvalues = reference.attention_score_grad(grad_context, grad_weights, values, weights)
+    de, dvalues = attention_score_grad(grad_context, grad_weights, values, weights)
     de = de.float().contiguous()
     blk = _bwd_blocks(T, S, A)
     n_s = triton.cdiv(S, blk.BLOCK_S)
-    dk = _backend.empty(proj_keys.shape, proj_keys)
+    dk = alloc.empty(proj_keys.shape, proj_keys)
     if B == 0 or T == 0 or S == 0 or A == 0:
         dk.zero_()
         return torch.zeros_like(query), dk, dvalues.to(values.dtype), torch.zeros_like(energy)
-    dq = _backend.empty((n_s, B, T, A), query, torch.float32)
-    dv = _backend.empty((n_s, B, A), query, torch.float32)
+    dq = alloc.empty((n_s, B, T, A), query, torch.float32)
+    dv = alloc.empty((n_s, B, A), query, torch.float32)
     q, k = _last_contiguous(query), _last_contiguous(proj_keys)
     _energy_bwd[(n_s, B)](
         q, k, energy.contiguous(), de, dk, dq, dv,

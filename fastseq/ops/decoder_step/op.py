@@ -21,7 +21,9 @@ Ops::
         -> (grad_gi, grad_context, grad_w_ic, grad_gh, grad_b_hh, grad_h)
 
 Autograd differentiates the step exactly: step 1 is a native matrix product,
-steps 2 and 3 have registered backward ops.
+steps 2 and 3 have registered backward ops (run under the backend setting of
+the forward). The cell's implementations, one per backend, are in the registry:
+:mod:`.naive`, :mod:`.triton` (imported on first use), :mod:`.cpp`.
 """
 from __future__ import annotations
 
@@ -30,33 +32,54 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq import _backend
-from fastseq.ops import _checks
-from fastseq.ops._dispatch import direct_call_ok, implementation, needs_grad
+from fastseq.backend import registry, selection
+from fastseq.backend.limits import extent
+from fastseq.backend.registry import Implementation, direct_call_ok, needs_grad
+from fastseq.ops import validation
 from fastseq.ops.attention import additive_attention
+from fastseq.ops.decoder_step import cpp, naive
 
-__all__ = ["StepWeights", "attention_gru_step", "gru_context_cell"]
+__all__ = ["StepWeights", "attention_gru_step", "gru_context_cell", "gru_context_cell_op",
+           "gru_context_cell_backward_op"]
+
+FORWARD, BACKWARD = "gru_context_cell", "gru_context_cell_backward"
 
 
-def _impl(t: Tensor, h: Tensor, context: Tensor, *strided: Tensor):
-    """The module implementing the cell for these inputs (``strided``: the row-strided
+def _triton():
+    """The Triton kernels, imported on first use."""
+    from fastseq.ops.decoder_step import triton as kernels
+
+    return kernels
+
+
+registry.register(FORWARD, "reference", naive.gru_context_cell_forward)
+registry.register(FORWARD, "cpp", cpp.gru_context_cell_forward)
+registry.register(FORWARD, "triton", Implementation(
+    load=lambda: (_triton().gru_context_cell_forward, _triton().limits)))
+registry.register(BACKWARD, "reference", naive.gru_context_cell_backward)
+registry.register(BACKWARD, "cpp", cpp.gru_context_cell_backward)
+registry.register(BACKWARD, "triton", Implementation(
+    load=lambda: (_triton().gru_context_cell_backward, _triton().limits)))
+
+
+def _impl(op: str, t: Tensor, h: Tensor, context: Tensor, *strided: Tensor):
+    """The implementation of ``op`` for these inputs (``strided``: the row-strided
     ones the kernels read in place); a shape a fused backend cannot take falls back."""
     def sizes():
         B, H = h.shape
         return {"B": B, "H": H, "D": context.shape[1],
-                "extent": max([_backend.extent(h)] + [_backend.extent(x) for x in strided])}
+                "extent": max([extent(h)] + [extent(x) for x in strided])}
 
-    return implementation(t, "cell", sizes)
+    return registry.implementation(op, t, sizes)
 
 
-@torch.library.custom_op("fastseq::gru_context_cell", mutates_args=())
+@torch.library.custom_op(f"fastseq::{FORWARD}", mutates_args=())
 def gru_context_cell_op(
     gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor, b_hh: Optional[Tensor], h: Tensor,
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """Unchecked op; see :func:`fastseq.ops.reference.gru_context_cell_forward`."""
-    mod, kw = _impl(gi, h, context, gi, gh)
-    return mod.gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, save_gates, **kw)
+    """Unchecked op; see :func:`.naive.gru_context_cell_forward`."""
+    return _impl(FORWARD, gi, h, context, gi, gh)(gi, context, w_ic, gh, b_hh, h, save_gates)
 
 
 @gru_context_cell_op.register_fake
@@ -65,16 +88,12 @@ def _(gi, context, w_ic, gh, b_hh, h, save_gates):
     return gi.new_empty((B, H)), gi.new_empty((B, 4 * H) if save_gates else (0,))
 
 
-@torch.library.custom_op("fastseq::gru_context_cell_backward", mutates_args=())
+@torch.library.custom_op(f"fastseq::{BACKWARD}", mutates_args=())
 def gru_context_cell_backward_op(
     grad_h: Tensor, gates: Tensor, h: Tensor, context: Tensor, w_ic: Tensor, has_bias: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``gru_context_cell``: grads w.r.t. gi, context, w_ic, gh, b_hh ([0] without bias), h."""
-    mod, kw = _impl(gates, h, context)
-    dgi, dctx, dw, dgh, db, dh = mod.gru_context_cell_backward(
-        grad_h, gates, h, context, w_ic, has_bias, **kw
-    )
-    return dgi, dctx, dw, dgh, db if db is not None else w_ic.new_empty((0,)), dh
+    return _impl(BACKWARD, gates, h, context)(grad_h, gates, h, context, w_ic, has_bias)
 
 
 @gru_context_cell_backward_op.register_fake
@@ -89,6 +108,7 @@ def _setup_context(ctx, inputs, output):
     gi, context, w_ic, gh, b_hh, h, save_gates = inputs
     ctx.save_gates = save_gates
     ctx.has_bias = b_hh is not None
+    ctx.backend = selection.forced()
     ctx.save_for_backward(context, w_ic, h, output[1])
 
 
@@ -99,13 +119,14 @@ def _backward(ctx, grad_h, _grad_gates):
             "differentiated; call it with save_gates=True when gradients are needed"
         )
     context, w_ic, h, gates = ctx.saved_tensors
-    dgi, dctx, dw, dgh, db, dh = gru_context_cell_backward_op(
-        grad_h.contiguous(), gates, h, context, w_ic, ctx.has_bias
-    )
+    with selection.backend(ctx.backend):
+        dgi, dctx, dw, dgh, db, dh = gru_context_cell_backward_op(
+            grad_h.contiguous(), gates, h, context, w_ic, ctx.has_bias
+        )
     return dgi, dctx, dw, dgh, (db if ctx.has_bias else None), dh, None
 
 
-torch.library.register_autograd("fastseq::gru_context_cell", _backward, setup_context=_setup_context)
+torch.library.register_autograd(f"fastseq::{FORWARD}", _backward, setup_context=_setup_context)
 
 
 def gru_context_cell(gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor,
@@ -126,36 +147,31 @@ def gru_context_cell(gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor,
         h' ``[B, H]`` in the input dtype.
 
     Raises:
-        ValueError / TypeError / RuntimeError: a shape, dtype or device that does
-        not fit (the message names the argument, the expected and the actual value);
-        TypeError: an argument that is not a tensor.
+        fastseq.ops.validation.ArgumentTypeError: an argument that is not a tensor.
+        RuntimeError: a shape, dtype or device that does not fit (the message names
+        the argument, the expected and the actual value).
     """
     for name, t in (("gi", gi), ("context", context), ("w_ic", w_ic), ("gh", gh), ("h", h)):
-        _checks.tensor(name, t)
-    _checks.optional_tensor("b_hh", b_hh)
+        validation.tensor(name, t)
+    validation.optional_tensor("b_hh", b_hh)
     if h.dim() != 2:
-        raise ValueError(f"h: expected a 2-D tensor [B, H], got shape {tuple(h.shape)}")
+        raise RuntimeError(f"h: expected a 2-D tensor [B, H], got shape {tuple(h.shape)}")
     B, H = h.shape
     if context.dim() != 2 or context.shape[0] != B:
-        raise ValueError(f"context: expected shape ({B}, D), got {tuple(context.shape)}")
+        raise RuntimeError(f"context: expected shape ({B}, D), got {tuple(context.shape)}")
     D = context.shape[1]
-    for name, t, shape in (("gi", gi, (B, 3 * H)), ("gh", gh, (B, 3 * H)), ("w_ic", w_ic, (3 * H, D))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if not gi.is_floating_point():
-        raise TypeError(f"gi: expected a floating-point dtype, got {gi.dtype}")
-    if b_hh is not None and tuple(b_hh.shape) != (3 * H,):
-        raise ValueError(f"b_hh: expected shape {(3 * H,)}, got {tuple(b_hh.shape)}")
+    validation.shape("gi", gi, (B, 3 * H))
+    validation.shape("gh", gh, (B, 3 * H))
+    validation.shape("w_ic", w_ic, (3 * H, D))
+    validation.floating("gi", gi)
+    if b_hh is not None:
+        validation.shape("b_hh", b_hh, (3 * H,))
     others = (("context", context), ("w_ic", w_ic), ("gh", gh), ("h", h))
     for name, t in others + ((("b_hh", b_hh),) if b_hh is not None else ()):
-        if t.dtype != gi.dtype:
-            raise TypeError(f"{name}: expected dtype {gi.dtype} (that of gi), got {t.dtype}")
-        if t.device != gi.device:
-            raise RuntimeError(f"{name}: expected device {gi.device} (that of gi), got {t.device}")
+        validation.like(name, t, gi, "gi")
     save = needs_grad(gi, context, w_ic, gh, b_hh, h)
     if not save and direct_call_ok():
-        mod, kw = _impl(gi, h, context, gi, gh)
-        return mod.gru_context_cell_forward(gi, context, w_ic, gh, b_hh, h, False, **kw)[0]
+        return _impl(FORWARD, gi, h, context, gi, gh)(gi, context, w_ic, gh, b_hh, h, False)[0]
     return gru_context_cell_op(gi, context, w_ic, gh, b_hh, h, save)[0]
 
 
@@ -203,28 +219,27 @@ def attention_gru_step(
         s_i ``[B, H]``, context c_i ``[B, D]``, attention weights ``[B, S]``.
 
     Raises:
-        ValueError / TypeError / RuntimeError: as :func:`additive_attention` and
-        :func:`gru_context_cell`; TypeError: ``weights`` is not a :class:`StepWeights`.
+        fastseq.ops.validation.ArgumentTypeError: ``weights`` is not a
+        :class:`StepWeights`, or an argument is not a tensor.
+        ValueError / RuntimeError: as :func:`additive_attention` and :func:`gru_context_cell`.
     """
     if not isinstance(weights, StepWeights):
-        raise TypeError(f"weights: expected a StepWeights (StepWeights.build(...)), got {type(weights).__name__}")
-    _checks.tensor("h", h)
+        raise validation.ArgumentTypeError(
+            f"weights: expected a StepWeights (StepWeights.build(...)), got {type(weights).__name__}")
+    validation.tensor("h", h)
     w_cat, energy = weights.w_cat, weights.energy
     if energy.dim() != 1:
-        raise ValueError(f"weights.energy: expected a 1-D tensor [A], got shape {tuple(energy.shape)}")
+        raise RuntimeError(f"weights.energy: expected a 1-D tensor [A], got shape {tuple(energy.shape)}")
     A = energy.shape[0]
     if h.dim() != 2:
-        raise ValueError(f"h: expected a 2-D tensor [B, H], got shape {tuple(h.shape)}")
+        raise RuntimeError(f"h: expected a 2-D tensor [B, H], got shape {tuple(h.shape)}")
     if w_cat.dim() != 2 or w_cat.shape[0] != A + 3 * w_cat.shape[1]:
-        raise ValueError(f"weights.w_cat: expected a 2-D tensor (A + 3*H, H) with A = {A} "
-                         f"(from weights.energy), got shape {tuple(w_cat.shape)}")
+        raise RuntimeError(f"weights.w_cat: expected a 2-D tensor (A + 3*H, H) with A = {A} "
+                           f"(from weights.energy), got shape {tuple(w_cat.shape)}")
     if h.shape[1] != w_cat.shape[1]:
-        raise ValueError(f"h: expected shape (B, H) = ({h.shape[0]}, {w_cat.shape[1]}) "
-                         f"(H from weights.w_cat), got {tuple(h.shape)}")
-    if h.dtype != w_cat.dtype:
-        raise TypeError(f"h: expected dtype {w_cat.dtype} (that of weights.w_cat), got {h.dtype}")
-    if h.device != w_cat.device:
-        raise RuntimeError(f"h: expected device {w_cat.device} (that of weights.w_cat), got {h.device}")
+        raise RuntimeError(f"h: expected shape (B, H) = ({h.shape[0]}, {w_cat.shape[1]}) "
+                           f"(H from weights.w_cat), got {tuple(h.shape)}")
+    validation.like("h", h, w_cat, "weights.w_cat")
     p = h @ weights.w_cat.t()
     context, alpha = additive_attention(p[:, :A], proj_keys, values, weights.energy, mask, lengths)
     return gru_context_cell(gi, context, weights.w_ic, p[:, A:], weights.b_hh, h), context, alpha

@@ -1,4 +1,4 @@
-"""Loader of the C++ extension: fused ATen CPU kernels and CUDA kernels of every op.
+"""Builder and loader of the C++ extension: fused ATen CPU kernels and CUDA kernels of every op.
 
 ``load()`` returns ``torch.ops.fastseq_cpp``. It first looks for an
 ahead-of-time build (``fastseq/_C*.so``, from ``FASTSEQ_BUILD_EXT=1 pip install
@@ -8,8 +8,7 @@ is found) with :func:`torch.utils.cpp_extension.load` on first use (about a
 minute; one line on stderr says so) and caches the build in a per-user
 directory. The ops are registered for the CPU (and CUDA) dispatch keys, so
 PyTorch's dispatcher picks the kernel by the tensors' device; they mirror
-:mod:`fastseq.ops.reference` (:mod:`fastseq.ops.cpp_ops` wraps them under the
-reference's names)::
+:mod:`fastseq.ops` (each op folder's ``cpp.py`` calls them)::
 
     gru_recurrence_forward(gi, h0, w_hh, b_hh?, lengths?, save_gates=True) -> (hs, gates)
     gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths?, has_bias)
@@ -24,12 +23,12 @@ reference's names)::
     gru_context_cell_backward(grad_h, gates, h, context, w_ic, has_bias)
         -> (grad_gi, grad_context, grad_w_ic, grad_gh, grad_b_hh, grad_h)
 
-Where the reference returns ``None`` (``grad_b_hh`` without a bias) the C++ op
-returns an empty ``[0]`` tensor.
+Absent outputs (``grad_b_hh`` without a bias, gates not saved) are empty ``[0]``
+tensors, the convention of every backend.
 
 Build cache: ``$FASTSEQ_CACHE/ext/<torch version>-<hash>`` or, without
 ``FASTSEQ_CACHE``, ``~/.cache/fastseq/ext/<torch version>-<hash>``; the hash
-covers the sources (every ``csrc/cpu/*.cpp`` and ``*.h``), their folder, the
+covers the sources (``csrc/*.h``, every ``csrc/cpu/*.cpp`` and ``*.h``), their folder, the
 flags and the torch/Python versions, so a change to any of them builds afresh
 in a new directory (old directories are not removed). Importing this module
 builds nothing.
@@ -94,7 +93,7 @@ def sources() -> List[Path]:
 
 
 def _headers() -> List[Path]:
-    hdr = sorted((csrc_dir() / "cpu").glob("*.h"))
+    hdr = sorted(csrc_dir().glob("*.h")) + sorted((csrc_dir() / "cpu").glob("*.h"))
     if want_cuda():
         cuda = csrc_dir() / "cuda"
         hdr += sorted(cuda.glob("*.h")) + sorted(cuda.glob("*.cuh"))
@@ -180,7 +179,8 @@ def _try_load() -> Tuple[Optional[object], Optional[BaseException]]:
                 sources=[str(p) for p in sources()],
                 extra_cflags=cflags(),
                 extra_ldflags=ldflags(),
-                extra_include_paths=[str(csrc_dir() / d) for d in ("cpu", "cuda") if (csrc_dir() / d).is_dir()],
+                extra_include_paths=[str(csrc_dir())] + [str(csrc_dir() / d) for d in ("cpu", "cuda")
+                                                          if (csrc_dir() / d).is_dir()],
                 build_directory=str(bdir),
                 verbose=False,
                 is_python_module=False,

@@ -1,6 +1,6 @@
 """Fused GRU cell of the attention decoder, in Triton.
 
-Same semantics as :func:`fastseq.ops.reference.gru_context_cell_forward`: the
+Same semantics as :func:`.naive.gru_context_cell_forward`: the
 decoder GRU's input projection is ``gi + context W_ic^T`` (``gi``: its embedding
 part with ``b_ih``, precomputed for all steps; ``W_ic``: the context columns of
 ``W_ih``), and its hidden projection is ``gh + b_hh`` with ``gh = W_hh s`` given.
@@ -19,19 +19,21 @@ Backward: one pointwise launch turns ``grad_s'`` and the saved gates into
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastseq import _backend
+from fastseq.backend import alloc, limits as backend_limits
 from fastseq.ops.launches import counted
-from fastseq.ops.triton.rnn import (
-    _contig, _load_row, _load_tile, _pick_blocks, _store_tile, _tanh, hidden_tile_limits,
+from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward
+from fastseq.ops.triton_utils import (
+    contiguous_or_none, hidden_tile_limits, load_row, load_tile, pick_blocks, precision, rows_contiguous,
+    store_tile,
 )
 
-__all__ = ["gru_context_cell_forward", "gru_context_cell_backward"]
+__all__ = ["gru_context_cell_forward", "gru_context_cell_backward", "limits"]
 
 
 @triton.heuristics(
@@ -64,34 +66,32 @@ def _gru_context_cell_fwd_kernel(
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < D
-        c = _load_tile(c_ptr, offs_b, offs_k, D, 1, mask_b, mask_k)
+        c = load_tile(c_ptr, offs_b, offs_k, D, 1, mask_b, mask_k)
         # W^T tiles: (k, j) -> W_ic[g*H + j, k]
-        acc_r += tl.dot(c, _load_tile(w_ptr, offs_k, offs_j, 1, D, mask_k, mask_j),
+        acc_r += tl.dot(c, load_tile(w_ptr, offs_k, offs_j, 1, D, mask_k, mask_j),
                         input_precision=PRECISION)
-        acc_z += tl.dot(c, _load_tile(w_ptr + H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
+        acc_z += tl.dot(c, load_tile(w_ptr + H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
                         input_precision=PRECISION)
-        acc_n += tl.dot(c, _load_tile(w_ptr + 2 * H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
+        acc_n += tl.dot(c, load_tile(w_ptr + 2 * H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
                         input_precision=PRECISION)
-    x_r = acc_r + _load_tile(gi_ptr, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
-    x_z = acc_z + _load_tile(gi_ptr + H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
-    x_n = acc_n + _load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
-    h_r = _load_tile(gh_ptr, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
-    h_z = _load_tile(gh_ptr + H, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
-    hn = _load_tile(gh_ptr + 2 * H, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
+    x_r = acc_r + load_tile(gi_ptr, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
+    x_z = acc_z + load_tile(gi_ptr + H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
+    x_n = acc_n + load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
+    h_r = load_tile(gh_ptr, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
+    h_z = load_tile(gh_ptr + H, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
+    hn = load_tile(gh_ptr + 2 * H, offs_b, offs_j, stride_gh, 1, mask_b, mask_j)
     if HAS_BIAS:
-        h_r += _load_row(b_ptr, offs_j, mask_j)
-        h_z += _load_row(b_ptr + H, offs_j, mask_j)
-        hn += _load_row(b_ptr + 2 * H, offs_j, mask_j)
-    r = tl.sigmoid(x_r + h_r)
-    z = tl.sigmoid(x_z + h_z)
-    n = _tanh(x_n + r * hn)
-    h_prev = _load_tile(h_ptr, offs_b, offs_j, stride_h, 1, mask_b, mask_j)
-    _store_tile(out_ptr, (1.0 - z) * n + z * h_prev, offs_b, offs_j, H, mask_b, mask_j)
+        h_r += load_row(b_ptr, offs_j, mask_j)
+        h_z += load_row(b_ptr + H, offs_j, mask_j)
+        hn += load_row(b_ptr + 2 * H, offs_j, mask_j)
+    h_prev = load_tile(h_ptr, offs_b, offs_j, stride_h, 1, mask_b, mask_j)
+    r, z, n, h_new = gru_gates(x_r, x_z, x_n, h_r, h_z, hn, h_prev)
+    store_tile(out_ptr, h_new, offs_b, offs_j, H, mask_b, mask_j)
     if SAVE_GATES:
-        _store_tile(gates_ptr, r, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        _store_tile(gates_ptr + H, z, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        _store_tile(gates_ptr + 2 * H, n, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        _store_tile(gates_ptr + 3 * H, hn, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(gates_ptr, r, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(gates_ptr + H, z, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(gates_ptr + 2 * H, n, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(gates_ptr + 3 * H, hn, offs_b, offs_j, 4 * H, mask_b, mask_j)
 
 
 @triton.jit
@@ -108,93 +108,79 @@ def _gru_context_cell_bwd_kernel(
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_b, mask_j = offs_b < B, offs_j < H
-    dh = _load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-    r = _load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    z = _load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    n = _load_tile(gates_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    hn = _load_tile(gates_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    h = _load_tile(h_ptr, offs_b, offs_j, stride_h, 1, mask_b, mask_j)
-    dn = dh * (1.0 - z) * (1.0 - n * n)
-    dz = dh * (h - n) * z * (1.0 - z)
-    dr = dn * hn * r * (1.0 - r)
-    _store_tile(dgi_ptr, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    _store_tile(dgi_ptr + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    _store_tile(dgi_ptr + 2 * H, dn, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    _store_tile(dgh_ptr, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    _store_tile(dgh_ptr + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    _store_tile(dgh_ptr + 2 * H, dn * r, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    _store_tile(dhp_ptr, dh * z, offs_b, offs_j, H, mask_b, mask_j)
+    dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    r = load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    z = load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    n = load_tile(gates_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    hn = load_tile(gates_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    h = load_tile(h_ptr, offs_b, offs_j, stride_h, 1, mask_b, mask_j)
+    dr, dz, dn, dh_direct = gru_gates_backward(dh, r, z, n, hn, h)
+    store_tile(dgi_ptr, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    store_tile(dgi_ptr + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    store_tile(dgi_ptr + 2 * H, dn, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    store_tile(dgh_ptr, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    store_tile(dgh_ptr + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    store_tile(dgh_ptr + 2 * H, dn * r, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    store_tile(dhp_ptr, dh_direct, offs_b, offs_j, H, mask_b, mask_j)
 
 
 _fwd = counted(_gru_context_cell_fwd_kernel)
 _bwd = counted(_gru_context_cell_bwd_kernel)
 
 
-# What these kernels cannot take (module constants, so tests can lower them).
-MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
-MAX_INDEX = 2**31 - 1  # element offsets inside a kernel are int32
-
-
-def unsupported_reason(family: str, t: Tensor, sizes) -> Optional[_backend.Unsupported]:
+def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     """None if the cell kernels can take ``sizes`` = ``{"B", "H", "D", "extent"}``
-    (``extent``: the largest :func:`fastseq._backend.extent` of the row-strided
+    (``extent``: the largest :func:`fastseq.backend.extent` of the row-strided
     inputs gi, gh, h), else why not.
 
-    Limits: ``cdiv(H, BLOCK_H)`` hidden tiles on grid axis 1 at most
-    ``MAX_GRID_YZ``; every tensor a launch indexes (``[B, 4H]`` gates,
-    ``w_ic [3H, D]``, ``context [B, D]``, the inputs) at most ``MAX_INDEX`` elements.
+    Limits: ``cdiv(H, BLOCK_H)`` hidden tiles on grid axis 1, and every tensor a
+    launch indexes (``[B, 4H]`` gates, ``w_ic [3H, D]``, ``context [B, D]``, the
+    inputs) within int32 offsets (:func:`fastseq.ops.triton_utils.hidden_tile_limits`).
     """
     B, H, D = sizes["B"], sizes["H"], sizes["D"]
     n = max(sizes["extent"], B * 4 * H, 3 * H * D, B * D)
-    return hidden_tile_limits(B, H, n, f"B={B}, H={H}, D={D}: a tensor of {n} elements",
-                              MAX_INDEX, MAX_GRID_YZ)
-
-
-def _row_strided(x: Tensor) -> Tensor:
-    """``x`` if its rows are contiguous (a column slice is fine), else a copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return hidden_tile_limits(B, H, n, f"B={B}, H={H}, D={D}: a tensor of {n} elements")
 
 
 def gru_context_cell_forward(
     gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor, b_hh: Optional[Tensor], h: Tensor,
-    save_gates: bool, allow_tf32: bool = False,
+    save_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
     """One fused launch; arguments and returns as the reference's."""
     B, H = h.shape
     D = context.shape[1]
-    out = _backend.empty((B, H), gi)
-    gates = _backend.empty((B, 4 * H) if save_gates else (0,), gi)
+    out = alloc.empty((B, H), gi)
+    gates = alloc.empty((B, 4 * H) if save_gates else (0,), gi)
     if B == 0 or H == 0:
         return out, gates
-    gi, gh, h = _row_strided(gi), _row_strided(gh), _row_strided(h)
+    gi, gh, h = rows_contiguous(gi), rows_contiguous(gh), rows_contiguous(h)
     c, w = context.contiguous(), w_ic.contiguous()
-    blk = _pick_blocks(B, H)
+    blk = pick_blocks(B, H)
     grid = (triton.cdiv(B, blk.BLOCK_B), triton.cdiv(H, blk.BLOCK_H))
     _fwd[grid](
-        gi, c, w, gh, _contig(b_hh), h, out, gates if save_gates else None,
+        gi, c, w, gh, contiguous_or_none(b_hh), h, out, gates if save_gates else None,
         B, H, D, gi.stride(0), gh.stride(0), h.stride(0),
         BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, BLOCK_K=blk.BLOCK_K,
-        PRECISION="tf32" if allow_tf32 else "ieee", num_warps=blk.num_warps,
+        PRECISION=precision(), num_warps=blk.num_warps,
     )
     return out, gates
 
 
 def gru_context_cell_backward(
     grad_h: Tensor, gates: Tensor, h: Tensor, context: Tensor, w_ic: Tensor, has_bias: bool,
-    allow_tf32: bool = False,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One pointwise launch plus two matrix products; returns as the reference's."""
     B, H = h.shape
-    dgi = _backend.empty((B, 3 * H), gates)
-    dgh = _backend.empty((B, 3 * H), gates)
-    dhp = _backend.empty((B, H), h)
+    dgi = alloc.empty((B, 3 * H), gates)
+    dgh = alloc.empty((B, 3 * H), gates)
+    dhp = alloc.empty((B, H), h)
     if B and H:
-        h = _row_strided(h)
-        blk = _pick_blocks(B, H)
+        h = rows_contiguous(h)
+        blk = pick_blocks(B, H)
         grid = (triton.cdiv(B, blk.BLOCK_B), triton.cdiv(H, blk.BLOCK_H))
         _bwd[grid](grad_h.contiguous(), gates.contiguous(), h, dgi, dgh, dhp, B, H, h.stride(0),
                    BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, num_warps=blk.num_warps)
     dctx = (dgi @ w_ic.to(dgi.dtype)).to(context.dtype)
     dw = (dgi.t() @ context.to(dgi.dtype)).to(w_ic.dtype)
-    db = dgh.sum(0).to(w_ic.dtype) if has_bias else None
+    db = dgh.sum(0).to(w_ic.dtype) if has_bias else w_ic.new_empty((0,))
     return dgi, dctx, dw, dgh, db, dhp

@@ -1,6 +1,6 @@
-"""GRU/LSTM recurrences as torch.library custom ops, and the one dispatcher.
+"""GRU/LSTM recurrences as torch.library custom ops, their registrations, and the functional API.
 
-Ops (all time-major; see :mod:`fastseq.ops.reference` for the equations)::
+Ops (all time-major; :mod:`.naive` has the equations)::
 
     fastseq::gru_recurrence(gi, h0, w_hh, b_hh?, lengths?, save_gates) -> (hs, gates)
     fastseq::gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths?, has_bias)
@@ -10,13 +10,14 @@ Ops (all time-major; see :mod:`fastseq.ops.reference` for the equations)::
 
 Each op has a fake (meta) implementation, so ``torch.compile(fullgraph=True)``
 traces models that use them, and an autograd formula registered with
-``torch.library.register_autograd`` that calls the backward op. The input
-projection ``x W_ih^T + b_ih`` is *not* part of the op: callers compute it for
-all steps with one matrix product and autograd differentiates it.
+``torch.library.register_autograd`` that calls the backward op under the
+backend setting in force at the forward. The input projection
+``x W_ih^T + b_ih`` is *not* part of the op: callers compute it for all steps
+with one matrix product and autograd differentiates it.
 
-The implementation behind each op is picked per call by
-:func:`fastseq._backend.select`: fused Triton kernels on CUDA tensors (or on CPU
-tensors under the Triton interpreter when forced), else the reference.
+Each op has one implementation per backend in the registry
+(:mod:`fastseq.backend.registry`): :mod:`.naive` (reference), :mod:`.triton`
+(imported on first use), :mod:`.cpp` (the C++ extension).
 """
 from __future__ import annotations
 
@@ -25,26 +26,64 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.ops import _checks
-from fastseq.ops._dispatch import direct_call_ok, implementation, needs_grad
+from fastseq.backend import registry, selection
+from fastseq.backend.registry import Implementation, direct_call_ok, needs_grad
+from fastseq.ops import validation
+from fastseq.ops.recurrence import cpp, naive
 
-_LIB = "fastseq"
+__all__ = ["gru", "gru_recurrence", "gru_recurrence_backward", "lstm", "lstm_recurrence",
+           "lstm_recurrence_backward"]
+
+GRU_FORWARD, GRU_BACKWARD = "gru_recurrence", "gru_recurrence_backward"
+LSTM_FORWARD, LSTM_BACKWARD = "lstm_recurrence", "lstm_recurrence_backward"
 
 
-def _impl(t: Tensor, T: int, B: int, H: int, G: int):
-    """The module implementing a ``G``-gate recurrence of these sizes on tensor ``t``
-    (Triton, C++ or reference; a shape a fused backend cannot take falls back)."""
-    return implementation(t, "rnn", {"T": T, "B": B, "H": H, "G": G})
+# ------------------------------------------------------------------ registry
+
+
+def _triton():
+    """The Triton kernels, imported on first use (importing Triton costs ~0.3 s and needs it)."""
+    from fastseq.ops.recurrence import triton as kernels
+
+    return kernels
+
+
+registry.register(GRU_FORWARD, "reference", naive.gru_recurrence_forward)
+registry.register(GRU_FORWARD, "cpp", cpp.gru_recurrence_forward)
+registry.register(GRU_FORWARD, "triton", Implementation(
+    load=lambda: (_triton().gru_recurrence_forward, _triton().limits)))
+registry.register(GRU_BACKWARD, "reference", naive.gru_recurrence_backward)
+registry.register(GRU_BACKWARD, "cpp", cpp.gru_recurrence_backward)
+registry.register(GRU_BACKWARD, "triton", Implementation(
+    load=lambda: (_triton().gru_recurrence_backward, _triton().limits)))
+registry.register(LSTM_FORWARD, "reference", naive.lstm_recurrence_forward)
+registry.register(LSTM_FORWARD, "cpp", cpp.lstm_recurrence_forward)
+registry.register(LSTM_FORWARD, "triton", Implementation(
+    load=lambda: (_triton().lstm_recurrence_forward, _triton().limits)))
+registry.register(LSTM_BACKWARD, "reference", naive.lstm_recurrence_backward)
+registry.register(LSTM_BACKWARD, "cpp", cpp.lstm_recurrence_backward)
+registry.register(LSTM_BACKWARD, "triton", Implementation(
+    load=lambda: (_triton().lstm_recurrence_backward, _triton().limits)))
+
+
+def _impl(op: str, t: Tensor, T: int, B: int, H: int, G: int):
+    """The implementation of ``op`` for a ``G``-gate recurrence of these sizes on tensor ``t``."""
+    return registry.implementation(op, t, {"T": T, "B": B, "H": H, "G": G})
 
 
 def _grad_or_zeros(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if g is None else g
 
 
+def _not_saved(op: str) -> RuntimeError:
+    return RuntimeError(f"fastseq::{op} was called with save_gates=False, so it cannot be "
+                        "differentiated; call it with save_gates=True when gradients are needed")
+
+
 # --------------------------------------------------------------------------- GRU
 
 
-@torch.library.custom_op(f"{_LIB}::gru_recurrence", mutates_args=())
+@torch.library.custom_op(f"fastseq::{GRU_FORWARD}", mutates_args=())
 def gru_recurrence(
     gi: Tensor,
     h0: Tensor,
@@ -54,8 +93,8 @@ def gru_recurrence(
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
     """GRU recurrence. gi ``[T,B,3H]``, h0 ``[B,H]`` -> hs ``[T,B,H]``, gates ``[T,B,4H]`` (or ``[0]``)."""
-    mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 3)
-    return mod.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates, **kw)
+    fn = _impl(GRU_FORWARD, gi, gi.shape[0], gi.shape[1], h0.shape[1], 3)
+    return fn(gi, h0, w_hh, b_hh, lengths, save_gates)
 
 
 @gru_recurrence.register_fake
@@ -66,7 +105,7 @@ def _(gi, h0, w_hh, b_hh, lengths, save_gates):
     return gi.new_empty((T, B, H)), gates
 
 
-@torch.library.custom_op(f"{_LIB}::gru_recurrence_backward", mutates_args=())
+@torch.library.custom_op(f"fastseq::{GRU_BACKWARD}", mutates_args=())
 def gru_recurrence_backward(
     grad_hs: Tensor,
     h0: Tensor,
@@ -77,10 +116,8 @@ def gru_recurrence_backward(
     has_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``gru_recurrence``; grad_b_hh is an empty ``[0]`` tensor when has_bias is False."""
-    mod, kw = _impl(hs, *hs.shape, 3)
-    out = mod.gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias, **kw)
-    dgi, dh0, dw, db = out
-    return dgi, dh0, dw, db if db is not None else w_hh.new_empty((0,))
+    fn = _impl(GRU_BACKWARD, hs, *hs.shape, 3)
+    return fn(grad_hs, h0, w_hh, hs, gates, lengths, has_bias)
 
 
 @gru_recurrence_backward.register_fake
@@ -95,30 +132,27 @@ def _gru_setup_context(ctx, inputs, output):
     hs, gates = output
     ctx.has_bias = b_hh is not None
     ctx.save_gates = save_gates
+    ctx.backend = selection.forced()
     ctx.save_for_backward(h0, w_hh, hs, gates, lengths)
 
 
 def _gru_backward(ctx, grad_hs, _grad_gates):
     if not ctx.save_gates:
-        raise RuntimeError(
-            "fastseq::gru_recurrence was called with save_gates=False, so it cannot be "
-            "differentiated; call it with save_gates=True when gradients are needed"
-        )
+        raise _not_saved(GRU_FORWARD)
     h0, w_hh, hs, gates, lengths = ctx.saved_tensors
     grad_hs = _grad_or_zeros(grad_hs, hs).contiguous()
-    dgi, dh0, dw, db = gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, ctx.has_bias)
+    with selection.backend(ctx.backend):
+        dgi, dh0, dw, db = gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, ctx.has_bias)
     return dgi, dh0, dw, (db if ctx.has_bias else None), None, None
 
 
-torch.library.register_autograd(
-    f"{_LIB}::gru_recurrence", _gru_backward, setup_context=_gru_setup_context
-)
+torch.library.register_autograd(f"fastseq::{GRU_FORWARD}", _gru_backward, setup_context=_gru_setup_context)
 
 
 # -------------------------------------------------------------------------- LSTM
 
 
-@torch.library.custom_op(f"{_LIB}::lstm_recurrence", mutates_args=())
+@torch.library.custom_op(f"fastseq::{LSTM_FORWARD}", mutates_args=())
 def lstm_recurrence(
     gi: Tensor,
     h0: Tensor,
@@ -129,8 +163,8 @@ def lstm_recurrence(
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """LSTM recurrence. gi ``[T,B,4H]`` -> hs, cs ``[T,B,H]``, gates ``[T,B,4H]`` (or ``[0]``)."""
-    mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 4)
-    return mod.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates, **kw)
+    fn = _impl(LSTM_FORWARD, gi, gi.shape[0], gi.shape[1], h0.shape[1], 4)
+    return fn(gi, h0, c0, w_hh, b_hh, lengths, save_gates)
 
 
 @lstm_recurrence.register_fake
@@ -141,7 +175,7 @@ def _(gi, h0, c0, w_hh, b_hh, lengths, save_gates):
     return gi.new_empty((T, B, H)), gi.new_empty((T, B, H)), gates
 
 
-@torch.library.custom_op(f"{_LIB}::lstm_recurrence_backward", mutates_args=())
+@torch.library.custom_op(f"fastseq::{LSTM_BACKWARD}", mutates_args=())
 def lstm_recurrence_backward(
     grad_hs: Tensor,
     grad_cs: Tensor,
@@ -155,12 +189,8 @@ def lstm_recurrence_backward(
     has_bias: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``lstm_recurrence``; grad_b_hh is ``[0]`` when has_bias is False."""
-    mod, kw = _impl(hs, *hs.shape, 4)
-    out = mod.lstm_recurrence_backward(
-        grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias, **kw
-    )
-    dgi, dh0, dc0, dw, db = out
-    return dgi, dh0, dc0, dw, db if db is not None else w_hh.new_empty((0,))
+    fn = _impl(LSTM_BACKWARD, hs, *hs.shape, 4)
+    return fn(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias)
 
 
 @lstm_recurrence_backward.register_fake
@@ -181,27 +211,24 @@ def _lstm_setup_context(ctx, inputs, output):
     hs, cs, gates = output
     ctx.has_bias = b_hh is not None
     ctx.save_gates = save_gates
+    ctx.backend = selection.forced()
     ctx.save_for_backward(h0, c0, w_hh, hs, cs, gates, lengths)
 
 
 def _lstm_backward(ctx, grad_hs, grad_cs, _grad_gates):
     if not ctx.save_gates:
-        raise RuntimeError(
-            "fastseq::lstm_recurrence was called with save_gates=False, so it cannot be "
-            "differentiated; call it with save_gates=True when gradients are needed"
-        )
+        raise _not_saved(LSTM_FORWARD)
     h0, c0, w_hh, hs, cs, gates, lengths = ctx.saved_tensors
     grad_hs = _grad_or_zeros(grad_hs, hs).contiguous()
     grad_cs = _grad_or_zeros(grad_cs, cs).contiguous()
-    dgi, dh0, dc0, dw, db = lstm_recurrence_backward(
-        grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, ctx.has_bias
-    )
+    with selection.backend(ctx.backend):
+        dgi, dh0, dc0, dw, db = lstm_recurrence_backward(
+            grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, ctx.has_bias
+        )
     return dgi, dh0, dc0, dw, (db if ctx.has_bias else None), None, None
 
 
-torch.library.register_autograd(
-    f"{_LIB}::lstm_recurrence", _lstm_backward, setup_context=_lstm_setup_context
-)
+torch.library.register_autograd(f"fastseq::{LSTM_FORWARD}", _lstm_backward, setup_context=_lstm_setup_context)
 
 
 # ----------------------------------------------------------------- functional API
@@ -209,46 +236,42 @@ torch.library.register_autograd(
 
 def _check_args(gates: int, gi: Tensor, states: Tuple[Tuple[str, Tensor], ...], w_hh: Tensor,
                 b_hh: Optional[Tensor], lengths: Optional[Tensor]) -> Optional[Tensor]:
-    """Validate a recurrence call; errors name the argument, the expected and the actual value.
+    """Validate a recurrence call (:mod:`fastseq.ops.validation`'s conventions).
 
     Returns ``lengths`` checked (values in ``[1, T]``) and on gi's device.
     """
-    _checks.tensor("gi", gi)
+    validation.tensor("gi", gi)
     for name, t in states:
-        _checks.tensor(name, t)
-    _checks.tensor("w_hh", w_hh)
-    _checks.optional_tensor("b_hh", b_hh)
+        validation.tensor(name, t)
+    validation.tensor("w_hh", w_hh)
+    validation.optional_tensor("b_hh", b_hh)
     if gi.dim() != 3:
-        raise ValueError(f"gi: expected a 3-D tensor [T, B, {gates}*H], got shape {tuple(gi.shape)}")
+        raise RuntimeError(f"gi: expected a 3-D tensor [T, B, {gates}*H], got shape {tuple(gi.shape)}")
     T, B, GH = gi.shape
     for name, t in states:
         if t.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor [B, H], got shape {tuple(t.shape)}")
+            raise RuntimeError(f"{name}: expected a 2-D tensor [B, H], got shape {tuple(t.shape)}")
     H = states[0][1].shape[1]
     if GH != gates * H:
-        raise ValueError(f"gi: expected size(2) == {gates}*H = {gates * H} (H from h0), got shape {tuple(gi.shape)}")
+        raise RuntimeError(f"gi: expected size(2) == {gates}*H = {gates * H} (H from h0), "
+                           f"got shape {tuple(gi.shape)}")
     for name, t in states:
-        if tuple(t.shape) != (B, H):
-            raise ValueError(f"{name}: expected shape (B, H) = {(B, H)}, got {tuple(t.shape)}")
-    if tuple(w_hh.shape) != (gates * H, H):
-        raise ValueError(f"w_hh: expected shape {(gates * H, H)}, got {tuple(w_hh.shape)}")
-    if b_hh is not None and tuple(b_hh.shape) != (gates * H,):
-        raise ValueError(f"b_hh: expected shape {(gates * H,)}, got {tuple(b_hh.shape)}")
-    if not gi.is_floating_point():
-        raise TypeError(f"gi: expected a floating-point dtype, got {gi.dtype}")
+        validation.shape(name, t, (B, H), "(B, H) = ")
+    validation.shape("w_hh", w_hh, (gates * H, H))
+    if b_hh is not None:
+        validation.shape("b_hh", b_hh, (gates * H,))
+    validation.floating("gi", gi)
     for name, t in states + (("w_hh", w_hh),) + ((("b_hh", b_hh),) if b_hh is not None else ()):
-        if t.dtype != gi.dtype:
-            raise TypeError(f"{name}: expected dtype {gi.dtype} (that of gi), got {t.dtype}")
-        if t.device != gi.device:
-            raise RuntimeError(f"{name}: expected device {gi.device} (that of gi), got {t.device}")
-    return _checks.lengths("lengths", lengths, B, T, gi.device)
+        validation.like(name, t, gi, "gi")
+    return validation.lengths("lengths", lengths, B, T, gi.device)
 
 
 def gru(
     gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
 ) -> Tensor:
-    """GRU recurrence over precomputed input projections; saves gates only when needed.
+    """GRU recurrence over precomputed input projections (Cho et al. 2014, torch.nn.GRU's form);
+    saves gates only when a gradient is needed.
 
     Args:
         gi: ``[T, B, 3H]`` = ``x W_ih^T + b_ih`` for every step (gate order r, z, n).
@@ -257,7 +280,7 @@ def gru(
             runs T steps). Every value in ``[1, T]``; any order (sorted or not: rows
             are independent). Row ``b`` updates at steps ``t < lengths[b]`` only.
             CPU lengths are checked without a device sync; device lengths are
-            checked once per tensor object (one sync, cached).
+            checked once per tensor object and version (one sync, cached).
 
     Returns:
         hs ``[T, B, H]``: the state after every step; rows past their length
@@ -265,15 +288,14 @@ def gru(
         empty ``hs``.)
 
     Raises:
-        TypeError: an argument that is not a tensor; a dtype that does not fit.
-        ValueError: a shape that does not fit; ``lengths`` < 1 or > T.
-        RuntimeError: a device that does not fit.
+        fastseq.ops.validation.ArgumentTypeError: an argument that is not a tensor.
+        RuntimeError: a shape, dtype or device that does not fit; ``lengths`` < 1 or > T.
         (Each message names the argument, the expected and the actual value.)
     """
     lengths = _check_args(3, gi, (("h0", h0),), w_hh, b_hh, lengths)
     if direct_call_ok(gi, h0, w_hh, b_hh):
-        mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 3)
-        return mod.gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, False, **kw)[0]
+        fn = _impl(GRU_FORWARD, gi, gi.shape[0], gi.shape[1], h0.shape[1], 3)
+        return fn(gi, h0, w_hh, b_hh, lengths, False)[0]
     hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, needs_grad(gi, h0, w_hh, b_hh))
     return hs
 
@@ -282,7 +304,8 @@ def lstm(
     gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """LSTM recurrence over precomputed input projections (gate order i, f, g, o).
+    """LSTM recurrence over precomputed input projections (Hochreiter & Schmidhuber 1997,
+    torch.nn.LSTM's form; gate order i, f, g, o).
 
     Args:
         gi: ``[T, B, 4H]``; h0, c0: ``[B, H]``; w_hh: ``[4H, H]``; b_hh: ``[4H]`` or None;
@@ -292,14 +315,12 @@ def lstm(
         (hs, cs), each ``[T, B, H]``; ``hs[-1]``, ``cs[-1]`` are h_n, c_n.
 
     Raises:
-        TypeError / ValueError / RuntimeError: as :func:`gru`.
+        ArgumentTypeError / RuntimeError: as :func:`gru`.
     """
     lengths = _check_args(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, lengths)
     if direct_call_ok(gi, h0, c0, w_hh, b_hh):
-        mod, kw = _impl(gi, gi.shape[0], gi.shape[1], h0.shape[1], 4)
-        hs, cs, _ = mod.lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, False, **kw)
+        fn = _impl(LSTM_FORWARD, gi, gi.shape[0], gi.shape[1], h0.shape[1], 4)
+        hs, cs, _ = fn(gi, h0, c0, w_hh, b_hh, lengths, False)
         return hs, cs
-    hs, cs, _ = lstm_recurrence(
-        gi, h0, c0, w_hh, b_hh, lengths, needs_grad(gi, h0, c0, w_hh, b_hh)
-    )
+    hs, cs, _ = lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths, needs_grad(gi, h0, c0, w_hh, b_hh))
     return hs, cs

@@ -1,0 +1,29 @@
+"""The GRU/LSTM recurrences on the C++ extension (``csrc/cpu/rnn.cpp``, ``csrc/cuda/rnn_kernels.cu``).
+
+Each function calls ``torch.ops.fastseq_cpp.<name>`` (built on first use by
+:mod:`fastseq.backend.extension`; PyTorch's dispatcher picks the CPU or CUDA
+kernel by the tensors' device). Signatures and outputs are :mod:`.naive`'s;
+absent outputs are empty ``[0]`` tensors, as the C++ ops return them. The
+kernels loop over time with capped grid-stride loops on CUDA and int64
+indexing on the CPU: they take any shape (no limits registered).
+"""
+from __future__ import annotations
+
+from fastseq.backend import extension
+
+
+def gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates):
+    return tuple(extension.load().gru_recurrence_forward(gi, h0, w_hh, b_hh, lengths, save_gates))
+
+
+def gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias):
+    return tuple(extension.load().gru_recurrence_backward(grad_hs, h0, w_hh, hs, gates, lengths, has_bias))
+
+
+def lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates):
+    return tuple(extension.load().lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates))
+
+
+def lstm_recurrence_backward(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias):
+    return tuple(extension.load().lstm_recurrence_backward(
+        grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias))

@@ -1,1 +1,0 @@
-"""Fused Triton kernels for the fastseq recurrences (see :mod:`fastseq.ops.triton.rnn`)."""

@@ -1,0 +1,122 @@
+"""Triton primitives shared by every op's kernels, and their tile sizes and limits.
+
+``@triton.jit`` helpers (inlined into the kernels that call them):
+:func:`tanh`, :func:`load_tile`, :func:`store_tile`, :func:`load_row`,
+:func:`tile_offsets`. Host side: :func:`pick_blocks` (the one place the
+``[B, H]`` tile sizes are chosen), :func:`hidden_tile_limits` (the limits of
+kernels tiled that way, against :mod:`fastseq.backend.limits`), and small
+layout helpers. Importing this module imports Triton; the ops import their
+Triton kernels lazily (see each op's ``op.py``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastseq.backend import limits
+from fastseq.backend.selection import allow_tf32, interpreter_on
+
+# ------------------------------------------------------------------ jit helpers
+
+
+@triton.jit
+def tanh(x):
+    """tanh(x) = 2 sigmoid(2x) - 1 (portable across Triton versions)."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def tile_offsets(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Row / hidden-unit offsets and in-bounds masks of this program's ``[BLOCK_B, BLOCK_H]`` tile
+    (grid axis 0 over rows, axis 1 over hidden units)."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return offs_b, offs_j, offs_b < B, offs_j < H
+
+
+@triton.jit
+def load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c):
+    """fp32 tile ``ptr[offs_r * stride_r + offs_c * stride_c]``, zero out of bounds."""
+    ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    return tl.load(ptrs, mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, value, offs_r, offs_c, stride_r, mask_r, mask_c):
+    """Store a tile of a row-major matrix, cast to the pointer's dtype."""
+    ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :]
+    tl.store(ptrs, value.to(ptr.dtype.element_ty), mask=mask_r[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def load_row(ptr, offs, mask):
+    """fp32 ``[1, N]`` row vector (a bias slice)."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)[None, :]
+
+
+# ------------------------------------------------------------------ host side
+
+
+class Blocks(NamedTuple):
+    """Tile sizes of a kernel tiled over ``[B, H]``, and its warps."""
+
+    BLOCK_B: int
+    BLOCK_H: int
+    BLOCK_K: int
+    num_warps: int
+
+
+def pow2(n: int, lo: int, hi: int) -> int:
+    """The power of two at or above ``n``, clamped to ``[lo, hi]``."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def pick_blocks(B: int, H: int) -> Blocks:
+    """Tile sizes for a ``[B, H]`` state (the one place they are chosen; no autotuning yet).
+
+    Under the interpreter everything is 16 (the ``tl.dot`` minimum), which keeps the
+    numpy emulation small and exercises the multi-tile and masking paths. On a GPU
+    the hidden tile shrinks until there are enough programs to fill the machine.
+    """
+    if interpreter_on():
+        return Blocks(16, 16, 16, 1)
+    block_b = pow2(B, 16, 32)
+    block_h = pow2(H, 16, 64)
+    while block_h > 16 and triton.cdiv(B, block_b) * triton.cdiv(H, block_h) < 128:
+        block_h //= 2
+    block_k = pow2(H, 16, 32)
+    return Blocks(block_b, block_h, block_k, 4)
+
+
+def precision() -> str:
+    """``tl.dot``'s ``input_precision`` for float32 operands: TF32 only when the user
+    opted in with ``torch.backends.cuda.matmul.allow_tf32 = True``."""
+    return "tf32" if allow_tf32() else "ieee"
+
+
+def hidden_tile_limits(B: int, H: int, n: int, what: str) -> Optional[limits.Unsupported]:
+    """The limits of kernels tiled over ``[B, H]`` (the recurrence and the decoder cell):
+    the largest tensor a launch indexes (``n`` elements, described by ``what``) within
+    int32 offsets, and the ``cdiv(H, BLOCK_H)`` hidden tiles within grid axis 1."""
+    if n > limits.MAX_INDEX:
+        return limits.Unsupported(
+            "int32-index", f"{what}, past the Triton kernels' int32 offsets (at most {limits.MAX_INDEX})"
+        )
+    tiles = triton.cdiv(H, pick_blocks(B, H).BLOCK_H)
+    if tiles > limits.MAX_GRID_YZ:
+        return limits.Unsupported(
+            "grid", f"H={H}: {tiles} hidden tiles on grid axis 1, past the limit {limits.MAX_GRID_YZ}"
+        )
+    return None
+
+
+def contiguous_or_none(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.contiguous()
+
+
+def rows_contiguous(x: Tensor) -> Tensor:
+    """``x`` if its last dimension is contiguous (a column slice is fine), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
