@@ -1,6 +1,7 @@
 """AdditiveAttention against its equation written out with eager torch ops."""
 import pytest
 import torch
+from parity import assert_close
 
 from fastseq.nn import AdditiveAttention
 
@@ -26,13 +27,13 @@ def test_matches_equation_and_gradients(backend, dtype):
     mask = torch.arange(S)[None] < lengths[:, None]
     ctx, w = att(s, att.precompute_keys(keys), keys, mask)
     ctx_e, w_e = _eager(att, s, keys, mask)
-    torch.testing.assert_close(ctx, ctx_e)
-    torch.testing.assert_close(w, w_e)
+    assert_close(ctx, ctx_e)
+    assert_close(w, w_e)
     assert torch.all(w[~mask] == 0)
     g = torch.randn_like(ctx)
     params = [s, keys] + list(att.parameters())
     for a, b in zip(torch.autograd.grad(ctx, params, g), torch.autograd.grad(ctx_e, params, g)):
-        torch.testing.assert_close(a, b)
+        assert_close(a, b)
 
 
 def test_zero_length_source_raises():
@@ -54,12 +55,20 @@ def test_bad_shapes_name_the_argument():
         att.precompute_keys(torch.randn(2, 5, 4))
 
 
-def test_load_from_other_layout():
+def test_load_from_other_layout(backend):
+    """Weights in the PyTorch seq2seq tutorial's layout (Wa, Ua with a bias, Va) give
+    that tutorial's attention: scores Va(tanh(Wa(s) + Ua(h))), softmax, weighted sum."""
     att = AdditiveAttention(2, 3, 4, bias=True)
     Wa, Ua, v, b = torch.randn(4, 2), torch.randn(4, 3), torch.randn(4), torch.randn(4)
-    att.load_from(Wa, Ua, v, key_bias=b)
-    assert torch.equal(att.query_layer.weight, Wa) and torch.equal(att.energy_layer.weight[0], v)
-    assert torch.equal(att.key_layer.bias, b)
+    att.load_from(Wa, Ua, v.reshape(1, 4), key_bias=b)
+    s, keys = torch.randn(5, 2), torch.randn(5, 6, 3)
+    scores = torch.tanh((s @ Wa.T).unsqueeze(1) + keys @ Ua.T + b) @ v  # [B, S]
+    w_want = torch.softmax(scores, -1)
+    ctx, w = att(s, att.precompute_keys(keys), keys)
+    assert_close(w, w_want)
+    assert_close(ctx, (w_want.unsqueeze(1) @ keys).squeeze(1))
+    with pytest.raises(ValueError, match="key_bias: this module was built with bias=False"):
+        AdditiveAttention(2, 3, 4).load_from(Wa, Ua, v, key_bias=b)
 
 
 def test_multi_query_and_lengths(backend):
@@ -72,8 +81,8 @@ def test_multi_query_and_lengths(backend):
     assert ctx.shape == (2, 7, 4) and w.shape == (2, 7, 6)
     for t in (0, 6):
         c1, w1 = att(s[:, t], att.precompute_keys(keys), keys, mask)
-        torch.testing.assert_close(c1, ctx[:, t])
-        torch.testing.assert_close(w1, w[:, t])
+        assert_close(c1, ctx[:, t])
+        assert_close(w1, w[:, t])
 
 
 def test_state_dict_matches_joeynmt_layout():

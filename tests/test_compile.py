@@ -6,6 +6,7 @@ fastseq leaves alone on import (tests/test_dropin.py); these tests opt in the wa
 the README says, scoped to the compiled call."""
 import pytest
 import torch
+from parity import assert_close
 
 import fastseq.nn as fnn
 from conftest import DEVICE
@@ -33,13 +34,13 @@ def test_fullgraph_compile_matches_eager(compile_backend):
     eager_out = model(x)
     with torch._dynamo.config.patch(allow_rnn=True):
         comp_out = compiled(x)
-    torch.testing.assert_close(comp_out, eager_out, rtol=1e-5, atol=1e-6)
+    assert_close(comp_out, eager_out)
     g = torch.randn_like(eager_out)
     params = list(model.parameters())
     want = torch.autograd.grad(eager_out, params, g)
     got = torch.autograd.grad(comp_out, params, g)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close(a, b)
 
 
 def test_compile_without_the_flag_runs_the_rnn_eagerly():
@@ -49,7 +50,7 @@ def test_compile_without_the_flag_runs_the_rnn_eagerly():
     model = Tiny().to(DEVICE)
     x = torch.randn(3, 5, 4, device=DEVICE)
     assert torch._dynamo.config.allow_rnn is False
-    torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x), rtol=1e-5, atol=1e-6)
+    assert_close(torch.compile(model, backend="aot_eager")(x), model(x))
     torch._dynamo.reset()
     with pytest.raises(Exception, match="allow_rnn"):
         torch.compile(model, fullgraph=True, backend="aot_eager")(x)
@@ -97,9 +98,9 @@ def test_decoder_compiles_fullgraph():
     memory = model.encode(src, lens)
     compiled = torch.compile(model.decoder, fullgraph=True, backend="aot_eager")
     want, got = model.decoder(tgt, memory), compiled(tgt, memory)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_close(got, want)
     params = list(model.decoder.parameters())
     g = torch.randn_like(want)
     for a, b in zip(torch.autograd.grad(got, params, g, retain_graph=True),
                     torch.autograd.grad(want, params, g, retain_graph=True)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close(a, b)

@@ -7,17 +7,10 @@ forced with FASTSEQ_CPP_GEMM=aten).
 A failed build fails these tests (it does not skip them)."""
 import pytest
 import torch
+from parity import assert_close
 
 from fastseq.backend import extension
 from fastseq.ops.recurrence import naive as reference
-
-TOL = {
-    torch.float32: (1e-5, 2e-6),
-    torch.float64: (1e-10, 1e-12),
-    torch.float16: (5e-3, 5e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
-
 
 @pytest.fixture
 def ops(cpp_ops):
@@ -44,11 +37,7 @@ def two_threads():
 
 
 def _close(name, got, want, dtype):
-    rtol, atol = TOL[dtype]
-    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True,
-                               msg=lambda m: f"{name}: {m}")
+    assert_close(got, want, dtype, name)
 
 
 def _lengths(mode, T, B, g):

@@ -4,6 +4,7 @@ same decoder on eager torch.nn operations with the same weights, the launch
 count of one step, and search never recomputing the key projection."""
 import pytest
 import torch
+from parity import assert_close
 
 from conftest import DEVICE, TRITON, require
 import fastseq
@@ -53,9 +54,9 @@ def test_cell_reference_matches_autograd_float64(bias):
     args = [None if x is None else next(it) for x in xs]
     want = _eager_cell(*args)
     g = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)).to(want)
-    torch.testing.assert_close(out, want.detach())
+    assert_close(out, want.detach())
     for a, b in zip(grads, torch.autograd.grad(want, leaves, g)):
-        torch.testing.assert_close(a, b)
+        assert_close(a, b)
 
 
 def test_cell_gradcheck_float64():
@@ -77,10 +78,10 @@ def test_cell_triton_matches_reference(B, H, D, bias):
         got = _cell_grads(xs, 3)
     with fastseq.backend("reference"):
         want = _cell_grads(xs, 3)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    assert_close(got[0], want[0])
     for a, b in zip(got[1], want[1]):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        assert_close(a, b)
 
 
 def test_cell_bad_input():
@@ -130,14 +131,13 @@ def test_decoder_matches_eager_torch_nn(name, dtype):
     with fastseq.backend(name):
         got = _decoder_grads(model.decoder, model, src, lens, tgt, seed=1)
     want = _decoder_grads(EagerDecoder(model.decoder), model, src, lens, tgt, seed=1)
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
-    torch.testing.assert_close(got[0], want[0], **tol)
+    assert_close(got[0], want[0], name="logits")
     names = [n for n, _ in model.decoder.named_parameters()] + ["values", "proj_keys", "init_state"]
     for pname, a, b in zip(names, got[1], want[1]):
         if b is None:
             assert a is None or not a.any(), pname
             continue
-        torch.testing.assert_close(a, b, msg=f"grad {pname}", **tol)
+        assert_close(a, b, name=f"grad {pname}")
 
 
 @pytest.mark.skipif(not TRITON, reason="Triton backend not available here")

@@ -3,21 +3,18 @@ interpreter on CPU, natively on a GPU): every output and gradient, poisoned
 outputs, lengths (unsorted, including 1), sizes that are not tile multiples."""
 import pytest
 import torch
+from parity import assert_close
 
 from conftest import DEVICE, TRITON
 from fastseq.ops.recurrence import naive as reference
 
 pytestmark = pytest.mark.skipif(not TRITON, reason="Triton backend not available here")
 
-TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
 DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32, torch.float16]
 
 
 def _close(name, got, want, dtype):
-    rtol, atol = TOL[dtype]
-    assert got.dtype == want.dtype, name
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
-    torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol, msg=name)
+    assert_close(got, want, dtype, name)
 
 
 def _make(G, T, B, H, dtype, bias, lengths, seed):

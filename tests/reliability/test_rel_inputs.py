@@ -28,7 +28,7 @@ interpreter, cpp), inside the test, so one case is one test id:
     Inf, batch_first, PackedSequence with enforce_sorted=False. fastseq's
     outputs and gradients (input, states, every parameter; random upstream
     gradient) must equal torch.nn's, NaN/Inf at the same places
-    (``assert_close(..., equal_nan=True)``). For AdditiveAttention, which has no
+    (tests/parity.py's ``assert_close``). For AdditiveAttention, which has no
     torch.nn counterpart, the comparison is the plain-PyTorch formula.
 ``test_limit_*``
     A shape a fused backend cannot take (limits lowered by monkeypatching
@@ -55,6 +55,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Type
 
 import pytest
 import torch
+from parity import assert_all_close, assert_close
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
@@ -871,8 +872,7 @@ def test_like_torch(case: Like):
         for kind, gs, ws in (("output", got[0], want[0]), ("grad", got[1], want[1])):
             assert len(gs) == len(ws)
             for i, (a, b) in enumerate(zip(gs, ws)):
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True,
-                                           msg=lambda m: f"[{name}] {kind} {i}: {m}")
+                assert_close(a, b, name=f"[{name}] {kind} {i}")
 
 
 # ============================================================ shape limits
@@ -934,7 +934,7 @@ def _check_fallback(forced, patch, fn, leaves, monkeypatch, kind):
     assert len(msgs) == 1, msgs
     assert f"the {forced} backend cannot take this shape" in msgs[0] and kind in msgs[0], msgs[0]
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert_close(a, b)
     return msgs[0]
 
 
@@ -979,7 +979,7 @@ def test_limit_fallback_triton_attention_strided_extent(monkeypatch, fresh_warni
     assert len(_limit_warnings(record)) == 1
     with fastseq.backend("reference"):
         want = ops.additive_attention(leaves[0], leaves[1], view, leaves[3])
-    torch.testing.assert_close((ctx, w), want)
+    assert_all_close((ctx, w), want)
 
 
 def test_limit_fallback_triton_cell(monkeypatch, fresh_warnings):

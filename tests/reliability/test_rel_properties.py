@@ -62,6 +62,7 @@ from typing import Callable, Dict, Optional
 
 import pytest
 import torch
+from parity import assert_close
 from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -99,10 +100,6 @@ ATTENTION_DTYPES = DTYPES
 # Longest sequence drawn: the Triton interpreter runs ~0.1 s per recurrence step.
 T_MAX = {"reference": 5, "cpp": 5, "triton": 4}
 
-TOL = {torch.float64: dict(rtol=1e-7, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-5)}
-# float16: ||got - want|| <= HALF_REL_TOL ||want|| + HALF_ABS_TOL sqrt(numel) (a noise floor
-# of about two float16 ulps at 1, for tensors whose true value is ~0).
-HALF_REL_TOL, HALF_ABS_TOL = 1e-2, 1e-3
 
 Tensors = Dict[str, Optional[torch.Tensor]]
 
@@ -170,16 +167,9 @@ def run(fn: Callable, inputs: Tensors, dtype: torch.dtype, params: Tensors = Non
 
 
 def assert_match(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     assert got.dtype == dtype, f"{name}: dtype {got.dtype} != {dtype}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten output?)"
-    a, b = got.detach().double(), want.detach().double()
-    if dtype == torch.float16:
-        err, norm = float((a - b).norm()), float(b.norm())
-        bound = HALF_REL_TOL * norm + HALF_ABS_TOL * b.numel() ** 0.5
-        assert err <= bound, f"{name}: ||got - want|| = {err:.3e} > {bound:.3e} (||want|| = {norm:.3e})"
-    else:
-        torch.testing.assert_close(a, b, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    assert_close(got, want, dtype, name, cast=True)
 
 
 def assert_all(got, want, dtype: torch.dtype, out_names) -> None:
@@ -617,7 +607,6 @@ def test_triton_half_attention_weights_are_the_fp32_softmax():
             want = run(fn, inputs, torch.float16, grad_seed=s)
         weights = got[0][1].double()
         assert (weights.sum(-1) - 1).abs().max() <= 1.5e-3, "weights do not sum to 1"
-        torch.testing.assert_close(weights, want[0][1].double(), rtol=0, atol=1.5e-3)
         assert_all(got, want, torch.float16, ["context", "weights"])
 
     check()
