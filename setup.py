@@ -2,7 +2,11 @@
 
 By default fastseq installs as pure Python: the Triton kernels compile at run
 time and the C++ extension (csrc/) is built on first use by
-torch.utils.cpp_extension.load (JIT, cached per user; see fastseq/ops/cpp.py).
+torch.utils.cpp_extension.load (JIT, cached per user; see
+fastseq/backend/extension.py). A wheel carries the C++/CUDA sources inside the
+package (``fastseq/csrc/``, copied by ``build_py`` below), so an installed
+fastseq builds its extension the same way; ninja comes from the ``ninja``
+package on PyPI (a dependency).
 
 Ahead of time: ``FASTSEQ_BUILD_EXT=1 pip install --no-build-isolation .``
 builds it here as ``fastseq/_C*.so`` (CPU kernels; plus the CUDA kernels when
@@ -11,15 +15,31 @@ build needs torch installed already, hence ``--no-build-isolation``.
 """
 import glob
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-ext_modules, cmdclass = [], {}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class build_py_with_csrc(build_py):
+    """Also copy csrc/ (the C++/CUDA sources and headers) into the built package as fastseq/csrc/."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(HERE, "csrc")
+        dst = os.path.join(self.build_lib, "fastseq", "csrc")
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
+
+
+ext_modules, cmdclass = [], {"build_py": build_py_with_csrc}
 if os.environ.get("FASTSEQ_BUILD_EXT", "") == "1":
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    here = os.path.dirname(os.path.abspath(__file__))
     cpu = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda)
@@ -27,7 +47,7 @@ if os.environ.get("FASTSEQ_BUILD_EXT", "") == "1":
     omp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
     cxx = ["-O3", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"] + (["-fopenmp"] if omp else [])
     kw = dict(
-        include_dirs=[os.path.join(here, "csrc", "cpu"), os.path.join(here, "csrc", "cuda")],
+        include_dirs=[os.path.join(HERE, "csrc"), os.path.join(HERE, "csrc", "cpu"), os.path.join(HERE, "csrc", "cuda")],
         extra_link_args=["-fopenmp"] if omp else [],
     )
     if use_cuda:
@@ -35,6 +55,7 @@ if os.environ.get("FASTSEQ_BUILD_EXT", "") == "1":
                             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]}, **kw)
     else:
         ext = CppExtension("fastseq._C", cpu, extra_compile_args={"cxx": cxx}, **kw)
-    ext_modules, cmdclass = [ext], {"build_ext": BuildExtension}
+    ext_modules = [ext]
+    cmdclass["build_ext"] = BuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -39,14 +39,16 @@ builds nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import platform
 import re
+import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -59,7 +61,8 @@ _BUILD_MSG = "fastseq: building the C++ extension (first use, ~1 min) ..."
 
 
 def csrc_dir() -> Path:
-    """The csrc/ folder: ``<package parent>/csrc`` (source checkout), else ``fastseq/csrc``.
+    """The csrc/ folder: ``<package parent>/csrc`` (a source checkout or editable install),
+    else ``fastseq/csrc`` (an installed wheel: setup.py copies the sources into the package).
 
     Raises:
         FileNotFoundError: neither exists.
@@ -160,6 +163,26 @@ def _aot_library() -> Optional[Path]:
     return found[0] if found else None
 
 
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """Make ``ninja`` findable for the build: torch runs it from ``PATH``, and the
+    ``ninja`` package fastseq depends on puts it in its own ``BIN_DIR``, which is on
+    ``PATH`` only in an activated environment. ``PATH`` is restored afterwards."""
+    old = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # the PyPI package (a fastseq dependency)
+
+            if ninja.BIN_DIR:
+                os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, old]) if old else ninja.BIN_DIR
+        except ImportError:  # torch's own error names the missing ninja
+            pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 @functools.lru_cache(maxsize=None)
 def _try_load() -> Tuple[Optional[object], Optional[BaseException]]:
     """Build (or reuse) and load the library once per process; failures are cached too."""
@@ -174,17 +197,18 @@ def _try_load() -> Tuple[Optional[object], Optional[BaseException]]:
             bdir.mkdir(parents=True, exist_ok=True)
             if not (bdir / f"{NAME}.so").exists():
                 print(_BUILD_MSG, file=sys.stderr, flush=True)
-            cpp_extension.load(
-                name=NAME,
-                sources=[str(p) for p in sources()],
-                extra_cflags=cflags(),
-                extra_ldflags=ldflags(),
-                extra_include_paths=[str(csrc_dir())] + [str(csrc_dir() / d) for d in ("cpu", "cuda")
-                                                          if (csrc_dir() / d).is_dir()],
-                build_directory=str(bdir),
-                verbose=False,
-                is_python_module=False,
-            )
+            with _ninja_on_path():
+                cpp_extension.load(
+                    name=NAME,
+                    sources=[str(p) for p in sources()],
+                    extra_cflags=cflags(),
+                    extra_ldflags=ldflags(),
+                    extra_include_paths=[str(csrc_dir())] + [str(csrc_dir() / d) for d in ("cpu", "cuda")
+                                                              if (csrc_dir() / d).is_dir()],
+                    build_directory=str(bdir),
+                    verbose=False,
+                    is_python_module=False,
+                )
         return torch.ops.fastseq_cpp, None
     except Exception as exc:  # noqa: BLE001 - reported through status()/load()
         return None, exc
