@@ -18,6 +18,7 @@
 // float64 stays float64; float16/bfloat16 inputs are computed in float32 and
 // the results cast back (like the reference).
 #include "attention_common.h"
+#include "schemas.h"
 
 #include <torch/library.h>
 
@@ -238,12 +239,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_back
 }  // namespace fastseq
 
 TORCH_LIBRARY_FRAGMENT(FASTSEQ_CPP_LIBRARY, m) {
-  m.def(
-      "gru_context_cell_forward(Tensor gi, Tensor context, Tensor w_ic, Tensor gh, Tensor? b_hh, "
-      "Tensor h, bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_context_cell_backward(Tensor grad_h, Tensor gates, Tensor h, Tensor context, Tensor w_ic, "
-      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  fastseq::define_cell_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CPU, m) {

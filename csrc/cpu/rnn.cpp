@@ -29,6 +29,7 @@
 // Both give the same results up to float rounding (tests cover both).
 #include "common.h"
 #include "gemm.h"
+#include "schemas.h"
 
 #include <torch/library.h>
 
@@ -786,7 +787,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
 
   const Tensor dw = weight_grad(dgh, h_init, hs_c, 3 * H, H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? finish(dgh.sum({0, 1}), wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? finish(dgh.sum(at::IntArrayRef{0, 1}), wdt) : at::empty({0}, w_hh.options());
   return {finish(dgi, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dw, wdt), db};
 }
 
@@ -934,7 +935,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
 
   const Tensor dw = weight_grad(dg, h_init, hs_c, 4 * H, H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? finish(dg.sum({0, 1}), wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? finish(dg.sum(at::IntArrayRef{0, 1}), wdt) : at::empty({0}, w_hh.options());
   return {finish(dg, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dc, c0.scalar_type()),
           finish(dw, wdt), db};
 }
@@ -943,20 +944,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
 }  // namespace cpu
 }  // namespace fastseq
 
+// The library itself (schemas.h: the schemas of every group of ops).
 TORCH_LIBRARY(fastseq_cpp, m) {
-  m.def(
-      "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
-      "bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
-      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  fastseq::define_recurrence_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cpp, CPU, m) {

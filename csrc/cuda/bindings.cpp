@@ -27,8 +27,8 @@
 //
 // FASTSEQ_CUDA_HOST_EMULATION (tests only; see common.cuh): the same code on
 // CPU tensors, the kernels running on CPU threads, registered as a separate
-// library `fastseq_cuda_emu` (with the schemas spelled out, so their match
-// with these C++ signatures is checked when it loads).
+// library `fastseq_cuda_emu` with the schemas of the CPU ops (../cpu/schemas.h,
+// so their match with these C++ signatures is checked when it loads).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #ifndef FASTSEQ_CUDA_HOST_EMULATION
@@ -41,6 +41,7 @@
 #include <string>
 #include <tuple>
 
+#include "../cpu/schemas.h"  // relative: the tests compile this file without csrc/cpu on the include path
 #include "kernels.h"
 
 namespace fastseq {
@@ -267,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
 
   const Tensor dw = weight_grad(dgh, h_init, hs_k.to(cd), 3 * H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? dgh.sum({0, 1}).to(wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? dgh.sum(at::IntArrayRef{0, 1}).to(wdt) : at::empty({0}, w_hh.options());
   return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dw.to(wdt), db};
 }
 
@@ -390,7 +391,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
 
   const Tensor dw = weight_grad(dg, h_init, hs.to(cd), 4 * H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? dg.sum({0, 1}).to(wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? dg.sum(at::IntArrayRef{0, 1}).to(wdt) : at::empty({0}, w_hh.options());
   const Tensor dgi = dgi_s.defined() ? dgi_s : dg;
   return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dc.to(c0.scalar_type()), dw.to(wdt), db};
 }
@@ -640,11 +641,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_back
 
 #ifndef FASTSEQ_CUDA_HOST_EMULATION
 
-// The library name, overridable like the CPU sources' (-DFASTSEQ_CPP_LIBRARY=...).
-#ifndef FASTSEQ_CPP_LIBRARY
-#define FASTSEQ_CPP_LIBRARY fastseq_cpp
-#endif
-
+// The library name, overridable like the CPU sources' (-DFASTSEQ_CPP_LIBRARY=...; schemas.h).
 TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CUDA, m) {
   FASTSEQ_CUDA_IMPLS(m);
 }
@@ -652,31 +649,7 @@ TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CUDA, m) {
 #else  // test build: the schemas of csrc/cpu, under another name
 
 TORCH_LIBRARY(fastseq_cuda_emu, m) {
-  m.def(
-      "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
-      "bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
-      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "additive_attention_forward(Tensor query, Tensor proj_keys, Tensor values, Tensor energy, "
-      "Tensor? mask=None, Tensor? lengths=None) -> (Tensor, Tensor)");
-  m.def(
-      "additive_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
-      "Tensor proj_keys, Tensor values, Tensor energy, Tensor weights) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "gru_context_cell_forward(Tensor gi, Tensor context, Tensor w_ic, Tensor gh, Tensor? b_hh, "
-      "Tensor h, bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_context_cell_backward(Tensor grad_h, Tensor gates, Tensor h, Tensor context, Tensor w_ic, "
-      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  fastseq::define_all_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {
