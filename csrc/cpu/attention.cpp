@@ -25,6 +25,7 @@
 // float64 stays float64; float16/bfloat16 inputs are computed in float32 and
 // the results cast back (like the reference).
 #include "attention_common.h"
+#include "schemas.h"
 
 #include <torch/library.h>
 
@@ -394,13 +395,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> additive_attention_backward(
 }  // namespace fastseq
 
 TORCH_LIBRARY_FRAGMENT(FASTSEQ_CPP_LIBRARY, m) {
-  m.def(
-      "additive_attention_forward(Tensor query, Tensor proj_keys, Tensor values, Tensor energy, "
-      "Tensor? mask=None, Tensor? lengths=None) -> (Tensor, Tensor)");
-  m.def(
-      "additive_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
-      "Tensor proj_keys, Tensor values, Tensor energy, Tensor weights) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+  fastseq::define_attention_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CPU, m) {

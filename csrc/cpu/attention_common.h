@@ -1,10 +1,12 @@
 // Helpers shared by the CPU (ATen) attention op (attention.cpp) and the decoder
-// GRU context cell (cell.cpp): vectorisable activations, an ISA dispatch for
-// the float kernels, argument checks and dtype handling.
+// GRU context cell (cell.cpp): an ISA dispatch for the float kernels, argument
+// checks and dtype handling.
 //
 // The activations, the ISA macros and compute_dtype come from common.h (shared
 // with the recurrence ops); this header adds the attention/cell helpers in
-// fastseq::cpu_attn. No CUDA header is included.
+// fastseq::cpu_attn. (The sources also include gates.h, the gate formulas, and
+// schemas.h, the library name FASTSEQ_CPP_LIBRARY and the op schemas.) No
+// CUDA header is included.
 #pragma once
 
 #include "common.h"
@@ -18,13 +20,6 @@
 #include <cstring>
 #include <optional>
 #include <type_traits>
-
-// The torch.library namespace the ops are registered in. The tests build these
-// sources on their own under another name, so that they never clash with the
-// full fastseq_cpp library when both are loaded in one process.
-#ifndef FASTSEQ_CPP_LIBRARY
-#define FASTSEQ_CPP_LIBRARY fastseq_cpp
-#endif
 
 // NAME(const ARGS<T>& p, int64_t begin, int64_t end) running NAME##_impl<T>:
 // for float, the AVX2+FMA build when the CPU has it, else the baseline build.
@@ -53,8 +48,6 @@ namespace fastseq {
 namespace cpu_attn {
 
 using ::fastseq::cpu::compute_dtype;
-using ::fastseq::cpu::exp_f;
-using ::fastseq::cpu::sigmoid_f;
 using ::fastseq::cpu::tanh_f;
 
 // Sum of x[0..n) with 8 independent partial sums (a plain `s += x[i]` loop does

@@ -14,10 +14,14 @@
 // Backward: one fused pointwise pass gives grad_gi, grad_gh and the direct
 // grad_h; grad_context = grad_gi W_ic and grad_W_ic = grad_gi^T context are two
 // GEMMs, grad_b_hh = sum_b grad_gh a reduction.
+// The gate formulas (gru_gate_forward, gru_gate_backward) are those of the
+// recurrences: gates.h.
 //
 // float64 stays float64; float16/bfloat16 inputs are computed in float32 and
 // the results cast back (like the reference).
 #include "attention_common.h"
+#include "gates.h"
+#include "schemas.h"
 
 #include <torch/library.h>
 
@@ -29,6 +33,10 @@ namespace cpu_attn {
 namespace {
 
 using at::Tensor;
+using ::fastseq::cpu::gru_gate_backward;
+using ::fastseq::cpu::gru_gate_forward;
+using ::fastseq::cpu::GruGateGrads;
+using ::fastseq::cpu::GruGates;
 
 constexpr const char* kFwd = "fastseq_cpp::gru_context_cell_forward";
 constexpr const char* kBwd = "fastseq_cpp::gru_context_cell_backward";
@@ -59,14 +67,12 @@ FASTSEQ_INLINE void cell_fwd_row(const T* FASTSEQ_RESTRICT xi, const T* FASTSEQ_
     const T h_r = BIAS ? hh[j] + bb[j] : hh[j];
     const T h_z = BIAS ? hh[H + j] + bb[H + j] : hh[H + j];
     const T h_n = BIAS ? hh[2 * H + j] + bb[2 * H + j] : hh[2 * H + j];
-    const T r = sigmoid_f(x_r + h_r);
-    const T z = sigmoid_f(x_z + h_z);
-    const T n = tanh_f(x_n + r * h_n);
-    ho[j] = (T(1) - z) * n + z * hp[j];
+    const GruGates<T> y = gru_gate_forward(x_r, x_z, x_n, h_r, h_z, h_n, hp[j]);
+    ho[j] = y.h;
     if (SAVE) {
-      g[j] = r;
-      g[H + j] = z;
-      g[2 * H + j] = n;
+      g[j] = y.r;
+      g[H + j] = y.z;
+      g[2 * H + j] = y.n;
       g[3 * H + j] = h_n;
     }
   }
@@ -122,18 +128,14 @@ FASTSEQ_INLINE void cell_bwd_rows_impl(const CellBwd<T>& p, int64_t b0, int64_t 
     T* FASTSEQ_RESTRICT dhh = p.dgh + b * 3 * H;
     T* FASTSEQ_RESTRICT dh = p.dh + b * H;
     for (int64_t j = 0; j < H; ++j) {
-      const T d = dy[j];
-      const T r = g[j], z = g[H + j], n = g[2 * H + j], h_n = g[3 * H + j];
-      const T dn = d * (T(1) - z) * (T(1) - n * n);
-      const T dz = d * (hp[j] - n) * z * (T(1) - z);
-      const T dr = dn * h_n * r * (T(1) - r);
-      dx[j] = dr;
-      dx[H + j] = dz;
-      dx[2 * H + j] = dn;
-      dhh[j] = dr;
-      dhh[H + j] = dz;
-      dhh[2 * H + j] = dn * r;
-      dh[j] = d * z;
+      const GruGateGrads<T> y = gru_gate_backward(dy[j], g[j], g[H + j], g[2 * H + j], g[3 * H + j], hp[j]);
+      dx[j] = y.dr;
+      dx[H + j] = y.dz;
+      dx[2 * H + j] = y.dn;
+      dhh[j] = y.dr;
+      dhh[H + j] = y.dz;
+      dhh[2 * H + j] = y.dhn;
+      dh[j] = y.dh;
     }
   }
 }
@@ -238,12 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_back
 }  // namespace fastseq
 
 TORCH_LIBRARY_FRAGMENT(FASTSEQ_CPP_LIBRARY, m) {
-  m.def(
-      "gru_context_cell_forward(Tensor gi, Tensor context, Tensor w_ic, Tensor gh, Tensor? b_hh, "
-      "Tensor h, bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_context_cell_backward(Tensor grad_h, Tensor gates, Tensor h, Tensor context, Tensor w_ic, "
-      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  fastseq::define_cell_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CPU, m) {

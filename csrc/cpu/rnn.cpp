@@ -9,7 +9,9 @@
 // gates; raw pointers, loops the compiler vectorises, no ATen call per
 // element). Backward: per step one fused pointwise kernel and the dh carry
 // product; dW_hh and db_hh as products over all steps at the end. Nothing is
-// allocated per step.
+// allocated per step. The gate formulas are those of gates.h (shared with the
+// decoder's GRU cell, cell.cpp); the step loops, forward_steps<> and
+// backward_steps<>, are shared by the GRU and the LSTM.
 //
 // Two ways to run the products:
 //  * BLAS path (float/double, when the BLAS that ATen itself uses exports
@@ -28,7 +30,9 @@
 //    pointwise kernel with at::parallel_for over batch rows.
 // Both give the same results up to float rounding (tests cover both).
 #include "common.h"
+#include "gates.h"
 #include "gemm.h"
+#include "schemas.h"
 
 #include <torch/library.h>
 
@@ -64,14 +68,14 @@ constexpr int64_t kBlock = 256;
 template <typename T>
 FASTSEQ_INLINE void sigmoid_pass(const T* FASTSEQ_RESTRICT x, const T* FASTSEQ_RESTRICT h,
                                  const T* FASTSEQ_RESTRICT b, T* FASTSEQ_RESTRICT out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = sigmoid_f(x[j] + (h[j] + b[j]));
+  for (int64_t j = 0; j < n; ++j) out[j] = sigmoid_gate(x[j], h[j] + b[j]);
 }
 
 // out = tanh(x + (h + b))
 template <typename T>
 FASTSEQ_INLINE void tanh_pass(const T* FASTSEQ_RESTRICT x, const T* FASTSEQ_RESTRICT h,
                               const T* FASTSEQ_RESTRICT b, T* FASTSEQ_RESTRICT out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = tanh_f(x[j] + (h[j] + b[j]));
+  for (int64_t j = 0; j < n; ++j) out[j] = tanh_gate(x[j], h[j] + b[j]);
 }
 
 template <typename T>
@@ -111,7 +115,7 @@ FASTSEQ_INLINE void gru_n_pass(const T* FASTSEQ_RESTRICT x, const T* FASTSEQ_RES
   for (int64_t j = 0; j < n; ++j) {
     const T v = h[j] + b[j];
     hn[j] = v;
-    n_out[j] = tanh_f(x[j] + r[j] * v);
+    n_out[j] = gru_candidate(x[j], r[j], v);
   }
 }
 
@@ -119,7 +123,7 @@ FASTSEQ_INLINE void gru_n_pass(const T* FASTSEQ_RESTRICT x, const T* FASTSEQ_RES
 template <typename T>
 FASTSEQ_INLINE void gru_h_pass(const T* FASTSEQ_RESTRICT z, const T* FASTSEQ_RESTRICT nn,
                                const T* FASTSEQ_RESTRICT hp, T* FASTSEQ_RESTRICT ho, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) ho[j] = (T(1) - z[j]) * nn[j] + z[j] * hp[j];
+  for (int64_t j = 0; j < n; ++j) ho[j] = gru_state(z[j], nn[j], hp[j]);
 }
 
 template <typename T, bool SAVE>
@@ -175,20 +179,14 @@ FASTSEQ_INLINE void gru_bwd_pass(const T* FASTSEQ_RESTRICT gy, const T* FASTSEQ_
                                  T* FASTSEQ_RESTRICT dxn, T* FASTSEQ_RESTRICT dhr, T* FASTSEQ_RESTRICT dhz,
                                  T* FASTSEQ_RESTRICT dhn, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const T d = dh[j] + gy[j];
-    const T r = gr[j], z = gz[j], nn = gn[j], h_n = ghn[j];
-    const T dn = d * (T(1) - z);
-    const T dz = d * (hp[j] - nn);
-    const T dn_pre = dn * (T(1) - nn * nn);
-    const T dz_pre = dz * z * (T(1) - z);
-    const T dr_pre = dn_pre * h_n * r * (T(1) - r);
-    dxr[j] = dr_pre;
-    dxz[j] = dz_pre;
-    dxn[j] = dn_pre;
-    dhr[j] = dr_pre;
-    dhz[j] = dz_pre;
-    dhn[j] = dn_pre * r;
-    dh[j] = d * z;  // + dgh[t] @ W_hh, added by the product that follows
+    const GruGateGrads<T> g = gru_gate_backward(dh[j] + gy[j], gr[j], gz[j], gn[j], ghn[j], hp[j]);
+    dxr[j] = g.dr;
+    dxz[j] = g.dz;
+    dxn[j] = g.dn;
+    dhr[j] = g.dr;
+    dhz[j] = g.dz;
+    dhn[j] = g.dhn;
+    dh[j] = g.dh;  // + dgh[t] @ W_hh, added by the product that follows
   }
 }
 
@@ -236,14 +234,14 @@ template <typename T>
 FASTSEQ_INLINE void lstm_c_pass(const T* FASTSEQ_RESTRICT i, const T* FASTSEQ_RESTRICT f,
                                 const T* FASTSEQ_RESTRICT gg, const T* FASTSEQ_RESTRICT cp,
                                 T* FASTSEQ_RESTRICT co, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) co[j] = f[j] * cp[j] + i[j] * gg[j];
+  for (int64_t j = 0; j < n; ++j) co[j] = lstm_cell_state(i[j], f[j], gg[j], cp[j]);
 }
 
 // h' = o * tanh(c')
 template <typename T>
 FASTSEQ_INLINE void lstm_h_pass(const T* FASTSEQ_RESTRICT o, const T* FASTSEQ_RESTRICT c,
                                 T* FASTSEQ_RESTRICT ho, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) ho[j] = o[j] * tanh_f(c[j]);
+  for (int64_t j = 0; j < n; ++j) ho[j] = lstm_hidden(o[j], c[j]);
 }
 
 template <typename T, bool SAVE>
@@ -309,16 +307,14 @@ FASTSEQ_INLINE void lstm_bwd_pass(const T* FASTSEQ_RESTRICT gy, const T* FASTSEQ
                                   T* FASTSEQ_RESTRICT df, T* FASTSEQ_RESTRICT dgg, T* FASTSEQ_RESTRICT dout,
                                   int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const T d = dh[j] + gy[j];
-    const T dc_in = dc[j] + gc[j];
-    const T i = gi_[j], f = gf[j], gg = gg_[j], o = go[j], tc = tcs[j];
-    const T dc_tot = dc_in + d * o * (T(1) - tc * tc);
-    di[j] = dc_tot * gg * i * (T(1) - i);
-    df[j] = dc_tot * cp[j] * f * (T(1) - f);
-    dgg[j] = dc_tot * i * (T(1) - gg * gg);
-    dout[j] = d * tc * o * (T(1) - o);
+    const LstmGateGrads<T> g =
+        lstm_gate_backward(dh[j] + gy[j], dc[j] + gc[j], gi_[j], gf[j], gg_[j], go[j], tcs[j], cp[j]);
+    di[j] = g.di;
+    df[j] = g.df;
+    dgg[j] = g.dg;
+    dout[j] = g.d_o;
     dh[j] = T(0);  // dg[t] @ W_hh is added by the product that follows
-    dc[j] = dc_tot * f;
+    dc[j] = g.dc;
   }
 }
 
@@ -612,80 +608,62 @@ Tensor weight_grad(const Tensor& dg, const Tensor& h_init, const Tensor& hs, int
   return dw;
 }
 
-// ======================================================================= GRU
+// ================================================================ step loops
 
-std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
-                                                  const std::optional<Tensor>& b_hh,
-                                                  const std::optional<Tensor>& lengths, bool save_gates) {
-  const Dims d = check_forward(3, gi, {{&h0, "h0"}}, w_hh, b_hh);
-  const int64_t T = d.T, B = d.B, H = d.H;
-  const auto cd = compute_dtype(gi.scalar_type());
-  const auto opt = at::TensorOptions().dtype(cd);
-  const Tensor x = in_cd(gi, cd), h_init = in_cd(h0, cd), w = in_cd(w_hh, cd);
-  const Tensor bias = bias_or_zeros(b_hh, 3 * H, cd);
-  const Tensor lens = lengths_i64(lengths, B);
-  Tensor hs = at::empty({T, B, H}, opt);
-  Tensor gates = save_gates ? at::empty({T, B, 4 * H}, opt) : Tensor();
-  Tensor gh = at::empty({B, 3 * H}, opt);
-
-  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::gru_recurrence_forward", [&] {
-    using T_ = scalar_t;
-    GruFwd<T_> a;
-    a.gh = gh.data_ptr<T_>();
-    a.gh_ld = 3 * H;
-    a.gh_gs = H;
-    a.bias = bias.data_ptr<T_>();
-    a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
-    a.H = H;
-    const T_* x_p = x.data_ptr<T_>();
-    const T_* w_p = w.data_ptr<T_>();
-    T_* gh_p = gh.data_ptr<T_>();
-    T_* hs_p = hs.data_ptr<T_>();
-    T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
-    auto at_step = [&](GruFwd<T_>& s, int64_t t) {
-      s.t = t;
-      s.gi = x_p + t * B * 3 * H;
-      s.h_prev = t == 0 ? h_init.data_ptr<T_>() : hs_p + (t - 1) * B * H;
-      s.h_out = hs_p + t * B * H;
-      s.gates = save_gates ? g_p + t * B * 4 * H : nullptr;
-    };
-    if (!use_blas<T_>(B, 3, H)) {
-      const Tensor wt = w.t();
+// The forward step loop shared by the GRU and the LSTM (G gates per unit). For
+// t = 0..T-1: at_step(s, t) points the step arguments at step t (s.h_prev at
+// h_{t-1}), the recurrent product gh = h_{t-1} W_hh^T (no bias) fills the
+// [B, G*H] scratch that s.gh points to, and rows(s, b0, b1, j0, j1) runs the
+// fused pointwise pass on rows [b0, b1) and units [j0, j1) (gates, state
+// update, lengths mask, saved gates). h_init and hs are h_{-1} and the output
+// states as tensors, for the ATen path's products. Work split: see split_work.
+template <typename T_, typename S, typename AtStep, typename Rows>
+void forward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtStep& at_step,
+                   const Rows& rows, const Tensor& h_init, const Tensor& hs, const Tensor& w) {
+  const int64_t GH = G * H;
+  const auto opt = at::TensorOptions().dtype(w.scalar_type());
+  Tensor gh = at::empty({B, GH}, opt);
+  const T_* w_p = w.data_ptr<T_>();
+  T_* gh_p = gh.data_ptr<T_>();
+  a.gh = gh_p;
+  a.gh_ld = GH;
+  a.gh_gs = H;
+  if (!use_blas<T_>(B, G, H)) {
+    const Tensor wt = w.t();
+    for (int64_t t = 0; t < T; ++t) {
+      at_step(a, t);
+      at::mm_out(gh, t == 0 ? h_init : hs.select(0, t - 1), wt);
+      for_rows(B, GH, [&](int64_t b0, int64_t b1) { rows(a, b0, b1, 0, H); });
+    }
+    return;
+  }
+  const Split split = split_work(B, G, H);
+  if (split.kind == SplitKind::kRows) {
+    // Each thread, its rows, all steps.
+    for_slices(split, B, [&](int64_t b0, int64_t b1) {
+      S s = a;
       for (int64_t t = 0; t < T; ++t) {
-        at_step(a, t);
-        at::mm_out(gh, t == 0 ? h_init : hs.select(0, t - 1), wt);
-        for_rows(B, 3 * H, [&](int64_t b0, int64_t b1) { gru_fwd_rows(a, b0, b1, 0, H, save_gates); });
+        at_step(s, t);
+        gemm_nt<T_>(b1 - b0, GH, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * GH, GH);
+        rows(s, b0, b1, 0, H);
       }
-      return;
-    }
-    const Split split = split_work(B, 3, H);
-    if (split.kind == SplitKind::kRows) {
-      for_slices(split, B, [&](int64_t b0, int64_t b1) {
-        GruFwd<T_> s = a;
-        for (int64_t t = 0; t < T; ++t) {
-          at_step(s, t);
-          gemm_nt<T_>(b1 - b0, 3 * H, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * 3 * H, 3 * H);
-          gru_fwd_rows(s, b0, b1, 0, H, save_gates);
-        }
-      });
-      return;
-    }
-    UnitsProduct<T_> prod{3, B, H, w_p, nullptr, gh_p};
-    prod.own = use_own_gemm<T_>(B);
-    Tensor packed;
-    if (!prod.own && B >= prod.kPackMinRows) {
-      packed = at::empty({3 * H, H}, opt);
-      prod.packed = packed.data_ptr<T_>();
-      for_slices(split, H, [&](int64_t j0, int64_t j1) { prod.pack_slice(j0, j1); });
-    }
-    for_unit_steps(split, T, H, [&](int64_t t, int64_t j0, int64_t j1) {
-      GruFwd<T_> s = a;
-      at_step(s, t);
-      gru_fwd_rows(prod.run(s, s.h_prev, j0, j1), 0, B, j0, j1, save_gates);
     });
+    return;
+  }
+  // Each thread, every step: its rows of W_hh times h_{t-1}, then step t on its units.
+  UnitsProduct<T_> prod{G, B, H, w_p, nullptr, gh_p};
+  prod.own = use_own_gemm<T_>(B);
+  Tensor packed;
+  if (!prod.own && B >= prod.kPackMinRows) {
+    packed = at::empty({GH, H}, opt);
+    prod.packed = packed.data_ptr<T_>();
+    for_slices(split, H, [&](int64_t j0, int64_t j1) { prod.pack_slice(j0, j1); });
+  }
+  for_unit_steps(split, T, H, [&](int64_t t, int64_t j0, int64_t j1) {
+    S s = a;
+    at_step(s, t);
+    rows(prod.run(s, s.h_prev, j0, j1), 0, B, j0, j1);
   });
-  const auto out_dt = gi.scalar_type();
-  return {finish(hs, out_dt), save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
 }
 
 // The backward step loop shared by the GRU and the LSTM (G gates per unit). For
@@ -732,6 +710,47 @@ void backward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSt
     });
   }
   if (T > 0) dh.addmm_(dgate.select(0, 0), w);
+}
+
+// ======================================================================= GRU
+
+std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
+                                                  const std::optional<Tensor>& b_hh,
+                                                  const std::optional<Tensor>& lengths, bool save_gates) {
+  const Dims d = check_forward(3, gi, {{&h0, "h0"}}, w_hh, b_hh);
+  const int64_t T = d.T, B = d.B, H = d.H;
+  const auto cd = compute_dtype(gi.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor x = in_cd(gi, cd), h_init = in_cd(h0, cd), w = in_cd(w_hh, cd);
+  const Tensor bias = bias_or_zeros(b_hh, 3 * H, cd);
+  const Tensor lens = lengths_i64(lengths, B);
+  Tensor hs = at::empty({T, B, H}, opt);
+  Tensor gates = save_gates ? at::empty({T, B, 4 * H}, opt) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::gru_recurrence_forward", [&] {
+    using T_ = scalar_t;
+    GruFwd<T_> a;
+    a.bias = bias.data_ptr<T_>();
+    a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+    a.H = H;
+    const T_* x_p = x.data_ptr<T_>();
+    T_* hs_p = hs.data_ptr<T_>();
+    T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
+    auto at_step = [&](GruFwd<T_>& s, int64_t t) {
+      s.t = t;
+      s.gi = x_p + t * B * 3 * H;
+      s.h_prev = t == 0 ? h_init.data_ptr<T_>() : hs_p + (t - 1) * B * H;
+      s.h_out = hs_p + t * B * H;
+      s.gates = save_gates ? g_p + t * B * 4 * H : nullptr;
+    };
+    forward_steps<T_>(a, T, B, H, 3, at_step,
+                      [save_gates](const GruFwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                        gru_fwd_rows(s, b0, b1, j0, j1, save_gates);
+                      },
+                      h_init, hs, w);
+  });
+  const auto out_dt = gi.scalar_type();
+  return {finish(hs, out_dt), save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
@@ -786,7 +805,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
 
   const Tensor dw = weight_grad(dgh, h_init, hs_c, 3 * H, H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? finish(dgh.sum({0, 1}), wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? finish(dgh.sum(at::IntArrayRef{0, 1}), wdt) : at::empty({0}, w_hh.options());
   return {finish(dgi, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dw, wdt), db};
 }
 
@@ -806,20 +825,14 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   Tensor hs = at::empty({T, B, H}, opt);
   Tensor cs = at::empty({T, B, H}, opt);
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, opt) : Tensor();
-  Tensor gh = at::empty({B, 4 * H}, opt);
 
   AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::lstm_recurrence_forward", [&] {
     using T_ = scalar_t;
     LstmFwd<T_> a;
-    a.gh = gh.data_ptr<T_>();
-    a.gh_ld = 4 * H;
-    a.gh_gs = H;
     a.bias = bias.data_ptr<T_>();
     a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
     a.H = H;
     const T_* x_p = x.data_ptr<T_>();
-    const T_* w_p = w.data_ptr<T_>();
-    T_* gh_p = gh.data_ptr<T_>();
     T_* hs_p = hs.data_ptr<T_>();
     T_* cs_p = cs.data_ptr<T_>();
     const T_* c0_p = c_init.data_ptr<T_>();
@@ -833,40 +846,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
       s.c_out = cs_p + t * B * H;
       s.gates = save_gates ? g_p + t * B * 4 * H : nullptr;
     };
-    if (!use_blas<T_>(B, 4, H)) {
-      const Tensor wt = w.t();
-      for (int64_t t = 0; t < T; ++t) {
-        at_step(a, t);
-        at::mm_out(gh, t == 0 ? h_init : hs.select(0, t - 1), wt);
-        for_rows(B, 4 * H, [&](int64_t b0, int64_t b1) { lstm_fwd_rows(a, b0, b1, 0, H, save_gates); });
-      }
-      return;
-    }
-    const Split split = split_work(B, 4, H);
-    if (split.kind == SplitKind::kRows) {
-      for_slices(split, B, [&](int64_t b0, int64_t b1) {
-        LstmFwd<T_> s = a;
-        for (int64_t t = 0; t < T; ++t) {
-          at_step(s, t);
-          gemm_nt<T_>(b1 - b0, 4 * H, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * 4 * H, 4 * H);
-          lstm_fwd_rows(s, b0, b1, 0, H, save_gates);
-        }
-      });
-      return;
-    }
-    UnitsProduct<T_> prod{4, B, H, w_p, nullptr, gh_p};
-    prod.own = use_own_gemm<T_>(B);
-    Tensor packed;
-    if (!prod.own && B >= prod.kPackMinRows) {
-      packed = at::empty({4 * H, H}, opt);
-      prod.packed = packed.data_ptr<T_>();
-      for_slices(split, H, [&](int64_t j0, int64_t j1) { prod.pack_slice(j0, j1); });
-    }
-    for_unit_steps(split, T, H, [&](int64_t t, int64_t j0, int64_t j1) {
-      LstmFwd<T_> s = a;
-      at_step(s, t);
-      lstm_fwd_rows(prod.run(s, s.h_prev, j0, j1), 0, B, j0, j1, save_gates);
-    });
+    forward_steps<T_>(a, T, B, H, 4, at_step,
+                      [save_gates](const LstmFwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                        lstm_fwd_rows(s, b0, b1, j0, j1, save_gates);
+                      },
+                      h_init, hs, w);
   });
   const auto out_dt = gi.scalar_type();
   return {finish(hs, out_dt), finish(cs, out_dt),
@@ -934,7 +918,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
 
   const Tensor dw = weight_grad(dg, h_init, hs_c, 4 * H, H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? finish(dg.sum({0, 1}), wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? finish(dg.sum(at::IntArrayRef{0, 1}), wdt) : at::empty({0}, w_hh.options());
   return {finish(dg, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dc, c0.scalar_type()),
           finish(dw, wdt), db};
 }
@@ -943,20 +927,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
 }  // namespace cpu
 }  // namespace fastseq
 
+// The library itself (schemas.h: the schemas of every group of ops).
 TORCH_LIBRARY(fastseq_cpp, m) {
-  m.def(
-      "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
-      "bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
-      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  fastseq::define_recurrence_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cpp, CPU, m) {

@@ -27,8 +27,8 @@
 //
 // FASTSEQ_CUDA_HOST_EMULATION (tests only; see common.cuh): the same code on
 // CPU tensors, the kernels running on CPU threads, registered as a separate
-// library `fastseq_cuda_emu` (with the schemas spelled out, so their match
-// with these C++ signatures is checked when it loads).
+// library `fastseq_cuda_emu` with the schemas of the CPU ops (../cpu/schemas.h,
+// so their match with these C++ signatures is checked when it loads).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #ifndef FASTSEQ_CUDA_HOST_EMULATION
@@ -41,6 +41,7 @@
 #include <string>
 #include <tuple>
 
+#include "../cpu/schemas.h"  // relative: the tests compile this file without csrc/cpu on the include path
 #include "kernels.h"
 
 namespace fastseq {
@@ -165,6 +166,50 @@ Tensor weight_grad(const Tensor& dG, const Tensor& h_init, const Tensor& hs_cd, 
   return dw;
 }
 
+// ---------------------------------------------------------------- step loops
+//
+// The recurrent state: h_t (c_t) in the compute dtype. For float32/float64
+// inputs it is the output hs[t] (cs[t]) itself; for half inputs it is carried
+// in float32 between steps (never rounded to half, like the reference) in a
+// ping-pong pair `carry` [2, B, H], and hs[t] only stores it.
+
+// The state after step t (t = -1: the initial state).
+Tensor state_after(int64_t t, const Tensor& init, const Tensor& out, const Tensor& carry) {
+  if (t < 0) return init;
+  return carry.defined() ? carry.select(0, t & 1) : out.select(0, t);
+}
+
+// Where step t writes the float32 carry of the state, or nullptr without one.
+void* carry_out(int64_t t, const Tensor& carry) {
+  return carry.defined() ? carry.select(0, t & 1).data_ptr() : nullptr;
+}
+
+// The forward step loop shared by the GRU and the LSTM: for t = 0..T-1, the
+// recurrent product gh = h_{t-1} W_hh^T (cuBLAS, no bias), then launch(t,
+// h_{t-1}) runs the fused pointwise kernel of step t (gates, state update,
+// lengths mask, hs[t] and the saved gates).
+template <typename Launch>
+void forward_steps(int64_t T, const Tensor& h_init, const Tensor& hs, const Tensor& h_carry, const Tensor& wt,
+                   Tensor& gh, const Launch& launch) {
+  for (int64_t t = 0; t < T; ++t) {
+    const Tensor h_prev = state_after(t - 1, h_init, hs, h_carry);
+    at::mm_out(gh, h_prev, wt);
+    launch(t, h_prev);
+  }
+}
+
+// The backward step loop shared by the GRU and the LSTM: for t = T-1..0,
+// launch(t) runs the fused pointwise kernel of step t (writing dgate[t] and
+// leaving the carry part of dh_{t-1} in dh), then dh += dgate[t] @ W_hh
+// (cuBLAS) completes dh_{t-1}.
+template <typename Launch>
+void backward_steps(int64_t T, const Tensor& dgate, const Tensor& w, Tensor& dh, const Launch& launch) {
+  for (int64_t t = T - 1; t >= 0; --t) {
+    launch(t);
+    dh.addmm_(dgate.select(0, t), w);
+  }
+}
+
 // ====================================================================== GRU
 
 std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
@@ -193,8 +238,7 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
   Tensor gh = at::empty({B, 3 * H}, opt_cd);
   // Half inputs: the state is carried in float32 (ping-pong), hs only stores it.
-  const bool carry = st != cd;
-  Tensor state = carry ? at::empty({2, B, H}, opt_cd) : Tensor();
+  const Tensor state = st != cd ? at::empty({2, B, H}, opt_cd) : Tensor();
 
   GruFwdStep a{};
   a.ld_gi = x.stride(1);
@@ -205,17 +249,15 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   a.B = B;
   a.H = H;
   const DType tag = dtype_tag(st);
-  for (int64_t t = 0; t < T; ++t) {
-    const Tensor h_prev = t == 0 ? h_init : (carry ? state.select(0, (t - 1) & 1) : hs.select(0, t - 1));
-    at::mm_out(gh, h_prev, wt);
+  forward_steps(T, h_init, hs, state, wt, gh, [&](int64_t t, const Tensor& h_prev) {
     a.t = t;
     a.gi = at_elem(x, t * x.stride(0));
     a.h_prev = h_prev.data_ptr();
-    a.h_state = carry ? state.select(0, t & 1).data_ptr() : nullptr;
+    a.h_state = carry_out(t, state);
     a.hs_out = at_elem(hs, t * B * H);
     a.gates = save_gates ? at_elem(gates, t * B * 4 * H) : nullptr;
     check_launch(gru_forward_step(tag, a, stream), "gru_recurrence_forward");
-  }
+  });
   return {hs, gates};
 }
 
@@ -254,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
   a.H = H;
   a.dh = dh.data_ptr();
   const DType tag = dtype_tag(st);
-  for (int64_t t = T - 1; t >= 0; --t) {
+  backward_steps(T, dgh, w, dh, [&](int64_t t) {  // dh = d z + dgh[t] @ W_hh
     a.t = t;
     a.grad_hs = at_elem(gy, t * B * H);
     a.gates = at_elem(g, t * B * 4 * H);
@@ -262,12 +304,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
     a.dgi = at_elem(dgi, t * B * 3 * H);
     a.dgh = at_elem(dgh, t * B * 3 * H);
     check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
-    dh.addmm_(dgh.select(0, t), w);  // dh = d z + dgh[t] @ W_hh
-  }
+  });
 
   const Tensor dw = weight_grad(dgh, h_init, hs_k.to(cd), 3 * H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? dgh.sum({0, 1}).to(wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? dgh.sum(at::IntArrayRef{0, 1}).to(wdt) : at::empty({0}, w_hh.options());
   return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dw.to(wdt), db};
 }
 
@@ -301,9 +342,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   Tensor cs = at::empty({T, B, H}, gi.options());
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
   Tensor gh = at::empty({B, 4 * H}, opt_cd);
-  const bool carry = st != cd;
-  Tensor h_state = carry ? at::empty({2, B, H}, opt_cd) : Tensor();
-  Tensor c_state = carry ? at::empty({2, B, H}, opt_cd) : Tensor();
+  // Half inputs: the states are carried in float32 (ping-pong), hs and cs only store them.
+  const Tensor h_state = st != cd ? at::empty({2, B, H}, opt_cd) : Tensor();
+  const Tensor c_state = st != cd ? at::empty({2, B, H}, opt_cd) : Tensor();
 
   LstmFwdStep a{};
   a.ld_gi = x.stride(1);
@@ -315,21 +356,18 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   a.B = B;
   a.H = H;
   const DType tag = dtype_tag(st);
-  for (int64_t t = 0; t < T; ++t) {
-    const Tensor h_prev = t == 0 ? h_init : (carry ? h_state.select(0, (t - 1) & 1) : hs.select(0, t - 1));
-    const Tensor c_prev = t == 0 ? c_init : (carry ? c_state.select(0, (t - 1) & 1) : cs.select(0, t - 1));
-    at::mm_out(gh, h_prev, wt);
+  forward_steps(T, h_init, hs, h_state, wt, gh, [&](int64_t t, const Tensor& h_prev) {
     a.t = t;
     a.gi = at_elem(x, t * x.stride(0));
     a.h_prev = h_prev.data_ptr();
-    a.c_prev = c_prev.data_ptr();
-    a.h_state = carry ? h_state.select(0, t & 1).data_ptr() : nullptr;
-    a.c_state = carry ? c_state.select(0, t & 1).data_ptr() : nullptr;
+    a.c_prev = state_after(t - 1, c_init, cs, c_state).data_ptr();
+    a.h_state = carry_out(t, h_state);
+    a.c_state = carry_out(t, c_state);
     a.hs_out = at_elem(hs, t * B * H);
     a.cs_out = at_elem(cs, t * B * H);
     a.gates = save_gates ? at_elem(gates, t * B * 4 * H) : nullptr;
     check_launch(lstm_forward_step(tag, a, stream), "lstm_recurrence_forward");
-  }
+  });
   return {hs, cs, gates};
 }
 
@@ -375,7 +413,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
   a.dh = dh.data_ptr();
   a.dc = dc.data_ptr();
   const DType tag = dtype_tag(st);
-  for (int64_t t = T - 1; t >= 0; --t) {
+  backward_steps(T, dg, w, dh, [&](int64_t t) {  // dh = dg[t] @ W_hh (or the passed-through dh)
     a.t = t;
     a.grad_hs = at_elem(gy, t * B * H);
     a.grad_cs = at_elem(gcy, t * B * H);
@@ -385,12 +423,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     a.dg = at_elem(dg, t * B * 4 * H);
     a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
     check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
-    dh.addmm_(dg.select(0, t), w);  // dh = dg[t] @ W_hh (or the passed-through dh)
-  }
+  });
 
   const Tensor dw = weight_grad(dg, h_init, hs.to(cd), 4 * H);
   const auto wdt = w_hh.scalar_type();
-  Tensor db = has_bias ? dg.sum({0, 1}).to(wdt) : at::empty({0}, w_hh.options());
+  Tensor db = has_bias ? dg.sum(at::IntArrayRef{0, 1}).to(wdt) : at::empty({0}, w_hh.options());
   const Tensor dgi = dgi_s.defined() ? dgi_s : dg;
   return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dc.to(c0.scalar_type()), dw.to(wdt), db};
 }
@@ -640,11 +677,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_back
 
 #ifndef FASTSEQ_CUDA_HOST_EMULATION
 
-// The library name, overridable like the CPU sources' (-DFASTSEQ_CPP_LIBRARY=...).
-#ifndef FASTSEQ_CPP_LIBRARY
-#define FASTSEQ_CPP_LIBRARY fastseq_cpp
-#endif
-
+// The library name, overridable like the CPU sources' (-DFASTSEQ_CPP_LIBRARY=...; schemas.h).
 TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CUDA, m) {
   FASTSEQ_CUDA_IMPLS(m);
 }
@@ -652,31 +685,7 @@ TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CUDA, m) {
 #else  // test build: the schemas of csrc/cpu, under another name
 
 TORCH_LIBRARY(fastseq_cuda_emu, m) {
-  m.def(
-      "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
-      "bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
-      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
-      "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "additive_attention_forward(Tensor query, Tensor proj_keys, Tensor values, Tensor energy, "
-      "Tensor? mask=None, Tensor? lengths=None) -> (Tensor, Tensor)");
-  m.def(
-      "additive_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
-      "Tensor proj_keys, Tensor values, Tensor energy, Tensor weights) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "gru_context_cell_forward(Tensor gi, Tensor context, Tensor w_ic, Tensor gh, Tensor? b_hh, "
-      "Tensor h, bool save_gates=True) -> (Tensor, Tensor)");
-  m.def(
-      "gru_context_cell_backward(Tensor grad_h, Tensor gates, Tensor h, Tensor context, Tensor w_ic, "
-      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  fastseq::define_all_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {

@@ -13,8 +13,10 @@
 //   dgi = (dr, dz, dn), dgh = (dr, dz, dn r), dh_prev = dh z
 //
 // One thread per (b, j) element, grid-stride loop, compute type float
-// (double for float64 inputs).
+// (double for float64 inputs). The gate formulas: gates.cuh (shared with the
+// recurrence kernels).
 #include "common.cuh"
+#include "gates.cuh"
 
 namespace fastseq {
 namespace cuda {
@@ -23,8 +25,6 @@ namespace {
 using detail::acc_t;
 using detail::from_acc;
 using detail::ld;
-using detail::sigmoid_;
-using detail::tanh_;
 
 constexpr int kThreads = detail::kPointwiseThreads;
 
@@ -47,16 +47,15 @@ __global__ void __launch_bounds__(kThreads)
       h_z += bias[H + j];
       h_n += bias[2 * H + j];
     }
-    const C r = sigmoid_((ld(x + j) + xr[j]) + h_r);
-    const C z = sigmoid_((ld(x + H + j) + xr[H + j]) + h_z);
-    const C nn = tanh_((ld(x + 2 * H + j) + xr[2 * H + j]) + r * h_n);
-    const C hp = ld(h + b * ld_h + j);
-    h_out[idx] = from_acc<S>((C(1) - z) * nn + z * hp);
+    const detail::GruGates<C> y =
+        detail::gru_gate_forward(ld(x + j) + xr[j], ld(x + H + j) + xr[H + j], ld(x + 2 * H + j) + xr[2 * H + j],
+                                 h_r, h_z, h_n, ld(h + b * ld_h + j));
+    h_out[idx] = from_acc<S>(y.h);
     if (gates != nullptr) {
       S* g = gates + b * 4 * H;
-      g[j] = from_acc<S>(r);
-      g[H + j] = from_acc<S>(z);
-      g[2 * H + j] = from_acc<S>(nn);
+      g[j] = from_acc<S>(y.r);
+      g[H + j] = from_acc<S>(y.z);
+      g[2 * H + j] = from_acc<S>(y.n);
       g[3 * H + j] = from_acc<S>(h_n);
     }
   }
@@ -72,31 +71,28 @@ __global__ void __launch_bounds__(kThreads)
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = idx / H, j = idx - b * H;
     const S* g = gates + b * 4 * H;
-    const C r = ld(g + j), z = ld(g + H + j), nn = ld(g + 2 * H + j), hn = ld(g + 3 * H + j);
-    const C dh = ld(grad_h + idx);
-    const C dn = dh * (C(1) - z) * (C(1) - nn * nn);
-    const C dz = dh * (ld(h + b * ld_h + j) - nn) * z * (C(1) - z);
-    const C dr = dn * hn * r * (C(1) - r);
+    const detail::GruGateGrads<C> y = detail::gru_gate_backward(
+        ld(grad_h + idx), ld(g + j), ld(g + H + j), ld(g + 2 * H + j), ld(g + 3 * H + j), ld(h + b * ld_h + j));
     const int64_t o = b * 3 * H + j;
-    dgi_c[o] = dr;
-    dgi_c[o + H] = dz;
-    dgi_c[o + 2 * H] = dn;
+    dgi_c[o] = y.dr;
+    dgi_c[o + H] = y.dz;
+    dgi_c[o + 2 * H] = y.dn;
     if (dgh_c != nullptr) {
-      dgh_c[o] = dr;
-      dgh_c[o + H] = dz;
-      dgh_c[o + 2 * H] = dn * r;
+      dgh_c[o] = y.dr;
+      dgh_c[o + H] = y.dz;
+      dgh_c[o + 2 * H] = y.dhn;
     }
     if (dgi_s != nullptr) {
-      dgi_s[o] = from_acc<S>(dr);
-      dgi_s[o + H] = from_acc<S>(dz);
-      dgi_s[o + 2 * H] = from_acc<S>(dn);
+      dgi_s[o] = from_acc<S>(y.dr);
+      dgi_s[o + H] = from_acc<S>(y.dz);
+      dgi_s[o + 2 * H] = from_acc<S>(y.dn);
     }
     if (dgh_s != nullptr) {
-      dgh_s[o] = from_acc<S>(dr);
-      dgh_s[o + H] = from_acc<S>(dz);
-      dgh_s[o + 2 * H] = from_acc<S>(dn * r);
+      dgh_s[o] = from_acc<S>(y.dr);
+      dgh_s[o + H] = from_acc<S>(y.dz);
+      dgh_s[o + 2 * H] = from_acc<S>(y.dhn);
     }
-    dh_prev[idx] = from_acc<S>(dh * z);
+    dh_prev[idx] = from_acc<S>(y.dh);
   }
 }
 

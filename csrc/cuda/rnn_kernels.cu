@@ -10,8 +10,10 @@
 // next step's GEMM reads (the state is carried in float32, never rounded to
 // half between steps, like the reference). One thread per (b, j) element,
 // grid-stride loop; all arithmetic in the compute type (float, or double for
-// float64). No shared memory, no atomics.
+// float64). No shared memory, no atomics. The gate formulas: gates.cuh
+// (shared with the decoder's GRU cell kernels).
 #include "common.cuh"
+#include "gates.cuh"
 
 namespace fastseq {
 namespace cuda {
@@ -20,9 +22,7 @@ namespace {
 using detail::acc_t;
 using detail::from_acc;
 using detail::ld;
-using detail::sigmoid_;
 using detail::tanh_;
-using detail::to_acc;
 
 constexpr int kThreads = detail::kPointwiseThreads;
 
@@ -50,18 +50,17 @@ __global__ void __launch_bounds__(kThreads)
       h_z += bias[H + j];
       h_n += bias[2 * H + j];
     }
-    const C r = sigmoid_(ld(x + j) + h_r);
-    const C z = sigmoid_(ld(x + H + j) + h_z);
-    const C nn = tanh_(ld(x + 2 * H + j) + r * h_n);
     const C hp = h_prev[b * ld_h + j];
-    const C h_new = row_valid(lengths, b, t) ? (C(1) - z) * nn + z * hp : hp;
+    const detail::GruGates<C> y =
+        detail::gru_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j), h_r, h_z, h_n, hp);
+    const C h_new = row_valid(lengths, b, t) ? y.h : hp;
     if (h_state != nullptr) h_state[idx] = h_new;
     hs_out[idx] = from_acc<S>(h_new);
     if (gates != nullptr) {
       S* g = gates + b * 4 * H;
-      g[j] = from_acc<S>(r);
-      g[H + j] = from_acc<S>(z);
-      g[2 * H + j] = from_acc<S>(nn);
+      g[j] = from_acc<S>(y.r);
+      g[H + j] = from_acc<S>(y.z);
+      g[2 * H + j] = from_acc<S>(y.n);
       g[3 * H + j] = from_acc<S>(h_n);
     }
   }
@@ -87,20 +86,16 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     const S* g = gates + b * 4 * H;
-    const C r = ld(g + j), z = ld(g + H + j), nn = ld(g + 2 * H + j), h_n = ld(g + 3 * H + j);
     const C hp = h_prev_s != nullptr ? ld(h_prev_s + idx) : h_prev_c[idx];
-    const C dn = d * (C(1) - z);
-    const C dz = d * (hp - nn);
-    const C dn_pre = dn * (C(1) - nn * nn);
-    const C dz_pre = dz * z * (C(1) - z);
-    const C dr_pre = dn_pre * h_n * r * (C(1) - r);
-    gx[j] = from_acc<S>(dr_pre);
-    gx[H + j] = from_acc<S>(dz_pre);
-    gx[2 * H + j] = from_acc<S>(dn_pre);
-    gy[j] = dr_pre;
-    gy[H + j] = dz_pre;
-    gy[2 * H + j] = dn_pre * r;
-    dh[idx] = d * z;  // + dgh[t] @ W_hh, added by the caller's GEMM
+    const detail::GruGateGrads<C> y =
+        detail::gru_gate_backward(d, ld(g + j), ld(g + H + j), ld(g + 2 * H + j), ld(g + 3 * H + j), hp);
+    gx[j] = from_acc<S>(y.dr);
+    gx[H + j] = from_acc<S>(y.dz);
+    gx[2 * H + j] = from_acc<S>(y.dn);
+    gy[j] = y.dr;
+    gy[H + j] = y.dz;
+    gy[2 * H + j] = y.dhn;
+    dh[idx] = y.dh;  // + dgh[t] @ W_hh, added by the caller's GEMM
   }
 }
 
@@ -127,25 +122,22 @@ __global__ void __launch_bounds__(kThreads)
       h_g += bias[2 * H + j];
       h_o += bias[3 * H + j];
     }
-    const C p_i = ld(x + j) + h_i, p_f = ld(x + H + j) + h_f;
-    const C p_g = ld(x + 2 * H + j) + h_g, p_o = ld(x + 3 * H + j) + h_o;
-    const C i = sigmoid_(p_i), f = sigmoid_(p_f), g = tanh_(p_g), o = sigmoid_(p_o);
-    C h_new = h_prev[b * ld_h + j];
-    C c_new = c_prev[b * ld_c + j];
-    if (row_valid(lengths, b, t)) {
-      c_new = f * c_new + i * g;
-      h_new = o * tanh_(c_new);
-    }
+    const C hp = h_prev[b * ld_h + j], cp = c_prev[b * ld_c + j];
+    const detail::LstmGates<C> y = detail::lstm_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j),
+                                                             ld(x + 3 * H + j), h_i, h_f, h_g, h_o, cp);
+    const bool valid = row_valid(lengths, b, t);
+    const C h_new = valid ? y.h : hp;
+    const C c_new = valid ? y.c : cp;
     if (h_state != nullptr) h_state[idx] = h_new;
     if (c_state != nullptr) c_state[idx] = c_new;
     hs_out[idx] = from_acc<S>(h_new);
     cs_out[idx] = from_acc<S>(c_new);
     if (gates != nullptr) {
       S* gg = gates + b * 4 * H;
-      gg[j] = from_acc<S>(i);
-      gg[H + j] = from_acc<S>(f);
-      gg[2 * H + j] = from_acc<S>(g);
-      gg[3 * H + j] = from_acc<S>(o);
+      gg[j] = from_acc<S>(y.i);
+      gg[H + j] = from_acc<S>(y.f);
+      gg[2 * H + j] = from_acc<S>(y.g);
+      gg[3 * H + j] = from_acc<S>(y.o);
     }
   }
 }
@@ -176,23 +168,19 @@ __global__ void __launch_bounds__(kThreads)
     const C i = ld(g + j), f = ld(g + H + j), gg = ld(g + 2 * H + j), o = ld(g + 3 * H + j);
     const C tc = tanh_(ld(c + idx));
     const C cp = c_prev_s != nullptr ? ld(c_prev_s + idx) : c_prev_c[idx];
-    const C dc_tot = dc_in + d * o * (C(1) - tc * tc);
-    const C d_i = dc_tot * gg * i * (C(1) - i);
-    const C d_f = dc_tot * cp * f * (C(1) - f);
-    const C d_g = dc_tot * i * (C(1) - gg * gg);
-    const C d_o = d * tc * o * (C(1) - o);
-    gd[j] = d_i;
-    gd[H + j] = d_f;
-    gd[2 * H + j] = d_g;
-    gd[3 * H + j] = d_o;
+    const detail::LstmGateGrads<C> y = detail::lstm_gate_backward(d, dc_in, i, f, gg, o, tc, cp);
+    gd[j] = y.di;
+    gd[H + j] = y.df;
+    gd[2 * H + j] = y.dg;
+    gd[3 * H + j] = y.d_o;
     if (gs != nullptr) {
-      gs[j] = from_acc<S>(d_i);
-      gs[H + j] = from_acc<S>(d_f);
-      gs[2 * H + j] = from_acc<S>(d_g);
-      gs[3 * H + j] = from_acc<S>(d_o);
+      gs[j] = from_acc<S>(y.di);
+      gs[H + j] = from_acc<S>(y.df);
+      gs[2 * H + j] = from_acc<S>(y.dg);
+      gs[3 * H + j] = from_acc<S>(y.d_o);
     }
     dh[idx] = C(0);  // dg[t] @ W_hh is added by the caller's GEMM
-    dc[idx] = dc_tot * f;
+    dc[idx] = y.dc;
   }
 }
 

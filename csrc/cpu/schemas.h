@@ -1,0 +1,73 @@
+// The schemas of the fastseq_cpp ops: the only copy, used by the library's
+// definition in the CPU sources (rnn.cpp: TORCH_LIBRARY(fastseq_cpp);
+// attention.cpp, cell.cpp: TORCH_LIBRARY_FRAGMENT(FASTSEQ_CPP_LIBRARY)) and by
+// the test-only CUDA host emulation library (../cuda/bindings.cpp,
+// fastseq_cuda_emu). Semantics: fastseq/ops/reference.py; absent outputs are
+// empty [0] tensors.
+//
+// Each source that implements a group of ops defines that group's schemas
+// (the tests build attention.cpp and cell.cpp on their own, under another
+// library name), so there is one function per group. Included with a path
+// relative to this file's folder (from csrc/cuda: "../cpu/schemas.h"), which
+// needs no include flag.
+#pragma once
+
+#include <torch/library.h>
+
+// The torch.library namespace the ops are registered in. The tests build
+// sources on their own under another name (-DFASTSEQ_CPP_LIBRARY=...), so that
+// they never clash with the full fastseq_cpp library when both are loaded in
+// one process. TORCH_LIBRARY does not expand a macro argument, so the full
+// library's TORCH_LIBRARY (rnn.cpp) names fastseq_cpp itself.
+#ifndef FASTSEQ_CPP_LIBRARY
+#define FASTSEQ_CPP_LIBRARY fastseq_cpp
+#endif
+
+namespace fastseq {
+
+// gru_recurrence_{forward,backward}, lstm_recurrence_{forward,backward} (cpu/rnn.cpp).
+inline void define_recurrence_ops(torch::Library& m) {
+  m.def(
+      "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
+      "bool save_gates=True) -> (Tensor, Tensor)");
+  m.def(
+      "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
+      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
+      "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
+      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// additive_attention_{forward,backward} (cpu/attention.cpp).
+inline void define_attention_ops(torch::Library& m) {
+  m.def(
+      "additive_attention_forward(Tensor query, Tensor proj_keys, Tensor values, Tensor energy, "
+      "Tensor? mask=None, Tensor? lengths=None) -> (Tensor, Tensor)");
+  m.def(
+      "additive_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
+      "Tensor proj_keys, Tensor values, Tensor energy, Tensor weights) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+// gru_context_cell_{forward,backward} (cpu/cell.cpp).
+inline void define_cell_ops(torch::Library& m) {
+  m.def(
+      "gru_context_cell_forward(Tensor gi, Tensor context, Tensor w_ic, Tensor gh, Tensor? b_hh, "
+      "Tensor h, bool save_gates=True) -> (Tensor, Tensor)");
+  m.def(
+      "gru_context_cell_backward(Tensor grad_h, Tensor gates, Tensor h, Tensor context, Tensor w_ic, "
+      "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// Every op (the CUDA host emulation library defines them all in one place).
+inline void define_all_ops(torch::Library& m) {
+  define_recurrence_ops(m);
+  define_attention_ops(m);
+  define_cell_ops(m);
+}
+
+}  // namespace fastseq
