@@ -25,7 +25,7 @@ from fastseq.ops.decoder_step import naive as cell_ref
 ROOT = Path(__file__).resolve().parent.parent
 CPU_SRC = ROOT / "csrc" / "cpu"
 SOURCES = [CPU_SRC / "attention.cpp", CPU_SRC / "cell.cpp"]
-HEADERS = [CPU_SRC / "attention_common.h"]
+HEADERS = sorted(CPU_SRC.glob("*.h"))  # every header the two sources may include
 LIB = "fastseq_cpp_attn_test"
 
 def _openmp() -> bool:

@@ -184,9 +184,9 @@ def _emu_build_dir(extra: List[str]) -> Path:
     import torch
 
     h = hashlib.sha256()
-    for p in sorted(CUDA_DIR.rglob("*")):
+    for p in sorted(CUDA_DIR.rglob("*")) + sorted(CUDA_DIR.parent.glob("cpu/*.h")):  # bindings include cpu/schemas.h
         if p.is_file():
-            h.update(str(p.relative_to(CUDA_DIR)).encode())
+            h.update(str(p.relative_to(CUDA_DIR.parent)).encode())
             h.update(p.read_bytes())
     h.update(repr((extra, torch.__version__, os.environ.get("CXX", ""))).encode())
     return Path(tempfile.gettempdir()) / f"fastseq-cuda-emu-{h.hexdigest()[:16]}"
