@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
-from fastseq._io import atomic_write, link_atomic
+from fastseq.fileio import atomic_write, link_atomic
 
 FORMAT = "fastseq.seq2seq"
 VERSION = 1

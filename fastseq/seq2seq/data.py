@@ -35,7 +35,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from fastseq._io import atomic_write
+from fastseq.fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 

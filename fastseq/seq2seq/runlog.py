@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
-from fastseq._io import atomic_write
+from fastseq.fileio import atomic_write
 
 TRAIN_FIELDS = ("step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s")
 EVAL_FIELDS = ("step", "epoch", "val_loss", "val_bleu", "lr", "elapsed_s")

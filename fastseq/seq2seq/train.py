@@ -61,7 +61,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from fastseq._io import atomic_write, link_atomic, remove_stale_tmp
+from fastseq.fileio import atomic_write, link_atomic, remove_stale_tmp
 from fastseq.seq2seq import distributed
 from fastseq.seq2seq.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastseq.seq2seq.data import (

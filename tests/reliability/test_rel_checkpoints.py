@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastseq._io import remove_stale_tmp
+from fastseq.fileio import link_atomic, remove_stale_tmp
 from fastseq.seq2seq import checkpoint as ckmod
 from fastseq.seq2seq.checkpoint import digest, load_checkpoint, save_checkpoint
 
@@ -191,6 +191,18 @@ def test_stale_temporary_files_are_removed(tmp_path):
     assert remove_stale_tmp(tmp_path / "last.pt") == 1
     assert remove_stale_tmp(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp"]
+
+
+def test_relinking_best_to_the_same_checkpoint_leaves_no_temporary_file(tmp_path):
+    """best.pt pointed again at the step checkpoint it already names (the best did not
+    change): rename(2) of one link over another of the same file does nothing, so the
+    temporary link must be removed by hand."""
+    (tmp_path / "step-1.pt").write_bytes(b"one")
+    (tmp_path / "step-2.pt").write_bytes(b"two")
+    for src in ("step-1.pt", "step-1.pt", "step-2.pt", "step-2.pt"):
+        link_atomic(tmp_path / src, tmp_path / "best.pt")
+        assert (tmp_path / "best.pt").read_bytes() == (tmp_path / src).read_bytes()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "step-1.pt", "step-2.pt"]
 
 
 class _Exploit:
