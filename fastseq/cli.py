@@ -140,7 +140,7 @@ def _read_stdin_lines() -> List[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fastseq.seq2seq.data import load_corpus
+    from fastseq.data.corpus import load_corpus
     from fastseq.seq2seq.metrics import corpus_scores
     from fastseq.seq2seq.translate import Translator
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastseq.cli import main
-from fastseq.seq2seq.data import BOS_ID, EOS_ID, PAD_ID, load_corpus
+from fastseq.data.corpus import load_corpus
+from fastseq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from fastseq.seq2seq.model import ModelConfig, Seq2Seq
 from fastseq.seq2seq.search import beam_search, greedy_search, sample
 from fastseq.seq2seq.train import TrainConfig, train

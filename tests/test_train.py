@@ -22,7 +22,8 @@ from fastseq.cli import main
 from fastseq.seq2seq.checkpoint import load_checkpoint
 from fastseq.seq2seq.runlog import CsvLog, read_csv
 from fastseq.seq2seq.schedule import LRSchedule
-from fastseq.seq2seq.train import TrainConfig, sample_pairs, train
+from fastseq.data.lines import sample_pairs
+from fastseq.seq2seq.train import TrainConfig, train
 
 TINY = dict(
     src_vocab_size=300, tgt_vocab_size=300, emb_size=16, enc_hidden_size=24, dec_hidden_size=24,

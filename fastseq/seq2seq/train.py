@@ -6,7 +6,7 @@ One run, ``train(cfg)``:
 
 1. **Data** (:func:`prepare_data`): sentencepiece tokenizers trained on a
    bounded sample of the training split, then the split tokenised once into
-   memory-mapped shards (:mod:`fastseq.seq2seq.shards`) under ``data_dir``;
+   memory-mapped shards (:mod:`fastseq.data.shards`) under ``data_dir``;
    both are reused by later runs with the same settings. Batches are read
    lazily, one shard at a time, so memory does not grow with the corpus.
 2. **Updates**: each update sums the gradients of ``accum_steps`` micro-batches
@@ -64,15 +64,17 @@ from tqdm.auto import tqdm
 from fastseq.fileio import atomic_write, link_atomic, remove_stale_tmp
 from fastseq.seq2seq import distributed
 from fastseq.seq2seq.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fastseq.seq2seq.data import (
-    Batch, PairDataset, Tokenizer, TokenBatchSampler, collate, encode_pairs, iter_parallel,
-    load_corpus, train_tokenizer,
+from fastseq.data.batching import (
+    Batch, PairDataset, StreamingBatches, TokenBatchSampler, collate, encode_pairs,
 )
+from fastseq.data.corpus import load_corpus
+from fastseq.data.lines import sample_pairs
+from fastseq.data.shards import ShardedCorpus, preprocess
+from fastseq.data.tokenizer import Tokenizer, train_tokenizer
 from fastseq.seq2seq.metrics import corpus_scores
 from fastseq.seq2seq.model import ModelConfig, Seq2Seq, masked_cross_entropy
 from fastseq.seq2seq.runlog import EVAL_FIELDS, TRAIN_FIELDS, CsvLog, plot_curves
 from fastseq.seq2seq.schedule import KINDS, LRSchedule
-from fastseq.seq2seq.shards import ShardedCorpus, StreamingBatches, preprocess
 from fastseq.seq2seq.translate import Translator, pick_device
 
 logger = logging.getLogger(__name__)
@@ -237,35 +239,6 @@ def _data_settings(cfg: TrainConfig, src_path: Path, tgt_path: Path) -> Dict[str
         "tgt_vocab_size": cfg.tgt_vocab_size, "tokenizer_sample": cfg.tokenizer_sample,
         "max_len": cfg.max_len, "train_limit": cfg.train_limit, "seed": cfg.seed,
     }
-
-
-def sample_pairs(src_path: Path, tgt_path: Path, n: int, limit: int = 0,
-                 seed: int = 0) -> List[Tuple[str, str]]:
-    """A uniform sample (reservoir, Vitter's algorithm R) of at most ``n``
-    non-empty pairs among the first ``limit`` lines (0: all), in O(n) memory.
-    With ``n`` at least the number of pairs, all of them in file order.
-
-    Raises:
-        ValueError: ``n < 1`` or ``limit < 0``; the files' own errors (see ``iter_parallel``).
-    """
-    if n < 1 or limit < 0:
-        raise ValueError(f"sample_pairs: expected n >= 1 and limit >= 0, got n={n}, limit={limit}")
-    rng = random.Random(seed)
-    sample: List[Tuple[str, str]] = []
-    seen = 0
-    for line_no, src, tgt in iter_parallel(src_path, tgt_path):
-        if limit and line_no > limit:
-            break
-        if not (src and tgt):
-            continue
-        if len(sample) < n:
-            sample.append((src, tgt))
-        else:
-            j = rng.randrange(seen + 1)
-            if j < n:
-                sample[j] = (src, tgt)
-        seen += 1
-    return sample
 
 
 def prepare_data(cfg: TrainConfig, ctx: distributed.Context = distributed.Context()

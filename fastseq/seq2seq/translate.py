@@ -6,7 +6,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 
 from fastseq.seq2seq.checkpoint import load_checkpoint
-from fastseq.seq2seq.data import BOS_ID, EOS_ID, Tokenizer
+from fastseq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from fastseq.seq2seq.model import PAD_ID, ModelConfig, Seq2Seq
 from fastseq.seq2seq.search import beam_search, greedy_search, sample
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fastseq.cli import main
-from fastseq.seq2seq.shards import ShardedCorpus
+from fastseq.data.shards import ShardedCorpus
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ("der die das ein eine hund katze mann frau kind läuft spielt sitzt auf im park "
@@ -195,7 +195,7 @@ def test_bad_checkpoint_arguments(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     from fastseq.seq2seq.checkpoint import save_checkpoint
-    from fastseq.seq2seq.data import Tokenizer, train_tokenizer
+    from fastseq.data.tokenizer import Tokenizer, train_tokenizer
     from fastseq.seq2seq.model import ModelConfig, Seq2Seq
 
     d = tmp_path_factory.mktemp("ckpt")
