@@ -129,10 +129,11 @@ class ToyTask(Task):
         return F.cross_entropy(logits.reshape(-1, self.cfg.vocab).float(), y.reshape(-1)), y.numel()
 
     def train_state(self) -> Any:
-        return {"hidden": self.hidden}
+        return {"hidden": None if self.hidden is None else self.hidden.cpu()}
 
     def load_train_state(self, state: Any) -> None:
-        self.hidden = state["hidden"]
+        hidden = state["hidden"]
+        self.hidden = None if hidden is None else hidden.to(self.runtime.device)
 
     @torch.no_grad()
     def _mean_loss(self, model: nn.Module, batches: StreamBatches) -> float:

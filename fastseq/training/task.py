@@ -125,9 +125,9 @@ class Task(abc.ABC):
         ``model`` is in training mode and may be the DistributedDataParallel wrapper."""
 
     def train_state(self) -> Any:
-        """This rank's task state that an exact resume needs (plain data and tensors,
-        e.g. a language model's carried hidden state); saved in ``last.pt`` per rank.
-        Default: None."""
+        """This rank's task state that an exact resume needs (plain data and CPU
+        tensors, e.g. a language model's carried hidden state); gathered on rank 0
+        and saved in ``last.pt``, one entry per rank. Default: None."""
         return None
 
     def load_train_state(self, state: Any) -> None:

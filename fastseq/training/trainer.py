@@ -109,6 +109,9 @@ class Trainer:
 
     def __init__(self, task: Task, ctx: distributed.Context, resume: bool):
         cfg = task.cfg
+        if "val_loss" not in task.metrics or cfg.best_metric not in task.metrics:
+            raise ValueError(f"{type(task).__name__}.metrics {list(task.metrics)} must hold val_loss and "
+                             f"best_metric {cfg.best_metric!r}")
         self.task, self.cfg, self.ctx, self.device = task, cfg, ctx, ctx.device
         self.out = Path(cfg.out)
         self.t_process = time.time()
