@@ -46,10 +46,11 @@ def _load_yaml(path: str) -> Dict[str, Any]:
 
 
 def _train_config(args: argparse.Namespace):
-    """TrainConfig from --config, then the flags, then --set KEY=VALUE (YAML values)."""
+    """Seq2SeqConfig from --config, then the flags, then --set KEY=VALUE (YAML values;
+    dotted keys such as model.dropout reach into the config's sections)."""
     import yaml
 
-    from fastseq.seq2seq.train import TrainConfig
+    from fastseq.seq2seq.task import Seq2SeqConfig
 
     values = _load_yaml(args.config) if args.config else {}
     for key in ("corpus", "out", "data_dir", "epochs", "max_steps", "max_minutes", "device", "seed",
@@ -68,11 +69,12 @@ def _train_config(args: argparse.Namespace):
                              f"({_yaml_error(exc)})")
     if getattr(args, "no_progress", False):
         values["progress"] = False
-    return TrainConfig.from_dict(values)  # a ValueError becomes one line in main()
+    return Seq2SeqConfig.from_dict(values)  # a ValueError becomes one line in main()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fastseq.seq2seq.train import TrainingError, TrainingInterrupted, train
+    from fastseq.seq2seq.task import train
+    from fastseq.training.faults import TrainingError, TrainingInterrupted
 
     cfg = _train_config(args)
     try:
@@ -98,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_preprocess(args: argparse.Namespace) -> int:
-    from fastseq.seq2seq.train import prepare_data
+    from fastseq.seq2seq.task import prepare_data
 
     cfg = _train_config(args)
     shards, src_tok, tgt_tok = prepare_data(cfg)
@@ -140,7 +142,7 @@ def _read_stdin_lines() -> List[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fastseq.seq2seq.data import load_corpus
+    from fastseq.data.corpus import load_corpus
     from fastseq.seq2seq.metrics import corpus_scores
     from fastseq.seq2seq.translate import Translator
 
@@ -204,13 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--config", help="YAML file of TrainConfig keys, or a bundled name "
-                                        "(multi30k-cpu, multi30k-gpu, tatoeba-deu-eng-cpu)")
+        q.add_argument("--config", help="YAML file of Seq2SeqConfig keys (the model's under "
+                                        "'model:'), or a bundled name (multi30k-cpu, "
+                                        "multi30k-gpu, tatoeba-deu-eng-cpu)")
         q.add_argument("--corpus", help="'multi30k' or a directory of {split}.{lang}[.gz] files")
         q.add_argument("--out", help="output directory for checkpoints, logs and metrics")
         q.add_argument("--data-dir", dest="data_dir", help="preprocessed shards (default OUT/data)")
         q.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override any config key (repeatable), e.g. --set accum_steps=4")
+                       help="override any config key (repeatable), e.g. --set accum_steps=4 "
+                            "or --set model.dropout=0.2")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("train", help="train a seq2seq model (YAML config and/or flags); under "

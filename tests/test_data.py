@@ -1,4 +1,4 @@
-"""Tests of the seq2seq data pipeline: corpus files, tokenizers, batching."""
+"""Tests of the data pipeline (fastseq.data): corpus files, tokenizers, batching."""
 from __future__ import annotations
 
 import gzip
@@ -10,22 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastseq.seq2seq import data
-from fastseq.seq2seq.data import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    Batch,
-    PairDataset,
-    TokenBatchSampler,
-    Tokenizer,
-    collate,
-    encode_pairs,
-    load_corpus,
-    read_lines,
-    read_parallel,
-    train_tokenizer,
-)
+from fastseq.data import batching as batching_mod
+from fastseq.data import lines as lines_mod
+from fastseq.data import tokenizer as tokenizer_mod
+from fastseq.data.batching import Batch, PairDataset, TokenBatchSampler, collate, encode_pairs
+from fastseq.data.corpus import load_corpus
+from fastseq.data.lines import read_lines, read_parallel
+from fastseq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, train_tokenizer
 
 SUBSET = 2000  # training lines for the test tokenizers: enough for vocab 600, trains in < 1 s
 
@@ -149,7 +140,7 @@ def test_mismatched_line_counts_names_counts_and_files(tmp_path):
 def test_read_parallel_drops_empty_pairs_and_limits_lines(tmp_path, caplog):
     src = write_lines(tmp_path / "a.de", ["eins", "", "drei", "vier"])
     tgt = write_lines(tmp_path / "a.en", ["one", "two", " ", "four"])
-    with caplog.at_level(logging.WARNING, logger=data.__name__):
+    with caplog.at_level(logging.WARNING, logger=lines_mod.__name__):
         assert read_parallel(src, tgt) == [("eins", "one"), ("vier", "four")]
     assert "dropped 2 of 4 pairs" in caplog.text
     assert read_parallel(src, tgt, max_lines=1) == [("eins", "one")]
@@ -197,7 +188,7 @@ def test_cache_hit_does_not_retrain(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("cache miss: the tokenizer was retrained")
 
-    monkeypatch.setattr(data, "_train_sentencepiece", fail)
+    monkeypatch.setattr(tokenizer_mod, "_train_sentencepiece", fail)
     second = train_tokenizer(list(lines), 300, "bpe", cache_dir=tmp_path)
     assert second.to_bytes() == first.to_bytes()
     assert cache_file.stat().st_mtime_ns == mtime
@@ -211,9 +202,9 @@ def test_cache_hit_does_not_retrain(tmp_path, monkeypatch):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("FASTSEQ_CACHE", str(tmp_path))
-    assert data.default_cache_dir() == tmp_path / "spm"
+    assert tokenizer_mod.default_cache_dir() == tmp_path / "spm"
     monkeypatch.delenv("FASTSEQ_CACHE")
-    assert data.default_cache_dir() == Path.home() / ".cache" / "fastseq" / "spm"
+    assert tokenizer_mod.default_cache_dir() == Path.home() / ".cache" / "fastseq" / "spm"
 
 
 def test_unknown_model_type():
@@ -232,7 +223,7 @@ def test_encode_pairs_adds_special_ids_and_filters(tokenizers, caplog):
     assert src_ids == src_tok.encode("Ein Hund.") + [EOS_ID]
     assert tgt_ids == [BOS_ID] + tgt_tok.encode("A dog.") + [EOS_ID]
     max_len = len(encoded[1][0]) - 1
-    with caplog.at_level(logging.INFO, logger=data.__name__):
+    with caplog.at_level(logging.INFO, logger=batching_mod.__name__):
         assert encode_pairs(pairs, src_tok, tgt_tok, max_len=max_len) == encoded[:1]
     assert "dropped 1 of 2 pairs" in caplog.text
 

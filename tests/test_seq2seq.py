@@ -9,15 +9,17 @@ import pytest
 import torch
 
 from fastseq.cli import main
-from fastseq.seq2seq.data import BOS_ID, EOS_ID, PAD_ID, load_corpus
+from fastseq.data.corpus import load_corpus
+from fastseq.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from fastseq.seq2seq.model import ModelConfig, Seq2Seq
 from fastseq.seq2seq.search import beam_search, greedy_search, sample
-from fastseq.seq2seq.train import TrainConfig, train
+from fastseq.seq2seq.task import Seq2SeqConfig, train
 from fastseq.seq2seq.translate import Translator
 
 TINY = dict(
-    src_vocab_size=400, tgt_vocab_size=400, emb_size=32, enc_hidden_size=48, dec_hidden_size=48,
-    attn_size=32, readout_size=32, dropout=0.1, train_limit=3000, val_limit=200, test_limit=40,
+    src_vocab_size=400, tgt_vocab_size=400,
+    model=dict(emb_size=32, enc_hidden_size=48, dec_hidden_size=48, attn_size=32, readout_size=32, dropout=0.1),
+    train_limit=3000, val_limit=200, test_limit=40,
     max_tokens=1500, max_len=40, lr=3e-3, warmup_steps=10, epochs=3, beam_size=3, progress=False,
 )
 # An untrained model predicts about uniformly: loss ~ ln(vocab) ~ 6. Training
@@ -30,7 +32,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTSEQ_CACHE", str(tmp_path_factory.mktemp("cache")))
-        cfg = TrainConfig(out=str(out), **TINY)
+        cfg = Seq2SeqConfig.from_dict(dict(TINY, out=str(out)))
         result = train(cfg)
     return cfg, result, out
 
@@ -102,7 +104,7 @@ def test_beam_search_scores_at_least_greedy():
 def test_cli_train_translate_evaluate(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTSEQ_CACHE", str(tmp_path / "cache"))
     cfg = dict(TINY, epochs=1, max_steps=5, train_limit=500, val_limit=20, test_limit=10)
-    (tmp_path / "c.yaml").write_text("\n".join(f"{k}: {v}" for k, v in cfg.items()))
+    (tmp_path / "c.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in cfg.items()))
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "run")]) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert "test BLEU" in summary and "5 steps" in summary

@@ -11,23 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastseq.seq2seq import data, shards
-from fastseq.seq2seq.data import (
-    Tokenizer,
-    TokenBatchSampler,
-    collate,
-    encode_pairs,
-    iter_parallel,
-    load_corpus,
-    read_parallel,
-    train_tokenizer,
-)
-from fastseq.seq2seq.shards import (
-    ShardedCorpus,
-    StreamingBatches,
-    preprocess,
-    sample_lines,
-)
+from fastseq.data import batching as batching_mod
+from fastseq.data import lines as lines_mod
+from fastseq.data import shards as shards_mod
+from fastseq.data.batching import StreamingBatches, TokenBatchSampler, collate, encode_pairs
+from fastseq.data.corpus import load_corpus
+from fastseq.data.lines import iter_lines, iter_parallel, read_parallel, sample_lines
+from fastseq.data.shards import ShardedCorpus, preprocess
+from fastseq.data.tokenizer import Tokenizer, train_tokenizer
 
 NUM_PAIRS = 2000  # Multi30k training pairs for the batching tests
 
@@ -100,6 +91,21 @@ def test_iter_parallel_streams_every_line(tmp_path):
     assert list(iter_parallel(empty, empty)) == []
 
 
+def test_iter_lines_streams_one_file_across_blocks(tmp_path, monkeypatch):
+    """The one-file reader (a language model's corpus): same splitting and stripping as
+    iter_parallel, line numbers across blocks, errors naming the file and the line."""
+    monkeypatch.setattr(lines_mod, "LINE_BLOCK", 3)
+    path = write_lines(tmp_path / "t.gz", [" a ", "", "c\r", "d", "e"], final_newline=False)
+    assert list(iter_lines(path)) == [(1, "a"), (2, ""), (3, "c"), (4, "d"), (5, "e")]
+    assert list(iter_lines(write_lines(tmp_path / "empty", []))) == []
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a\nb\nc\nd\n\xff e\n")
+    with pytest.raises(ValueError, match=rf"{bad}: invalid UTF-8 on line 5"):
+        list(iter_lines(bad))
+    with pytest.raises(FileNotFoundError):
+        next(iter_lines(tmp_path / "missing.txt"))
+
+
 @pytest.mark.parametrize("src_count, tgt_count", [(5, 3), (3, 5), (0, 2)])
 def test_iter_parallel_length_mismatch(tmp_path, src_count, tgt_count):
     src = write_lines(tmp_path / "x.de", [f"s{i}" for i in range(src_count)])
@@ -111,7 +117,7 @@ def test_iter_parallel_length_mismatch(tmp_path, src_count, tgt_count):
 
 
 def test_iter_parallel_across_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "LINE_BLOCK", 3)
+    monkeypatch.setattr(lines_mod, "LINE_BLOCK", 3)
     src = write_lines(tmp_path / "s.gz", [f"s{i}" for i in range(1, 11)], final_newline=False)
     tgt = write_lines(tmp_path / "t", [f"t{i}" for i in range(1, 11)])
     assert list(iter_parallel(src, tgt)) == [(i, f"s{i}", f"t{i}") for i in range(1, 11)]
@@ -132,9 +138,9 @@ def test_iter_parallel_invalid_utf8(tmp_path):
         list(iter_parallel(src, tgt))
 
 
-@pytest.mark.parametrize("block", [64, data.LINE_BLOCK])
+@pytest.mark.parametrize("block", [64, lines_mod.LINE_BLOCK])
 def test_sample_lines(tmp_path, monkeypatch, block):
-    monkeypatch.setattr(data, "LINE_BLOCK", block)
+    monkeypatch.setattr(lines_mod, "LINE_BLOCK", block)
     lines = [f"line {i}" for i in range(1000)]
     path = write_lines(tmp_path / "l.gz", [line if i % 10 else "" for i, line in enumerate(lines)])
     non_empty = {line for i, line in enumerate(lines) if i % 10}
@@ -193,7 +199,7 @@ def test_max_len_drops_and_counts(small_files, tokenizers, tmp_path, caplog):
     max_len = int(np.median([max(map(len, pair)) for pair in all_pairs]))
     expected = encode_pairs(pairs, *tokenizers, max_len=max_len)
     assert 0 < len(expected) < len(all_pairs)
-    with caplog.at_level(logging.INFO, logger=shards.__name__):
+    with caplog.at_level(logging.INFO, logger=shards_mod.__name__):
         corpus = preprocess(src_path, tgt_path, *tokenizers, tmp_path / "out", max_len=max_len,
                             shard_size=4, chunk_size=3, progress=True)
     assert read_back(corpus) == expected
@@ -205,7 +211,7 @@ def test_max_len_drops_and_counts(small_files, tokenizers, tmp_path, caplog):
 
 
 def test_int32_when_a_vocabulary_exceeds_uint16(small_files, tokenizers, tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "UINT16_MAX_VOCAB", 100)  # the test tokenizers have 150 and 200
+    monkeypatch.setattr(shards_mod, "UINT16_MAX_VOCAB", 100)  # the test tokenizers have 150 and 200
     corpus = preprocess(*small_files, *tokenizers, tmp_path / "out", shard_size=10,
                         progress=False)
     assert corpus.meta["dtype"] == "int32"
@@ -372,10 +378,10 @@ def test_resume_and_ranks(corpus, monkeypatch):
 
     # Skipped batches are never collated; shards with nothing to yield are never opened.
     opened, collated = [], []
-    open_shard, collate_shard = ShardedCorpus.open_shard, shards._collate_shard
+    open_shard, collate_shard = ShardedCorpus.open_shard, batching_mod._collate_shard
     monkeypatch.setattr(ShardedCorpus, "open_shard",
                         lambda self, i: opened.append(i) or open_shard(self, i))
-    monkeypatch.setattr(shards, "_collate_shard",
+    monkeypatch.setattr(batching_mod, "_collate_shard",
                         lambda shard, rows: collated.append(rows) or collate_shard(shard, rows))
     tail = batch_indices(batches, 4, start=n - 3, rank=0, world_size=2)
     assert len(collated) == len(tail) <= 2

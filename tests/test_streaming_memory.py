@@ -72,8 +72,10 @@ def run_pipeline(num_pairs: int, work_dir: Path) -> dict[str, float]:
 
     The baseline is the peak RSS after importing fastseq (and so torch), before any data work.
     """
-    from fastseq.seq2seq.data import train_tokenizer
-    from fastseq.seq2seq.shards import StreamingBatches, preprocess, sample_lines
+    from fastseq.data.batching import StreamingBatches
+    from fastseq.data.lines import sample_lines
+    from fastseq.data.shards import preprocess
+    from fastseq.data.tokenizer import train_tokenizer
 
     baseline = _peak_rss_kib()
     src_path, tgt_path = work_dir / "train.src", work_dir / "train.tgt"

@@ -19,14 +19,15 @@ import pytest
 import torch
 
 from fastseq.cli import main
-from fastseq.seq2seq.checkpoint import load_checkpoint
-from fastseq.seq2seq.runlog import CsvLog, read_csv
-from fastseq.seq2seq.schedule import LRSchedule
-from fastseq.seq2seq.train import TrainConfig, sample_pairs, train
+from fastseq.data.lines import sample_pairs
+from fastseq.seq2seq.task import Seq2SeqConfig, train
+from fastseq.training.checkpoint import load_checkpoint
+from fastseq.training.runlog import CsvLog, read_csv
+from fastseq.training.schedule import LRSchedule
 
+MODEL = dict(emb_size=16, enc_hidden_size=24, dec_hidden_size=24, attn_size=16, readout_size=16, dropout=0.1)
 TINY = dict(
-    src_vocab_size=300, tgt_vocab_size=300, emb_size=16, enc_hidden_size=24, dec_hidden_size=24,
-    attn_size=16, readout_size=16, dropout=0.1, train_limit=1200, val_limit=40, test_limit=10,
+    src_vocab_size=300, tgt_vocab_size=300, model=MODEL, train_limit=1200, val_limit=40, test_limit=10,
     max_tokens=600, max_len=40, lr=3e-3, warmup_steps=5, epochs=2, beam_size=2, threads=1,
     val_bleu=False, progress=False,
 )
@@ -37,6 +38,10 @@ def _env(cache):
     env = dict(os.environ, FASTSEQ_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("WORLD_SIZE", None)
     return env
+
+
+def _cfg(**values) -> Seq2SeqConfig:
+    return Seq2SeqConfig.from_dict(dict(TINY, **values))
 
 
 def _write_config(path, **values):
@@ -96,7 +101,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, cache)
     with accum_steps=2 see the same global batches and make the same updates:
     same losses and parameters after 6 updates up to float summation order
     (stated tolerance: rtol 1e-4, atol 1e-5 on the weights)."""
-    base = dict(TINY, dropout=0.0, max_steps=6, eval_every=0, data_dir=str(tmp_path / "data"))
+    base = dict(TINY, model=dict(MODEL, dropout=0.0), max_steps=6, eval_every=0, data_dir=str(tmp_path / "data"))
     env = _env(cache)
     one = _write_config(tmp_path / "one.yaml", **base, accum_steps=2)
     two = _write_config(tmp_path / "two.yaml", **base, accum_steps=1)
@@ -125,9 +130,8 @@ def test_checkpoints_keep_the_best_k_and_early_stopping(tmp_path, cache, monkeyp
     improves: patience 2 stops after the 3rd evaluation; 2 step checkpoints
     are kept, best.pt is the first (best) one, last.pt is resumable."""
     monkeypatch.setenv("FASTSEQ_CACHE", str(cache))
-    cfg = TrainConfig(**dict(TINY, lr=1e-30, warmup_steps=0, lr_decay=1.0), out=str(tmp_path / "run"),
-                      eval_every=2, keep_checkpoints=2, patience=2, best_metric="val_loss",
-                      max_steps=50)
+    cfg = _cfg(lr=1e-30, warmup_steps=0, lr_decay=1.0, out=str(tmp_path / "run"),
+               eval_every=2, keep_checkpoints=2, patience=2, best_metric="val_loss", max_steps=50)
     result = train(cfg)
     assert result["stopped_early"] and result["steps"] == 6, result["steps"]
     evals = read_csv(tmp_path / "run" / "eval_log.csv")
@@ -141,7 +145,7 @@ def test_checkpoints_keep_the_best_k_and_early_stopping(tmp_path, cache, monkeyp
 
 def test_bf16_autocast_training_on_cpu(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("FASTSEQ_CACHE", str(cache))
-    cfg = TrainConfig(**dict(TINY, test_limit=4), out=str(tmp_path / "run"), precision="bf16", max_steps=3)
+    cfg = _cfg(test_limit=4, out=str(tmp_path / "run"), precision="bf16", max_steps=3)
     result = train(cfg)
     assert result["precision"] == "bf16" and result["steps"] == 3
     losses = [r["loss"] for r in read_csv(tmp_path / "run" / "train_log.csv")]
@@ -150,13 +154,13 @@ def test_bf16_autocast_training_on_cpu(tmp_path, cache, monkeypatch):
 
 def test_fp16_on_cpu_is_rejected_before_work(tmp_path):
     with pytest.raises(ValueError, match="fp16.*needs a CUDA device"):
-        train(TrainConfig(**TINY, out=str(tmp_path / "run"), precision="fp16", device="cpu"))
+        train(_cfg(out=str(tmp_path / "run"), precision="fp16", device="cpu"))
     assert not (tmp_path / "run" / "data").exists()
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint at .*last.pt"):
-        train(TrainConfig(**TINY, out=str(tmp_path / "none")), resume=True)
+        train(_cfg(out=str(tmp_path / "none")), resume=True)
 
 
 def test_data_prepared_with_other_settings_is_not_reused(tmp_path, cache, monkeypatch):
@@ -178,6 +182,31 @@ def test_cli_set_rejects_bad_keys_and_values():
         main(["train", "--set", "accum_steps"])
     with pytest.raises(SystemExit, match="'precision': expected one of"):
         main(["train", "--set", "precision=fp8"])
+    # Model keys live in the model section: a flat one is refused with the dotted name to use.
+    with pytest.raises(SystemExit, match=r"unknown config key\(s\) \['dropout'\].*model\.dropout"):
+        main(["train", "--set", "dropout=0.2"])
+    with pytest.raises(SystemExit, match="config key 'model.dropout': expected float, got 'x'"):
+        main(["train", "--set", "model.dropout=x"])
+
+
+def test_config_model_section_yaml_and_dotted_overrides(tmp_path):
+    """The model's settings are one nested section, from YAML and from dotted --set keys
+    (applied after the file); the flat training keys keep their names."""
+    from fastseq.cli import _train_config, build_parser
+    from fastseq.seq2seq.model import Architecture
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("lr: 0.002\nsrc_vocab_size: 500\nmodel:\n  emb_size: 64\n  dropout: 0.1\n")
+    args = build_parser().parse_args(["train", "--config", str(conf), "--set", "model.dropout=0.25",
+                                      "--set", "model.rnn_type=lstm", "--set", "accum_steps=2"])
+    cfg = _train_config(args)
+    assert cfg.model == Architecture(emb_size=64, dropout=0.25, rnn_type="lstm")
+    assert (cfg.lr, cfg.src_vocab_size, cfg.accum_steps) == (0.002, 500, 2)
+    assert cfg.to_dict()["model"]["dropout"] == 0.25 and "dropout" not in cfg.to_dict()
+    assert Seq2SeqConfig.from_dict({"model": {"dropout": 0.1}, "model.dropout": 0.2}).model.dropout == 0.2
+    default = Seq2SeqConfig.from_dict({})
+    assert default.model == Architecture() and default.out == "runs/multi30k"
+    assert default.best_metric == "val_bleu"
 
 
 def test_lr_schedule():

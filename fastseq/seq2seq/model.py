@@ -33,12 +33,19 @@ from fastseq.nn import GRU, LSTM, AdditiveAttention, GRUCell
 PAD_ID = 0
 
 
-@dataclass
-class ModelConfig:
-    """Model sizes. ``rnn_type`` is the encoder's ('gru' or 'lstm'); the decoder is a GRU."""
+CHECKPOINT_FORMAT = "fastseq.seq2seq"  # the ``format`` of this model's checkpoints
 
-    src_vocab_size: int
-    tgt_vocab_size: int
+
+@dataclass(kw_only=True)
+class Architecture:
+    """The model's settings that a training config's ``model:`` section holds (the
+    vocabulary sizes come from the tokenizers: see :class:`ModelConfig`).
+    ``rnn_type`` is the encoder's ('gru' or 'lstm'); the decoder is a GRU.
+
+    Raises:
+        ValueError: a value out of range (the message starts with the field's name).
+    """
+
     emb_size: int = 256
     enc_hidden_size: int = 512
     dec_hidden_size: int = 512
@@ -60,6 +67,20 @@ class ModelConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Architecture):
+    """Everything :class:`Seq2Seq` is built from: the :class:`Architecture` and the
+    vocabulary sizes (keyword arguments only). Checkpoints store it (``to_dict``)."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+
+    @classmethod
+    def of(cls, architecture: Architecture, src_vocab_size: int, tgt_vocab_size: int) -> "ModelConfig":
+        """The config of ``architecture`` with these vocabularies."""
+        return cls(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, **asdict(architecture))
 
 
 class Memory(NamedTuple):

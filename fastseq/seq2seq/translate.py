@@ -5,19 +5,15 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
 
-from fastseq.seq2seq.checkpoint import load_checkpoint
-from fastseq.seq2seq.data import BOS_ID, EOS_ID, Tokenizer
-from fastseq.seq2seq.model import PAD_ID, ModelConfig, Seq2Seq
+from fastseq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from fastseq.seq2seq.model import CHECKPOINT_FORMAT, PAD_ID, ModelConfig, Seq2Seq
 from fastseq.seq2seq.search import beam_search, greedy_search, sample
+from fastseq.training.checkpoint import load_checkpoint
+from fastseq.training.distributed import pick_device
+
+__all__ = ["METHODS", "Translator", "pick_device"]
 
 METHODS = ("greedy", "beam", "sample")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class Translator:
@@ -28,9 +24,10 @@ class Translator:
 
     @classmethod
     def from_checkpoint(cls, path, device: Union[str, torch.device] = "auto") -> "Translator":
-        """Load a checkpoint written by ``fastseq train`` (see :mod:`.checkpoint`)."""
+        """Load a checkpoint written by ``fastseq train`` (see :mod:`fastseq.training.checkpoint`):
+        its model config, weights and tokenizers."""
         device = pick_device(device) if isinstance(device, str) else device
-        ckpt = load_checkpoint(path, map_location="cpu")
+        ckpt = load_checkpoint(path, map_location="cpu", format=CHECKPOINT_FORMAT)
         model = Seq2Seq(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
         return cls(model.to(device).eval(), Tokenizer.from_bytes(ckpt["src_tokenizer"]),

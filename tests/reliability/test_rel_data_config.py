@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fastseq.cli import main
-from fastseq.seq2seq.shards import ShardedCorpus
+from fastseq.data.shards import ShardedCorpus
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = ("der die das ein eine hund katze mann frau kind läuft spielt sitzt auf im park "
@@ -121,10 +121,10 @@ BAD_VALUES = [
     ("epochs=0", "'epochs': expected > 0, got 0"),
     ("epochs=1.5", "'epochs': expected int, got 1.5"),
     ("max_tokens=true", "'max_tokens': expected int, got True"),
-    ("dropout=1.5", "dropout: expected a value in [0, 1), got 1.5"),
+    ("model.dropout=1.5", "config key 'model.dropout': expected a value in [0, 1), got 1.5"),
     ("label_smoothing=1", "'label_smoothing': expected in [0, 1), got 1.0"),
     ("clip_norm=0", "'clip_norm': expected > 0, got 0.0"),
-    ("rnn_type=rnn", "rnn_type: expected 'gru' or 'lstm', got 'rnn'"),
+    ("model.rnn_type=rnn", "'model.rnn_type': expected 'gru' or 'lstm', got 'rnn'"),
     ("precision=fp8", "'precision': expected one of ('auto', 'fp32', 'bf16', 'fp16'), got 'fp8'"),
     ("lr_schedule=cosine", "'lr_schedule': 'cosine' decays to max_steps; set max_steps"),
     ("lr_schedule=step", "'lr_schedule': expected one of"),
@@ -137,7 +137,12 @@ BAD_VALUES = [
     ("patience=-1", "'patience': expected >= 0, got -1"),
     ("max_minutes=-5", "'max_minutes': expected >= 0, got -5.0"),
     ("threads=-1", "'threads': expected >= 0, got -1"),
-    ("enc_hidden_size=0", "enc_hidden_size: expected a positive integer, got 0"),
+    ("model.enc_hidden_size=0", "'model.enc_hidden_size': expected a positive integer, got 0"),
+    ("model.emb_size=8.5", "'model.emb_size': expected int, got 8.5"),
+    ("model=8", "config key 'model': expected a section"),
+    ("dropout=0.2", "unknown config key(s) ['dropout']", "'dropout' is a key of the 'model' section: model.dropout"),
+    ("model.src_vocab_size=9", "unknown config key(s) ['model.src_vocab_size']",
+     "'src_vocab_size' is not a key of the 'model' section but of the level above"),
     ("src_vocab_size=[1, 2]", "'src_vocab_size': expected int, got [1, 2]"),
     ("corpus=null", "'corpus': expected str, got None"),
     ("acum_steps=2", "unknown config key(s) ['acum_steps']; valid keys: [", "'accum_steps'"),
@@ -194,8 +199,8 @@ def test_bad_checkpoint_arguments(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from fastseq.seq2seq.checkpoint import save_checkpoint
-    from fastseq.seq2seq.data import Tokenizer, train_tokenizer
+    from fastseq.training.checkpoint import save_checkpoint
+    from fastseq.data.tokenizer import Tokenizer, train_tokenizer
     from fastseq.seq2seq.model import ModelConfig, Seq2Seq
 
     d = tmp_path_factory.mktemp("ckpt")
@@ -205,7 +210,7 @@ def tiny_checkpoint(tmp_path_factory):
                       enc_hidden_size=8, dec_hidden_size=8, attn_size=8, readout_size=8)
     save_checkpoint(d / "m.pt", {"model_config": cfg.to_dict(), "model": Seq2Seq(cfg).state_dict(),
                                  "src_tokenizer": src_tok.to_bytes(), "tgt_tokenizer": tgt_tok.to_bytes(),
-                                 "step": 0, "epoch": 0, "metrics": {}})
+                                 "step": 0, "epoch": 0, "metrics": {}}, format="fastseq.seq2seq")
     assert isinstance(Tokenizer.from_bytes(src_tok.to_bytes()).vocab_size, int)
     return d / "m.pt"
 
@@ -243,8 +248,8 @@ def test_bad_evaluate_split(tiny_checkpoint, tmp_path):
 
 
 def test_cli_reports_the_config_error_without_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "fastseq", "train", "--set", "dropout=2"],
+    res = subprocess.run([sys.executable, "-m", "fastseq", "train", "--set", "model.dropout=2"],
                          capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert res.stderr.strip() == "fastseq train: dropout: expected a value in [0, 1), got 2.0"
+    assert res.stderr.strip() == "fastseq train: config key 'model.dropout': expected a value in [0, 1), got 2.0"

@@ -18,35 +18,38 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastseq.seq2seq import train as train_mod
-from fastseq.seq2seq.checkpoint import load_checkpoint
-from fastseq.seq2seq.runlog import read_csv
-from fastseq.seq2seq.train import TrainConfig, TrainingError, TrainingInterrupted, train
+from fastseq.seq2seq import task as task_mod
+from fastseq.seq2seq.task import Seq2SeqConfig, train
+from fastseq.training import trainer as trainer_mod
+from fastseq.training.checkpoint import load_checkpoint
+from fastseq.training.faults import TrainingError, TrainingInterrupted
+from fastseq.training.runlog import read_csv
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = dict(
-    src_vocab_size=300, tgt_vocab_size=300, emb_size=16, enc_hidden_size=24, dec_hidden_size=24,
-    attn_size=16, readout_size=16, dropout=0.1, train_limit=1200, val_limit=40, test_limit=10,
+    src_vocab_size=300, tgt_vocab_size=300,
+    model=dict(emb_size=16, enc_hidden_size=24, dec_hidden_size=24, attn_size=16, readout_size=16, dropout=0.1),
+    train_limit=1200, val_limit=40, test_limit=10,
     max_tokens=600, max_len=40, lr=3e-3, warmup_steps=5, epochs=2, beam_size=2, threads=1,
     val_bleu=False, progress=False,
 )
 
 
-def _cfg(**values) -> TrainConfig:
-    return TrainConfig(**dict(TINY, **values))
+def _cfg(**values) -> Seq2SeqConfig:
+    return Seq2SeqConfig.from_dict(dict(TINY, **values))
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """Tokenizers and shards shared by the runs of this module (prepared once)."""
     d = tmp_path_factory.mktemp("data") / "data"
-    train_mod.prepare_data(_cfg(data_dir=str(d)))
+    task_mod.prepare_data(_cfg(data_dir=str(d)))
     return str(d)
 
 
 def _poison_loss(monkeypatch, bad_calls):
     """Make the training loss NaN on the given (1-based) training forward passes."""
-    real = train_mod.masked_cross_entropy
+    real = task_mod.masked_cross_entropy
     calls = {"n": 0}
 
     def loss_fn(logits, targets, label_smoothing=0.0):
@@ -57,7 +60,7 @@ def _poison_loss(monkeypatch, bad_calls):
                 loss = loss * float("nan")
         return loss, n
 
-    monkeypatch.setattr(train_mod, "masked_cross_entropy", loss_fn)
+    monkeypatch.setattr(task_mod, "masked_cross_entropy", loss_fn)
     return calls
 
 
@@ -71,7 +74,7 @@ def test_nonfinite_loss_skips_the_update(tmp_path, data_dir, monkeypatch, caplog
     _poison_loss(monkeypatch, {3, 4, 9})
     cfg = _cfg(data_dir=data_dir, out=str(tmp_path / "run"), max_steps=10,
                       test_limit=2)
-    with caplog.at_level(logging.WARNING, logger="fastseq.seq2seq.train"):
+    with caplog.at_level(logging.WARNING, logger="fastseq.training"):
         result = train(cfg)
     assert result["skipped_updates"] == 3 and result["steps"] == 10
     warnings = [r.getMessage() for r in caplog.records if "update skipped" in r.getMessage()]
@@ -106,9 +109,9 @@ def test_too_many_nonfinite_updates_in_a_row_stop(tmp_path, data_dir, monkeypatc
 
 def test_nonfinite_config_values_are_checked():
     with pytest.raises(ValueError, match="'nonfinite_loss': expected one of"):
-        TrainConfig.from_dict({"nonfinite_loss": "ignore"})
+        Seq2SeqConfig.from_dict({"nonfinite_loss": "ignore"})
     with pytest.raises(ValueError, match="'max_skipped_updates': expected > 0"):
-        TrainConfig.from_dict({"max_skipped_updates": 0})
+        Seq2SeqConfig.from_dict({"max_skipped_updates": 0})
 
 
 def _env():
@@ -166,7 +169,7 @@ def test_resume_falls_back_to_the_previous_state_when_last_is_corrupted(tmp_path
     data = bytearray((out / "last.pt").read_bytes())
     (out / "last.pt").write_bytes(bytes(data[: len(data) // 2]))  # truncated
     cfg.max_steps = 8
-    with caplog.at_level(logging.WARNING, logger="fastseq.seq2seq.train"):
+    with caplog.at_level(logging.WARNING, logger="fastseq.training"):
         result = train(cfg, resume=True)
     assert any("resuming from" in r.getMessage() and "last.prev.pt" in r.getMessage()
                and "cannot be read" in r.getMessage() for r in caplog.records)
@@ -179,10 +182,45 @@ def test_resume_falls_back_to_the_previous_state_when_last_is_corrupted(tmp_path
         train(cfg, resume=True)
 
 
+def _to_previous_layout(path: Path) -> None:
+    """Rewrite a last.pt the way fastseq wrote it before fastseq.training: a flat
+    train_config (the model's keys at the top level), model_config in the old field
+    order (vocabulary sizes first), no task_state."""
+    from fastseq.training.checkpoint import save_checkpoint
+
+    ckpt = load_checkpoint(path)
+    flat = {k: v for k, v in ckpt["train_config"].items() if k != "model"}
+    flat.update(ckpt["train_config"]["model"])
+    mc = ckpt["model_config"]
+    old_mc = {"src_vocab_size": mc["src_vocab_size"], "tgt_vocab_size": mc["tgt_vocab_size"],
+              **{k: v for k, v in mc.items() if not k.endswith("_vocab_size")}}
+    payload = {k: v for k, v in ckpt.items() if k not in ("format", "version", "digest", "task_state")}
+    payload.update(train_config=flat, model_config=old_mc)
+    save_checkpoint(path, payload, format="fastseq.seq2seq")
+
+
+def test_resume_from_a_last_pt_of_the_previous_layout(tmp_path, data_dir):
+    """A last.pt written before the shared training package (flat train_config, no
+    task_state) resumes, on exactly the trajectory of an uninterrupted run."""
+    full = _cfg(data_dir=data_dir, out=str(tmp_path / "full"), max_steps=6, eval_every=2, test_limit=2)
+    train(full)
+    cut = _cfg(data_dir=data_dir, out=str(tmp_path / "cut"), max_steps=4, eval_every=2, test_limit=2)
+    train(cut)
+    _to_previous_layout(tmp_path / "cut" / "last.pt")
+    assert "task_state" not in load_checkpoint(tmp_path / "cut" / "last.pt")
+    cut.max_steps = 6
+    assert train(cut, resume=True)["steps"] == 6
+    rows = [read_csv(tmp_path / run / "train_log.csv") for run in ("full", "cut")]
+    assert [(r["step"], r["loss"]) for r in rows[0]] == [(r["step"], r["loss"]) for r in rows[1]]
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("full", "cut"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_interrupt_in_process_raises_after_saving(tmp_path, data_dir, monkeypatch):
     """The library call (not the CLI): a SIGTERM delivered during an update makes
     train() save last.pt and raise TrainingInterrupted carrying the step."""
-    real_update = train_mod._Trainer._update
+    real_update = trainer_mod.Trainer._update
     calls = {"n": 0}
 
     def update(self, micro):
@@ -191,7 +229,7 @@ def test_interrupt_in_process_raises_after_saving(tmp_path, data_dir, monkeypatc
             os.kill(os.getpid(), signal.SIGTERM)  # handled by fastseq's handler
         return real_update(self, micro)
 
-    monkeypatch.setattr(train_mod._Trainer, "_update", update)
+    monkeypatch.setattr(trainer_mod.Trainer, "_update", update)
     cfg = _cfg(data_dir=data_dir, out=str(tmp_path / "run"), max_steps=10)
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg)

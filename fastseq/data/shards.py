@@ -1,16 +1,19 @@
-"""Large-corpus data path with bounded memory: token-id shards on disk, batches streamed from them.
+"""Token-id shards of a parallel corpus on disk: written once, memory-mapped when read.
 
-:mod:`fastseq.seq2seq.data` reads a whole corpus into memory; this module handles corpora of any
-size with memory bounded by one shard:
+Corpora of any size, with memory bounded by one shard:
 
-* :func:`sample_lines` draws a bounded random sample of a huge file to train a tokenizer on;
 * :func:`preprocess` streams a parallel corpus once, encodes it and writes it as shards of
   token ids (numpy ``.npy`` files, memory-mapped when read);
-* :class:`ShardedCorpus` opens the result, :class:`StreamingBatches` yields token-budget,
-  length-bucketed :class:`~fastseq.seq2seq.data.Batch` es from it, one shard open at a time,
-  resumable at any batch and split across data-parallel ranks.
+* :class:`ShardedCorpus` opens the result; :class:`Shard` is one shard, memory-mapped.
+
+:class:`fastseq.data.batching.StreamingBatches` yields token-budget batches from a
+:class:`ShardedCorpus`; :func:`fastseq.data.lines.sample_lines` draws the bounded sample of a
+huge file to train the tokenizers on.
 
 Typical use::
+
+    from fastseq.data.lines import sample_lines
+    from fastseq.data.tokenizer import train_tokenizer
 
     src_tok = train_tokenizer(sample_lines("train.de.gz", 2_000_000), vocab_size=16000)
     tgt_tok = train_tokenizer(sample_lines("train.en.gz", 2_000_000), vocab_size=16000)
@@ -18,11 +21,6 @@ Typical use::
                         max_len=128)
     # ... in a later run: corpus = ShardedCorpus("train-shards")
     corpus.check_tokenizers(src_tok, tgt_tok)
-    batches = StreamingBatches(corpus, max_tokens=8192, seed=0)
-    for epoch in range(num_epochs):
-        for step, batch in batches.iterate(epoch, start=0, rank=rank, world_size=world_size):
-            batch = batch.to(device)
-            ...
 
 Directory layout written by :func:`preprocess`, for shard ``k`` (5 digits)::
 
@@ -33,13 +31,12 @@ Directory layout written by :func:`preprocess`, for shard ``k`` (5 digits)::
 
 Pair ``j`` of a shard is ``src[offsets[j, 0]:offsets[j + 1, 0]]`` and
 ``tgt[offsets[j, 1]:offsets[j + 1, 1]]``, with ids as made by
-:func:`~fastseq.seq2seq.data.encode_pairs` (``src_ids = ids + [eos]``,
+:func:`~fastseq.data.batching.encode_pairs` (``src_ids = ids + [eos]``,
 ``tgt_ids = [bos] + ids + [eos]``). Pairs are numbered globally in file order (after dropping),
 shard after shard; ``Batch.indices`` holds these global numbers.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -48,24 +45,13 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from fastseq.seq2seq.data import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    Batch,
-    PathLike,
-    Tokenizer,
-    _open_binary,
-    _read_block,
-    iter_parallel,
-    pack_by_length,
-)
+from fastseq.data.lines import PathLike, iter_parallel
+from fastseq.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, tokenizer_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -91,54 +77,6 @@ _META_FIELDS = {
 }
 _SHARD_FIELDS = ("name", "num_pairs", "src_tokens", "tgt_tokens")
 _DTYPES = ("uint16", "int32")
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def sample_lines(path: PathLike, n: int, seed: int = 0) -> list[str]:
-    """A uniform random sample of at most ``n`` non-empty lines of a text file.
-
-    Reservoir sampling (Algorithm R) over one streaming pass: memory is ``O(n)`` lines whatever
-    the file size, so a tokenizer can be trained on a bounded sample of a huge corpus
-    (``train_tokenizer(sample_lines(path, 2_000_000), ...)``).
-
-    Args:
-        path: UTF-8 text file, gzip-compressed if its name ends in ``.gz``.
-        n: sample size; a file with at most ``n`` non-empty lines is returned whole, in order.
-        seed: the same (file, n, seed) always gives the same sample.
-
-    Returns:
-        The sampled lines, stripped of surrounding whitespace, never empty.
-
-    Raises:
-        ValueError: ``n`` is negative, or a line is not valid UTF-8 (the message names the file
-            and the line number).
-    """
-    if n < 0:
-        raise ValueError(f"sample size n must be >= 0, got {n}")
-    path = Path(path)
-    rng = np.random.default_rng(seed)
-    reservoir: list[str] = []
-    seen = 0  # non-empty lines before the current block
-    next_line = 1
-    with _open_binary(path) as file:
-        while lines := _read_block(file, path, next_line):
-            next_line += len(lines)
-            candidates = [line for line in lines if line]
-            filled = min(n - len(reservoir), len(candidates))
-            reservoir += candidates[:filled]
-            candidates = candidates[filled:]
-            seen += filled
-            if not candidates:
-                continue
-            # Candidate i is non-empty line number seen + i (0-based): it replaces slot j, drawn
-            # uniformly from [0, seen + i], if j < n. Applied in order, as in the serial loop.
-            slots = rng.integers(0, seen + 1 + np.arange(len(candidates)))
-            for i in np.flatnonzero(slots < n).tolist():
-                reservoir[slots[i]] = candidates[i]
-            seen += len(candidates)
-    return reservoir
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -271,10 +209,6 @@ class _ShardWriter:
                             "src_tokens": len(shard.src), "tgt_tokens": len(shard.tgt)})
 
 
-def _tokenizer_sha256(tokenizer: Tokenizer) -> str:
-    return hashlib.sha256(tokenizer.to_bytes()).hexdigest()
-
-
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -295,8 +229,8 @@ def preprocess(
 ) -> ShardedCorpus:
     """Encode a parallel corpus of any size into token-id shards (layout in the module docstring).
 
-    The files are streamed with :func:`~fastseq.seq2seq.data.iter_parallel` and encoded
-    ``chunk_size`` pairs at a time exactly like :func:`~fastseq.seq2seq.data.encode_pairs`;
+    The files are streamed with :func:`~fastseq.data.lines.iter_parallel` and encoded
+    ``chunk_size`` pairs at a time exactly like :func:`~fastseq.data.batching.encode_pairs`;
     memory holds at most one shard plus one chunk, never the corpus. Everything is written into
     the temporary sibling directory ``{out_dir}.tmp-{pid}``, renamed to ``out_dir`` at the end:
     an interrupted run never leaves a partial ``out_dir`` (the temporary directory is removed on
@@ -415,8 +349,8 @@ def _write_corpus(
         "dtype": dtype.name,
         "src_vocab_size": src_tok.vocab_size,
         "tgt_vocab_size": tgt_tok.vocab_size,
-        "src_tokenizer_sha256": _tokenizer_sha256(src_tok),
-        "tgt_tokenizer_sha256": _tokenizer_sha256(tgt_tok),
+        "src_tokenizer_sha256": tokenizer_sha256(src_tok),
+        "tgt_tokenizer_sha256": tokenizer_sha256(tgt_tok),
         "lines_read": lines_read,
         "dropped_empty": dropped_empty,
         "dropped_too_long": dropped_too_long,
@@ -429,6 +363,7 @@ def _write_corpus(
         f.flush()
         os.fsync(f.fileno())
     return meta
+
 
 
 # --------------------------------------------------------------------------- reading
@@ -608,7 +543,7 @@ class ShardedCorpus:
             ValueError: a tokenizer differs (the message names the side and both hashes).
         """
         for side, tokenizer in (("src", src_tok), ("tgt", tgt_tok)):
-            expected, actual = self.meta[f"{side}_tokenizer_sha256"], _tokenizer_sha256(tokenizer)
+            expected, actual = self.meta[f"{side}_tokenizer_sha256"], tokenizer_sha256(tokenizer)
             if actual != expected:
                 raise ValueError(
                     f"{self.directory} was encoded with a different {side} tokenizer "
@@ -616,156 +551,3 @@ class ShardedCorpus:
                     "it was preprocessed with, or preprocess again"
                 )
 
-
-# --------------------------------------------------------------------------- batching
-
-
-class StreamingBatches:
-    """Token-budget, length-bucketed batches of a :class:`ShardedCorpus`, one shard at a time.
-
-    Each epoch visits the shards in an order drawn from ``default_rng([seed, epoch])``. Within
-    shard ``s`` a Generator ``rng = default_rng([seed, epoch, s])`` orders equal lengths
-    randomly (``permutation``, then a stable sort by length), the examples are packed with
-    :func:`~fastseq.seq2seq.data.pack_by_length` and the shard's batches are permuted by the same
-    ``rng``. With a single shard the Generator is ``default_rng([seed, epoch])``, so the batches
-    are exactly those of :class:`~fastseq.seq2seq.data.TokenBatchSampler` for the same lengths and
-    seed. With ``shuffle=False`` shards come in order, each one's batches in ascending length.
-    Batches never mix shards; every pair is in exactly one batch per epoch, and each batch
-    satisfies ``len(batch) * max(length in batch) <= max_tokens`` (length = longer side).
-
-    Memory: one shard's lengths and batch lists plus its memory-mapped pages, released when the
-    next shard is opened; construction reads each shard's offsets once (``O(num_pairs)`` time).
-
-    Args:
-        corpus: the shards.
-        max_tokens: budget for ``batch size * longest example`` (padded tokens of the longer side).
-        shuffle: randomise (training) or not (evaluation).
-        seed: base seed of the shuffling.
-
-    Raises:
-        ValueError: ``max_tokens < 1``, or a pair is longer than ``max_tokens`` (the message names
-            the shard, the pair's index in it, its length and ``max_tokens``).
-    """
-
-    def __init__(
-        self, corpus: ShardedCorpus, max_tokens: int, *, shuffle: bool = True, seed: int = 0
-    ) -> None:
-        _check_positive("max_tokens", max_tokens)
-        self.corpus = corpus
-        self.max_tokens = max_tokens
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-        # Packing depends only on the sorted lengths, so each shard's count is the same every
-        # epoch; storing the counts lets iterate() skip whole shards without opening them.
-        self._shard_batches: list[int] = []
-        for s in range(corpus.num_shards):
-            lengths = corpus.shard_lengths(s)
-            if lengths.size and lengths.max() > max_tokens:
-                j = int(lengths.argmax())
-                raise ValueError(
-                    f"{corpus.directory}: pair {j} of shard {s} has {lengths[j]} tokens, more "
-                    f"than max_tokens={max_tokens}; raise max_tokens or preprocess with max_len"
-                )
-            order = np.argsort(lengths, kind="stable")
-            self._shard_batches.append(len(pack_by_length(order, lengths, max_tokens)))
-        self._num_batches = sum(self._shard_batches)
-
-    @property
-    def num_batches(self) -> int:
-        """Batches per epoch, all shards and ranks together (the same for every epoch)."""
-        return self._num_batches
-
-    def __len__(self) -> int:
-        return self._num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch that ``iter(self)`` yields."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[Batch]:
-        return (batch for _, batch in self.iterate(self.epoch))
-
-    def iterate(
-        self, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1
-    ) -> Iterator[tuple[int, Batch]]:
-        """The batches of an epoch with their global index, for resuming and data parallelism.
-
-        Yields ``(g, batch)`` for each global batch index ``g`` (0-based over the epoch, all
-        shards) with ``g >= start`` and ``g % world_size == rank``, in increasing ``g``. Skipped
-        batches cost nothing but, in shards that must be opened, reading their offsets: their
-        tokens are not read and whole shards of skipped batches are not opened. ``Batch.indices``
-        holds global pair indices (file order after dropping). Batches equal what
-        :func:`~fastseq.seq2seq.data.collate` makes of the same ``(index, src_ids, tgt_ids)``.
-        When ``num_batches`` is not a multiple of ``world_size``, the first
-        ``num_batches % world_size`` ranks get one batch more; a data-parallel loop that needs
-        equal step counts stops after ``num_batches // world_size`` batches.
-
-        Args:
-            epoch: selects the shuffling.
-            start: first global batch index to yield, to resume an epoch: after ``k`` steps of
-                each of ``world_size`` ranks, ``start = k * world_size``.
-            rank, world_size: this process's share of the batches.
-
-        Raises:
-            ValueError: ``start < 0``, ``world_size < 1`` or ``rank`` not in ``[0, world_size)``.
-        """
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        _check_positive("world_size", world_size)
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        num_shards = self.corpus.num_shards
-        if self.shuffle:
-            shard_order = np.random.default_rng([self.seed, epoch]).permutation(num_shards)
-        else:
-            shard_order = np.arange(num_shards)
-        first = 0  # global index of the current shard's first batch
-        for s in shard_order.tolist():
-            end = first + self._shard_batches[s]
-            g = max(first, start)
-            g += (rank - g) % world_size  # first index of this rank at or after g
-            if g < end:
-                shard = self.corpus.open_shard(s)
-                batches = self._shard_batches_of(shard, epoch, num_shards)
-                for index in range(g, end, world_size):
-                    yield index, _collate_shard(shard, batches[index - first])
-                del shard, batches  # unmap this shard before the next one is opened
-            first = end
-
-    def _shard_batches_of(self, shard: Shard, epoch: int, num_shards: int) -> list[list[int]]:
-        """The batches (local indices) of one shard in this epoch's order."""
-        lengths = shard.lengths()
-        if not self.shuffle:
-            return pack_by_length(np.argsort(lengths, kind="stable"), lengths, self.max_tokens)
-        seed = [self.seed, epoch] if num_shards == 1 else [self.seed, epoch, shard.index]
-        rng = np.random.default_rng(seed)
-        permutation = rng.permutation(len(lengths))
-        order = permutation[np.argsort(lengths[permutation], kind="stable")]
-        batches = pack_by_length(order, lengths, self.max_tokens)
-        return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def _gather(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """``[B, max(lengths)]`` int64, row b ``tokens[starts[b]:starts[b] + lengths[b]]`` padded."""
-    columns = np.arange(int(lengths.max()))
-    inside = columns < lengths[:, None]
-    out = np.full(inside.shape, PAD_ID, dtype=np.int64)
-    out[inside] = tokens[(starts[:, None] + columns)[inside]]
-    return out
-
-
-def _collate_shard(shard: Shard, batch: list[int]) -> Batch:
-    """:func:`~fastseq.seq2seq.data.collate` of local pairs ``batch``, read from the memmaps."""
-    local = np.asarray(batch, dtype=np.int64)
-    starts, ends = shard.offsets[local], shard.offsets[local + 1]
-    src_lengths, tgt_lengths = (ends - starts).T
-    tgt_lengths = tgt_lengths - 1  # of tgt_in and tgt_out: tgt_ids minus eos, or minus bos
-    return Batch(
-        src=torch.from_numpy(_gather(shard.src, starts[:, 0], src_lengths)),
-        src_lengths=torch.from_numpy(np.ascontiguousarray(src_lengths)),
-        tgt_in=torch.from_numpy(_gather(shard.tgt, starts[:, 1], tgt_lengths)),
-        tgt_out=torch.from_numpy(_gather(shard.tgt, starts[:, 1] + 1, tgt_lengths)),
-        tgt_lengths=torch.from_numpy(tgt_lengths),
-        indices=torch.from_numpy(local + shard.start),
-    )

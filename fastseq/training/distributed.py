@@ -1,5 +1,6 @@
-"""torch.distributed for ``fastseq train``: process group set-up from torchrun's
-environment, and the few collectives the training loop needs.
+"""Devices and processes: the device a run trains on, and torch.distributed for the
+trainer: process group set-up from torchrun's environment, and the few
+collectives the training loop needs.
 
 Launched by torchrun (``torchrun --nproc_per_node N -m fastseq train ...``), each
 process reads ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` from its environment
@@ -18,7 +19,14 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "setup", "teardown"]
+__all__ = ["Context", "pick_device", "setup", "teardown"]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
-"""Atomic file writes: what a user asked fastseq to write is never left half-written."""
+"""Atomic file writes: what a user asked fastseq to write is never left half-written.
+
+The bottom layer of fastseq's file output: :mod:`fastseq.data`, :mod:`fastseq.training`
+and :mod:`fastseq.seq2seq` write through it. It imports nothing from fastseq.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
@@ -83,9 +88,8 @@ def remove_stale_tmp(path: Union[str, os.PathLike]) -> int:
 
 def link_atomic(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> None:
     """Make ``dst`` name the same file as ``src`` (a hard link; a copy where links
-    are not supported), replacing any previous ``dst`` atomically."""
-    import shutil
-
+    are not supported), replacing any previous ``dst`` atomically. No temporary
+    file is left behind, also when ``dst`` already is a link to ``src``."""
     src, dst = Path(src), Path(dst)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     if tmp.exists():
@@ -95,3 +99,6 @@ def link_atomic(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> N
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    # rename(2) does nothing when tmp and dst already are links to the same file.
+    if tmp.exists():
+        tmp.unlink()

@@ -1,9 +1,12 @@
-"""Checkpoints: written atomically, read without executing code.
+"""Checkpoints: written atomically, read without executing code, checked by a digest.
 
-A checkpoint is a dict saved with ``torch.save``; it holds the model config,
-the state_dict, both tokenizers (sentencepiece model bytes) and metadata, so
-``fastseq translate`` needs nothing else. It is loaded with
-``torch.load(weights_only=True)``, so a checkpoint file cannot run code.
+A checkpoint is a dict saved with ``torch.save``: ``format`` (which model it is
+for, e.g. ``"fastseq.seq2seq"``: :attr:`fastseq.training.task.Task.checkpoint_format`),
+``version`` (of this container), ``digest`` and the payload: what the task
+stores so inference needs nothing else (model config, state_dict, tokenizers)
+and, in ``last.pt``, the full training state (:mod:`fastseq.training.trainer`).
+It is loaded with ``torch.load(weights_only=True)``, so a checkpoint file
+cannot run code.
 
 Integrity: ``torch.load`` does not verify the zip's CRCs, so a flipped bit in
 tensor data loads silently as a different number. Each checkpoint therefore
@@ -11,10 +14,15 @@ carries a SHA-256 ``digest`` of its contents (every tensor's bytes, dtype and
 shape, every string and number, in order), recomputed on load; a mismatch is
 reported as a corrupted file. Checkpoints without a digest (written before
 0.2) load unchecked.
+
+``--resume`` reads ``last.pt`` through :func:`load_resume_checkpoint`, which
+falls back to ``last.prev.pt`` (the state before, kept by
+``save_checkpoint(keep_previous=...)``) when ``last.pt`` is missing or damaged.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 import struct
@@ -24,9 +32,11 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
-from fastseq._io import atomic_write, link_atomic
+from fastseq.fileio import atomic_write, link_atomic
 
-FORMAT = "fastseq.seq2seq"
+logger = logging.getLogger(__name__)
+
+FORMAT_PREFIX = "fastseq."  # every fastseq checkpoint's format starts with it
 VERSION = 1
 
 
@@ -70,13 +80,15 @@ def digest(payload: Dict[str, Any]) -> str:
 
 
 def save_checkpoint(path: Union[str, os.PathLike], payload: Dict[str, Any],
-                    keep_previous: Optional[Union[str, os.PathLike]] = None) -> None:
+                    keep_previous: Optional[Union[str, os.PathLike]] = None, *, format: str) -> None:
     """Write ``payload`` to ``path`` atomically: a temporary file in the same
     directory, flushed and fsynced, then ``os.replace`` (and the directory
     fsynced). A crash or a kill mid-write leaves the previous file at ``path``
     intact. The file carries a digest of its contents (see the module docstring).
 
     Args:
+        format: what the checkpoint is for, ``"fastseq.<model>"`` (e.g.
+            ``"fastseq.seq2seq"``); :func:`load_checkpoint` can require it.
         keep_previous: if given and ``path`` exists, ``path``'s current file is
             first linked there (atomically), so one older good state survives
             even if the new file is later damaged.
@@ -84,8 +96,11 @@ def save_checkpoint(path: Union[str, os.PathLike], payload: Dict[str, Any],
     Raises:
         OSError: the file cannot be written (e.g. the disk is full); the
             previous file at ``path`` is then left as it was.
+        ValueError: ``format`` does not start with ``"fastseq."``.
     """
-    full = {"format": FORMAT, "version": VERSION, **payload}
+    if not format.startswith(FORMAT_PREFIX):
+        raise ValueError(f"checkpoint format {format!r}: expected a name starting with {FORMAT_PREFIX!r}")
+    full = {"format": format, "version": VERSION, **payload}
     full["digest"] = digest(full)
     if keep_previous is not None and Path(path).is_file():
         link_atomic(path, keep_previous)
@@ -93,11 +108,16 @@ def save_checkpoint(path: Union[str, os.PathLike], payload: Dict[str, Any],
         torch.save(full, f)
 
 
-def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
+                    format: Optional[str] = None) -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     The file is read with ``torch.load(weights_only=True)``: tensors and plain
     data only, so loading a checkpoint never runs code from it.
+
+    Args:
+        format: the checkpoint must be of this format (e.g. ``"fastseq.seq2seq"``);
+            None accepts any fastseq checkpoint.
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -114,8 +134,12 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ValueError(f"checkpoint {path} cannot be read, it is truncated, corrupted or not a "
                          f"checkpoint ({type(exc).__name__}: {first[:300]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path} is not a {FORMAT} checkpoint")
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if format is not None and found != format:
+        raise ValueError(f"checkpoint {path} is not a {format} checkpoint"
+                         + (f" (it is a {found} checkpoint)" if isinstance(found, str) else ""))
+    if not (isinstance(found, str) and found.startswith(FORMAT_PREFIX)):
+        raise ValueError(f"checkpoint {path} is not a fastseq checkpoint")
     if ckpt.get("version") != VERSION:
         raise ValueError(f"checkpoint {path}: format version {ckpt.get('version')} is not supported (expected {VERSION})")
     if "digest" in ckpt:
@@ -127,6 +151,43 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torc
             raise ValueError(f"checkpoint {path} is corrupted: its contents do not match the digest "
                              f"written with it (expected {str(ckpt['digest'])[:16]}..., got {actual[:16]}...)")
     return ckpt
+
+
+def load_resume_checkpoint(out: Union[str, os.PathLike], format: str) -> Dict[str, Any]:
+    """The checkpoint ``--resume`` continues from: ``{out}/last.pt``, or
+    ``last.prev.pt`` (with a warning) when ``last.pt`` is missing or unreadable.
+
+    Args:
+        out: the run's output directory.
+        format: the task's checkpoint format.
+
+    Raises:
+        FileNotFoundError: neither file exists.
+        ValueError: neither is a readable checkpoint of ``format`` with training
+            state (the message gives each file's error).
+    """
+    out = Path(out)
+    errors = []
+    for name in ("last.pt", "last.prev.pt"):
+        path = out / name
+        if not path.is_file():
+            errors.append(f"{path}: no such file")
+            continue
+        try:
+            ckpt = load_checkpoint(path, format=format)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        if ckpt.get("state") is None:
+            errors.append(f"{path} holds no training state")
+            continue
+        if errors:
+            logger.warning("--resume: %s; resuming from %s (step %d) instead", "; ".join(errors),
+                           path, ckpt["step"])
+        return ckpt
+    if all(e.endswith("no such file") for e in errors):
+        raise FileNotFoundError(f"--resume: no checkpoint at {out / 'last.pt'}")
+    raise ValueError("--resume: no usable checkpoint: " + "; ".join(errors))
 
 
 def rng_state() -> Dict[str, Any]:

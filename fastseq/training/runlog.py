@@ -1,12 +1,13 @@
 """Training logs: CSV scalars (one row per update, one per evaluation) and a PNG
 plot of the training curves.
 
-``{out}/train_log.csv``: step, epoch, loss (label-smoothed training loss of the
-update, mean over its target tokens), lr, tokens (target tokens in the update,
-all processes), tokens_per_s, elapsed_s. ``{out}/eval_log.csv``: step, epoch,
-val_loss, val_bleu, lr, elapsed_s. Rows are flushed as they are written, so a
-killed run keeps its log; a resumed run first drops the rows after the step it
-resumes from, so the file always describes one trajectory.
+``{out}/train_log.csv``: step, epoch, loss (the task's training loss of the
+update, mean over its tokens), lr, tokens (tokens in the update, all
+processes), tokens_per_s, elapsed_s. ``{out}/eval_log.csv``: step, epoch, the
+task's validation metrics (:func:`eval_fields`; seq2seq: val_loss, val_bleu),
+lr, elapsed_s. Rows are flushed as they are written, so a killed run keeps its
+log; a resumed run first drops the rows after the step it resumes from, so the
+file always describes one trajectory.
 """
 from __future__ import annotations
 
@@ -14,12 +15,16 @@ import csv
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-from fastseq._io import atomic_write
+from fastseq.fileio import atomic_write
 
 TRAIN_FIELDS = ("step", "epoch", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s")
-EVAL_FIELDS = ("step", "epoch", "val_loss", "val_bleu", "lr", "elapsed_s")
+
+
+def eval_fields(metrics: Sequence[str]) -> Tuple[str, ...]:
+    """Columns of ``eval_log.csv`` for a task's validation ``metrics`` (in order)."""
+    return ("step", "epoch", *metrics, "lr", "elapsed_s")
 
 
 def read_csv(path: Union[str, os.PathLike]) -> List[Dict[str, float]]:
@@ -76,9 +81,17 @@ def _fmt(value: float) -> str:
     return repr(float(value))  # shortest exact round trip
 
 
-def plot_curves(out_dir: Union[str, os.PathLike], png: str = "curves.png") -> Path:
-    """Plot training loss, validation loss and BLEU, learning rate and tokens/s
-    against the update step from the two CSV logs in ``out_dir``; write ``png``.
+def plot_curves(out_dir: Union[str, os.PathLike], png: str = "curves.png", metric: Optional[str] = None,
+                metric_title: Optional[str] = None) -> Path:
+    """Plot training and validation loss, one more validation metric, learning
+    rate and tokens/s against the update step from the two CSV logs in
+    ``out_dir``; write ``png``.
+
+    Args:
+        metric: the eval-log column of the second panel (e.g. ``"val_bleu"``);
+            negative or NaN values (not computed) are left out. None: the panel
+            stays empty.
+        metric_title: that panel's title (default: ``metric``).
 
     Returns:
         The path of the PNG file (written atomically).
@@ -103,15 +116,16 @@ def plot_curves(out_dir: Union[str, os.PathLike], png: str = "curves.png") -> Pa
     ax.set(title="cross-entropy (nats / token)", xlabel="update")
     ax.legend()
     ax = axes[0, 1]
-    bleu = [r for r in eval_rows if r["val_bleu"] >= 0]
-    ax.plot([r["step"] for r in bleu], [r["val_bleu"] for r in bleu], "o-", color="C2")
-    ax.set(title="validation BLEU (greedy, sacreBLEU)", xlabel="update")
+    if metric is not None:
+        points = [r for r in eval_rows if r.get(metric, -1.0) >= 0]  # NaN >= 0 is False
+        ax.plot([r["step"] for r in points], [r[metric] for r in points], "o-", color="C2")
+    ax.set(title=metric_title or metric or "", xlabel="update")
     ax = axes[1, 0]
     ax.plot([r["step"] for r in train_rows], [r["lr"] for r in train_rows], color="C3")
     ax.set(title="learning rate", xlabel="update")
     ax = axes[1, 1]
     ax.plot([r["step"] for r in train_rows], _smooth([r["tokens_per_s"] for r in train_rows]), color="C4")
-    ax.set(title="target tokens / s (moving average)", xlabel="update")
+    ax.set(title="tokens / s (moving average)", xlabel="update")
     path = out_dir / png
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=110)
