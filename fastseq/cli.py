@@ -19,6 +19,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Errors about the user's input (config, files, data) or the machine (disk full,
 # permissions), reported as one line, not a traceback. UnicodeDecodeError is a ValueError.
 USER_ERRORS = (ValueError, OSError)
+# The model jobs' libraries: the "models" extra (pyproject.toml); the kernels need none of them.
+MODEL_EXTRAS = ("numpy", "sentencepiece", "sacrebleu", "tqdm", "yaml", "matplotlib")
 
 
 def _yaml_error(exc: Exception) -> str:
@@ -274,6 +276,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in MODEL_EXTRAS:
+            raise
+        raise SystemExit(f"fastseq {args.command}: needs the model jobs' dependencies ({exc.name} is not "
+                         "installed): pip install 'fastseq[models]'")
     except USER_ERRORS as exc:
         if args.verbose:
             logging.getLogger("fastseq").exception("fastseq %s failed", args.command)

@@ -32,6 +32,22 @@ def test_modules_import_without_the_model_extras():
     assert "ok (2, 1, 4)" in proc.stdout
 
 
+@pytest.mark.parametrize("missing", ["sentencepiece", "yaml"])
+def test_model_commands_without_the_extras_say_what_to_install(missing, tmp_path):
+    """A fresh interpreter where ``missing`` is not importable: one line naming the extra."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules[{missing!r}] = None  # as if not installed
+        from fastseq.cli import main
+        main(["train", "--config", "multi30k-cpu", "--out", {str(tmp_path / "run")!r}, "--max-steps", "1"])
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"fastseq train: needs the model jobs' dependencies ({missing} is not "
+                                   "installed): pip install 'fastseq[models]'")
+
+
 def test_dependencies_are_declared_where_they_are_used():
     import tomllib  # Python 3.11+
 

@@ -1,10 +1,9 @@
 """The shared training package on its own: a second model (tests/toy_task.py, a next-token
 model on integer streams with a carried hidden state) trains through the same trainer
 with checkpoints, logs and an exact resume, importing nothing of fastseq.seq2seq; the
-config's nested sections and dotted keys; the package layering (no import cycles)."""
+config's nested sections and dotted keys. (The package layering: tests/test_structure.py.)"""
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -141,100 +140,3 @@ def test_config_sections_and_dotted_keys():
     with pytest.raises(ValueError, match="config key 'model.dropout': expected a value in"):
         cfg.validate()
     assert TrainConfig.from_dict({"lr": 1}).lr == 1.0  # the generic fields alone
-
-
-# --------------------------------------------------------------------------- layering
-
-OWN = ["fastseq/fileio.py", "fastseq/data", "fastseq/training", "fastseq/seq2seq", "fastseq/cli.py"]
-LOWER = {  # a package may import these fastseq packages/modules only (besides itself)
-    "fastseq.data": ("fastseq.fileio",),
-    "fastseq.training": ("fastseq.fileio",),
-    "fastseq.seq2seq": ("fastseq.fileio", "fastseq.data", "fastseq.training", "fastseq.ops", "fastseq.nn"),
-    "fastseq.fileio": (),
-}
-
-
-def _modules():
-    """{module name: path} of the modules listed in OWN."""
-    out = {}
-    for entry in OWN:
-        path = REPO / entry
-        for file in ([path] if path.is_file() else sorted(path.rglob("*.py"))):
-            parts = list(file.relative_to(REPO).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            out[".".join(parts)] = file
-    return out
-
-
-def _imports(name: str, file: Path):
-    """Every fastseq module ``name`` imports, at any depth (functions included), with the
-    names it takes from it."""
-    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
-    found = []
-    for node in ast.walk(ast.parse(file.read_text(), str(file))):
-        if isinstance(node, ast.Import):
-            found += [(alias.name, None) for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + [base]).strip(".")
-            for alias in node.names:
-                found.append((base, alias.name))
-    return [(m, n) for m, n in found if m == "fastseq" or m.startswith("fastseq.")]
-
-
-def _is_module(name: str) -> bool:
-    path = REPO.joinpath(*name.split("."))
-    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
-
-
-def test_layering_no_cycles_no_private_imports():
-    """data imports neither training nor seq2seq; training does not import seq2seq (not even
-    inside functions); no module imports another's private (underscore) names; the import
-    graph of these modules, function-level imports counted, has no cycle."""
-    modules = _modules()
-    graph = {}
-    for name, file in modules.items():
-        edges = set()
-        for target, imported in _imports(name, file):
-            submodule = f"{target}.{imported}"
-            if imported is not None and (submodule in modules or _is_module(submodule)):
-                target = submodule  # "from fastseq.data import lines": the module
-            elif imported is not None and imported.startswith("_") and target != name:
-                pytest.fail(f"{name} imports the private {imported} from {target}")
-            top = next((p for p in LOWER if name == p or name.startswith(p + ".")), None)
-            if top is not None and not (target == top or target.startswith(top + ".")):
-                allowed = LOWER[top]
-                assert any(target == a or target.startswith(a + ".") for a in allowed) or target == "fastseq", \
-                    f"{name} imports {target}"
-            if target in modules and target != name:
-                edges.add(target)
-        graph[name] = edges
-    state = {}
-
-    def visit(node, path):
-        state[node] = "open"
-        for nxt in graph[node]:
-            if state.get(nxt) == "open":
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
-            if nxt not in state:
-                visit(nxt, path + [nxt])
-        state[node] = "done"
-
-    for node in graph:
-        if node not in state:
-            visit(node, [node])
-    assert "fastseq.training.trainer" in graph and "fastseq.data.batching" in graph
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("package", ["fastseq.data", "fastseq.training", "fastseq.seq2seq"])
-def test_every_module_imports_alone(package):
-    """Each module in a fresh interpreter (no import order hides a cycle)."""
-    names = [n for n in _modules() if n == package or n.startswith(package + ".")]
-    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
-    for name in names:
-        res = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
-        assert res.returncode == 0, (name, res.stderr[-2000:])
