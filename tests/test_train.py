@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from parity import assert_close
 
 from fastseq.cli import main
 from fastseq.data.lines import sample_pairs
@@ -120,7 +121,7 @@ def test_two_gloo_processes_equal_one_process_with_accumulation(tmp_path, cache)
     assert c2["state"]["tokens"] == c1["state"]["tokens"] > 0
     max_diff = 0.0
     for name, w in c1["model"].items():
-        torch.testing.assert_close(c2["model"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+        assert_close(c2["model"][name], w, name=name)  # float32 sums in another order (gloo)
         max_diff = max(max_diff, float((c2["model"][name] - w).abs().max()))
     print(f"max |w_2proc - w_1proc| after 6 updates: {max_diff:.2e}")
 

@@ -1,5 +1,5 @@
 // Fused additive (Bahdanau) attention on the CPU (ATen), with the exact
-// semantics of fastseq/ops/reference.py (additive_attention_forward /
+// semantics of fastseq/ops/attention/naive.py (additive_attention_forward /
 // additive_attention_backward):
 //
 //     energy[b, t, j] = v^T tanh(q[b, t] + K[b, j])

@@ -1,5 +1,5 @@
 // The GRU cell of the attention decoder on the CPU (ATen), with the exact
-// semantics of fastseq/ops/reference.py (gru_context_cell_forward /
+// semantics of fastseq/ops/decoder_step/naive.py (gru_context_cell_forward /
 // gru_context_cell_backward):
 //
 //     x = gi + context W_ic^T,  hh = gh + b_hh

@@ -1,5 +1,5 @@
 // GRU and LSTM recurrences on the CPU (ATen), with the exact semantics of
-// fastseq/ops/reference.py: time-major gi [T, B, G*H] (the input projection,
+// fastseq/ops/recurrence/naive.py: time-major gi [T, B, G*H] (the input projection,
 // computed outside), optional int64/int32 lengths (rows past their length pass
 // their state through), saved gates GRU (r, z, n, hn) / LSTM activated
 // (i, f, g, o) as [T, B, 4H], half inputs computed in float32.

@@ -2,7 +2,7 @@
 // definition in the CPU sources (rnn.cpp: TORCH_LIBRARY(fastseq_cpp);
 // attention.cpp, cell.cpp: TORCH_LIBRARY_FRAGMENT(FASTSEQ_CPP_LIBRARY)) and by
 // the test-only CUDA host emulation library (../cuda/bindings.cpp,
-// fastseq_cuda_emu). Semantics: fastseq/ops/reference.py; absent outputs are
+// fastseq_cuda_emu). Semantics: fastseq/ops/<op>/naive.py; absent outputs are
 // empty [0] tensors.
 //
 // Each source that implements a group of ops defines that group's schemas

@@ -1,5 +1,5 @@
 // Additive (Bahdanau) attention kernels: the fused forward and the energy part
-// of the backward, with the semantics of fastseq/ops/reference.py:
+// of the backward, with the semantics of fastseq/ops/attention/naive.py:
 //
 //   energy[b,t,j] = v^T tanh(q[b,t] + K[b,j]);  weights = softmax_j over valid j
 //   context[b,t]  = sum_j weights[b,t,j] V[b,j]

@@ -1,7 +1,7 @@
 // CUDA implementations of the fastseq_cpp ops (ATen side, host compiler).
 //
 // Semantics, signatures and output layouts are those of
-// fastseq/ops/reference.py; the schemas are defined by the CPU sources
+// fastseq/ops/<op>/naive.py; the schemas are defined by the CPU sources
 // (csrc/cpu, TORCH_LIBRARY / TORCH_LIBRARY_FRAGMENT(fastseq_cpp, ...)); this
 // file only adds the CUDA kernels of the same ops
 // (TORCH_LIBRARY_IMPL(fastseq_cpp, CUDA, m); the name follows

@@ -1,5 +1,5 @@
 // Pointwise kernels of the attention decoder's GRU cell (forward and
-// backward), with the semantics of fastseq/ops/reference.py
+// backward), with the semantics of fastseq/ops/decoder_step/naive.py
 // (gru_context_cell_forward / _backward):
 //
 //   x = gi + context W_ic^T   (the product xc = context W_ic^T: cuBLAS, by the caller)

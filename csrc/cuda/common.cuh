@@ -24,7 +24,7 @@
 // the sources are compiled by the host compiler and every launch runs the
 // kernel on CPU threads (emu/host_emulation.h), so that
 // tests/test_cuda_compile.py can check the kernels' arithmetic against
-// fastseq/ops/reference.py on a machine without a GPU.
+// fastseq/ops/<op>/naive.py on a machine without a GPU.
 #if defined(FASTSEQ_CUDA_HOST_EMULATION) && !defined(__CUDACC__)
 #include "emu/host_emulation.h"
 #define FASTSEQ_LAUNCH(kernel, grid, block, smem, stream, ...) \

@@ -12,7 +12,7 @@
 // "S" pointers hold the storage dtype named by the `dtype` argument (float,
 // double, __half or __nv_bfloat16). "C" pointers hold the compute dtype:
 // double for Float64 storage, float for every other storage dtype (half
-// inputs are computed in float32, like fastseq/ops/reference.py). `int64_t*`
+// inputs are computed in float32, like fastseq/ops/<op>/naive.py). `int64_t*`
 // pointers are device int64 arrays; `uint8_t*` masks are device bool arrays.
 // Optional pointers may be nullptr. All pointers are device pointers.
 //

@@ -1,7 +1,7 @@
 // Per-step pointwise kernels of the GRU and LSTM recurrences (forward and
-// backward), with the exact semantics of fastseq/ops/reference.py.
+// backward), with the exact semantics of fastseq/ops/recurrence/naive.py.
 //
-// Design (mirrors fastseq/ops/triton/rnn.py, with the recurrent product left
+// Design (mirrors fastseq/ops/recurrence/triton.py, with the recurrent product left
 // to cuBLAS): per time step the caller issues one GEMM (forward:
 // gh = h_{t-1} W_hh^T; backward: dh += dG_t W_hh) and one launch of the
 // kernel here, which fuses everything else of the step: bias, gate

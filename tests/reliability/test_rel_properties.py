@@ -19,7 +19,7 @@ Modules against torch.nn (same ``state_dict``; truth = the torch.nn module in fl
       a mask, lengths (int32/int64) or neither, a 2-D or 3-D query; gradients w.r.t.
       query, keys, values and every parameter.
 
-Ops against :mod:`fastseq.ops.reference` (its forward functions differentiated by
+Ops against their references (``fastseq/ops/<op>/naive.py``, forward functions differentiated by
 autograd in float64, so the hand-written backward of *every* backend, the reference
 included, is checked)
     * ``ops.gru`` / ``ops.lstm``: T 1-5, B 1-4, H 1-12, lengths None or in [1, T] in

@@ -3,7 +3,7 @@
 // Included by ../common.cuh when FASTSEQ_CUDA_HOST_EMULATION is defined and
 // the compiler is not nvcc; tests/test_cuda_compile.py builds the kernels and
 // bindings.cpp that way to check their arithmetic and the ATen glue against
-// fastseq/ops/reference.py on a machine without a GPU. The extension build
+// fastseq/ops/<op>/naive.py on a machine without a GPU. The extension build
 // never defines the macro, and nothing here is compiled into it.
 //
 // Model: the blocks of a launch run one after the other; the threads of a
