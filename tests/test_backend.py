@@ -26,6 +26,19 @@ def test_env_and_context_manager(monkeypatch):
     assert fastseq.get_backend() == "reference"
 
 
+def test_the_package_is_also_the_context_manager():
+    """``fastseq.backend`` is the package (import it like any module) and, called,
+    the context manager."""
+    import types
+
+    import fastseq.backend as package
+
+    assert isinstance(package, types.ModuleType) and fastseq.backend is package
+    assert package.registry is registry and package.selection is selection
+    with fastseq.backend("reference"):
+        assert fastseq.get_backend() == "reference"
+
+
 def test_set_backend_and_reset(monkeypatch):
     monkeypatch.delenv("FASTSEQ_BACKEND", raising=False)
     try:

@@ -11,7 +11,16 @@
 
 This package imports nothing from :mod:`fastseq.ops`; the ops register their
 implementations here.
+
+The package is also callable: ``fastseq.backend(name)`` is
+:func:`fastseq.backend.selection.backend`, the context manager that forces a
+backend in this thread (``with fastseq.backend("reference"): ...``), so the
+package and the public context manager share the one name without one hiding
+the other (``import fastseq.backend`` gives this package).
 """
+import sys
+import types
+
 from fastseq.backend.limits import Unsupported, extent
 from fastseq.backend.selection import (
     BACKENDS, allow_tf32, backend, cpp_reason, cpp_status, get_backend, interpreter_on, report,
@@ -22,3 +31,12 @@ __all__ = [
     "BACKENDS", "Unsupported", "allow_tf32", "backend", "cpp_reason", "cpp_status", "extent",
     "get_backend", "interpreter_on", "report", "select", "set_backend", "triton_reason", "triton_status",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    def __call__(self, name):
+        """``fastseq.backend(name)``: :func:`fastseq.backend.selection.backend`."""
+        return backend(name)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
