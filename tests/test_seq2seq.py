@@ -93,6 +93,7 @@ def test_beam_search_scores_at_least_greedy():
     src = torch.randint(4, 12, (3, 5))
     lengths = torch.tensor([5, 5, 5])
 
+    @torch.no_grad()
     def logprob(seq, row):
         toks = torch.tensor([[BOS_ID] + seq + [EOS_ID]])
         logits = model(src[row:row + 1], lengths[row:row + 1], toks[:, :-1])
