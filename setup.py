@@ -8,6 +8,8 @@ package (``fastseq/csrc/``, copied by ``build_py`` below), so an installed
 fastseq builds its extension the same way; ninja comes from the ``ninja``
 package on PyPI (a dependency).
 
+The benchmark suite in bench/ is installed as ``fastseq.bench`` (``fastseq bench``).
+
 Ahead of time: ``FASTSEQ_BUILD_EXT=1 pip install --no-build-isolation .``
 builds it here as ``fastseq/_C*.so`` (CPU kernels; plus the CUDA kernels when
 torch has CUDA and nvcc is found; ``FASTSEQ_BUILD_CUDA=0`` skips them). The
@@ -17,7 +19,7 @@ import glob
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,4 +60,7 @@ if os.environ.get("FASTSEQ_BUILD_EXT", "") == "1":
     ext_modules = [ext]
     cmdclass["build_ext"] = BuildExtension
 
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# bench/ (the benchmark suite, `fastseq bench`) is installed as the package fastseq.bench.
+packages = find_packages(include=["fastseq", "fastseq.*"])
+packages += ["fastseq.bench"] + ["fastseq.bench." + p for p in find_packages(where="bench")]
+setup(packages=packages, package_dir={"fastseq.bench": "bench"}, ext_modules=ext_modules, cmdclass=cmdclass)

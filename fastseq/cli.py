@@ -1,9 +1,10 @@
-"""The ``fastseq`` command: train, translate, evaluate, info.
+"""The ``fastseq`` command: train, preprocess, translate, evaluate, info, bench.
 
     fastseq train --config fastseq/configs/multi30k-cpu.yaml --out runs/m30k
     echo "Ein Hund läuft." | fastseq translate --checkpoint runs/m30k/best.pt
     fastseq evaluate --checkpoint runs/m30k/best.pt --split test
     fastseq info
+    fastseq bench --quick
 """
 from __future__ import annotations
 
@@ -176,6 +177,13 @@ def backend_report() -> List[Dict[str, str]]:
             for name, why in selection.report().items()]
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fastseq.bench.run import run
+
+    result = run(args, sys.argv[2:] if sys.argv[1:2] == ["bench"] else None)
+    return 1 if result["errors"] and not result["records"] else 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -265,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="versions, device, and which backends work here")
     p.set_defaults(func=_cmd_info)
+
+    from fastseq.bench.run import build_parser as bench_parser
+
+    p = sub.add_parser("bench", help="time fastseq against torch.nn and the other baselines "
+                                     "(JSON, Markdown table, plot)")
+    bench_parser(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,29 @@
+"""The suites of ``fastseq bench``, by name; each module has ``run(ctx)`` (see :mod:`fastseq.bench.core`).
+
+* ``layer``: GRU/LSTM layers, forward and forward+backward, dense and packed, uni- and bidirectional,
+  against torch.nn (oneDNN / cuDNN), an eager loop over torch.nn cells, and FlashRNN (GPU).
+* ``cell``: GRUCell/LSTMCell, one step, against torch.nn's cells.
+* ``attention``: additive attention, one query and many, against the eager formula.
+* ``decoder_step``: the three-launch attention-GRU decoder step against the eager decoder.
+* ``train_step``: a whole seq2seq training step against the same model on eager torch.nn
+  modules and torch.compile of it.
+* ``decode``: greedy and beam search against the eager model.
+* ``host``: host (Python) time per launched step of the Triton kernels, with Triton's launch
+  path driven by a stub driver, so launch overhead is measured without a GPU.
+"""
+import importlib
+from types import ModuleType
+
+#: Suite names in the order a full run goes through them.
+NAMES = ("layer", "cell", "attention", "decoder_step", "train_step", "decode", "host")
+
+
+def load(name: str) -> ModuleType:
+    """The suite module ``name`` (imported when a run needs it).
+
+    Raises:
+        KeyError: no such suite.
+    """
+    if name not in NAMES:
+        raise KeyError(f"suite: expected one of {NAMES}, got {name!r}")
+    return importlib.import_module(f"fastseq.bench.suites.{name}")
