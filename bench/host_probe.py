@@ -1,0 +1,251 @@
+"""Host (Python) time per launch of fastseq's Triton kernels.
+
+Run by the ``host`` suite (:mod:`fastseq.bench.suites.host`) as a script, in a
+subprocess started with :func:`stubdriver.subprocess_env` (the stand-in
+``libcuda.so.1`` first on ``LD_LIBRARY_PATH``, ``TRITON_INTERPRET`` unset)::
+
+    python bench/host_probe.py '{"B": 64, "H": 512, "T": 128, "dtypes": ["float32"], "rounds": 15}'
+
+It prints one JSON object on its last line: ``{"triton", "torch", "launcher",
+"device", "cases": [{"case", "impl", "dtype", "launches", "us": [microseconds per
+launch, one per round], "note"}]}``.
+
+What a launch costs there is the whole host path of one step: fastseq's loop and
+slicing, the ``counted`` wrapper, Triton's heuristics and binder, the cache
+lookup, the launcher's argument unpacking, each tensor's ``data_ptr()`` and
+pointer check; not the driver's ``cuLaunchKernelEx`` (a few microseconds on a
+GPU). The tensors are CPU tensors, so allocations are the CPU allocator's, not
+CUDA's caching allocator.
+
+On a GPU the suite also calls :func:`measure` with ``device="cuda"`` in its own
+process: the same calls on CUDA tensors through the real driver, timed on the
+host with the GPU's queue drained before each call (enqueue time, the launch
+included).
+
+In both, the backward's weight-gradient product (one matrix product after the
+step loop) is left out: it is no launch overhead, and on the CPU it would dominate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+if __package__:
+    from . import stubdriver
+else:  # run as a script (the host suite does): bench/ is sys.path[0]
+    import stubdriver
+
+OPS = ("gru-fwd", "gru-bwd", "lstm-fwd", "lstm-bwd", "attention-fwd", "cell-fwd", "bare")
+
+
+def _timer(fn: Callable[[], object], rounds: int, launches_per_call: int,
+           sync: Optional[Callable[[], None]]) -> List[float]:
+    """Microseconds per launch of ``fn`` (one call per round), after two warm-up calls.
+    ``sync`` runs before and after each timed call, outside the timed window."""
+    fn()
+    fn()
+    out = []
+    for _ in range(rounds):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6 / launches_per_call)
+    if sync:
+        sync()
+    return out
+
+
+def main(cfg: dict) -> dict:
+    """Activate the stub driver and measure on CPU tensors."""
+    stubdriver.activate(cfg.get("arch", 90))
+    return measure(cfg, "cpu")
+
+
+def measure(cfg: dict, device: str) -> dict:
+    """Time the cases of ``cfg`` on ``device``: ``cpu`` under the stub driver (:func:`main`)
+    or ``cuda`` with the real driver.
+
+    ``cfg``: ``B``, ``H``, ``T`` (recurrence sizes; the attention uses ``S`` (32), ``A``
+    (H), ``D`` (2H)), ``dtypes`` (names), ``rounds``, ``calls`` (calls per round of
+    the one-launch ops, 32), ``ops`` (a subset of :data:`OPS`), ``prebound`` (also
+    time the GRU step kernel launched directly, True).
+    """
+    import torch
+
+    from fastseq.ops.recurrence import triton as rnn
+
+    # The weight-gradient product after the backward's step loop is not a launch.
+    weight_grads = rnn._weight_grads
+    rnn._weight_grads = lambda dg, h0, hs, w_hh, has_bias: (w_hh, w_hh.new_empty((0,)))
+    try:
+        cases = _Cases(cfg, device).run()
+    finally:
+        rnn._weight_grads = weight_grads
+    import triton
+
+    launcher = ("Triton's CudaDriver and C launcher on a stand-in libcuda.so.1 (cuLaunchKernelEx a no-op)"
+                if device == "cpu" else "the CUDA driver")
+    return {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "launcher": launcher, "device": device, "pid": os.getpid(), "cases": cases}
+
+
+class _Cases:
+    def __init__(self, cfg: dict, device: str):
+        import torch
+
+        self.torch = torch
+        self.cfg, self.device = cfg, device
+        self.stub = device == "cpu"
+        self.sync = None if self.stub else torch.cuda.synchronize
+        self.how = "stub driver" if self.stub else "CUDA driver, GPU queue drained before each timed call"
+        self.rounds = cfg["rounds"]
+        self.calls = cfg.get("calls", 32)
+        self.ops = set(cfg.get("ops", OPS))
+        self.out: List[Dict] = []
+
+    def case(self, name: str, impl: str, dtype, fn: Callable[[], object], what: str,
+             per_call: Optional[int] = None) -> None:
+        """Time ``fn``; launches per call: fastseq's launch counter (or ``per_call``),
+        checked against the stub driver's count."""
+        from fastseq.ops import launches
+
+        with launches.count() as n:
+            before = stubdriver.launches() if self.stub else 0
+            fn()
+            reached = stubdriver.launches() - before if self.stub else None
+        count = sum(n.values()) if per_call is None else per_call
+        if self.stub and reached != count:
+            raise RuntimeError(f"{name}: {count} launches expected but {reached} reached the driver")
+        us = _timer(fn, self.rounds, count, self.sync)
+        self.out.append({"case": name, "impl": impl, "dtype": str(dtype).replace("torch.", ""), "launches": count,
+                         "us": us, "note": f"host time per launch, {self.how}: {what}"})
+        print(f"[host] {name} {self.out[-1]['dtype']} {impl}: median {statistics.median(us):.2f} us/launch "
+              f"({count} launches per call, {self.how})", file=sys.stderr, flush=True)
+
+    def loop(self, f: Callable[[], object], k: int) -> Callable[[], None]:
+        def run():
+            for _ in range(k):
+                f()
+        return run
+
+    def run(self) -> List[Dict]:
+        for dname in self.cfg["dtypes"]:
+            self.dtype_cases(getattr(self.torch, dname))
+        if "bare" in self.ops:
+            self.bare()
+        return self.out
+
+    def dtype_cases(self, dt) -> None:
+        torch = self.torch
+        from fastseq.ops.attention import triton as attn
+        from fastseq.ops.decoder_step import triton as cell
+        from fastseq.ops.recurrence import triton as rnn
+
+        cfg, ops, dev = self.cfg, self.ops, self.device
+        B, H, T = cfg["B"], cfg["H"], cfg["T"]
+        g = torch.Generator().manual_seed(1)
+
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dt)
+
+        size = f"B{B}-H{H}-T{T}"
+        for kind, G in (("gru", 3), ("lstm", 4)):
+            if f"{kind}-fwd" not in ops and f"{kind}-bwd" not in ops:
+                continue
+            gi, h0, c0 = rnd(T, B, G * H), rnd(B, H), rnd(B, H)
+            w, b = rnd(G * H, H, scale=H ** -0.5), rnd(G * H)
+            if kind == "gru":
+                def fwd():
+                    return rnn.gru_recurrence_forward(gi, h0, w, b, None, True)
+            else:
+                def fwd():
+                    return rnn.lstm_recurrence_forward(gi, h0, c0, w, b, None, True)
+            if f"{kind}-fwd" in ops:
+                self.case(f"host-{kind}-fwd-{size}", "fastseq-triton", dt, fwd,
+                          "one forward call (T step launches, gates saved) / T")
+            if f"{kind}-bwd" in ops:
+                saved = fwd()
+                grad = rnd(T, B, H)
+                if kind == "gru":
+                    hs, gates = saved
+
+                    def bwd():
+                        return rnn.gru_recurrence_backward(grad, h0, w, hs, gates, None, True)
+                else:
+                    hs, cs, gates = saved
+
+                    def bwd():
+                        return rnn.lstm_recurrence_backward(grad, None, h0, c0, w, hs, cs, gates, None, True)
+                self.case(f"host-{kind}-bwd-{size}", "fastseq-triton", dt, bwd,
+                          "one backward call (T step launches + 1 final) / (T + 1); the weight-gradient "
+                          "product after the loop left out")
+            if kind == "gru" and "gru-fwd" in ops and cfg.get("prebound", True):
+                self.prebound(rnn, gi, h0, w, b, B, H, T, dt, size)
+
+        if "attention-fwd" in ops:
+            S, A, D = cfg.get("S", 32), cfg.get("A", H), cfg.get("D", 2 * H)
+            q, K, V = rnd(B, 1, A), rnd(B, S, A), rnd(B, S, D)
+            e = rnd(A, scale=A ** -0.5)
+            mask = torch.ones(B, S, dtype=torch.bool)
+            mask[1:, S // 2:] = False
+            mask = mask.to(dev)
+            self.case(f"host-attention-fwd-B{B}-S{S}-A{A}-D{D}-T1", "fastseq-triton", dt,
+                      self.loop(lambda: attn.additive_attention_forward(q, K, V, e, mask), self.calls),
+                      f"one decoder-step attention call (one query, a mask) = 1 launch; {self.calls} calls "
+                      "per round", per_call=self.calls)
+
+        if "cell-fwd" in ops:
+            D = cfg.get("D", 2 * H)
+            gi, ctx, w_ic = rnd(B, 3 * H), rnd(B, D), rnd(3 * H, D, scale=D ** -0.5)
+            gh, bh, h = rnd(B, 3 * H), rnd(3 * H), rnd(B, H)
+            self.case(f"host-cell-fwd-B{B}-H{H}-D{D}", "fastseq-triton", dt,
+                      self.loop(lambda: cell.gru_context_cell_forward(gi, ctx, w_ic, gh, bh, h, False), self.calls),
+                      f"one decoder-cell forward call (no gates saved) = 1 launch; {self.calls} calls per round",
+                      per_call=self.calls)
+
+    def prebound(self, rnn, gi, h0, w, b, B, H, T, dt, size) -> None:
+        """The GRU forward's T launches with the arguments sliced beforehand and the kernel
+        called directly: Triton's share of a step, without fastseq's loop, slicing and wrapper."""
+        torch = self.torch
+        kern = rnn._gru_fwd_step_kernel.kernel
+        grid, kw = rnn._launch_args(B, H)
+        hs = torch.empty(T, B, H, dtype=dt, device=self.device)
+        gates = torch.empty(T, B, 4 * H, dtype=dt, device=self.device)
+        state = None if dt == torch.float32 else torch.empty(2, B, H, dtype=torch.float32, device=self.device)
+        steps = []
+        for t in range(T):
+            h_prev = h0 if t == 0 else (hs[t - 1] if state is None else state[(t - 1) % 2])
+            steps.append((gi[t], h_prev, w, b, None, hs[t], None if state is None else state[t % 2], gates[t],
+                          t, B, H))
+        launch = kern[grid]
+
+        def run():
+            for args in steps:
+                launch(*args, **kw)
+        self.case(f"host-gru-fwd-{size}", "triton-prebound", dt, run,
+                  "the GRU step kernel launched directly with pre-sliced arguments (Triton's share of a "
+                  "step: no fastseq loop, slicing or counted wrapper)", per_call=T)
+
+    def bare(self) -> None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _bare(x_ptr, n, BLOCK: tl.constexpr):
+            o = tl.arange(0, BLOCK)
+            tl.store(x_ptr + o, tl.load(x_ptr + o, mask=o < n) + 1.0, mask=o < n)
+
+        x = self.torch.zeros(1024, device=self.device)
+        k = 4 * self.calls
+        self.case("host-bare-3arg", "bare-triton-launch", self.torch.float32,
+                  self.loop(lambda: _bare[(1,)](x, 1024, BLOCK=1024), k),
+                  f"a 3-argument kernel (pointer, int, constexpr); {k} launches per round", per_call=k)
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(json.loads(sys.argv[1]))))
