@@ -1,0 +1,488 @@
+"""Every fastseq Triton kernel as the host code launches it: registers, spills, shared memory.
+
+    python -m fastseq.bench.kernels --out kernels.json            # the full grid
+    python -m fastseq.bench.kernels --out k.json --grid tiny      # a few kernels (CI, the dry GPU check)
+
+The kernels are not compiled from hand-written constexprs: the real launch functions
+(``fastseq/ops/<op>/triton.py``) are called for a grid of sizes and dtypes, so every
+specialisation is exactly what the host code picks (``pick_blocks``, the attention's
+block choice, the ``@triton.heuristics`` flags, Triton's divisibility
+specialisation of pointers and sizes). Without a GPU (``--mode stub``) they run on
+CPU tensors in worker processes on the stub driver (:mod:`fastseq.bench.stubdriver`):
+Triton compiles each variant for sm_90a with its own ptxas, and the launch itself
+is skipped. On a GPU (``--mode cuda``, or ``auto`` there) the stub pass runs first
+(in parallel; it fills Triton's cache) and then the same calls run on CUDA tensors
+in this process, so each row also says whether that specialisation was actually
+launched, with the driver's register and local-memory figures.
+
+Resources per compiled kernel:
+
+* ``regs``, ``spill_stores``, ``spill_loads``, ``stack_frame``: ptxas's ``-v``
+  report, from running the ptxas Triton used (its version is recorded) on the
+  kernel's PTX with Triton's flags again (Triton discards that report);
+* ``cubin``: ``cuobjdump -res-usage`` of the cubin Triton built (``REG``,
+  ``STACK``, ``SHARED``, ``LOCAL``), which checks the re-run (its ``REG`` must equal
+  ``regs``);
+* ``shared``: the dynamic shared memory Triton launches the kernel with;
+  ``num_warps``, ``num_stages``;
+* on a GPU: ``driver_regs``, ``driver_local_bytes`` (``cuFuncGetAttribute``).
+
+Sizes (``--grid full``): B in {8, 64, 256}, H in {512, 1024}, float32 and bfloat16,
+for the GRU and LSTM recurrences (forward with and without saved gates, backward),
+the decoder cell (D = 2H) and, at B = 64, packed input (lengths), the attention
+(one query and 32; A = H, D = 2H, S = 32) and float32 with TF32 opted in.
+
+Output: ``{"triton", "torch", "arch", "ptxas", "mode", "grid", "jobs": [...],
+"kernels": [rows], "errors": [...]}``; a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+if __package__:
+    from . import stubdriver
+else:  # a worker, run as a script: bench/ is sys.path[0]
+    import stubdriver
+
+MODULES = ("fastseq.ops.recurrence.triton", "fastseq.ops.attention.triton", "fastseq.ops.decoder_step.triton")
+
+
+# ------------------------------------------------------------------ the grid
+
+
+def jobs(grid: str) -> List[Dict[str, Any]]:
+    """The calls to make: one dict per (op, sizes, dtype, variant)."""
+    out: List[Dict[str, Any]] = []
+    if grid == "tiny":  # the host suite's tiny cases exactly: one Triton cache fill serves both
+        for kind in ("gru", "lstm"):
+            out.append(dict(op=kind, B=4, H=32, dtype="float32", bwd=False, saves=[True]))
+        out.append(dict(op="attention", B=4, T=1, S=8, A=32, D=64, dtype="float32", bwd=False))
+        out.append(dict(op="cell", B=4, H=32, D=64, dtype="float32", bwd=False, saves=[False]))
+        return out
+    Bs, Hs = ((8, 64, 256), (512, 1024)) if grid == "full" else ((8, 256), (1024,))
+    for dtype in ("float32", "bfloat16"):
+        for B in Bs:
+            for H in Hs:
+                for kind in ("gru", "lstm"):
+                    out.append(dict(op=kind, B=B, H=H, dtype=dtype, bwd=True))
+                out.append(dict(op="cell", B=B, H=H, D=2 * H, dtype=dtype, bwd=True))
+        if grid == "full":
+            for H in Hs:
+                for kind in ("gru", "lstm"):
+                    out.append(dict(op=kind, B=64, H=H, dtype=dtype, bwd=True, lengths=True))
+                for T in (1, 32):
+                    out.append(dict(op="attention", B=64, T=T, S=32, A=H, D=2 * H, dtype=dtype, bwd=True))
+    if grid == "full":
+        for kind in ("gru", "lstm"):
+            out.append(dict(op=kind, B=64, H=512, dtype="float32", bwd=True, tf32=True))
+        out.append(dict(op="cell", B=64, H=512, D=1024, dtype="float32", bwd=True, tf32=True))
+        out.append(dict(op="attention", B=64, T=32, S=32, A=512, D=1024, dtype="float32", bwd=True, tf32=True))
+    return out
+
+
+def label(job: Dict[str, Any]) -> str:
+    parts = [job["op"]] + [f"{k}{job[k]}" for k in ("B", "T", "S", "A", "H", "D") if k in job] + [job["dtype"]]
+    parts += [k for k in ("lengths", "tf32") if job.get(k)]
+    return "-".join(parts)
+
+
+# ------------------------------------------------------------------ running the calls
+
+
+def _run_job(job: Dict[str, Any], device: str) -> None:
+    import torch
+
+    from fastseq.ops.attention import triton as attn
+    from fastseq.ops.decoder_step import triton as cell
+    from fastseq.ops.recurrence import triton as rnn
+
+    dt = getattr(torch, job["dtype"])
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+
+    op, B = job["op"], job["B"]
+    saves = job.get("saves", [False, True])  # forward without and with the gates the backward needs
+    if op in ("gru", "lstm"):
+        H, T, G = job["H"], 2, 3 if op == "gru" else 4  # T = 2: the backward's first and later steps
+        gi, h0, c0, w, b = rnd(T, B, G * H), rnd(B, H), rnd(B, H), rnd(G * H, H, scale=H ** -0.5), rnd(G * H)
+        lens = torch.tensor([T] + [1] * (B - 1)) if job.get("lengths") else None
+        for save in saves:
+            if op == "gru":
+                hs, gates = rnn.gru_recurrence_forward(gi, h0, w, b, lens, save)
+                if save and job.get("bwd"):
+                    rnn.gru_recurrence_backward(rnd(T, B, H), h0, w, hs, gates, lens, True)
+            else:
+                hs, cs, gates = rnn.lstm_recurrence_forward(gi, h0, c0, w, b, lens, save)
+                if save and job.get("bwd"):
+                    rnn.lstm_recurrence_backward(rnd(T, B, H), None, h0, c0, w, hs, cs, gates, lens, True)
+    elif op == "cell":
+        H, D = job["H"], job["D"]
+        gi, ctx, w_ic = rnd(B, 3 * H), rnd(B, D), rnd(3 * H, D, scale=D ** -0.5)
+        gh, bh, h = rnd(B, 3 * H), rnd(3 * H), rnd(B, H)
+        for save in saves:
+            _, gates = cell.gru_context_cell_forward(gi, ctx, w_ic, gh, bh, h, save)
+            if save and job.get("bwd"):
+                cell.gru_context_cell_backward(rnd(B, H), gates, h, ctx, w_ic, True)
+    elif op == "attention":
+        T, S, A, D = job["T"], job["S"], job["A"], job["D"]
+        q, K, V, e = rnd(B, T, A), rnd(B, S, A), rnd(B, S, D), rnd(A, scale=A ** -0.5)
+        mask = torch.ones(B, S, dtype=torch.bool)
+        mask[1:, S // 2:] = False
+        ctx, w = attn.additive_attention_forward(q, K, V, e, mask.to(device))
+        if job.get("bwd"):
+            attn.additive_attention_backward(rnd(B, T, D), None, q, K, V, e, w)
+    else:
+        raise ValueError(f"unknown op {op!r}")
+
+
+def _jit_functions() -> Dict[str, Any]:
+    """name -> JITFunction of every fastseq kernel (through the counted/heuristics wrappers)."""
+    import importlib
+
+    import triton
+
+    out = {}
+    for modname in MODULES:
+        mod = importlib.import_module(modname)
+        for name in dir(mod):
+            k = getattr(mod, name)
+            for _ in range(4):
+                if isinstance(k, triton.runtime.jit.JITFunction) or k is None:
+                    break
+                k = getattr(k, "kernel", None) or getattr(k, "fn", None)
+            if isinstance(k, triton.runtime.jit.JITFunction):
+                out[k.__name__] = k
+    return out
+
+
+def _compiled(fns: Dict[str, Any]):
+    """(kernel name, CompiledKernel) of everything in the JIT functions' in-memory caches."""
+    for name, fn in fns.items():
+        for entry in fn.device_caches.values():
+            for ck in entry[0].values():
+                yield name, fn, ck
+
+
+def _describe(name: str, fn, ck) -> Dict[str, Any]:
+    """What the JIT chose for one compiled kernel: constexprs, specialisation, pointer dtypes, metadata."""
+    src = ck.src
+    names = fn.arg_names
+
+    def arg(key):
+        idx = key[0] if isinstance(key, tuple) else key
+        return names[idx] if isinstance(idx, int) and idx < len(names) else str(key)
+
+    consts = {}
+    for key, v in getattr(src, "constants", {}).items():
+        n = arg(key)
+        consts[n] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    sig = {arg(k) if not isinstance(k, str) else k: str(v) for k, v in getattr(src, "signature", {}).items()}
+    pointers = {k: v for k, v in sig.items() if v.startswith("*")}
+    spec = []
+    for key, attrs in (getattr(src, "attrs", None) or {}).items():
+        text = str(attrs)
+        if "divisibility" in text:
+            spec.append(arg(key))
+    md = ck.metadata
+    return {
+        "kernel": name, "hash": ck.hash[:16],
+        "constexprs": {k: v for k, v in consts.items() if k.isupper()},
+        "none_args": sorted(k for k, v in consts.items() if v is None),
+        "pointer_dtypes": pointers, "divisible_by_16": sorted(spec),
+        "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
+    }
+
+
+def worker(job_list: List[Dict[str, Any]], device: str, dump: Optional[str]) -> Dict[str, Any]:
+    """Run ``job_list`` on ``device`` and describe each compiled kernel (per job: the kernels it launched).
+
+    ``dump``: a folder where each kernel's PTX and cubin are written (``<hash>.ptx``/``.cubin``).
+    """
+    import torch
+
+    fns = _jit_functions()
+    rows: Dict[str, Dict[str, Any]] = {}
+    errors = []
+    for job in job_list:
+        for fn in fns.values():  # the launched set per job: empty the in-memory caches (disk cache stays)
+            fn.device_caches.clear()
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = bool(job.get("tf32"))
+        t0 = time.time()
+        try:
+            _run_job(job, device)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - one job's failure is reported, the rest still run
+            errors.append(f"{label(job)}: {type(exc).__name__}: {str(exc)[:400]}")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        for name, fn, ck in _compiled(fns):
+            row = rows.get(ck.hash)
+            if row is None:
+                row = rows[ck.hash] = _describe(name, fn, ck)
+                row["used_by"] = []
+                if dump:
+                    Path(dump, ck.hash[:16] + ".ptx").write_text(ck.asm["ptx"])
+                    Path(dump, ck.hash[:16] + ".cubin").write_bytes(ck.asm["cubin"])
+            row["used_by"].append(label(job))
+            if device == "cuda" and getattr(ck, "function", None) is not None:
+                row["driver_regs"] = ck.n_regs
+                row["driver_local_bytes"] = ck.n_spills * 4 if ck.n_spills is not None else None
+                row["launched"] = True
+        print(f"[kernels] {label(job)}: {time.time() - t0:.1f} s", file=sys.stderr, flush=True)
+    return {"rows": list(rows.values()), "errors": errors}
+
+
+# ------------------------------------------------------------------ resources from ptxas / cuobjdump
+
+
+_PTXAS = {
+    "regs": re.compile(r"Used (\d+) registers"),
+    "stack_frame": re.compile(r"(\d+) bytes stack frame"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "static_smem": re.compile(r"(\d+) bytes smem"),
+    "barriers": re.compile(r"used (\d+) barriers"),
+}
+
+
+def ptxas_tool(arch: int):
+    """(path, flags) of the ptxas Triton uses for ``arch`` and the flags of its ``make_cubin``."""
+    from triton.backends.nvidia import compiler
+
+    path = compiler.get_ptxas(arch).path
+    src = inspect.getsource(compiler.CUDABackend.make_cubin)
+    flags = ["-lineinfo", "-v"]
+    if "--regAllocOptLevel=2" in src:
+        flags.append("--regAllocOptLevel=2")
+    return path, flags
+
+
+def ptxas_version(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return out.strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError, IndexError) as exc:
+        return f"unknown ({exc})"
+
+
+def resources(ptx: Path, cubin: Path, ptxas: str, flags: List[str], arch: str) -> Dict[str, Any]:
+    """ptxas -v on the PTX (registers, spills, stack) and cuobjdump -res-usage on the cubin."""
+    out: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([ptxas, *flags, f"--gpu-name={arch}", str(ptx), "-o", os.path.join(tmp, "k.o")],
+                              capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        out["ptxas_error"] = log[-500:]
+    for key, rx in _PTXAS.items():
+        m = rx.search(log)
+        out[key] = int(m.group(1)) if m else (0 if key in ("static_smem",) else None)
+    try:
+        from triton import knobs
+
+        cuobjdump = knobs.nvidia.cuobjdump.path
+        res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True,
+                             timeout=60).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res)
+        if m:
+            out["cubin"] = dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))
+    except Exception as exc:  # noqa: BLE001 - the cross-check is optional
+        out["cubin"] = f"unavailable: {type(exc).__name__}: {exc}"
+    return out
+
+
+# ------------------------------------------------------------------ driver
+
+
+def _split(items: List[Any], n: int) -> List[List[Any]]:
+    parts = [items[i::n] for i in range(n)]
+    return [p for p in parts if p]
+
+
+def _fastseq_root() -> str:
+    import fastseq
+
+    return str(Path(fastseq.__file__).resolve().parent.parent)
+
+
+def stub_pass(job_list: List[Dict[str, Any]], n_jobs: int, dump: str, timeout: float) -> Dict[str, Any]:
+    """The jobs on the stub driver, in ``n_jobs`` worker processes."""
+    lib = stubdriver.build()
+    env = stubdriver.subprocess_env(lib)
+    env["PYTHONPATH"] = os.pathsep.join([_fastseq_root()] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    procs = []
+    for part in _split(job_list, n_jobs):
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(part), "--dump", dump],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    rows, errors = [], []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            errors.append(f"worker {p.pid}: timed out")
+        sys.stderr.write(err[-4000:] if p.returncode else "")
+        lines = out.strip().splitlines()
+        if p.returncode != 0 or not lines:
+            errors.append(f"worker {p.pid}: rc {p.returncode}: {err[-800:]}")
+            continue
+        res = json.loads(lines[-1])
+        rows += res["rows"]
+        errors += res["errors"]
+    return {"rows": rows, "errors": errors}
+
+
+def merge(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """One row per kernel hash; ``used_by`` and the driver's figures merged."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for r in rows:
+        m = out.get(r["hash"])
+        if m is None:
+            out[r["hash"]] = dict(r, used_by=list(r["used_by"]))
+            continue
+        m["used_by"] += [u for u in r["used_by"] if u not in m["used_by"]]
+        for k in ("driver_regs", "driver_local_bytes", "launched"):
+            if k in r:
+                m[k] = r[k]
+    return out
+
+
+def _dtypes(pointers: Dict[str, str]) -> str:
+    """``bf16`` or ``bf16 h,c:fp32``: the kernel's main pointer dtype, and the pointers that differ."""
+    dts = {k[:-4] if k.endswith("_ptr") else k: v.lstrip("*") for k, v in pointers.items()
+           if v.lstrip("*") not in ("i64", "u8")}
+    if not dts:
+        return "-"
+    counts: Dict[str, int] = {}
+    for v in dts.values():
+        counts[v] = counts.get(v, 0) + 1
+    main = max(counts, key=lambda v: (counts[v], v != "fp32"))
+    other: Dict[str, List[str]] = {}
+    for k, v in dts.items():
+        if v != main:
+            other.setdefault(v, []).append(k)
+    return " ".join([main] + [",".join(ks) + ":" + v for v, ks in other.items()])
+
+
+def table(rows: List[Dict[str, Any]]) -> str:
+    head = (f"{'kernel':30s} {'dtypes':22s} {'BLOCK_*':14s} {'flags':28s} {'w':>2s} {'regs':>4s} {'spill st/ld':>11s} "
+            f"{'stack':>5s} {'smem':>6s}  sizes")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        c = r["constexprs"]
+        blocks = "".join(f"{k[6:]}{v}" for k, v in sorted(c.items()) if k.startswith("BLOCK_"))
+        flags = ",".join(k.replace("HAS_", "").replace("_", "").lower()[:6] + ("" if v else "-")
+                         for k, v in sorted(c.items()) if isinstance(v, bool))
+        flags += ",tf32" if c.get("PRECISION") == "tf32" else ""
+        dtype = _dtypes(r["pointer_dtypes"])
+        spill = f"{r.get('spill_stores')}/{r.get('spill_loads')}"
+        sizes = ",".join(sorted({u.split('-float')[0].split('-bfloat')[0] for u in r["used_by"]}))[:70]
+        lines.append(f"{r['kernel'][:30]:30s} {dtype[:22]:22s} {blocks:14s} {flags[:28]:28s} {r['num_warps']:>2d} "
+                     f"{str(r.get('regs')):>4s} {spill:>11s} {str(r.get('stack_frame')):>5s} {r['shared']:>6d}  {sizes}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastseq.bench.kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="JSON output file")
+    p.add_argument("--grid", choices=("tiny", "quick", "full"), default="full")
+    p.add_argument("--mode", choices=("auto", "stub", "cuda"), default="auto",
+                   help="stub: compile on the stub driver (no GPU); cuda: launch on the GPU; "
+                        "auto: stub, then cuda when a GPU is present")
+    p.add_argument("--jobs", type=int, default=0, help="stub worker processes (default: CPUs, at most 12)")
+    p.add_argument("--arch", type=int, default=90, help="stub target (90: sm_90a)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds for the stub pass")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--dump", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker is not None:  # a stub worker process
+        stubdriver.activate(args.arch)
+        print(json.dumps(worker(json.loads(args.worker), "cpu", args.dump)))
+        return 0
+
+    import torch
+    import triton
+
+    t0 = time.time()
+    cuda = torch.cuda.is_available()
+    mode = args.mode if args.mode != "auto" else ("stub+cuda" if cuda else "stub")
+    if "cuda" in mode and not cuda:
+        raise SystemExit("--mode cuda: no CUDA device here")
+    job_list = jobs(args.grid)
+    n_jobs = args.jobs or max(1, min(12, os.cpu_count() or 1, len(job_list)))
+    dump = tempfile.mkdtemp(prefix="fastseq-kernels-")
+    result: Dict[str, Any] = {"triton": triton.__version__, "torch": torch.__version__, "mode": mode,
+                              "grid": args.grid, "arch": f"sm_{args.arch}a", "jobs": [label(j) for j in job_list],
+                              "errors": []}
+    try:
+        rows: List[Dict[str, Any]] = []
+        if "stub" in mode:
+            res = stub_pass(job_list, n_jobs, dump, args.timeout)
+            rows += res["rows"]
+            result["errors"] += res["errors"]
+            result["stub_s"] = round(time.time() - t0, 1)
+        if "cuda" in mode:
+            t1 = time.time()
+            res = worker(job_list, "cuda", dump)
+            for r in res["rows"]:
+                r.setdefault("launched", True)
+            rows += res["rows"]
+            result["errors"] += res["errors"]
+            result["cuda_s"] = round(time.time() - t1, 1)
+            result["device"] = torch.cuda.get_device_name()
+        merged = merge(rows)
+        path, flags = ptxas_tool(args.arch)
+        result["ptxas"] = {"path": path, "version": ptxas_version(path), "flags": flags}
+        arch = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
+
+        def res_of(h):
+            return h, resources(Path(dump, h + ".ptx"), Path(dump, h + ".cubin"), path, flags, arch)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n_jobs) as ex:
+            for h, r in ex.map(res_of, [h for h in merged if Path(dump, h + ".ptx").exists()]):
+                merged[h].update(r)
+        out_rows = sorted(merged.values(), key=lambda r: (r["kernel"], str(r["pointer_dtypes"]),
+                                                          sorted(r["constexprs"].items(), key=str)))
+        for r in out_rows:
+            cub = r.get("cubin")
+            if isinstance(cub, dict) and r.get("regs") is not None and cub["REG"] != r["regs"]:
+                r["regs_mismatch"] = f"ptxas re-run {r['regs']} != cubin {cub['REG']}"
+        result["kernels"] = out_rows
+        result["n_kernels"] = len(out_rows)
+        result["n_spilling"] = sum(1 for r in out_rows if (r.get("spill_stores") or 0) > 0)
+        result["wall_s"] = round(time.time() - t0, 1)
+    finally:
+        shutil.rmtree(dump, ignore_errors=True)
+    print(table(result.get("kernels", [])))
+    print(f"{result.get('n_kernels', 0)} kernels, {result.get('n_spilling', 0)} spilling; Triton {triton.__version__}, "
+          f"ptxas {result.get('ptxas', {}).get('version')}, {result.get('wall_s')} s; errors: {len(result['errors'])}")
+    for e in result["errors"]:
+        print("!!", e)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0 if result.get("kernels") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
