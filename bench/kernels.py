@@ -207,17 +207,23 @@ def _describe(name: str, fn, ck) -> Dict[str, Any]:
     }
 
 
-def worker(job_list: List[Dict[str, Any]], device: str, dump: Optional[str]) -> Dict[str, Any]:
+def worker(job_list: List[Dict[str, Any]], device: str, dump: Optional[str],
+           deadline: Optional[float] = None) -> Dict[str, Any]:
     """Run ``job_list`` on ``device`` and describe each compiled kernel (per job: the kernels it launched).
 
     ``dump``: a folder where each kernel's PTX and cubin are written (``<hash>.ptx``/``.cubin``).
+    ``deadline`` (``time.time()``): jobs not started by then are reported, not run.
     """
     import torch
 
     fns = _jit_functions()
     rows: Dict[str, Dict[str, Any]] = {}
     errors = []
-    for job in job_list:
+    for i, job in enumerate(job_list):
+        if deadline is not None and time.time() > deadline:
+            errors.append(f"{device}: {len(job_list) - i} jobs not run (time limit): "
+                          + ", ".join(label(j) for j in job_list[i:i + 8]) + (" ..." if len(job_list) - i > 8 else ""))
+            break
         for fn in fns.values():  # the launched set per job: empty the in-memory caches (disk cache stays)
             fn.device_caches.clear()
         tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -412,6 +418,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--jobs", type=int, default=0, help="stub worker processes (default: CPUs, at most 12)")
     p.add_argument("--arch", type=int, default=90, help="stub target (90: sm_90a)")
     p.add_argument("--timeout", type=float, default=900, help="seconds for the stub pass")
+    p.add_argument("--cuda-timeout", type=float, default=0,
+                   help="seconds the GPU pass may start jobs after the stub pass's time limit (default 0)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--dump", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -444,7 +452,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             result["stub_s"] = round(time.time() - t0, 1)
         if "cuda" in mode:
             t1 = time.time()
-            res = worker(job_list, "cuda", dump)
+            res = worker(job_list, "cuda", dump, deadline=t0 + args.timeout + (args.cuda_timeout or 0))
             for r in res["rows"]:
                 r.setdefault("launched", True)
             rows += res["rows"]
