@@ -82,7 +82,6 @@ def run_probe(cfg: Dict[str, Any], timeout: float = TIMEOUT_S) -> Dict[str, Any]
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
     proc = subprocess.run([sys.executable, str(PROBE), json.dumps(cfg)], env=env, capture_output=True, text=True,
                           timeout=timeout)
-    sys.stderr.write(proc.stderr[-6000:])
     if proc.returncode != 0 or not proc.stdout.strip():
         raise RuntimeError(f"host probe failed (rc {proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
