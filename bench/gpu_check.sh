@@ -25,8 +25,10 @@
 #              on CUDA, float32 and bfloat16 (xdist when present) -> junit_parity.xml    [~60-120 s]
 #   parity_notf32  only if a float32 layer parity test failed: test_rnn_parity again with
 #              cuDNN/cuBLAS TF32 off (a pytest plugin), to tell TF32 from a kernel bug   [~30 s]
-#   bench      fastseq bench --quick --device cuda (layer host cell attention decoder_step),
-#              then train_step decode if time is left -> bench.json, bench.md            [~100-150 s]
+#   bench      fastseq bench --quick --device cuda --suite layer host                    [~90-150 s]
+#   bench_step the same for cell attention decoder_step                                 [~30-60 s]
+#   bench_more the same for train_step decode, if time is left; the three runs' results
+#              merged -> bench.json, bench.md                                            [~30-60 s]
 #   summary    summary.json (always: trap EXIT)
 #
 # $OUT (at most 8 files): summary.json, run.log, kernels.json, junit_gpu.xml, junit_parity.xml,
@@ -198,9 +200,11 @@ if [ "$MODE" = gpu ]; then
 else
   BENCH="bench --grid tiny --device cpu"
 fi
-stage bench 240 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite layer host cell attention decoder_step \
-  --out "$W/bench" --tag gpucheck-1
-stage bench_more 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode --out "$W/bench" \
+# Three invocations, so that a suite which runs past the budget loses only its own results.
+stage bench 200 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite layer host --out "$W/bench" --tag gpucheck-1
+stage bench_step 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite cell attention decoder_step --out "$W/bench" \
   --tag gpucheck-2
+stage bench_more 120 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode --out "$W/bench" \
+  --tag gpucheck-3
 $PY "$HELPER" merge-bench "$REPO" "$OUT" "$W"/bench/*.json || echo "!! merge-bench failed"
 exit 0

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STAGES = ["env", "install", "flashrnn", "ext", "kernels", "test_gpu", "parity", "parity_notf32", "bench",
-          "bench_more"]
+          "bench_step", "bench_more"]
 MUST_PASS = ["env", "install", "ext", "kernels", "test_gpu", "parity", "bench"]
 
 
