@@ -3,10 +3,10 @@
 ``load()`` returns ``torch.ops.fastseq_cpp``. It first looks for an
 ahead-of-time build (``fastseq/_C*.so``, from ``FASTSEQ_BUILD_EXT=1 pip install
 --no-build-isolation .``), else compiles ``csrc/cpu/*.cpp`` (plus
-``csrc/cuda/*.cu`` and ``csrc/cuda/bindings.cpp`` when torch has CUDA and nvcc
-is found) with :func:`torch.utils.cpp_extension.load` on first use (about a
-minute; one line on stderr says so) and caches the build in a per-user
-directory. The ops are registered for the CPU (and CUDA) dispatch keys, so
+``csrc/cuda/*.cu`` and ``csrc/cuda/bindings.cpp`` when torch has CUDA, nvcc
+is found and there is an architecture to compile for, see :func:`want_cuda`)
+with :func:`torch.utils.cpp_extension.load` on first use (about a minute; one
+line on stderr says so) and caches the build in a per-user directory. The ops are registered for the CPU (and CUDA) dispatch keys, so
 PyTorch's dispatcher picks the kernel by the tensors' device; they mirror
 :mod:`fastseq.ops` (each op folder's ``cpp.py`` calls them)::
 
