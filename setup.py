@@ -12,7 +12,8 @@ The benchmark suite in bench/ is installed as ``fastseq.bench`` (``fastseq bench
 
 Ahead of time: ``FASTSEQ_BUILD_EXT=1 pip install --no-build-isolation .``
 builds it here as ``fastseq/_C*.so`` (CPU kernels; plus the CUDA kernels when
-torch has CUDA and nvcc is found; ``FASTSEQ_BUILD_CUDA=0`` skips them). The
+torch has CUDA, nvcc is found and a GPU is visible or ``TORCH_CUDA_ARCH_LIST``
+names the architectures; ``FASTSEQ_BUILD_CUDA=0`` skips them). The
 build needs torch installed already, hence ``--no-build-isolation``.
 """
 import glob
@@ -44,8 +45,11 @@ if os.environ.get("FASTSEQ_BUILD_EXT", "") == "1":
 
     cpu = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    # The same rule as fastseq.backend.extension.want_cuda(): with no GPU and no
+    # TORCH_CUDA_ARCH_LIST, torch's builder has no architecture to compile for.
     use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda)
-                and os.environ.get("FASTSEQ_BUILD_CUDA", "1") != "0")
+                and os.environ.get("FASTSEQ_BUILD_CUDA", "1") != "0"
+                and (bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or torch.cuda.device_count() > 0))
     omp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
     cxx = ["-O3", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"] + (["-fopenmp"] if omp else [])
     kw = dict(

@@ -27,8 +27,9 @@ formula is off by O(1).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -79,3 +80,33 @@ def assert_all_close(got, want, dtype: Optional[torch.dtype] = None, names=None,
     names = list(names) if names is not None else [str(i) for i in range(len(want))]
     for n, a, b in zip(names, got, want):
         assert_close(a, b, dtype, n, cast)
+
+
+@contextlib.contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """Run the block with torch's float32 products in IEEE fp32, no TF32: cuDNN's RNNs
+    (``torch.backends.cudnn.rnn.fp32_precision``, ``"tf32"`` by default) and matmuls
+    (``torch.set_float32_matmul_precision``, ``torch.backends.cuda.matmul.fp32_precision``).
+
+    For the torch.nn side of a float32 comparison on CUDA: fastseq's float32 math
+    is IEEE unless the user opts in to TF32, while cuDNN's GRU/LSTM use TF32 by
+    default, which differs by ~1e-3 relative, far beyond the float32 tolerance.
+    Every setting changed is restored afterwards, also on error. On a CPU-only
+    machine nothing that runs depends on these settings.
+
+    Inside the block torch's legacy ``torch.backends.cudnn.allow_tf32`` cannot be
+    read (torch refuses once cuDNN's RNN and convolution settings differ); torch.nn's
+    RNNs ask for the RNN setting only.
+    """
+    b = torch.backends
+    saved = (torch.get_float32_matmul_precision(), b.cuda.matmul.fp32_precision,
+             b.mkldnn.matmul.fp32_precision, b.cudnn.rnn.fp32_precision)
+    try:
+        # The legacy setting too: cuBLAS refuses a per-op setting that contradicts it.
+        torch.set_float32_matmul_precision("highest")  # also sets cuda.matmul and mkldnn.matmul to "ieee"
+        b.cuda.matmul.fp32_precision = "ieee"
+        b.cudnn.rnn.fp32_precision = "ieee"
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])  # first: it overwrites the per-op settings
+        b.cuda.matmul.fp32_precision, b.mkldnn.matmul.fp32_precision, b.cudnn.rnn.fp32_precision = saved[1:]

@@ -149,6 +149,31 @@ def test_failed_cpp_build_falls_back_with_one_warning(monkeypatch):
         selection.select(torch.empty(1))
 
 
+@pytest.mark.parametrize("devices,arch_list,build_cuda,want", [
+    (0, None, None, False),   # CUDA torch, no GPU, no arch list: torch's builder would fail
+    (0, "8.0;9.0", None, True),
+    (1, None, None, True),
+    (1, None, "0", False),
+])
+def test_cuda_kernels_are_built_only_with_an_architecture(monkeypatch, devices, arch_list, build_cuda, want):
+    """A CUDA build of torch on a machine with no GPU and no TORCH_CUDA_ARCH_LIST builds
+    the CPU kernels only (torch's cpp_extension has no architecture to compile for)."""
+    from torch.utils import cpp_extension
+
+    from fastseq.backend import extension
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: devices)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/usr/local/cuda")
+    for name, value in (("TORCH_CUDA_ARCH_LIST", arch_list), ("FASTSEQ_BUILD_CUDA", build_cuda)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert extension.want_cuda() is want
+    assert any(p.suffix == ".cu" for p in extension.sources()) is want
+
+
 def test_triton_kernels_that_do_not_load_fall_back_under_auto(monkeypatch):
     """fastseq's Triton kernels failing to import (e.g. an incompatible Triton) is not
     fatal under auto: the op runs on the next backend, with one warning; forced, it raises."""

@@ -3,30 +3,33 @@ auto backend picks the Triton kernels for CUDA tensors, and the modules match
 torch.nn (cuDNN) at realistic sizes in float32 and bfloat16."""
 import pytest
 import torch
+from parity import ieee_fp32
 
 import fastseq
 import fastseq.nn as fnn
-from fastseq.backend import selection
+from fastseq.backend import extension, selection
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# Relative error ||a - b|| / ||b|| against torch.nn in float32 (cuDNN, TF32 off).
+# Relative error ||a - b|| / ||b|| against torch.nn in float32 (cuDNN, TF32 off: ieee_fp32()).
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 def test_auto_backend_uses_triton_on_cuda():
+    """Triton for its dtypes; float64, which Triton does not take, on the C++ extension's
+    CUDA kernels when it has them (selection.select's rule), else on the reference."""
+    ok, _ = selection.cpp_status()  # builds the extension, with its CUDA kernels where nvcc is found
     with fastseq.backend("auto"):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             assert selection.select(torch.empty(1, device="cuda", dtype=dtype)) == "triton"
-        assert selection.select(torch.empty(1, device="cuda", dtype=torch.float64)) == "reference"
+        want = "cpp" if ok and extension.has_cuda() else "reference"
+        assert selection.select(torch.empty(1, device="cuda", dtype=torch.float64)) == want
 
 
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 def test_layer_at_realistic_size(kind, dtype, packed):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
     B, T, I, H = 64, 32, 256, 512
     fast = getattr(fnn, kind)(I, H, bidirectional=True, batch_first=True).cuda()
     ref = getattr(torch.nn, kind)(I, H, bidirectional=True, batch_first=True).cuda()
@@ -45,7 +48,9 @@ def test_layer_at_realistic_size(kind, dtype, packed):
         (out.float() * g).sum().backward()
         return out.float(), xi.grad.float(), {n: p.grad.float() for n, p in module.named_parameters()}
 
-    got, want = run(fast, dtype), run(ref, torch.float32)
+    got = run(fast, dtype)
+    with ieee_fp32():
+        want = run(ref, torch.float32)
     for name, a, b in [("output", got[0], want[0]), ("grad input", got[1], want[1])] + \
             [(f"grad {n}", got[2][n], want[2][n]) for n in want[2]]:
         err = float((a - b).norm() / b.norm())
@@ -83,7 +88,6 @@ def test_decoder_matches_eager_at_realistic_size(dtype):
     from fastseq.seq2seq.eager import EagerDecoder
     from fastseq.seq2seq.model import ModelConfig, Seq2Seq
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = Seq2Seq(ModelConfig(src_vocab_size=500, tgt_vocab_size=500, dropout=0.0)).cuda()
     src = torch.randint(4, 500, (64, 32), device="cuda")
@@ -99,7 +103,8 @@ def test_decoder_matches_eager_at_realistic_size(dtype):
                                 if p.grad is not None}
 
     got = run(model.decoder, dtype != torch.float32)
-    want = run(EagerDecoder(model.decoder), False)
+    with ieee_fp32():
+        want = run(EagerDecoder(model.decoder), False)
     for name, a, b in [("logits", got[0], want[0])] + [(n, got[1][n], want[1][n]) for n in want[1]]:
         err = float((a - b).norm() / b.norm())
         assert err < TOL[dtype], f"{name}: relative error {err:.2e} >= {TOL[dtype]}"

@@ -4,11 +4,15 @@ Each case compares outputs, final states and the gradients w.r.t. the input,
 h_0 (c_0) and every parameter, under a random upstream gradient, with fresh
 random inputs. Outputs are NaN-poisoned before kernels write them (conftest).
 
-Error bound: tests/parity.py's tolerance model (a norm bound per dtype).
+Error bound: tests/parity.py's tolerance model (a norm bound per dtype). The
+torch.nn side runs under ``ieee_fp32()``: on CUDA, cuDNN's float32 RNNs would
+otherwise use TF32.
 """
+import contextlib
+
 import pytest
 import torch
-from parity import assert_close
+from parity import assert_close, ieee_fp32
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastseq.nn as fnn
@@ -83,8 +87,9 @@ def test_layer_matches_torch(backend, kind, case):
         grads = [torch.randn(out_shape, device=DEVICE)]
         grads += [torch.randn(D * layers, B, H, device=DEVICE) for _ in range(2 if kind == "LSTM" else 1)]
         got = _run(fast, x, h0, lengths, batch_first, grads)
-        want = _run(ref, x.to(ref_dtype), None if h0 is None else tuple(h.to(ref_dtype) for h in h0),
-                    lengths, batch_first, grads)
+        with ieee_fp32():
+            want = _run(ref, x.to(ref_dtype), None if h0 is None else tuple(h.to(ref_dtype) for h in h0),
+                        lengths, batch_first, grads)
         # (bfloat16 on a GPU is judged against torch.nn in float32, at bfloat16's tolerance)
         assert_close(got[0], want[0], dtype, "output", cast=True)
         for i, (a, b) in enumerate(zip(got[1], want[1])):
@@ -107,7 +112,8 @@ def test_unbatched_input(backend, kind):
     h = torch.randn(2, 5, device=DEVICE)
     hx = (h, torch.randn(2, 5, device=DEVICE)) if kind == "LSTM" else h
     out, st = fast(x, hx)
-    out_ref, st_ref = ref(x, hx)
+    with ieee_fp32():
+        out_ref, st_ref = ref(x, hx)
     assert_close(out, out_ref, torch.float32, "output")
     for a, b in zip(st if kind == "LSTM" else (st,), st_ref if kind == "LSTM" else (st_ref,)):
         assert a.shape == (2, 5)
@@ -130,13 +136,14 @@ def test_cell_matches_torch(backend, kind, B, I, H, give_hx):
             if kind == "LSTMCell":
                 hx = (hx, torch.randn(batch + (H,), device=DEVICE, dtype=dtype))
         results = []
-        for module in (fast, ref):
+        for module, precision in ((fast, contextlib.nullcontext()), (ref, ieee_fp32())):
             xi = x.clone().requires_grad_(True)
-            out = module(xi, hx)
-            outs = out if isinstance(out, tuple) else (out,)
-            g = [torch.ones_like(o).normal_(generator=torch.Generator(DEVICE).manual_seed(i))
-                 for i, o in enumerate(outs)]
-            sum((o * gi).sum() for o, gi in zip(outs, g)).backward()
+            with precision:
+                out = module(xi, hx)
+                outs = out if isinstance(out, tuple) else (out,)
+                g = [torch.ones_like(o).normal_(generator=torch.Generator(DEVICE).manual_seed(i))
+                     for i, o in enumerate(outs)]
+                sum((o * gi).sum() for o, gi in zip(outs, g)).backward()
             results.append((outs, xi.grad, {n: p.grad for n, p in module.named_parameters()}))
         (outs_f, gx_f, gp_f), (outs_r, gx_r, gp_r) = results
         for a, b in zip(outs_f, outs_r):
@@ -188,3 +195,52 @@ def test_dropout_between_layers_is_applied_in_training_only():
     m.train()
     y3, _ = m(x)
     assert not torch.allclose(y1, y3)
+
+
+def _precision_modules():
+    b = torch.backends
+    return {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": b.cudnn.conv,
+            "cudnn.rnn": b.cudnn.rnn, "mkldnn": b.mkldnn, "mkldnn.matmul": b.mkldnn.matmul,
+            "mkldnn.conv": b.mkldnn.conv, "mkldnn.rnn": b.mkldnn.rnn}
+
+
+def _fp32_settings():
+    """Every float32-precision setting of torch's: the legacy matmul one, and per backend/op."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            **{name: mod.fp32_precision for name, mod in _precision_modules().items()}}
+
+
+@pytest.fixture
+def restore_fp32_settings():
+    saved = _fp32_settings()
+    yield
+    torch.set_float32_matmul_precision(saved["float32_matmul_precision"])  # first: it also sets per-op ones
+    for name, mod in _precision_modules().items():
+        mod.fp32_precision = saved[name]
+    assert _fp32_settings() == saved
+
+
+@pytest.mark.parametrize("start", ["default", "high", "medium"])
+def test_ieee_fp32_turns_tf32_off_and_restores_every_setting(restore_fp32_settings, start):
+    """The torch.nn side of the float32 comparisons: cuDNN RNNs and matmuls in IEEE fp32
+    inside, every setting as it was afterwards (also after an error), and on the CPU
+    the same results inside as outside."""
+    if start != "default":  # TF32 (and bf16 on oneDNN) products turned on through the legacy setting
+        torch.set_float32_matmul_precision(start)
+    before = _fp32_settings()
+    assert before["cudnn.rnn"] == "tf32"  # torch's default: cuDNN's float32 RNNs use TF32
+    rnn = torch.nn.GRU(4, 6)
+    x = torch.randn(3, 2, 4)
+    with pytest.raises(KeyError, match="inside"), ieee_fp32():
+        inside = _fp32_settings()
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # cuBLAS's own (consistency-checked) answer
+        out_inside, _ = rnn(x)
+        raise KeyError("inside")
+    assert inside["cudnn.rnn"] == "ieee" and inside["cuda.matmul"] == "ieee"
+    assert inside["float32_matmul_precision"] == "highest"
+    assert inside["cudnn.conv"] == before["cudnn.conv"]  # only the RNN setting of cuDNN's
+    assert _fp32_settings() == before
+    assert torch.backends.cuda.matmul.allow_tf32 is (start != "default")
+    if start == "default":
+        assert torch.backends.cudnn.allow_tf32 is True  # the legacy view is consistent again
+        assert torch.equal(rnn(x)[0], out_inside)

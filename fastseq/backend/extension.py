@@ -3,10 +3,10 @@
 ``load()`` returns ``torch.ops.fastseq_cpp``. It first looks for an
 ahead-of-time build (``fastseq/_C*.so``, from ``FASTSEQ_BUILD_EXT=1 pip install
 --no-build-isolation .``), else compiles ``csrc/cpu/*.cpp`` (plus
-``csrc/cuda/*.cu`` and ``csrc/cuda/bindings.cpp`` when torch has CUDA and nvcc
-is found) with :func:`torch.utils.cpp_extension.load` on first use (about a
-minute; one line on stderr says so) and caches the build in a per-user
-directory. The ops are registered for the CPU (and CUDA) dispatch keys, so
+``csrc/cuda/*.cu`` and ``csrc/cuda/bindings.cpp`` when torch has CUDA, nvcc
+is found and there is an architecture to compile for, see :func:`want_cuda`)
+with :func:`torch.utils.cpp_extension.load` on first use (about a minute; one
+line on stderr says so) and caches the build in a per-user directory. The ops are registered for the CPU (and CUDA) dispatch keys, so
 PyTorch's dispatcher picks the kernel by the tensors' device; they mirror
 :mod:`fastseq.ops` (each op folder's ``cpp.py`` calls them)::
 
@@ -79,8 +79,17 @@ def csrc_dir() -> Path:
 
 
 def want_cuda() -> bool:
-    """Build the CUDA kernels too: torch has CUDA, nvcc is found, and FASTSEQ_BUILD_CUDA is not 0."""
+    """Build the CUDA kernels too: torch has CUDA, nvcc is found, FASTSEQ_BUILD_CUDA is not 0,
+    and there is an architecture to compile for: a visible CUDA device or ``TORCH_CUDA_ARCH_LIST``.
+
+    Without either (a CUDA build of torch on a machine with no GPU), torch's
+    builder has no architecture and fails (``IndexError`` in
+    ``_get_cuda_arch_flags``), which would lose the CPU kernels too; the CUDA
+    kernels could not run in such a process anyway.
+    """
     if torch.version.cuda is None or os.environ.get("FASTSEQ_BUILD_CUDA", "1") == "0":
+        return False
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
         return False
     from torch.utils.cpp_extension import CUDA_HOME
 

@@ -26,14 +26,43 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <barrier>
+#include <condition_variable>
 #include <cstddef>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 namespace fastseq_emu {
+
+// A reusable thread barrier. Not std::barrier: that is C++20, and torch's
+// extension builder compiles as C++17 before torch 2.13 (e.g. 2.11).
+class Barrier {
+ public:
+  explicit Barrier(std::ptrdiff_t count) : count_(count) {}
+
+  // Returns once all count threads have arrived; what each wrote before is visible
+  // to all after (the mutex orders it).
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const std::size_t phase = phase_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++phase_;
+      all_arrived_.notify_all();
+    } else {
+      all_arrived_.wait(lock, [&] { return phase_ != phase; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  const std::ptrdiff_t count_;
+  std::ptrdiff_t arrived_ = 0;
+  std::size_t phase_ = 0;
+};
 
 struct Dim {
   unsigned int x = 0, y = 1, z = 1;
@@ -41,7 +70,7 @@ struct Dim {
 
 struct Warp {
   explicit Warp(std::ptrdiff_t lanes) : bar(lanes) {}
-  std::barrier<> bar;
+  Barrier bar;
   alignas(16) unsigned char slots[32][16];
 };
 
@@ -52,7 +81,7 @@ struct Block {
       warps.emplace_back(std::make_unique<Warp>(lanes));
     }
   }
-  std::barrier<> bar;
+  Barrier bar;
   std::vector<std::unique_ptr<Warp>> warps;
 };
 
