@@ -30,23 +30,34 @@ TRITON = selection.triton_status()[0] and (torch.cuda.is_available() or selectio
 
 
 @functools.lru_cache(maxsize=None)
-def unavailable(name: str):
-    """None if backend ``name`` runs here, else why not (``cpp``: builds the extension, cached)."""
+def unavailable(name: str, device: str = DEVICE):
+    """None if backend ``name`` runs on ``device`` tensors here, else why not (``cpp``:
+    builds the extension, cached; on CUDA it needs the extension's CUDA kernels; ``triton``
+    on CPU tensors needs the interpreter)."""
     if name == "reference":
         return None
     if name == "triton":
-        return None if TRITON else selection.triton_status()[1]
+        ok, why = selection.triton_status()
+        if not ok:
+            return why
+        if device == "cpu" and not selection.interpreter_on():
+            return "Triton runs on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"
+        return None
     ok, why = selection.cpp_status()
-    return None if ok else why
+    if not ok:
+        return why
+    if device == "cuda" and not extension.has_cuda():
+        return "the C++ extension was built without CUDA kernels"
+    return None
 
 
-def available(name: str) -> bool:
-    return unavailable(name) is None
+def available(name: str, device: str = DEVICE) -> bool:
+    return unavailable(name, device) is None
 
 
-def require(name: str) -> None:
-    """Skip the calling test (with the reason) if backend ``name`` does not run here."""
-    why = unavailable(name)
+def require(name: str, device: str = DEVICE) -> None:
+    """Skip the calling test (with the reason) if backend ``name`` does not run on ``device`` here."""
+    why = unavailable(name, device)
     if why is not None:
         pytest.skip(f"backend {name} not available here: {why}")
 

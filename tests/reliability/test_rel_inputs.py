@@ -70,7 +70,7 @@ META = torch.device("meta")
 
 def backend_names() -> List[str]:
     """The backends that run here (the C++ extension is built on first call, not at collection)."""
-    return [name for name in ALL_BACKENDS if available(name)]
+    return [name for name in ALL_BACKENDS if available(name, "cpu")]
 
 
 def r(*shape, dtype=torch.float32, device="cpu"):
@@ -942,7 +942,7 @@ def _check_fallback(forced, patch, fn, leaves, monkeypatch, kind):
 def test_limit_fallback_triton_rnn(limit, monkeypatch, fresh_warnings):
     """limit-triton-rnn: a GRU/LSTM past the Triton kernels' int32 offsets or grid runs
     elsewhere (cpp when it builds, else reference), with one warning."""
-    require("triton")
+    require("triton", "cpu")
     patch = [(limits, "MAX_INDEX", 10)] if limit == "int32-index" else [(limits, "MAX_GRID_YZ", 0)]
     (gi, h0, w, b), lengths = _gru_inputs()
     msg = _check_fallback("triton", patch, lambda *a: ops.gru(*a, lengths=lengths), [gi, h0, w, b],
@@ -957,17 +957,17 @@ def test_limit_fallback_triton_rnn(limit, monkeypatch, fresh_warnings):
 
 def test_limit_fallback_triton_attention_grid(monkeypatch, fresh_warnings):
     """limit-triton-attention: B past grid axis 1 (65535 on CUDA; lowered to 2 here)."""
-    require("triton")
+    require("triton", "cpu")
     leaves, lengths = _attention_inputs()
     msg = _check_fallback("triton", [(limits, "MAX_GRID_YZ", 2)],
                           lambda *a: ops.additive_attention(*a, lengths=lengths), leaves, monkeypatch, "B=3")
     assert "grid axis 1, past the limit 2" in msg
-    assert ("cpp backend" if available("cpp") else "reference backend") in msg
+    assert ("cpp backend" if available("cpp", "cpu") else "reference backend") in msg
 
 
 def test_limit_fallback_triton_attention_strided_extent(monkeypatch, fresh_warnings):
     """A strided view addresses more elements than it holds: the int32 check uses the extent."""
-    require("triton")
+    require("triton", "cpu")
     leaves, _ = _attention_inputs()
     big = r(3, 5, 600)
     with fastseq.backend("triton"), warnings.catch_warnings(record=True) as record:
@@ -984,7 +984,7 @@ def test_limit_fallback_triton_attention_strided_extent(monkeypatch, fresh_warni
 
 def test_limit_fallback_triton_cell(monkeypatch, fresh_warnings):
     """limit-triton-cell: the decoder's GRU context cell past the int32 offsets."""
-    require("triton")
+    require("triton", "cpu")
     _check_fallback("triton", [(limits, "MAX_INDEX", 20)], ops.gru_context_cell, _cell_inputs(), monkeypatch,
                     "D=5")
 
@@ -992,7 +992,7 @@ def test_limit_fallback_triton_cell(monkeypatch, fresh_warnings):
 def test_limit_fallback_cpp_goes_to_reference(monkeypatch, fresh_warnings):
     """limit-cpp: a shape the C++ kernels cannot take runs on the reference, one warning.
     (The C++ limits apply to CUDA tensors only, so the check itself is replaced here.)"""
-    require("cpp")
+    require("cpp", "cpu")
     for op in ("gru_recurrence", "gru_recurrence_backward", "additive_attention"):
         impl = registry.Implementation(registry.get(op, "cpp").fn, limited_devices=("cpu",),
                                        limits=lambda sizes, op=op: limits.Unsupported("grid", f"{op}: B={sizes['B']} (test limit)"))
@@ -1023,7 +1023,7 @@ def test_cpp_cuda_limits_name_the_shape():
 
 def test_triton_limits_at_real_sizes():
     """The real limits: B > 65535 attention rows, H*H*G past int32, and what fits."""
-    require("triton")
+    require("triton", "cpu")
     from fastseq.ops.attention import triton as attention
     from fastseq.ops.decoder_step import triton as cell
     from fastseq.ops.recurrence import triton as rnn

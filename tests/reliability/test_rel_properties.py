@@ -115,7 +115,7 @@ def run_property(backend: str, prop: Callable, key: str, tag: str = "") -> None:
     examples (what ``derandomize=True`` does, which alone would seed every property
     alike: they share this inner function).
     """
-    require(backend)
+    require(backend, "cpu")  # the properties draw CPU tensors
     n = EXAMPLES[key][backend]
 
     @seed(zlib.crc32(f"{key}/{tag}/{backend}".encode()))
