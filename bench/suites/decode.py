@@ -77,7 +77,7 @@ def grid(ctx: Context) -> List[Tuple[str, int, int, int]]:
     shapes = ctx.grid.pick(
         tiny=[(2, 6, 5)],
         quick=[(1, 24, 32), (64, 24, 32)],
-        cpu=[(1, 24, 32), (16, 24, 32)],
+        cpu=[(1, 16, 24), (8, 16, 24)],
         full=[(b, 24, 32) for b in (1, 8, 64, 256)],
     )
     return [(method, *s) for method in ("greedy", f"beam{BEAM}") for s in shapes]

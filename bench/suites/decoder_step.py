@@ -82,7 +82,7 @@ def grid(ctx: Context) -> List[Tuple[str, int, int, int]]:
     return ctx.grid.pick(
         tiny=[("fwdbwd", 2, 6, 4), ("step", 2, 6, 1)],
         quick=[("fwdbwd", 64, 32, 32), ("step", 1, 32, 1), ("step", 64, 32, 1)],
-        cpu=[("fwdbwd", 16, 16, 16), ("step", 1, 16, 1), ("step", 64, 16, 1)],
+        cpu=[("fwdbwd", 16, 16, 12), ("step", 1, 16, 1), ("step", 64, 16, 1)],
         full=[("fwdbwd", b, 32, 32) for b in (8, 64, 256)] + [("fwdbwd", 64, 64, 64)]
         + [("step", b, s, 1) for b in (1, 8, 64, 320) for s in (32, 64)],
     )
