@@ -213,6 +213,14 @@ def forward_backward(fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence
     return outs + tuple(torch.autograd.grad(loss, wrt))
 
 
+def upcast(tensors: Optional[Sequence[torch.Tensor]]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """float32 copies of the floating tensors (the others as they are; None for None):
+    the inputs of a check's float32 reference."""
+    if tensors is None:
+        return None
+    return tuple(t.float() if t.is_floating_point() else t for t in tensors)
+
+
 def compiled(fn: Callable, **kwargs: Any) -> Callable:
     """``torch.compile(fn, **kwargs)`` after ``torch.compiler.reset()``, so each case
     compiles its own graphs: dynamo caches graphs per code object, and one function

@@ -43,7 +43,7 @@ from torch import Tensor
 import fastseq
 from fastseq import ops
 from fastseq.bench import roofline
-from fastseq.bench.core import Context, check_outputs, compiled, dtype_name, forward_backward, rotating
+from fastseq.bench.core import Context, check_outputs, compiled, dtype_name, forward_backward, rotating, upcast
 
 SUITE = "attention"
 SETS = 3  # input sets rotated per call
@@ -118,9 +118,7 @@ def _case(ctx: Context, mode, B, T, S, A, D, dtype, name) -> None:
     # correctness first: against the eager formula in float32
     inputs, cotangents = sets[0]
     labels = ["context", "weights"] + (["grad q", "grad K", "grad V", "grad v"] if mode == "fwdbwd" else [])
-    want = call(eager_attention)(tuple(t.float() if t.is_floating_point() else t for t in inputs),
-                                 cotangents and tuple(t.float() for t in cotangents))
-
+    want = call(eager_attention)(upcast(inputs), upcast(cotangents))
     base = calls["eager"](inputs, cotangents)
 
     def check(impl: str) -> bool:

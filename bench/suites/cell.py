@@ -36,7 +36,7 @@ from torch import Tensor
 import fastseq
 import fastseq.nn as fnn
 from fastseq.bench import roofline
-from fastseq.bench.core import Context, check_outputs, dtype_name, forward_backward, rotating
+from fastseq.bench.core import Context, check_outputs, dtype_name, forward_backward, rotating, upcast
 
 SUITE = "cell"
 SETS = 3  # input sets rotated per call
@@ -127,8 +127,7 @@ def _case(ctx: Context, kind, mode, B, H, dtype, name) -> None:
     labels = ["h'", "c'"][:n_state]
     if mode == "fwdbwd":
         labels += ["grad x", "grad h", "grad c"][:1 + n_state] + [f"grad {p}" for p, _ in ref.named_parameters()]
-    want = step(truth, contextlib.nullcontext)(tuple(t.float() for t in inputs),
-                                               cotangents and tuple(t.float() for t in cotangents))
+    want = step(truth, contextlib.nullcontext)(upcast(inputs), upcast(cotangents))
     base = calls["torch.nn"](inputs, cotangents)
     for impl, fn in calls.items():
         if impl != "torch.nn-tf32":

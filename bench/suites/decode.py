@@ -132,8 +132,8 @@ def _case(ctx: Context, cfg: ModelConfig, method, B, S, L, dtype, name) -> None:
 
     def call(fn: Callable, m, backend: Optional[str], half: bool = True) -> Callable:
         def go(src, src_lengths):
-            with fastseq.backend(backend) if backend else contextlib.nullcontext(), torch.no_grad(), \
-                    ctx.autocast(dtype if half else torch.float32):
+            forced = fastseq.backend(backend) if backend else contextlib.nullcontext()
+            with forced, torch.no_grad(), ctx.autocast(dtype if half else torch.float32):
                 return fn(m, src, src_lengths)
         return go
 
@@ -146,15 +146,12 @@ def _case(ctx: Context, cfg: ModelConfig, method, B, S, L, dtype, name) -> None:
     base = call(first_step, eager, None)(*sets[0])
     for impl, (m, b) in impls.items():
         check_outputs(f"{name} {impl}", labels, call(first_step, m, b)(*sets[0]), want, dtype, base)
-    reference = call(search, eager, None)(*sets[0])
-    agree = []
-    for impl, (m, b) in impls.items():
-        if impl != "eager":
-            hyps = call(search, m, b)(*sets[0])
-            agree.append(f"{impl} {sum(h == r for h, r in zip(hyps, reference))}/{B}")
+    calls = {impl: call(search, m, b) for impl, (m, b) in impls.items()}
+    reference = calls["eager"](*sets[0])
+    agree = [f"{impl} {sum(h == r for h, r in zip(fn(*sets[0]), reference))}/{B}"
+             for impl, fn in calls.items() if impl != "eager"]
 
     nxt = rotating(sets)
-    calls = {impl: call(search, m, b) for impl, (m, b) in impls.items()}
     n_src = int(sets[0][1].sum())
     ctx.time(SUITE, name, dtype, {impl: (lambda fn=fn: fn(*nxt())) for impl, fn in calls.items()},
              floor_ms=floor(method, B, S, L, n_src, sum(p.numel() for p in model.parameters()), cfg, dtype,

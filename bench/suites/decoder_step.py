@@ -62,7 +62,7 @@ from torch import Tensor
 import fastseq
 from fastseq.bench import roofline
 from fastseq.bench.core import (Context, check_outputs, compiled, dtype_name, forward_backward, rotating,
-                                seq2seq_config, seq2seq_sizes)
+                                seq2seq_config, seq2seq_sizes, upcast)
 from fastseq.seq2seq.eager import EagerDecoder
 from fastseq.seq2seq.model import Memory, ModelConfig, Seq2Seq
 
@@ -188,9 +188,7 @@ def _case(ctx: Context, cfg: ModelConfig, mode, B, S, T, dtype, name) -> None:
     labels = ["logits"] if mode == "fwdbwd" else ["state", "context", "attention weights"]
     if mode == "fwdbwd":
         labels += ["grad values", "grad proj_keys", "grad init_state"] + [f"grad {n}" for n in used]
-    want = call(forward(eager, False))(
-        tuple(t.float() if t.is_floating_point() else t for t in inputs),
-        cotangents and tuple(t.float() for t in cotangents))
+    want = call(forward(eager, False))(upcast(inputs), upcast(cotangents))
     base = calls["eager"](inputs, cotangents)
 
     def check(impl: str) -> bool:
