@@ -22,12 +22,14 @@ repeated calls (:func:`rotating`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -123,6 +125,14 @@ class Context:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def autocast(self, dtype: torch.dtype) -> ContextManager:
+        """Autocast to ``dtype`` on this device, a null context for float32: the model
+        suites run half precision as training does (float32 parameters under autocast,
+        :mod:`fastseq.training.precision`)."""
+        if dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
     def time(self, suite: str, case: str, dtype: torch.dtype, impls: Mapping[str, Callable[[], Any]],
              floor_ms: Optional[float] = None, rounds: Optional[int] = None, note: str = "") -> None:
         """Time ``impls`` (name -> zero-argument callable) in interleaved rounds and
@@ -183,18 +193,120 @@ def rotating(sets: Sequence[Any]) -> Callable[[], Any]:
     return nxt
 
 
+def forward_backward(fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
+                     cotangents: Optional[Sequence[torch.Tensor]] = None,
+                     params: Sequence[torch.Tensor] = ()) -> Tuple[torch.Tensor, ...]:
+    """What a suite's ``fwd`` and ``fwdbwd`` cases check and time.
+
+    ``cotangents`` None: ``fn(*inputs)``'s outputs under ``torch.no_grad``. Else the
+    outputs, then the gradients of ``sum_k (out_k * cotangents_k).sum()`` (in float32;
+    outputs past the cotangents are left out) to the floating ``inputs`` (each a
+    fresh leaf) and to ``params``, from ``torch.autograd.grad`` (no ``.grad`` is left
+    to reset between calls)."""
+    if cotangents is None:
+        with torch.no_grad():
+            return tuple(fn(*inputs))
+    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
+    outs = tuple(fn(*leaves))
+    loss = sum((o.float() * g.float()).sum() for o, g in zip(outs, cotangents))
+    wrt = [x for x in leaves if x.requires_grad] + list(params)
+    return outs + tuple(torch.autograd.grad(loss, wrt))
+
+
+def upcast(tensors: Optional[Sequence[torch.Tensor]]) -> Optional[Tuple[torch.Tensor, ...]]:
+    """float32 copies of the floating tensors (the others as they are; None for None):
+    the inputs of a check's float32 reference."""
+    if tensors is None:
+        return None
+    return tuple(t.float() if t.is_floating_point() else t for t in tensors)
+
+
+def compiled(fn: Callable, **kwargs: Any) -> Callable:
+    """``torch.compile(fn, **kwargs)`` after ``torch.compiler.reset()``, so each case
+    compiles its own graphs: dynamo caches graphs per code object, and one function
+    compiled at a suite's many shapes would reach its recompile limit and then run
+    eagerly, unannounced, under the compiled baseline's name. Compilation happens at
+    the first call (a suite's correctness check, before timing), and fails there."""
+    torch.compiler.reset()
+    return torch.compile(fn, **kwargs)
+
+
+def token_batch(B: int, width: int, vocab: int, generator: torch.Generator,
+                pad_id: int = 0, first_id: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``B`` random token sequences padded to ``width``: ids ``[B, width]`` int64, uniform
+    in ``[first_id, vocab)`` (the ids below are the specials: pad, unk, bos, eos), ``pad_id``
+    after each row's length; lengths ``[B]`` uniform in ``[ceil(width / 2), width]``
+    (a length-bucketed batch, as training's token-budget batches are), row 0 of full length
+    so every input set of a case has the same shape. CPU tensors."""
+    lengths = torch.randint((width + 1) // 2, width + 1, (B,), generator=generator)
+    lengths[0] = width
+    ids = torch.randint(first_id, vocab, (B, width), generator=generator)
+    ids.masked_fill_(torch.arange(width)[None, :] >= lengths[:, None], pad_id)
+    return ids, lengths
+
+
+def seq2seq_config(name: str, **overrides: Any):
+    """The :class:`fastseq.seq2seq.model.ModelConfig` of the training config
+    ``fastseq/configs/<name>.yaml`` (its ``model:`` section and vocabulary sizes), with
+    ``overrides`` (e.g. ``dropout=0.0``, or the smaller sizes of a tiny grid)."""
+    import yaml
+
+    import fastseq
+    from fastseq.seq2seq.model import ModelConfig
+
+    path = Path(fastseq.__file__).resolve().parent / "configs" / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return ModelConfig(**{**data.get("model", {}), "src_vocab_size": data["src_vocab_size"],
+                          "tgt_vocab_size": data["tgt_vocab_size"], **overrides})
+
+
+def seq2seq_sizes(cfg: Any) -> str:
+    """A model's sizes for case names: ``E256-H512-A512-R256-V8000-6000`` (embedding,
+    encoder[-decoder] hidden, attention, readout, source-target vocabularies)."""
+    h = (f"{cfg.enc_hidden_size}" if cfg.enc_hidden_size == cfg.dec_hidden_size
+         else f"{cfg.enc_hidden_size}-{cfg.dec_hidden_size}")
+    return (f"E{cfg.emb_size}-H{h}-A{cfg.attn_size}-R{cfg.readout_size}"
+            f"-V{cfg.src_vocab_size}-{cfg.tgt_vocab_size}")
+
+
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def check_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    """Relative error ``||got - want|| / ||want||`` under the dtype's bound, else ValueError:
-    implementations are compared before they are timed."""
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """``||got - want|| / ||want||`` in float64 (NaN when either holds a NaN)."""
     a, b = got.detach().double().cpu(), want.detach().double().cpu()
-    if a.shape != b.shape:
-        raise ValueError(f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}")
-    err = float((a - b).norm()) / max(float(b.norm()), 1e-30)
-    if not err <= TOLERANCE[dtype]:  # also catches NaN
-        raise ValueError(f"{what}: relative error {err:.3g} > {TOLERANCE[dtype]:g} ({dtype})")
+    return float((a - b).norm()) / max(float(b.norm()), 1e-30)
+
+
+def check_close(what: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype,
+                baseline: Optional[torch.Tensor] = None) -> None:
+    """Relative error ``||got - want|| / ||want||`` under the dtype's bound, else ValueError:
+    implementations are compared before they are timed.
+
+    ``baseline``: the same output from the baseline implementation in the same dtype;
+    the bound is then twice the baseline's own error where that is larger (an
+    ill-conditioned output, e.g. a gradient summed from cancelling terms in bfloat16,
+    which the baseline itself misses by more than the dtype's bound)."""
+    if got.shape != want.shape:
+        raise ValueError(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+    bound = TOLERANCE[dtype]
+    if baseline is not None:
+        bound = max(bound, 2 * relative_error(baseline, want))
+    err = relative_error(got, want)
+    if not err <= bound:  # also catches NaN
+        raise ValueError(f"{what}: relative error {err:.3g} > {bound:.3g} ({dtype})")
+
+
+def check_outputs(what: str, labels: Sequence[str], got: Sequence[torch.Tensor], want: Sequence[torch.Tensor],
+                  dtype: torch.dtype, baseline: Optional[Sequence[torch.Tensor]] = None) -> bool:
+    """:func:`check_close` on each labelled output (``what label`` in a failure's
+    message); the sequences must be of one length. True (a value for :meth:`Context.attempt`)."""
+    n = len(labels)
+    if not len(got) == len(want) == n or (baseline is not None and len(baseline) != n):
+        raise ValueError(f"{what}: {len(got)} outputs, {len(want)} expected, {n} labels")
+    for i, label in enumerate(labels):
+        check_close(f"{what} {label}", got[i], want[i], dtype, None if baseline is None else baseline[i])
+    return True
 
 
 def dtype_name(dtype: torch.dtype) -> str:
