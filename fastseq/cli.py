@@ -180,7 +180,7 @@ def backend_report() -> List[Dict[str, str]]:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fastseq.bench.run import run
 
-    result = run(args, sys.argv[2:] if sys.argv[1:2] == ["bench"] else None)
+    result = run(args, args.argv[args.argv.index("bench") + 1:])  # recorded as the run's command
     return 1 if result["errors"] and not result["records"] else 0
 
 
@@ -286,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line; errors in the user's input end it with one line on
     stderr and status 1 (SystemExit), Ctrl-C with status 130, never a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STAGES = ["env", "install", "flashrnn", "ext", "kernels", "test_gpu", "parity", "parity_notf32", "bench",
           "bench_step", "bench_more"]
-MUST_PASS = ["env", "install", "ext", "kernels", "test_gpu", "parity", "bench"]
+MUST_PASS = ["env", "install", "ext", "kernels", "test_gpu", "parity", "bench", "bench_step", "bench_more"]
 
 
 def _git_status():
@@ -72,6 +72,9 @@ def test_dry_run_writes_a_summary_of_every_stage(tmp_path):
             assert row["cubin"]["REG"] == row["regs"], row
 
     bench = json.loads((out / "bench.json").read_text())
+    from fastseq.bench.suites import NAMES
+
+    assert {r["suite"] for r in bench["records"]} == set(NAMES), bench.get("errors")  # every suite, tiny grid
     host = [r for r in bench["records"] if r["suite"] == "host"]
     assert {r["impl"] for r in host} >= {"fastseq-triton", "bare-triton-launch"}, host
     for r in host:

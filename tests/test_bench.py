@@ -1,0 +1,63 @@
+"""``fastseq bench`` on the tiny grid: every suite runs from the command line, and the JSON,
+the Markdown table and the plot are written with the documented fields; every case is timed
+for fastseq and at least one baseline under the same case string; no suite reports an error."""
+import json
+
+import pytest
+
+from fastseq.bench import suites
+from fastseq.cli import main
+
+FIELDS = {"suite", "case", "impl", "dtype", "median_ms", "min_ms", "max_ms", "n", "floor_ms"}
+TOP = {"device", "driver", "torch", "triton", "cuda", "commit", "date", "command", "ceilings", "records"}
+MODEL_SUITES = [s for s in suites.NAMES if s != "host"]  # host: tests/test_bench_host.py, gpu_check dry run
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    code = main(["bench", "--grid", "tiny", "--device", "cpu", "--suite", *MODEL_SUITES, "--rounds", "2",
+                 "--warmup", "1", "--tag", "ci", "--out", str(out)])
+    (path,) = out.glob("cpu-*-ci.json")
+    return code, json.loads(path.read_text()), out
+
+
+def test_every_suite_writes_records_with_the_documented_fields(tiny):
+    code, result, out = tiny
+    assert code == 0
+    assert TOP <= set(result), sorted(TOP - set(result))
+    assert result["errors"] == [], result["errors"]
+    assert set(result["ceilings"]) == {"copy_GBps", "matmul_fp32_TFLOPs", "matmul_bf16_TFLOPs"}
+    assert all(v > 0 for v in result["ceilings"].values())
+    assert result["command"].startswith("fastseq bench --grid tiny")
+    for r in result["records"]:
+        assert FIELDS <= set(r), r
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["n"] == 2, r
+        assert r["floor_ms"] is None or r["floor_ms"] > 0, r
+    assert {r["suite"] for r in result["records"]} == set(MODEL_SUITES)
+    stem = next(out.glob("cpu-*-ci.json")).stem
+    table = (out / f"{stem}.md").read_text()
+    assert all(f"## {s}" in table for s in MODEL_SUITES)
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_case_compares_fastseq_with_a_baseline(tiny):
+    _, result, _ = tiny
+    impls = {}
+    for r in result["records"]:
+        impls.setdefault((r["suite"], r["case"], r["dtype"]), set()).add(r["impl"])
+    assert impls
+    for key, names in impls.items():
+        assert any(n.startswith("fastseq-") for n in names), key
+        assert any(not n.startswith("fastseq-") for n in names), key
+        assert "fastseq-reference" in names, key  # every backend available on the device is timed
+    layer = {k[1] for k in impls if k[0] == "layer"}
+    assert "gru-fwdbwd-B4-H32-T8-bi-packed" in layer and "lstm-fwd-B4-H32-T8-uni-dense" in layer
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--suite", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--rounds: expected >= 1, got 0"):
+        main(["bench", "--rounds", "0", "--grid", "tiny", "--suite", "cell"])
