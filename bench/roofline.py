@@ -47,7 +47,6 @@ def measure(device: torch.device, quick: bool = False) -> Dict[str, Optional[flo
     dst = torch.empty_like(src)
     copy_ms = _best_ms(lambda: dst.copy_(src), device, 5)
     out: Dict[str, Optional[float]] = {"copy_GBps": 2 * n_bytes / (copy_ms * 1e-3) / 1e9}
-    del src, dst
     n = (8192 if cuda else 1024) // (2 if quick else 1)
     old = torch.backends.cuda.matmul.allow_tf32
     try:
