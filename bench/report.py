@@ -104,7 +104,7 @@ def write_markdown(result: Dict[str, Any], path: Path) -> None:
 
 
 def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
-    """One PNG: per suite a panel of fastseq/baseline ratios per case (log scale, 1 marked)."""
+    """One PNG: per suite a panel of fastseq/baseline ratios per case (1 marked)."""
     rows = ratios(result["records"])
     if not rows:
         return None
@@ -114,8 +114,9 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
     suites = list(OrderedDict.fromkeys(r["suite"] for r in rows))
-    fig, axes = plt.subplots(len(suites), 1, figsize=(11, 2.2 + 0.32 * max(
-        sum(1 for r in rows if r["suite"] == s) for s in suites) * len(suites)), squeeze=False)
+    counts = [sum(1 for r in rows if r["suite"] == s) for s in suites]
+    fig, axes = plt.subplots(len(suites), 1, figsize=(11, 1.0 + sum(0.9 + 0.22 * n for n in counts)),
+                             gridspec_kw={"height_ratios": [0.9 + 0.22 * n for n in counts]}, squeeze=False)
     for ax, suite in zip(axes[:, 0], suites):
         srows = [r for r in rows if r["suite"] == suite]
         baselines = sorted({b for r in srows for b in r["vs"]})
@@ -126,14 +127,14 @@ def plot(result: Dict[str, Any], path: Path) -> Optional[Path]:
             xs = [r["vs"].get(b, math.nan) for r in srows]
             ax.barh(ys, xs, height=height, label=f"fastseq / {b}")
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xscale("log")
+        ax.set_xlim(0, max(1.2, 1.05 * max((x for r in srows for x in r["vs"].values()), default=1.0)))
         ax.set_yticks([k + 0.4 - height / 2 for k in range(len(srows))])
         ax.set_yticklabels(labels, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{suite}: fastseq time / baseline time (< 1: fastseq faster)", fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"fastseq bench, {result['device']}, {result['date']}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
