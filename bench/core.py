@@ -260,6 +260,15 @@ def seq2seq_config(name: str, **overrides: Any):
                           "tgt_vocab_size": data["tgt_vocab_size"], **overrides})
 
 
+def seq2seq_model(ctx: "Context"):
+    """The model the seq2seq suites time, dropout off: the ``multi30k-gpu`` sizes on a
+    GPU, ``multi30k-cpu`` on a CPU, a toy model (16 wide, vocabularies of 64) in the tiny grid."""
+    if ctx.grid.tiny:
+        return seq2seq_config("multi30k-cpu", emb_size=16, enc_hidden_size=16, dec_hidden_size=16, attn_size=16,
+                              readout_size=16, src_vocab_size=64, tgt_vocab_size=64, dropout=0.0)
+    return seq2seq_config("multi30k-gpu" if ctx.cuda else "multi30k-cpu", dropout=0.0)
+
+
 def seq2seq_sizes(cfg: Any) -> str:
     """A model's sizes for case names: ``E256-H512-A512-R256-V8000-6000`` (embedding,
     encoder[-decoder] hidden, attention, readout, source-target vocabularies)."""

@@ -52,7 +52,7 @@ from torch import Tensor
 
 import fastseq
 from fastseq.bench import roofline
-from fastseq.bench.core import (Context, check_outputs, dtype_name, rotating, seq2seq_config, seq2seq_sizes,
+from fastseq.bench.core import (Context, check_outputs, dtype_name, rotating, seq2seq_model, seq2seq_sizes,
                                 token_batch)
 from fastseq.seq2seq.eager import EagerSeq2Seq
 from fastseq.seq2seq.model import PAD_ID, ModelConfig, Seq2Seq
@@ -63,13 +63,6 @@ SETS = 3  # source batches rotated per call
 BOS = 2  # fastseq.data.tokenizer's id
 NO_EOS = -1  # no token is eos: every search runs max_len steps
 BEAM = 5
-
-
-def model_config(ctx: Context) -> ModelConfig:
-    if ctx.grid.tiny:
-        return seq2seq_config("multi30k-cpu", emb_size=16, enc_hidden_size=16, dec_hidden_size=16, attn_size=16,
-                              readout_size=16, src_vocab_size=64, tgt_vocab_size=64, dropout=0.0)
-    return seq2seq_config("multi30k-gpu" if ctx.cuda else "multi30k-cpu", dropout=0.0)
 
 
 def grid(ctx: Context) -> List[Tuple[str, int, int, int]]:
@@ -109,7 +102,7 @@ def first_step(model, src: Tensor, src_lengths: Tensor) -> Tuple[Tensor, ...]:
 
 
 def run(ctx: Context) -> None:
-    cfg = model_config(ctx)
+    cfg = seq2seq_model(ctx)
     for method, B, S, L in grid(ctx):
         for dtype in ctx.dtypes:
             name = case_name(method, B, S, L, cfg)

@@ -62,7 +62,7 @@ from torch import Tensor
 import fastseq
 from fastseq.bench import roofline
 from fastseq.bench.core import (Context, check_outputs, compiled, dtype_name, forward_backward, rotating,
-                                seq2seq_config, seq2seq_sizes, upcast)
+                                seq2seq_model, seq2seq_sizes, upcast)
 from fastseq.seq2seq.eager import EagerDecoder
 from fastseq.seq2seq.model import Memory, ModelConfig, Seq2Seq
 
@@ -71,13 +71,6 @@ SETS = 3  # input sets rotated per call
 # decoder parameters the decoder's forward does not use (the key projection and the
 # bridge run once per source batch, in Seq2Seq.encode)
 UNUSED = ("attention.key_layer.", "bridge.")
-
-
-def model_config(ctx: Context) -> ModelConfig:
-    if ctx.grid.tiny:
-        return seq2seq_config("multi30k-cpu", emb_size=16, enc_hidden_size=16, dec_hidden_size=16, attn_size=16,
-                              readout_size=16, src_vocab_size=64, tgt_vocab_size=64, dropout=0.0)
-    return seq2seq_config("multi30k-gpu" if ctx.cuda else "multi30k-cpu", dropout=0.0)
 
 
 def grid(ctx: Context) -> List[Tuple[str, int, int, int]]:
@@ -115,7 +108,7 @@ def floor(mode, B, S, T, cfg: ModelConfig, dtype, ceilings) -> Optional[float]:
 
 
 def run(ctx: Context) -> None:
-    cfg = model_config(ctx)
+    cfg = seq2seq_model(ctx)
     for mode, B, S, T in grid(ctx):
         for dtype in ctx.dtypes:
             name = case_name(mode, B, S, T, cfg)

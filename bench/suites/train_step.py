@@ -65,7 +65,7 @@ from torch import Tensor
 
 import fastseq
 from fastseq.bench import roofline
-from fastseq.bench.core import (Context, check_outputs, compiled, dtype_name, rotating, seq2seq_config,
+from fastseq.bench.core import (Context, check_outputs, compiled, dtype_name, rotating, seq2seq_model,
                                 seq2seq_sizes, token_batch)
 from fastseq.seq2seq.eager import EagerSeq2Seq
 from fastseq.seq2seq.model import PAD_ID, ModelConfig, Seq2Seq, masked_cross_entropy
@@ -74,13 +74,6 @@ SUITE = "train_step"
 SETS = 3  # input sets rotated per call
 BOS, EOS = 2, 3  # fastseq.data.tokenizer's ids
 LR, LABEL_SMOOTHING, CLIP_NORM = 1e-3, 0.1, 1.0
-
-
-def model_config(ctx: Context) -> ModelConfig:
-    if ctx.grid.tiny:
-        return seq2seq_config("multi30k-cpu", emb_size=16, enc_hidden_size=16, dec_hidden_size=16, attn_size=16,
-                              readout_size=16, src_vocab_size=64, tgt_vocab_size=64, dropout=0.0)
-    return seq2seq_config("multi30k-gpu" if ctx.cuda else "multi30k-cpu", dropout=0.0)
 
 
 def grid(ctx: Context) -> List[Tuple[int, int, int]]:
@@ -117,7 +110,7 @@ def batch(B: int, S: int, T: int, cfg: ModelConfig, g: torch.Generator, device) 
 
 
 def run(ctx: Context) -> None:
-    cfg = model_config(ctx)
+    cfg = seq2seq_model(ctx)
     for B, S, T in grid(ctx):
         for dtype in ctx.dtypes:
             name = case_name(B, S, T, cfg)
