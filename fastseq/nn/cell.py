@@ -15,7 +15,6 @@ from torch import Tensor
 
 from fastseq import ops
 from fastseq.ops import validation
-from fastseq.ops.validation import ArgumentTypeError
 
 __all__ = ["GRUCell", "LSTMCell"]
 
@@ -109,15 +108,8 @@ class LSTMCell(torch.nn.LSTMCell):
     """
 
     def forward(self, input: Tensor, hx: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
-        if hx is not None:
-            if not isinstance(hx, (tuple, list)):
-                raise ArgumentTypeError(f"hx: expected a tuple (h, c) for LSTMCell, got {type(hx).__name__}")
-            if len(hx) != 2:
-                raise validation.ArgumentCountError(f"hx: expected a tuple (h, c) for LSTMCell, "
-                                   f"got a {type(hx).__name__} of length {len(hx)}")
-            validation.tensor("hx[0] (h)", hx[0])
-            validation.tensor("hx[1] (c)", hx[1])
-        h0, c0 = (None, None) if hx is None else hx
+        h0, c0 = (None, None) if hx is None else \
+            validation.state_pair(hx, "(h, c) for LSTMCell", ("hx[0] (h)", "hx[1] (c)"))
         unbatched = _check_cell_input(self, input, (h0, c0), ("hx[0] (h)", "hx[1] (c)"))
         x = input.unsqueeze(0) if unbatched else input
         gi = F.linear(x, self.weight_ih, self.bias_ih)

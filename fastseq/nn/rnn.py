@@ -121,14 +121,7 @@ class _FusedRNNBase:
 
     def _as_tuple(self, hx) -> Tuple[Tensor, ...]:
         if self._IS_LSTM:
-            if not isinstance(hx, (tuple, list)):
-                raise ArgumentTypeError(f"hx: expected a tuple (h_0, c_0) for LSTM, got {type(hx).__name__}")
-            if len(hx) != 2:
-                raise validation.ArgumentCountError(f"hx: expected a tuple (h_0, c_0) for LSTM, "
-                                   f"got a {type(hx).__name__} of length {len(hx)}")
-            validation.tensor("hx[0] (h_0)", hx[0])
-            validation.tensor("hx[1] (c_0)", hx[1])
-            return tuple(hx)
+            return validation.state_pair(hx, "(h_0, c_0) for LSTM", ("hx[0] (h_0)", "hx[1] (c_0)"))
         if not isinstance(hx, Tensor):
             raise ArgumentTypeError(f"hx: expected a Tensor h_0 for GRU, got {type(hx).__name__}")
         return (hx,)

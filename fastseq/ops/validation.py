@@ -78,6 +78,16 @@ def optional_tensor(name: str, t) -> Optional[Tensor]:
     return t
 
 
+def state_pair(hx, what: str, names: Tuple[str, str]) -> Tuple[Tensor, Tensor]:
+    """An LSTM's ``hx``: a tuple (or list) of two tensors, else the error torch.nn's class
+    for it (``what``: e.g. ``"(h_0, c_0) for LSTM"``; ``names``: the two tensors' names)."""
+    if not isinstance(hx, (tuple, list)):
+        raise ArgumentTypeError(f"hx: expected a tuple {what}, got {type(hx).__name__}")
+    if len(hx) != 2:
+        raise ArgumentCountError(f"hx: expected a tuple {what}, got a {type(hx).__name__} of length {len(hx)}")
+    return tensor(names[0], hx[0]), tensor(names[1], hx[1])
+
+
 def shape(name: str, t: Tensor, expected: Sequence[int], what: str = "") -> None:
     """RuntimeError unless ``t.shape == expected`` (``what``: how the expected shape reads, e.g. "(B, H) = ")."""
     if tuple(t.shape) != tuple(expected):

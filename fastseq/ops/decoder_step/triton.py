@@ -30,7 +30,7 @@ from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward
 from fastseq.ops.triton_utils import (
     contiguous_or_none, hidden_tile_limits, load_row, load_tile, pick_blocks, precision, rows_contiguous,
-    store_tile,
+    store_tile, tile_offsets,
 )
 
 __all__ = ["gru_context_cell_forward", "gru_context_cell_backward", "limits"]
@@ -57,9 +57,7 @@ def _gru_context_cell_fwd_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_b, mask_j = offs_b < B, offs_j < H
+    offs_b, offs_j, mask_b, mask_j = tile_offsets(B, H, BLOCK_B, BLOCK_H)
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -105,9 +103,7 @@ def _gru_context_cell_bwd_kernel(
     B, H, stride_h,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_j = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask_b, mask_j = offs_b < B, offs_j < H
+    offs_b, offs_j, mask_b, mask_j = tile_offsets(B, H, BLOCK_B, BLOCK_H)
     dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
     r = load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     z = load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
