@@ -40,6 +40,20 @@ inline void define_recurrence_ops(torch::Library& m) {
       "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
       "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The packed layout (naive.py, "packed layout"): gi [N, G*H], batch_sizes int64 [T] on the CPU.
+  m.def(
+      "gru_packed_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor batch_sizes, "
+      "bool reverse, bool save_gates=True) -> (Tensor, Tensor)");
+  m.def(
+      "gru_packed_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
+      "Tensor batch_sizes, bool reverse, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_packed_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
+      "Tensor batch_sizes, bool reverse, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lstm_packed_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
+      "Tensor hs, Tensor cs, Tensor gates, Tensor batch_sizes, bool reverse, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // additive_attention_{forward,backward} (cpu/attention.cpp).

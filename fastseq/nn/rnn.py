@@ -7,9 +7,11 @@ for all steps with one matrix product (both directions stacked into one GEMM)
 and runs the recurrence through the fused op
 (:func:`fastseq.ops.gru` / :func:`fastseq.ops.lstm`).
 
-Variable-length input (``PackedSequence``) is handled inside the recurrence:
-rows stop updating after their length, and the reverse direction reads each
-row reversed within its own length, exactly as cuDNN's packed mode does.
+Variable-length input (``PackedSequence``) stays packed, as in cuDNN's packed
+mode: the input projection covers only the N real tokens, step t of the
+recurrence computes only the ``batch_sizes[t]`` rows still running
+(:func:`fastseq.ops.gru_packed`), and the reverse direction runs on the same
+packed rows from each row's last step back (no padding, no reversal copies).
 
 Errors are those of torch.nn for the same input (:mod:`fastseq.ops.validation`).
 
@@ -29,29 +31,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from fastseq import ops
 from fastseq.ops import validation
 from fastseq.ops.validation import ArgumentTypeError
 
 __all__ = ["GRU", "LSTM"]
-
-
-def reverse_padded(x: Tensor, lengths: Optional[Tensor]) -> Tensor:
-    """Reverse time-major ``x [T, B, ...]`` within each row's length.
-
-    Positions ``t >= lengths[b]`` are left where they are. The map is its own
-    inverse, so the same call turns reversed outputs back into input order.
-    """
-    if lengths is None:
-        return x.flip(0)
-    T, B = x.shape[0], x.shape[1]
-    t = torch.arange(T, device=x.device).unsqueeze(1)  # [T, 1]
-    lens = lengths.to(x.device).unsqueeze(0)  # [1, B]
-    idx = torch.where(t < lens, lens - 1 - t, t)  # [T, B]
-    idx = idx.view(T, B, *([1] * (x.dim() - 2))).expand_as(x)
-    return x.gather(0, idx)
 
 
 class _FusedRNNBase:
@@ -61,25 +47,24 @@ class _FusedRNNBase:
 
     # -- input handling -----------------------------------------------------
     def _prepare(self, input, hx):
-        """Bring input/hx to time-major padded form.
+        """Check input/hx and bring dense input to time-major form.
 
-        Returns (x [T,B,I], lengths or None, hx as a tuple of [D*L,B,H] or None,
-        (kind, packed input or None)) where kind says how to shape the output.
+        Returns (x: [T,B,I], or the packed data [N,I]; hx as a tuple of
+        [D*L,B,H] or None; (kind, packed input or None)) where kind
+        ("dense", "unbatched", "packed") says how to shape the output.
         """
         if isinstance(input, PackedSequence):
-            # lengths stay on the CPU here (pad_packed_sequence returns them there):
-            # forward() checks them on the CPU and moves them to the device once.
-            x, lengths = pad_packed_sequence(input, batch_first=False)
-            lengths = lengths.to(dtype=torch.int64)
-            if x.shape[-1] != self.input_size:
+            # Packed input stays packed: the recurrence runs on its layout (rows sorted
+            # by length, step t computes only batch_sizes[t] rows), see _run_packed.
+            if input.data.dim() != 2 or input.data.shape[-1] != self.input_size:
                 raise RuntimeError(
                     f"input: expected size(-1) == input_size={self.input_size}, "
                     f"got a PackedSequence with data of shape {tuple(input.data.shape)}"
                 )
             if hx is not None:
                 hx = self._as_tuple(hx)
-                self._check_hx(hx, x.shape[1])
-            return x, lengths, hx, ("packed", input)
+                self._check_hx(hx, int(input.batch_sizes[0]))
+            return input.data, hx, ("packed", input)
         if not isinstance(input, Tensor):
             raise ArgumentTypeError(
                 f"input: expected a Tensor or PackedSequence, got {type(input).__name__}"
@@ -117,7 +102,7 @@ class _FusedRNNBase:
             )
         if hx is not None and not unbatched:
             self._check_hx(hx, x.shape[1])
-        return x, None, hx, ("unbatched" if unbatched else "dense", None)
+        return x, hx, ("unbatched" if unbatched else "dense", None)
 
     def _as_tuple(self, hx) -> Tuple[Tensor, ...]:
         if self._IS_LSTM:
@@ -157,7 +142,8 @@ class _FusedRNNBase:
             return [getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx), None, None]
         return [getattr(self, n + sfx) for n in names]
 
-    def _run(self, x: Tensor, lengths: Optional[Tensor], h0s, c0s):
+    def _run(self, x: Tensor, h0s, c0s):
+        """The layer stack on dense time-major input ``x [T, B, I]`` -> ``[T, B, D*H]``."""
         D = 2 if self.bidirectional else 1
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -175,7 +161,7 @@ class _FusedRNNBase:
             gi_dirs = gi_all.chunk(D, dim=-1)
             outs = []
             for d in range(D):
-                gi = gi_dirs[d] if d == 0 else reverse_padded(gi_dirs[d], lengths)
+                gi = gi_dirs[d] if d == 0 else gi_dirs[d].flip(0)
                 w_hh, b_hh = params[d][1], (None if fold else params[d][3])
                 if w_hh.dtype != gi.dtype:  # autocast: run the recurrence in gi's dtype
                     w_hh = w_hh.to(gi.dtype)
@@ -183,22 +169,59 @@ class _FusedRNNBase:
                 k = layer * D + d
                 h0 = h0s[k].to(gi.dtype)
                 if self._IS_LSTM:
-                    hs, cs = ops.lstm(gi.contiguous(), h0, c0s[k].to(gi.dtype), w_hh, b_hh, lengths)
+                    hs, cs = ops.lstm(gi.contiguous(), h0, c0s[k].to(gi.dtype), w_hh, b_hh)
                     c_n.append(cs[-1])
                 else:
-                    hs = ops.gru(gi.contiguous(), h0, w_hh, b_hh, lengths)
+                    hs = ops.gru(gi.contiguous(), h0, w_hh, b_hh)
                 h_n.append(hs[-1])
-                outs.append(hs if d == 0 else reverse_padded(hs, lengths))
+                outs.append(hs if d == 0 else hs.flip(0))
+            x = torch.cat(outs, dim=-1) if D > 1 else outs[0]
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, p=self.dropout, training=True)
+        return x, torch.stack(h_n), (torch.stack(c_n) if self._IS_LSTM else None)
+
+    def _run_packed(self, packed: PackedSequence, h0s: Tensor, c0s: Optional[Tensor]):
+        """The layer stack on a PackedSequence's layout: data ``[N, I]`` -> ``[N, D*H]``.
+
+        h0s/c0s are in the packed (sorted) row order. Per layer and direction: one
+        GEMM for the input projection of the N real rows (no padding), then the
+        packed recurrence; the reverse direction reads the same packed rows.
+        """
+        D = 2 if self.bidirectional else 1
+        bs = packed.batch_sizes
+        final = [ops.packed_final_rows(bs, reverse=bool(d)) for d in range(D)]
+        x = packed.data
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh = self._layer_params(layer, d)
+                fold = self._IS_LSTM and self.bias
+                gi = F.linear(x, w_ih, (b_ih + b_hh) if fold else b_ih)
+                b_hh = None if fold else b_hh
+                if w_hh.dtype != gi.dtype:  # autocast: run the recurrence in gi's dtype
+                    w_hh = w_hh.to(gi.dtype)
+                    b_hh = b_hh.to(gi.dtype) if b_hh is not None else None
+                k = layer * D + d
+                h0 = h0s[k].to(gi.dtype)
+                rows = final[d].to(gi.device)
+                if self._IS_LSTM:
+                    hs, cs = ops.lstm_packed(gi, h0, c0s[k].to(gi.dtype), w_hh, b_hh, bs, reverse=bool(d))
+                    c_n.append(cs.index_select(0, rows))
+                else:
+                    hs = ops.gru_packed(gi, h0, w_hh, b_hh, bs, reverse=bool(d))
+                h_n.append(hs.index_select(0, rows))
+                outs.append(hs)
             x = torch.cat(outs, dim=-1) if D > 1 else outs[0]
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, p=self.dropout, training=True)
         return x, torch.stack(h_n), (torch.stack(c_n) if self._IS_LSTM else None)
 
     def forward(self, input, hx=None):  # noqa: D401 - torch.nn signature
-        x, lengths, hx, (kind, packed) = self._prepare(input, hx)
+        x, hx, (kind, packed) = self._prepare(input, hx)
         self._check_params(x)
         D = 2 if self.bidirectional else 1
-        B = x.shape[1]
+        B = x.shape[1] if kind != "packed" else int(packed.batch_sizes[0])
         if hx is None:
             zeros = x.new_zeros((D * self.num_layers, B, self.hidden_size))
             h0s, c0s = zeros, zeros
@@ -211,18 +234,20 @@ class _FusedRNNBase:
                     raise RuntimeError(f"{name}: expected device {x.device}, got {h.device}")
                 if h.dtype != x.dtype and not (autocast and h.is_floating_point()):
                     raise RuntimeError(f"{name}: expected dtype {x.dtype} (that of input), got {h.dtype}")
-        if lengths is not None:  # checked on the CPU, moved once; the ops reuse the check
-            lengths = validation.lengths("lengths", lengths, B, x.shape[0], x.device)
-        y, h_n, c_n = self._run(x, lengths, h0s, c0s)
         if kind == "packed":
             order = packed.sorted_indices
-            y_sorted = y if order is None else y.index_select(1, order)
-            # The sorted lengths from the (CPU) batch sizes: no device-to-host copy.
-            bs = packed.batch_sizes
-            lens_sorted = (bs.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
-            data = pack_padded_sequence(y_sorted, lens_sorted, enforce_sorted=True).data
-            out = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-        elif kind == "unbatched":
+            if hx is not None and order is not None:  # hx in the caller's order -> packed order
+                h0s = h0s.index_select(1, order)
+                c0s = c0s.index_select(1, order) if c0s is not None else None
+            y, h_n, c_n = self._run_packed(packed, h0s, c0s)
+            back = packed.unsorted_indices
+            if back is not None:
+                h_n = h_n.index_select(1, back)
+                c_n = c_n.index_select(1, back) if c_n is not None else None
+            out = PackedSequence(y, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+            return (out, (h_n, c_n)) if self._IS_LSTM else (out, h_n)
+        y, h_n, c_n = self._run(x, h0s, c0s)
+        if kind == "unbatched":
             out = y.squeeze(1)
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None

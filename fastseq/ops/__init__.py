@@ -12,9 +12,13 @@ registered in :mod:`fastseq.backend.registry`.
 """
 from fastseq.ops.attention import additive_attention
 from fastseq.ops.decoder_step import StepWeights, attention_gru_step, gru_context_cell
-from fastseq.ops.recurrence import gru, gru_recurrence, lstm, lstm_recurrence
+from fastseq.ops.recurrence import (
+    gru, gru_packed, gru_packed_recurrence, gru_recurrence, lstm, lstm_packed, lstm_packed_recurrence,
+    lstm_recurrence, packed_final_rows,
+)
 
 __all__ = [
-    "StepWeights", "additive_attention", "attention_gru_step", "gru", "gru_context_cell",
-    "gru_recurrence", "lstm", "lstm_recurrence",
+    "StepWeights", "additive_attention", "attention_gru_step", "gru", "gru_context_cell", "gru_packed",
+    "gru_packed_recurrence", "gru_recurrence", "lstm", "lstm_packed", "lstm_packed_recurrence",
+    "lstm_recurrence", "packed_final_rows",
 ]

@@ -210,6 +210,32 @@ def lengths(name: str, t, B: int, T: int, device: torch.device, what: str = "T")
     return moved
 
 
+def batch_sizes(name: str, t, B: int, N: int) -> None:
+    """Validate a PackedSequence's ``batch_sizes`` for a packed recurrence of ``N``
+    rows and ``B`` sequences: an int64 CPU tensor ``[T]``, T >= 1, non-increasing,
+    every value in ``[1, B]``, the first equal to ``B``, summing to ``N``.
+
+    Raises:
+        ArgumentTypeError: not a tensor. RuntimeError: anything else.
+    """
+    tensor(name, t)
+    if t.dtype != torch.int64 or t.device.type != "cpu" or t.dim() != 1:
+        raise RuntimeError(f"{name}: expected a 1-D int64 CPU tensor (a PackedSequence's), "
+                           f"got {t.dim()}-D {t.dtype} on {t.device}")
+    if t.numel() == 0:
+        raise RuntimeError(f"{name}: expected at least one step, got shape {tuple(t.shape)}")
+    if _skip_values(t):
+        return
+    first, total = int(t[0]), int(t.sum())
+    if first != B:
+        raise RuntimeError(f"{name}: expected batch_sizes[0] == B = {B} (rows of h0), got {first}")
+    if total != N:
+        raise RuntimeError(f"{name}: expected a sum of N = {N} (rows of gi), got {total}")
+    if t.numel() > 1 and bool((t[1:] > t[:-1]).any()) or int(t[-1]) < 1:
+        raise RuntimeError(f"{name}: expected non-increasing values >= 1 (sorted by length, "
+                           f"as in a PackedSequence), got {t.tolist()}")
+
+
 def source(mask: Optional[Tensor], lengths_: Optional[Tensor], B: int, S: int, device: torch.device) -> None:
     """Validate an attention source mask or source lengths (at most one of them).
 

@@ -27,3 +27,24 @@ def lstm_recurrence_forward(gi, h0, c0, w_hh, b_hh, lengths, save_gates):
 def lstm_recurrence_backward(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias):
     return tuple(extension.load().lstm_recurrence_backward(
         grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, lengths, has_bias))
+
+
+def gru_packed_recurrence_forward(gi, h0, w_hh, b_hh, batch_sizes, reverse, save_gates):
+    return tuple(extension.load().gru_packed_recurrence_forward(gi, h0, w_hh, b_hh, batch_sizes, reverse,
+                                                                save_gates))
+
+
+def gru_packed_recurrence_backward(grad_hs, h0, w_hh, hs, gates, batch_sizes, reverse, has_bias):
+    return tuple(extension.load().gru_packed_recurrence_backward(
+        grad_hs, h0, w_hh, hs, gates, batch_sizes, reverse, has_bias))
+
+
+def lstm_packed_recurrence_forward(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, save_gates):
+    return tuple(extension.load().lstm_packed_recurrence_forward(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse,
+                                                                 save_gates))
+
+
+def lstm_packed_recurrence_backward(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, reverse,
+                                    has_bias):
+    return tuple(extension.load().lstm_packed_recurrence_backward(
+        grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, reverse, has_bias))

@@ -297,3 +297,187 @@ def lstm_recurrence_backward(
     dw_hh = dg_all.reshape(T * B, 4 * H).t() @ h_prev_all.reshape(T * B, H)
     db_hh = dg_all.sum(dim=(0, 1)).to(w_hh.dtype) if has_bias else _absent(w_hh)
     return dg_all.to(hs.dtype), dh.to(h0.dtype), dc.to(c0.dtype), dw_hh.to(w_hh.dtype), db_hh
+
+
+# ------------------------------------------------------------- packed layout
+#
+# The packed ops run on a PackedSequence's own layout (cuDNN's packed mode):
+# ``gi`` is ``[N, G*H]`` with the rows of step ``t`` at ``offsets[t] ..
+# offsets[t] + batch_sizes[t]`` (``offsets`` the exclusive cumulative sum of
+# ``batch_sizes``), rows sorted by decreasing length, so step ``t`` computes
+# only the ``batch_sizes[t]`` rows still running. The forward direction runs
+# t = 0 .. T-1 and reads row b's previous state from step t-1; the reverse
+# direction (``reverse=True``) runs t = T-1 .. 0 and reads it from step t+1
+# when row b is there (``b < batch_sizes[t+1]``), else from ``h0[b]`` (the
+# row starts at its last step). The outputs ``hs`` (and ``cs``, ``gates``)
+# are in the same packed layout.
+
+
+def packed_steps(batch_sizes: Tensor, reverse: bool):
+    """The steps of a packed recurrence in the order they run.
+
+    Args:
+        batch_sizes: int64 ``[T]`` (CPU), non-increasing, as in a PackedSequence.
+        reverse: the reverse direction (t = T-1 .. 0).
+
+    Returns:
+        a list of ``(offset, rows, prev_offset, prev_rows)`` per step: the step's
+        rows are ``offset .. offset + rows``; rows ``b < prev_rows`` read their
+        previous state at ``prev_offset + b``, the others from ``h0[b]``
+        (``prev_rows = 0`` at the first step).
+    """
+    bs = [int(v) for v in batch_sizes.tolist()]
+    offsets = [0] * len(bs)
+    for t in range(1, len(bs)):
+        offsets[t] = offsets[t - 1] + bs[t - 1]
+    order = range(len(bs) - 1, -1, -1) if reverse else range(len(bs))
+    steps, prev = [], None
+    for t in order:
+        if prev is None:
+            steps.append((offsets[t], bs[t], 0, 0))
+        else:
+            steps.append((offsets[t], bs[t], offsets[prev], min(bs[prev], bs[t])))
+        prev = t
+    return steps
+
+
+def _prev_packed(states: Tensor, init: Tensor, rows: int, prev_offset: int, prev_rows: int) -> Tensor:
+    """``[rows, H]``: the previous state of a step's rows (see :func:`packed_steps`)."""
+    if prev_rows == rows:
+        return states[prev_offset:prev_offset + rows]
+    if prev_rows == 0:
+        return init[:rows]
+    return torch.cat([states[prev_offset:prev_offset + prev_rows], init[prev_rows:rows]])
+
+
+def gru_packed_recurrence_forward(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+    reverse: bool, save_gates: bool,
+) -> Tuple[Tensor, Tensor]:
+    """GRU recurrence over a packed sequence (layout: see above).
+
+    Args:
+        gi: ``[N, 3H]`` input projection of every (step, row) in packed order.
+        h0: ``[B, H]``, B = batch_sizes[0], rows in the packed (sorted) order.
+        w_hh: ``[3H, H]``; b_hh: ``[3H]`` or None.
+        batch_sizes: int64 ``[T]`` CPU, non-increasing, summing to N.
+        reverse: run t = T-1 .. 0 (the reverse direction of a bidirectional layer).
+        save_gates: keep what the backward needs.
+
+    Returns:
+        hs ``[N, H]`` (packed), gates ``[N, 4H]`` (r, z, n, hn) or ``[0]``.
+    """
+    N = gi.shape[0]
+    H = h0.shape[1]
+    cd = compute_dtype(gi)
+    w = w_hh.to(cd)
+    b = b_hh.to(cd) if b_hh is not None else None
+    h_init = h0.to(cd)
+    hs = gi.new_empty((N, H), dtype=cd)
+    gates = gi.new_empty((N, 4 * H), dtype=cd) if save_gates else None
+    for off, n, p_off, p_n in packed_steps(batch_sizes, reverse):
+        h = _prev_packed(hs, h_init, n, p_off, p_n)
+        x_r, x_z, x_n = gi[off:off + n].to(cd).chunk(3, dim=1)
+        h_r, h_z, h_n = torch.nn.functional.linear(h, w, b).chunk(3, dim=1)
+        r, z, nn_, h_new = gru_gates(x_r, x_z, x_n, h_r, h_z, h_n, h)
+        hs[off:off + n] = h_new
+        if gates is not None:
+            gates[off:off + n] = torch.cat([r, z, nn_, h_n], dim=1)
+    return hs.to(gi.dtype), (gates.to(gi.dtype) if gates is not None else _absent(gi))
+
+
+def gru_packed_recurrence_backward(
+    grad_hs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, gates: Tensor, batch_sizes: Tensor,
+    reverse: bool, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`gru_packed_recurrence_forward`.
+
+    Returns:
+        grad_gi ``[N, 3H]``, grad_h0 ``[B, H]``, grad_w_hh ``[3H, H]``, grad_b_hh
+        ``[3H]`` (``[0]`` when ``has_bias`` is False).
+    """
+    N, H = hs.shape
+    B = h0.shape[0]
+    cd = compute_dtype(hs)
+    w = w_hh.to(cd)
+    hs_c, h_init = hs.to(cd), h0.to(cd)
+    dgi = grad_hs.new_zeros((N, 3 * H), dtype=cd)
+    dgh = grad_hs.new_zeros((N, 3 * H), dtype=cd)
+    h_prev_all = grad_hs.new_zeros((N, H), dtype=cd)
+    dh = grad_hs.new_zeros((B, H), dtype=cd)  # row b: the gradient into its state at the step it reaches
+    for off, n, p_off, p_n in reversed(packed_steps(batch_sizes, reverse)):
+        d = dh[:n] + grad_hs[off:off + n].to(cd)
+        r, z, nn_, h_n = gates[off:off + n].to(cd).chunk(4, dim=1)
+        h_prev = _prev_packed(hs_c, h_init, n, p_off, p_n)
+        dr, dz, dn, dh_direct = gru_gates_backward(d, r, z, nn_, h_n, h_prev)
+        dgi[off:off + n] = torch.cat([dr, dz, dn], dim=1)
+        dgh[off:off + n] = torch.cat([dr, dz, dn * r], dim=1)
+        h_prev_all[off:off + n] = h_prev
+        dh[:n] = dgh[off:off + n] @ w + dh_direct
+    dw_hh = dgh.t() @ h_prev_all
+    db_hh = dgh.sum(dim=0).to(w_hh.dtype) if has_bias else _absent(w_hh)
+    return dgi.to(hs.dtype), dh.to(h0.dtype), dw_hh.to(w_hh.dtype), db_hh
+
+
+def lstm_packed_recurrence_forward(
+    gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+    reverse: bool, save_gates: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """LSTM recurrence over a packed sequence: gi ``[N, 4H]`` -> hs, cs ``[N, H]``,
+    gates ``[N, 4H]`` (activated i, f, g, o) or ``[0]``. Arguments as
+    :func:`gru_packed_recurrence_forward`, with c0 ``[B, H]``."""
+    N = gi.shape[0]
+    H = h0.shape[1]
+    cd = compute_dtype(gi)
+    w = w_hh.to(cd)
+    b = b_hh.to(cd) if b_hh is not None else None
+    h_init, c_init = h0.to(cd), c0.to(cd)
+    hs = gi.new_empty((N, H), dtype=cd)
+    cs = gi.new_empty((N, H), dtype=cd)
+    gates = gi.new_empty((N, 4 * H), dtype=cd) if save_gates else None
+    for off, n, p_off, p_n in packed_steps(batch_sizes, reverse):
+        h = _prev_packed(hs, h_init, n, p_off, p_n)
+        c = _prev_packed(cs, c_init, n, p_off, p_n)
+        pre = gi[off:off + n].to(cd) + torch.nn.functional.linear(h, w, b)
+        i, f, g, o, c_new, h_new = lstm_gates(*pre.chunk(4, dim=1), c)
+        hs[off:off + n] = h_new
+        cs[off:off + n] = c_new
+        if gates is not None:
+            gates[off:off + n] = torch.cat([i, f, g, o], dim=1)
+    g_out = gates.to(gi.dtype) if gates is not None else _absent(gi)
+    return hs.to(gi.dtype), cs.to(gi.dtype), g_out
+
+
+def lstm_packed_recurrence_backward(
+    grad_hs: Tensor, grad_cs: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, hs: Tensor, cs: Tensor,
+    gates: Tensor, batch_sizes: Tensor, reverse: bool, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`lstm_packed_recurrence_forward`.
+
+    Returns:
+        grad_gi ``[N, 4H]``, grad_h0, grad_c0 ``[B, H]``, grad_w_hh ``[4H, H]``,
+        grad_b_hh ``[4H]`` (``[0]`` when ``has_bias`` is False).
+    """
+    N, H = hs.shape
+    B = h0.shape[0]
+    cd = compute_dtype(hs)
+    w = w_hh.to(cd)
+    hs_c, cs_c, h_init, c_init = hs.to(cd), cs.to(cd), h0.to(cd), c0.to(cd)
+    dg_all = grad_hs.new_zeros((N, 4 * H), dtype=cd)
+    h_prev_all = grad_hs.new_zeros((N, H), dtype=cd)
+    dh = grad_hs.new_zeros((B, H), dtype=cd)
+    dc = grad_hs.new_zeros((B, H), dtype=cd)
+    for off, n, p_off, p_n in reversed(packed_steps(batch_sizes, reverse)):
+        d_h = dh[:n] + grad_hs[off:off + n].to(cd)
+        d_c = dc[:n] + grad_cs[off:off + n].to(cd)
+        i, f, g, o = gates[off:off + n].to(cd).chunk(4, dim=1)
+        c_prev = _prev_packed(cs_c, c_init, n, p_off, p_n)
+        d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(d_h, d_c, i, f, g, o, cs_c[off:off + n], c_prev)
+        dg = torch.cat([d_i, d_f, d_g, d_o], dim=1)
+        dg_all[off:off + n] = dg
+        h_prev_all[off:off + n] = _prev_packed(hs_c, h_init, n, p_off, p_n)
+        dh[:n] = dg @ w
+        dc[:n] = dc_prev
+    dw_hh = dg_all.t() @ h_prev_all
+    db_hh = dg_all.sum(dim=0).to(w_hh.dtype) if has_bias else _absent(w_hh)
+    return dg_all.to(hs.dtype), dh.to(h0.dtype), dc.to(c0.dtype), dw_hh.to(w_hh.dtype), db_hh

@@ -31,8 +31,10 @@ from fastseq.backend.registry import Implementation, direct_call_ok, needs_grad
 from fastseq.ops import validation
 from fastseq.ops.recurrence import cpp, naive
 
-__all__ = ["gru", "gru_recurrence", "gru_recurrence_backward", "lstm", "lstm_recurrence",
-           "lstm_recurrence_backward"]
+__all__ = ["gru", "gru_packed", "gru_packed_recurrence", "gru_packed_recurrence_backward", "gru_recurrence",
+           "gru_recurrence_backward", "lstm", "lstm_packed", "lstm_packed_recurrence",
+           "lstm_packed_recurrence_backward", "lstm_recurrence", "lstm_recurrence_backward",
+           "packed_final_rows"]
 
 GRU_FORWARD, GRU_BACKWARD = "gru_recurrence", "gru_recurrence_backward"
 LSTM_FORWARD, LSTM_BACKWARD = "lstm_recurrence", "lstm_recurrence_backward"
@@ -64,6 +66,19 @@ registry.register(LSTM_BACKWARD, "reference", naive.lstm_recurrence_backward)
 registry.register(LSTM_BACKWARD, "cpp", cpp.lstm_recurrence_backward)
 registry.register(LSTM_BACKWARD, "triton", Implementation(
     load=lambda: (_triton().lstm_recurrence_backward, _triton().limits)))
+
+
+GRU_PACKED, GRU_PACKED_BACKWARD = "gru_packed_recurrence", "gru_packed_recurrence_backward"
+LSTM_PACKED, LSTM_PACKED_BACKWARD = "lstm_packed_recurrence", "lstm_packed_recurrence_backward"
+
+registry.register(GRU_PACKED, "reference", naive.gru_packed_recurrence_forward)
+registry.register(GRU_PACKED, "cpp", cpp.gru_packed_recurrence_forward)
+registry.register(GRU_PACKED_BACKWARD, "reference", naive.gru_packed_recurrence_backward)
+registry.register(GRU_PACKED_BACKWARD, "cpp", cpp.gru_packed_recurrence_backward)
+registry.register(LSTM_PACKED, "reference", naive.lstm_packed_recurrence_forward)
+registry.register(LSTM_PACKED, "cpp", cpp.lstm_packed_recurrence_forward)
+registry.register(LSTM_PACKED_BACKWARD, "reference", naive.lstm_packed_recurrence_backward)
+registry.register(LSTM_PACKED_BACKWARD, "cpp", cpp.lstm_packed_recurrence_backward)
 
 
 def _impl(op: str, t: Tensor, T: int, B: int, H: int, G: int):
@@ -231,6 +246,133 @@ def _lstm_backward(ctx, grad_hs, grad_cs, _grad_gates):
 torch.library.register_autograd(f"fastseq::{LSTM_FORWARD}", _lstm_backward, setup_context=_lstm_setup_context)
 
 
+# ---------------------------------------------------------------- packed layout
+#
+# The same recurrences on a PackedSequence's own layout (naive.py, "packed
+# layout"): gi [N, G*H], batch_sizes int64 [T] on the CPU, reverse for the
+# second direction of a bidirectional layer. Step t computes only its
+# batch_sizes[t] rows.
+
+
+def _packed_impl(op: str, t: Tensor, N: int, B: int, H: int, G: int, T: int):
+    return registry.implementation(op, t, {"N": N, "B": B, "H": H, "G": G, "T": T})
+
+
+@torch.library.custom_op(f"fastseq::{GRU_PACKED}", mutates_args=())
+def gru_packed_recurrence(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor, reverse: bool,
+    save_gates: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Packed GRU recurrence. gi ``[N,3H]``, h0 ``[B,H]`` -> hs ``[N,H]``, gates ``[N,4H]`` (or ``[0]``)."""
+    fn = _packed_impl(GRU_PACKED, gi, gi.shape[0], h0.shape[0], h0.shape[1], 3, batch_sizes.shape[0])
+    return fn(gi, h0, w_hh, b_hh, batch_sizes, reverse, save_gates)
+
+
+@gru_packed_recurrence.register_fake
+def _(gi, h0, w_hh, b_hh, batch_sizes, reverse, save_gates):
+    N, H = gi.shape[0], h0.shape[1]
+    gates = gi.new_empty((N, 4 * H)) if save_gates else gi.new_empty((0,))
+    return gi.new_empty((N, H)), gates
+
+
+@torch.library.custom_op(f"fastseq::{GRU_PACKED_BACKWARD}", mutates_args=())
+def gru_packed_recurrence_backward(
+    grad_hs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, gates: Tensor, batch_sizes: Tensor,
+    reverse: bool, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``gru_packed_recurrence``; grad_b_hh is ``[0]`` when has_bias is False."""
+    fn = _packed_impl(GRU_PACKED_BACKWARD, hs, hs.shape[0], h0.shape[0], h0.shape[1], 3, batch_sizes.shape[0])
+    return fn(grad_hs, h0, w_hh, hs, gates, batch_sizes, reverse, has_bias)
+
+
+@gru_packed_recurrence_backward.register_fake
+def _(grad_hs, h0, w_hh, hs, gates, batch_sizes, reverse, has_bias):
+    N, H = hs.shape
+    db = w_hh.new_empty((w_hh.shape[0],)) if has_bias else w_hh.new_empty((0,))
+    return hs.new_empty((N, 3 * H)), torch.empty_like(h0), torch.empty_like(w_hh), db
+
+
+def _gru_packed_setup_context(ctx, inputs, output):
+    gi, h0, w_hh, b_hh, batch_sizes, reverse, save_gates = inputs
+    hs, gates = output
+    ctx.has_bias, ctx.save_gates, ctx.reverse = b_hh is not None, save_gates, reverse
+    ctx.backend = selection.forced()
+    ctx.save_for_backward(h0, w_hh, hs, gates, batch_sizes)
+
+
+def _gru_packed_backward(ctx, grad_hs, _grad_gates):
+    if not ctx.save_gates:
+        raise _not_saved(GRU_PACKED)
+    h0, w_hh, hs, gates, batch_sizes = ctx.saved_tensors
+    grad_hs = _grad_or_zeros(grad_hs, hs).contiguous()
+    with selection.backend(ctx.backend):
+        dgi, dh0, dw, db = gru_packed_recurrence_backward(
+            grad_hs, h0, w_hh, hs, gates, batch_sizes, ctx.reverse, ctx.has_bias)
+    return dgi, dh0, dw, (db if ctx.has_bias else None), None, None, None
+
+
+torch.library.register_autograd(f"fastseq::{GRU_PACKED}", _gru_packed_backward,
+                                setup_context=_gru_packed_setup_context)
+
+
+@torch.library.custom_op(f"fastseq::{LSTM_PACKED}", mutates_args=())
+def lstm_packed_recurrence(
+    gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+    reverse: bool, save_gates: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Packed LSTM recurrence. gi ``[N,4H]`` -> hs, cs ``[N,H]``, gates ``[N,4H]`` (or ``[0]``)."""
+    fn = _packed_impl(LSTM_PACKED, gi, gi.shape[0], h0.shape[0], h0.shape[1], 4, batch_sizes.shape[0])
+    return fn(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, save_gates)
+
+
+@lstm_packed_recurrence.register_fake
+def _(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, save_gates):
+    N, H = gi.shape[0], h0.shape[1]
+    gates = gi.new_empty((N, 4 * H)) if save_gates else gi.new_empty((0,))
+    return gi.new_empty((N, H)), gi.new_empty((N, H)), gates
+
+
+@torch.library.custom_op(f"fastseq::{LSTM_PACKED_BACKWARD}", mutates_args=())
+def lstm_packed_recurrence_backward(
+    grad_hs: Tensor, grad_cs: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, hs: Tensor, cs: Tensor,
+    gates: Tensor, batch_sizes: Tensor, reverse: bool, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``lstm_packed_recurrence``; grad_b_hh is ``[0]`` when has_bias is False."""
+    fn = _packed_impl(LSTM_PACKED_BACKWARD, hs, hs.shape[0], h0.shape[0], h0.shape[1], 4, batch_sizes.shape[0])
+    return fn(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, reverse, has_bias)
+
+
+@lstm_packed_recurrence_backward.register_fake
+def _(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, reverse, has_bias):
+    N, H = hs.shape
+    db = w_hh.new_empty((w_hh.shape[0],)) if has_bias else w_hh.new_empty((0,))
+    return (hs.new_empty((N, 4 * H)), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_hh), db)
+
+
+def _lstm_packed_setup_context(ctx, inputs, output):
+    gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, save_gates = inputs
+    hs, cs, gates = output
+    ctx.has_bias, ctx.save_gates, ctx.reverse = b_hh is not None, save_gates, reverse
+    ctx.backend = selection.forced()
+    ctx.save_for_backward(h0, c0, w_hh, hs, cs, gates, batch_sizes)
+
+
+def _lstm_packed_backward(ctx, grad_hs, grad_cs, _grad_gates):
+    if not ctx.save_gates:
+        raise _not_saved(LSTM_PACKED)
+    h0, c0, w_hh, hs, cs, gates, batch_sizes = ctx.saved_tensors
+    grad_hs = _grad_or_zeros(grad_hs, hs).contiguous()
+    grad_cs = _grad_or_zeros(grad_cs, cs).contiguous()
+    with selection.backend(ctx.backend):
+        dgi, dh0, dc0, dw, db = lstm_packed_recurrence_backward(
+            grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, ctx.reverse, ctx.has_bias)
+    return dgi, dh0, dc0, dw, (db if ctx.has_bias else None), None, None, None
+
+
+torch.library.register_autograd(f"fastseq::{LSTM_PACKED}", _lstm_packed_backward,
+                                setup_context=_lstm_packed_setup_context)
+
+
 # ----------------------------------------------------------------- functional API
 
 
@@ -324,3 +466,89 @@ def lstm(
         return hs, cs
     hs, cs, _ = lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths, needs_grad(gi, h0, c0, w_hh, b_hh))
     return hs, cs
+
+
+def _check_packed(gates: int, gi: Tensor, states: Tuple[Tuple[str, Tensor], ...], w_hh: Tensor,
+                  b_hh: Optional[Tensor], batch_sizes: Tensor) -> None:
+    validation.tensor("gi", gi)
+    for name, t in states:
+        validation.tensor(name, t)
+    validation.tensor("w_hh", w_hh)
+    validation.optional_tensor("b_hh", b_hh)
+    if gi.dim() != 2:
+        raise RuntimeError(f"gi: expected a 2-D tensor [N, {gates}*H] (packed), got shape {tuple(gi.shape)}")
+    for name, t in states:
+        if t.dim() != 2:
+            raise RuntimeError(f"{name}: expected a 2-D tensor [B, H], got shape {tuple(t.shape)}")
+    B, H = states[0][1].shape
+    if gi.shape[1] != gates * H:
+        raise RuntimeError(f"gi: expected size(1) == {gates}*H = {gates * H} (H from h0), "
+                           f"got shape {tuple(gi.shape)}")
+    for name, t in states:
+        validation.shape(name, t, (B, H), "(B, H) = ")
+    validation.shape("w_hh", w_hh, (gates * H, H))
+    if b_hh is not None:
+        validation.shape("b_hh", b_hh, (gates * H,))
+    validation.floating("gi", gi)
+    for name, t in states + (("w_hh", w_hh),) + ((("b_hh", b_hh),) if b_hh is not None else ()):
+        validation.like(name, t, gi, "gi")
+    validation.batch_sizes("batch_sizes", batch_sizes, B, gi.shape[0])
+
+
+def gru_packed(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+               reverse: bool = False) -> Tensor:
+    """GRU recurrence on a PackedSequence's layout (cuDNN's packed mode): step ``t``
+    computes only the ``batch_sizes[t]`` rows still running.
+
+    Args:
+        gi: ``[N, 3H]`` = ``data W_ih^T + b_ih`` for a PackedSequence's ``data [N, I]``.
+        h0: ``[B, H]`` in the packed (sorted) row order; B = batch_sizes[0].
+        w_hh: ``[3H, H]``. b_hh: ``[3H]`` or None.
+        batch_sizes: the PackedSequence's int64 CPU ``[T]`` (non-increasing).
+        reverse: run from each row's last step back to its first (the reverse
+            direction of a bidirectional layer), starting from ``h0``.
+
+    Returns:
+        hs ``[N, H]``, packed like gi. Each row's final state is at
+        :func:`packed_final_rows`.
+
+    Raises:
+        ArgumentTypeError / RuntimeError: as :func:`gru`; ``batch_sizes`` not
+        a PackedSequence's (not int64 CPU 1-D, increasing, first != B, sum != N).
+    """
+    _check_packed(3, gi, (("h0", h0),), w_hh, b_hh, batch_sizes)
+    if direct_call_ok(gi, h0, w_hh, b_hh):
+        fn = _packed_impl(GRU_PACKED, gi, gi.shape[0], h0.shape[0], h0.shape[1], 3, batch_sizes.shape[0])
+        return fn(gi, h0, w_hh, b_hh, batch_sizes, reverse, False)[0]
+    hs, _ = gru_packed_recurrence(gi, h0, w_hh, b_hh, batch_sizes, reverse, needs_grad(gi, h0, w_hh, b_hh))
+    return hs
+
+
+def lstm_packed(gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
+                batch_sizes: Tensor, reverse: bool = False) -> Tuple[Tensor, Tensor]:
+    """LSTM recurrence on a PackedSequence's layout; as :func:`gru_packed` with
+    gi ``[N, 4H]``, c0 ``[B, H]``, w_hh ``[4H, H]``. Returns (hs, cs), each ``[N, H]``."""
+    _check_packed(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, batch_sizes)
+    if direct_call_ok(gi, h0, c0, w_hh, b_hh):
+        fn = _packed_impl(LSTM_PACKED, gi, gi.shape[0], h0.shape[0], h0.shape[1], 4, batch_sizes.shape[0])
+        hs, cs, _ = fn(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, False)
+        return hs, cs
+    hs, cs, _ = lstm_packed_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse,
+                                       needs_grad(gi, h0, c0, w_hh, b_hh))
+    return hs, cs
+
+
+def packed_final_rows(batch_sizes: Tensor, reverse: bool = False) -> Tensor:
+    """int64 ``[B]`` (CPU): where each sequence's final state lies in a packed ``hs``.
+
+    The forward direction ends at each row's last step (row b at
+    ``offsets[lengths[b] - 1] + b``); the reverse direction ends at step 0
+    (rows ``0 .. B-1``).
+    """
+    B = int(batch_sizes[0])
+    rows = torch.arange(B)
+    if reverse:
+        return rows
+    lengths = (batch_sizes.unsqueeze(0) > rows.unsqueeze(1)).sum(1)  # [B], sorted
+    offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
+    return offsets[lengths - 1] + rows
