@@ -40,6 +40,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -93,6 +94,26 @@ FASTSEQ_INLINE void zero_pass(T* FASTSEQ_RESTRICT out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = T(0);
 }
 
+// The rows a step runs and where their previous state lies. Dense input: all
+// B rows, every previous state at h_prev + b*H. Packed input (a
+// PackedSequence's layout, rows sorted by length): the step's `rows` rows at
+// row `off` of the packed tensors, and rows b >= n_prev (the reverse
+// direction's rows that start at this step) read their previous state from
+// h_alt/c_alt + b*H (h0, c0) instead of h_prev/c_prev.
+template <typename T>
+struct StepRows {
+  int64_t rows = 0;           // rows that run at this step
+  int64_t off = 0;            // index of the step's first row in [N, ...] tensors (t*B when dense)
+  int64_t n_prev = INT64_MAX;  // rows b < n_prev read h_prev/c_prev, the others h_alt/c_alt
+  const T* h_alt = nullptr;
+  const T* c_alt = nullptr;
+};
+
+template <typename T>
+FASTSEQ_INLINE const T* prev_row(const T* prev, const T* alt, const StepRows<T>& st, int64_t b, int64_t H) {
+  return (b < st.n_prev ? prev : alt) + b * H;
+}
+
 // ------------------------------------------------------------- GRU forward
 
 template <typename T>
@@ -105,6 +126,7 @@ struct GruFwd {
   T* h_out;                // [B, H] (hs[t])
   T* gates;                // [B, 4H] (gates[t]) or nullptr
   int64_t t, H, gh_ld, gh_gs;
+  StepRows<T> step;        // the rows this step runs, and where their previous state is
 };
 
 // hn = h + b; n = tanh(x + r * hn)
@@ -136,7 +158,7 @@ FASTSEQ_INLINE void gru_fwd_rows_impl(const GruFwd<T>& a, int64_t b0, int64_t b1
     const bool valid = a.lengths == nullptr || a.lengths[b] > a.t;
     const T* xi = a.gi + b * 3 * H;
     const T* hh = a.gh + b * a.gh_ld;
-    const T* hp = a.h_prev + b * H;
+    const T* hp = prev_row(a.h_prev, a.step.h_alt, a.step, b, H);
     T* ho = a.h_out + b * H;
     T* g = SAVE ? a.gates + b * 4 * H : nullptr;
     if (!valid) {
@@ -169,6 +191,7 @@ struct GruBwd {
   T* dgi;  // [B, 3H] (dgi[t])
   T* dgh;  // [B, 3H] (dgh[t])
   int64_t t, H;
+  StepRows<T> step;
 };
 
 template <typename T>
@@ -201,7 +224,8 @@ FASTSEQ_INLINE void gru_bwd_rows_impl(const GruBwd<T>& a, int64_t b0, int64_t b1
     T* dx = a.dgi + b * 3 * H + j0;
     T* dhh = a.dgh + b * 3 * H + j0;
     if (valid) {
-      gru_bwd_pass<T>(gy, g, g + H, g + 2 * H, g + 3 * H, a.h_prev + b * H + j0, dh, dx, dx + H, dx + 2 * H,
+      gru_bwd_pass<T>(gy, g, g + H, g + 2 * H, g + 3 * H, prev_row(a.h_prev, a.step.h_alt, a.step, b, H) + j0,
+                      dh, dx, dx + H, dx + 2 * H,
                       dhh, dhh + H, dhh + 2 * H, n);
     } else {  // past its length: no gate gradients, dh passes through (+ grad_hs[t])
       add_pass<T>(gy, dh, n);
@@ -227,6 +251,7 @@ struct LstmFwd {
   T* c_out;  // [B, H]
   T* gates;  // [B, 4H] or nullptr
   int64_t t, H, gh_ld, gh_gs;
+  StepRows<T> step;
 };
 
 // c' = f * c + i * g
@@ -254,8 +279,8 @@ FASTSEQ_INLINE void lstm_fwd_rows_impl(const LstmFwd<T>& a, int64_t b0, int64_t 
     const bool valid = a.lengths == nullptr || a.lengths[b] > a.t;
     const T* xi = a.gi + b * 4 * H;
     const T* hh = a.gh + b * a.gh_ld;
-    const T* hp = a.h_prev + b * H;
-    const T* cp = a.c_prev + b * H;
+    const T* hp = prev_row(a.h_prev, a.step.h_alt, a.step, b, H);
+    const T* cp = prev_row(a.c_prev, a.step.c_alt, a.step, b, H);
     T* ho = a.h_out + b * H;
     T* co = a.c_out + b * H;
     T* g = SAVE ? a.gates + b * 4 * H : nullptr;
@@ -296,6 +321,7 @@ struct LstmBwd {
   T* dc;  // in: gradient into c_t from step t+1; out: dc_{t-1}
   T* dg;  // [B, 4H] (dg[t])
   int64_t t, H;
+  StepRows<T> step;
 };
 
 template <typename T>
@@ -329,7 +355,7 @@ FASTSEQ_INLINE void lstm_bwd_rows_impl(const LstmBwd<T>& a, int64_t b0, int64_t 
     const T* gc = a.grad_cs + b * H;
     const T* g = a.gates + b * 4 * H;
     const T* cc = a.c + b * H;
-    const T* cp = a.c_prev + b * H;
+    const T* cp = prev_row(a.c_prev, a.step.c_alt, a.step, b, H);
     T* dh = a.dh + b * H;
     T* dc = a.dc + b * H;
     T* dg = a.dg + b * 4 * H;
@@ -538,33 +564,45 @@ struct UnitsProduct {
     }
   }
 
-  // gh for slice [j0, j1), and the args of the pointwise pass reading it.
+  // gh for slice [j0, j1) of the step's rows (a.step: the rows b < n_prev from
+  // h_prev, the others from h_alt), and the args of the pointwise pass reading it.
   template <typename Args>
   Args run(const Args& a, const T* h_prev, int64_t j0, int64_t j1) const {
     Args s = a;
-    const int64_t n = j1 - j0;
+    const int64_t rows = a.step.rows, split = std::min(rows, a.step.n_prev);
+    if (split > 0) product(h_prev, 0, split, j0, j1);
+    if (rows > split) product(a.step.h_alt, split, rows, j0, j1);
+    if (packed != nullptr && !own) {
+      s.gh = gh + (G - 1) * j0;  // so that gh[b*ld + k*n + j] is (b, k, j) for j in [j0, j1)
+      s.gh_gs = j1 - j0;
+    }
+    return s;
+  }
+
+  // gh rows [b0, b1) for slice [j0, j1): rows b of `src` at src + b*H.
+  void product(const T* src, int64_t b0, int64_t b1, int64_t j0, int64_t j1) const {
+    const int64_t n = j1 - j0, m = b1 - b0;
+    const T* h = src + b0 * H;
+    T* out = gh + b0 * G * H;
 #if FASTSEQ_X86_DISPATCH
     if constexpr (std::is_same_v<T, float>) {
       if (own) {
         for (int64_t k = 0; k < G; ++k) {
-          sgemm_nt_avx2(B, n, H, h_prev, H, w + (k * H + j0) * H, H, gh + k * H + j0, G * H);
+          sgemm_nt_avx2(m, n, H, h, H, w + (k * H + j0) * H, H, out + k * H + j0, G * H);
         }
-        return s;
+        return;
       }
     }
 #endif
     if (packed != nullptr) {
-      gemm_nt<T>(B, G * n, H, h_prev, H, packed + G * j0 * H, H, T(0), gh + G * j0, G * H);
-      s.gh = gh + (G - 1) * j0;  // so that gh[b*ld + k*n + j] is (b, k, j) for j in [j0, j1)
-      s.gh_gs = n;
+      gemm_nt<T>(m, G * n, H, h, H, packed + G * j0 * H, H, T(0), out + G * j0, G * H);
     } else if (j0 == 0 && j1 == H) {
-      gemm_nt<T>(B, G * H, H, h_prev, H, w, H, T(0), gh, G * H);
+      gemm_nt<T>(m, G * H, H, h, H, w, H, T(0), out, G * H);
     } else {
       for (int64_t k = 0; k < G; ++k) {
-        gemm_nt<T>(B, n, H, h_prev, H, w + (k * H + j0) * H, H, T(0), gh + k * H + j0, G * H);
+        gemm_nt<T>(m, n, H, h, H, w + (k * H + j0) * H, H, T(0), out + k * H + j0, G * H);
       }
     }
-    return s;
   }
 };
 
@@ -610,16 +648,61 @@ Tensor weight_grad(const Tensor& dg, const Tensor& h_init, const Tensor& hs, int
 
 // ================================================================ step loops
 
-// The forward step loop shared by the GRU and the LSTM (G gates per unit). For
-// t = 0..T-1: at_step(s, t) points the step arguments at step t (s.h_prev at
-// h_{t-1}), the recurrent product gh = h_{t-1} W_hh^T (no bias) fills the
-// [B, G*H] scratch that s.gh points to, and rows(s, b0, b1, j0, j1) runs the
-// fused pointwise pass on rows [b0, b1) and units [j0, j1) (gates, state
-// update, lengths mask, saved gates). h_init and hs are h_{-1} and the output
-// states as tensors, for the ATen path's products. Work split: see split_work.
+// Where a row slice of the batch ends for each of `chunks` threads. Dense
+// input: equal slices of `width` rows. Packed input (`steps` = each row's
+// number of steps, non-increasing): slices of equal work, so the thread with
+// the long rows gets fewer of them.
+std::vector<int64_t> slice_bounds(int64_t chunks, int64_t width, int64_t B, const int64_t* steps) {
+  std::vector<int64_t> bounds(chunks + 1, B);
+  bounds[0] = 0;
+  if (steps == nullptr || chunks <= 1) {
+    for (int64_t c = 1; c < chunks; ++c) bounds[c] = std::min(B, c * width);
+    return bounds;
+  }
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += steps[b];
+  int64_t acc = 0, c = 1;
+  for (int64_t b = 0; b < B && c < chunks; ++b) {
+    acc += steps[b];
+    if (acc * chunks >= total * c) bounds[c++] = b + 1;
+  }
+  for (; c < chunks; ++c) bounds[c] = B;
+  return bounds;
+}
+
+// f(b0, b1) for every slice of `bounds`, in parallel (each with a single-threaded BLAS).
+template <typename F>
+void for_bounds(const std::vector<int64_t>& bounds, const F& f) {
+  const int64_t chunks = static_cast<int64_t>(bounds.size()) - 1;
+  if (chunks == 1) {
+    f(bounds[0], bounds[1]);  // on the calling thread; the BLAS may use its own threads
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    BlasOneThread one_thread;
+    for (int64_t c = c0; c < c1; ++c) {
+      if (bounds[c + 1] > bounds[c]) f(bounds[c], bounds[c + 1]);
+    }
+  });
+}
+
+template <typename T_>
+Tensor rows_view(const T_* p, int64_t rows, int64_t cols, const at::TensorOptions& opt) {
+  return at::from_blob(const_cast<T_*>(p), {rows, cols}, opt);
+}
+
+// The forward step loop shared by the GRU and the LSTM (G gates per unit), for
+// dense and packed input. For p = 0..T-1: at_step(s, p) points the step
+// arguments at the p-th step run (s.h_prev at its previous states, s.step at
+// its rows: see StepRows), the recurrent product gh = h_prev W_hh^T (no bias)
+// fills the rows of the [B, G*H] scratch that s.gh points to, and
+// rows(s, b0, b1, j0, j1) runs the fused pointwise pass on rows [b0, b1) and
+// units [j0, j1) (gates, state update, lengths mask, saved gates). `steps`:
+// each row's number of steps for packed input (balances the row split), or
+// nullptr. Work split: see split_work.
 template <typename T_, typename S, typename AtStep, typename Rows>
 void forward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtStep& at_step,
-                   const Rows& rows, const Tensor& h_init, const Tensor& hs, const Tensor& w) {
+                   const Rows& rows, const Tensor& w, const int64_t* steps = nullptr) {
   const int64_t GH = G * H;
   const auto opt = at::TensorOptions().dtype(w.scalar_type());
   Tensor gh = at::empty({B, GH}, opt);
@@ -630,27 +713,39 @@ void forward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSte
   a.gh_gs = H;
   if (!use_blas<T_>(B, G, H)) {
     const Tensor wt = w.t();
-    for (int64_t t = 0; t < T; ++t) {
-      at_step(a, t);
-      at::mm_out(gh, t == 0 ? h_init : hs.select(0, t - 1), wt);
-      for_rows(B, GH, [&](int64_t b0, int64_t b1) { rows(a, b0, b1, 0, H); });
+    for (int64_t p = 0; p < T; ++p) {
+      at_step(a, p);
+      const int64_t n = a.step.rows, split = std::min(n, a.step.n_prev);
+      if (split > 0) {
+        Tensor out = gh.narrow(0, 0, split);
+        at::mm_out(out, rows_view(a.h_prev, split, H, opt), wt);
+      }
+      if (n > split) {
+        Tensor out = gh.narrow(0, split, n - split);
+        at::mm_out(out, rows_view(a.step.h_alt + split * H, n - split, H, opt), wt);
+      }
+      for_rows(n, GH, [&](int64_t b0, int64_t b1) { rows(a, b0, b1, 0, H); });
     }
     return;
   }
   const Split split = split_work(B, G, H);
   if (split.kind == SplitKind::kRows) {
     // Each thread, its rows, all steps.
-    for_slices(split, B, [&](int64_t b0, int64_t b1) {
+    for_bounds(slice_bounds(split.chunks, split.width, B, steps), [&](int64_t b0, int64_t b1) {
       S s = a;
-      for (int64_t t = 0; t < T; ++t) {
-        at_step(s, t);
-        gemm_nt<T_>(b1 - b0, GH, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * GH, GH);
-        rows(s, b0, b1, 0, H);
+      for (int64_t p = 0; p < T; ++p) {
+        at_step(s, p);
+        const int64_t e = std::min(b1, s.step.rows);
+        if (e <= b0) continue;
+        const int64_t m = std::max(b0, std::min(e, s.step.n_prev));  // [b0, m) from h_prev, [m, e) from h_alt
+        if (m > b0) gemm_nt<T_>(m - b0, GH, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * GH, GH);
+        if (e > m) gemm_nt<T_>(e - m, GH, H, s.step.h_alt + m * H, H, w_p, H, T_(0), gh_p + m * GH, GH);
+        rows(s, b0, e, 0, H);
       }
     });
     return;
   }
-  // Each thread, every step: its rows of W_hh times h_{t-1}, then step t on its units.
+  // Each thread, every step: its rows of W_hh times h_prev, then the step on its units.
   UnitsProduct<T_> prod{G, B, H, w_p, nullptr, gh_p};
   prod.own = use_own_gemm<T_>(B);
   Tensor packed;
@@ -659,57 +754,68 @@ void forward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSte
     prod.packed = packed.data_ptr<T_>();
     for_slices(split, H, [&](int64_t j0, int64_t j1) { prod.pack_slice(j0, j1); });
   }
-  for_unit_steps(split, T, H, [&](int64_t t, int64_t j0, int64_t j1) {
+  for_unit_steps(split, T, H, [&](int64_t p, int64_t j0, int64_t j1) {
     S s = a;
-    at_step(s, t);
-    rows(prod.run(s, s.h_prev, j0, j1), 0, B, j0, j1);
+    at_step(s, p);
+    rows(prod.run(s, s.h_prev, j0, j1), 0, s.step.rows, j0, j1);
   });
 }
 
-// The backward step loop shared by the GRU and the LSTM (G gates per unit). For
-// t = T-1..0: at_step(s, t) points the step arguments at step t, rows(s, b0, b1,
-// j0, j1) runs the fused pointwise pass on rows [b0, b1) and units [j0, j1)
-// (writing dgate[t] and leaving the carry in dh), and dh += dgate[t] @ W_hh
-// completes dh_{t-1}. Work split as in the forward (see split_work).
+// The backward step loop shared by the GRU and the LSTM (G gates per unit), for
+// dense and packed input. For p = T-1..0 (the steps in the reverse of the
+// order they ran): at_step(s, p) points the step arguments at that step,
+// rows(s, b0, b1, j0, j1) runs the fused pointwise pass on rows [b0, b1) and
+// units [j0, j1) (writing the step's rows of dgate, at row s.step.off, and
+// leaving the carry in dh), and dh[rows] += dgate[step rows] @ W_hh completes
+// the gradient into the previous states. Work split as in the forward.
 template <typename T_, typename S, typename AtStep, typename Rows>
 void backward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtStep& at_step,
-                    const Rows& rows, const Tensor& dgate, const Tensor& w, Tensor& dh) {
+                    const Rows& rows, const Tensor& dgate, const Tensor& w, Tensor& dh,
+                    const int64_t* steps = nullptr) {
   T_* dgate_p = dgate.data_ptr<T_>();
   const T_* w_p = w.data_ptr<T_>();
   T_* dh_p = dh.data_ptr<T_>();
   const int64_t GH = G * H;
   if (!use_blas<T_>(B, G, H)) {
-    for (int64_t t = T - 1; t >= 0; --t) {
-      at_step(a, t);
-      for_rows(B, GH, [&](int64_t b0, int64_t b1) { rows(a, b0, b1, 0, H); });
-      dh.addmm_(dgate.select(0, t), w);
+    const Tensor dgate2 = dgate.view({-1, GH});
+    for (int64_t p = T - 1; p >= 0; --p) {
+      at_step(a, p);
+      const int64_t n = a.step.rows;
+      for_rows(n, GH, [&](int64_t b0, int64_t b1) { rows(a, b0, b1, 0, H); });
+      dh.narrow(0, 0, n).addmm_(dgate2.narrow(0, a.step.off, n), w);
     }
     return;
   }
   const Split split = split_work(B, G, H);
   if (split.kind == SplitKind::kRows) {
     // Each thread, its rows, all steps.
-    for_slices(split, B, [&](int64_t b0, int64_t b1) {
+    for_bounds(slice_bounds(split.chunks, split.width, B, steps), [&](int64_t b0, int64_t b1) {
       S s = a;
-      for (int64_t t = T - 1; t >= 0; --t) {
-        at_step(s, t);
-        rows(s, b0, b1, 0, H);
-        gemm_nn<T_>(b1 - b0, H, GH, dgate_p + (t * B + b0) * GH, GH, w_p, H, T_(1), dh_p + b0 * H, H);
+      for (int64_t p = T - 1; p >= 0; --p) {
+        at_step(s, p);
+        const int64_t e = std::min(b1, s.step.rows);
+        if (e <= b0) continue;
+        rows(s, b0, e, 0, H);
+        gemm_nn<T_>(e - b0, H, GH, dgate_p + (s.step.off + b0) * GH, GH, w_p, H, T_(1), dh_p + b0 * H, H);
       }
     });
     return;
   }
-  for (int64_t t = T - 1; t >= 0; --t) {
-    at_step(a, t);
-    // Each thread: its columns of dh += dgate[t+1] @ W_hh, then step t on its units.
+  StepRows<T_> done;  // the step handled last (its product into dh still to add)
+  for (int64_t p = T - 1; p >= 0; --p) {
+    at_step(a, p);
+    // Each thread: its columns of dh += dgate[previous step] @ W_hh, then this step on its units.
     for_slices(split, H, [&](int64_t j0, int64_t j1) {
-      if (t + 1 < T) {
-        gemm_nn<T_>(B, j1 - j0, GH, dgate_p + (t + 1) * B * GH, GH, w_p + j0, H, T_(1), dh_p + j0, H);
+      if (done.rows > 0) {
+        gemm_nn<T_>(done.rows, j1 - j0, GH, dgate_p + done.off * GH, GH, w_p + j0, H, T_(1), dh_p + j0, H);
       }
-      rows(a, 0, B, j0, j1);
+      rows(a, 0, a.step.rows, j0, j1);
     });
+    done = a.step;
   }
-  if (T > 0) dh.addmm_(dgate.select(0, 0), w);
+  if (done.rows > 0) {
+    dh.narrow(0, 0, done.rows).addmm_(dgate.view({-1, GH}).narrow(0, done.off, done.rows), w);
+  }
 }
 
 // ======================================================================= GRU
@@ -736,8 +842,10 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
     const T_* x_p = x.data_ptr<T_>();
     T_* hs_p = hs.data_ptr<T_>();
     T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
+    a.step.rows = B;
     auto at_step = [&](GruFwd<T_>& s, int64_t t) {
       s.t = t;
+      s.step.off = t * B;
       s.gi = x_p + t * B * 3 * H;
       s.h_prev = t == 0 ? h_init.data_ptr<T_>() : hs_p + (t - 1) * B * H;
       s.h_out = hs_p + t * B * H;
@@ -747,7 +855,7 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
                       [save_gates](const GruFwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
                         gru_fwd_rows(s, b0, b1, j0, j1, save_gates);
                       },
-                      h_init, hs, w);
+                      w);
   });
   const auto out_dt = gi.scalar_type();
   return {finish(hs, out_dt), save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
@@ -788,8 +896,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
     const T_* h0_p = h_init.data_ptr<T_>();
     T_* dgi_p = dgi.data_ptr<T_>();
     T_* dgh_p = dgh.data_ptr<T_>();
+    a.step.rows = B;
     auto at_step = [&](GruBwd<T_>& s, int64_t t) {
       s.t = t;
+      s.step.off = t * B;
       s.grad_hs = gy_p + t * B * H;
       s.gates = g_p + t * B * 4 * H;
       s.h_prev = t == 0 ? h0_p : hs_p + (t - 1) * B * H;
@@ -837,8 +947,10 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
     T_* cs_p = cs.data_ptr<T_>();
     const T_* c0_p = c_init.data_ptr<T_>();
     T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
+    a.step.rows = B;
     auto at_step = [&](LstmFwd<T_>& s, int64_t t) {
       s.t = t;
+      s.step.off = t * B;
       s.gi = x_p + t * B * 4 * H;
       s.h_prev = t == 0 ? h_init.data_ptr<T_>() : hs_p + (t - 1) * B * H;
       s.c_prev = t == 0 ? c0_p : cs_p + (t - 1) * B * H;
@@ -850,7 +962,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
                       [save_gates](const LstmFwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
                         lstm_fwd_rows(s, b0, b1, j0, j1, save_gates);
                       },
-                      h_init, hs, w);
+                      w);
   });
   const auto out_dt = gi.scalar_type();
   return {finish(hs, out_dt), finish(cs, out_dt),
@@ -900,8 +1012,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     const T_* cs_p = cs_c.data_ptr<T_>();
     const T_* c0_p = c_init.data_ptr<T_>();
     T_* dg_p = dg.data_ptr<T_>();
+    a.step.rows = B;
     auto at_step = [&](LstmBwd<T_>& s, int64_t t) {
       s.t = t;
+      s.step.off = t * B;
       s.grad_hs = gy_p + t * B * H;
       s.grad_cs = gc_p + t * B * H;
       s.gates = g_p + t * B * 4 * H;
@@ -923,6 +1037,329 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
           finish(dw, wdt), db};
 }
 
+// ============================================================ packed layout
+//
+// The recurrences on a PackedSequence's layout (fastseq/ops/recurrence/naive.py,
+// "packed layout"): gi [N, G*H] with step t's batch_sizes[t] rows at row
+// offsets[t], rows sorted by length. Each step runs only its rows (the
+// products too); the reverse direction runs t = T-1..0 and its rows that
+// start at step t read h0/c0 (StepRows::n_prev). Same step loops and
+// pointwise kernels as the dense ops.
+
+struct PackedLayout {
+  std::vector<int64_t> bs, off, steps;  // batch_sizes, offsets, steps[b] = row b's number of steps
+  int64_t T = 0;
+  bool reverse = false;
+  int64_t step(int64_t p) const { return reverse ? T - 1 - p : p; }  // the p-th step run
+  int64_t prev(int64_t t) const {  // the step run before t, or -1
+    const int64_t q = reverse ? t + 1 : t - 1;
+    return (q < 0 || q >= T) ? -1 : q;
+  }
+  // Point `st` at step t's rows; returns the step whose states they read (-1: h0).
+  template <typename T_>
+  int64_t set(StepRows<T_>& st, int64_t t, const T_* h0, const T_* c0) const {
+    const int64_t q = prev(t);
+    st.rows = bs[t];
+    st.off = off[t];
+    st.n_prev = q < 0 ? 0 : std::min(bs[q], bs[t]);
+    st.h_alt = h0;
+    st.c_alt = c0;
+    return q;
+  }
+};
+
+PackedLayout packed_layout(const Tensor& batch_sizes, int64_t N, int64_t B, bool reverse) {
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong && batch_sizes.is_cpu(),
+              "fastseq_cpp: batch_sizes: expected a 1-D int64 CPU tensor, got ", batch_sizes.dim(), "-D ",
+              batch_sizes.scalar_type(), " on ", batch_sizes.device());
+  const Tensor bs_c = batch_sizes.contiguous();
+  const int64_t* v = bs_c.data_ptr<int64_t>();
+  PackedLayout pk;
+  pk.T = bs_c.size(0);
+  pk.reverse = reverse;
+  TORCH_CHECK(pk.T >= 1, "fastseq_cpp: batch_sizes: expected at least one step");
+  pk.bs.assign(v, v + pk.T);
+  pk.off.resize(pk.T);
+  int64_t total = 0;
+  for (int64_t t = 0; t < pk.T; ++t) {
+    TORCH_CHECK(v[t] >= 1 && (t == 0 || v[t] <= v[t - 1]),
+                "fastseq_cpp: batch_sizes: expected non-increasing values >= 1, got ", batch_sizes);
+    pk.off[t] = total;
+    total += v[t];
+  }
+  TORCH_CHECK(v[0] == B, "fastseq_cpp: batch_sizes: expected batch_sizes[0] == B = ", B, ", got ", v[0]);
+  TORCH_CHECK(total == N, "fastseq_cpp: batch_sizes: expected a sum of N = ", N, ", got ", total);
+  pk.steps.assign(B, 0);
+  for (int64_t t = 0; t < pk.T; ++t) {
+    for (int64_t b = 0; b < v[t]; ++b) ++pk.steps[b];
+  }
+  return pk;
+}
+
+Dims check_packed(int64_t G, const Tensor& gi, std::initializer_list<std::pair<const Tensor*, const char*>> states,
+                  const Tensor& w_hh, const std::optional<Tensor>& b_hh) {
+  TORCH_CHECK(gi.dim() == 2, "fastseq_cpp: gi: expected a 2-D tensor [N, ", G, "*H] (packed), got shape ",
+              gi.sizes());
+  check_float_cpu(gi, "gi");
+  const Tensor& h0 = *states.begin()->first;
+  TORCH_CHECK(h0.dim() == 2, "fastseq_cpp: h0: expected a 2-D tensor [B, H], got shape ", h0.sizes());
+  const int64_t N = gi.size(0), B = h0.size(0), H = h0.size(1);
+  TORCH_CHECK(gi.size(1) == G * H, "fastseq_cpp: gi: expected size(1) == ", G, "*H = ", G * H,
+              " (H from h0), got shape ", gi.sizes());
+  for (const auto& s : states) {
+    check_float_cpu(*s.first, s.second);
+    check_shape(*s.first, {B, H}, s.second);
+  }
+  check_float_cpu(w_hh, "w_hh");
+  check_shape(w_hh, {G * H, H}, "w_hh");
+  if (b_hh.has_value() && b_hh->defined()) {
+    check_float_cpu(*b_hh, "b_hh");
+    check_shape(*b_hh, {G * H}, "b_hh");
+  }
+  return {N, B, H};  // (T holds N here)
+}
+
+// [N, H]: each (step, row)'s previous state, for dW_hh = dG^T h_prev.
+template <typename T_>
+Tensor packed_prev_states(const PackedLayout& pk, const Tensor& states, const Tensor& init) {
+  const int64_t N = states.size(0), H = states.size(1);
+  Tensor out = at::empty({N, H}, states.options());
+  const T_* s = states.data_ptr<T_>();
+  const T_* h0 = init.data_ptr<T_>();
+  T_* o = out.data_ptr<T_>();
+  for (int64_t t = 0; t < pk.T; ++t) {
+    const int64_t q = pk.prev(t), n = pk.bs[t];
+    const int64_t m = q < 0 ? 0 : std::min(pk.bs[q], n);
+    if (m > 0) std::memcpy(o + pk.off[t] * H, s + pk.off[q] * H, sizeof(T_) * m * H);
+    if (n > m) std::memcpy(o + (pk.off[t] + m) * H, h0 + m * H, sizeof(T_) * (n - m) * H);
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor> gru_packed_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
+                                                         const std::optional<Tensor>& b_hh,
+                                                         const Tensor& batch_sizes, bool reverse,
+                                                         bool save_gates) {
+  const Dims d = check_packed(3, gi, {{&h0, "h0"}}, w_hh, b_hh);
+  const int64_t N = d.T, B = d.B, H = d.H;
+  const PackedLayout pk = packed_layout(batch_sizes, N, B, reverse);
+  const auto cd = compute_dtype(gi.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor x = in_cd(gi, cd), h_init = in_cd(h0, cd), w = in_cd(w_hh, cd);
+  const Tensor bias = bias_or_zeros(b_hh, 3 * H, cd);
+  Tensor hs = at::empty({N, H}, opt);
+  Tensor gates = save_gates ? at::empty({N, 4 * H}, opt) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::gru_packed_recurrence_forward", [&] {
+    using T_ = scalar_t;
+    GruFwd<T_> a;
+    a.bias = bias.data_ptr<T_>();
+    a.lengths = nullptr;
+    a.H = H;
+    const T_* x_p = x.data_ptr<T_>();
+    const T_* h0_p = h_init.data_ptr<T_>();
+    T_* hs_p = hs.data_ptr<T_>();
+    T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
+    auto at_step = [&](GruFwd<T_>& s, int64_t p) {
+      const int64_t t = pk.step(p), q = pk.set(s.step, t, h0_p, static_cast<const T_*>(nullptr));
+      const int64_t o = pk.off[t];
+      s.t = t;
+      s.gi = x_p + o * 3 * H;
+      s.h_prev = q < 0 ? h0_p : hs_p + pk.off[q] * H;
+      s.h_out = hs_p + o * H;
+      s.gates = save_gates ? g_p + o * 4 * H : nullptr;
+    };
+    forward_steps<T_>(a, pk.T, B, H, 3, at_step,
+                      [save_gates](const GruFwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                        gru_fwd_rows(s, b0, b1, j0, j1, save_gates);
+                      },
+                      w, pk.steps.data());
+  });
+  const auto out_dt = gi.scalar_type();
+  return {finish(hs, out_dt), save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_packed_recurrence_backward(
+    const Tensor& grad_hs, const Tensor& h0, const Tensor& w_hh, const Tensor& hs, const Tensor& gates,
+    const Tensor& batch_sizes, bool reverse, bool has_bias) {
+  TORCH_CHECK(hs.dim() == 2, "fastseq_cpp: hs: expected a 2-D tensor [N, H], got shape ", hs.sizes());
+  const int64_t N = hs.size(0), H = hs.size(1);
+  check_float_cpu(hs, "hs");
+  check_float_cpu(grad_hs, "grad_hs");
+  check_shape(grad_hs, {N, H}, "grad_hs");
+  check_float_cpu(h0, "h0");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == H, "fastseq_cpp: h0: expected shape [B, ", H, "], got ", h0.sizes());
+  const int64_t B = h0.size(0);
+  check_float_cpu(w_hh, "w_hh");
+  check_shape(w_hh, {3 * H, H}, "w_hh");
+  check_float_cpu(gates, "gates");
+  check_shape(gates, {N, 4 * H}, "gates");
+  const PackedLayout pk = packed_layout(batch_sizes, N, B, reverse);
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor gy = in_cd(grad_hs, cd), h_init = in_cd(h0, cd), w = in_cd(w_hh, cd);
+  const Tensor hs_c = in_cd(hs, cd), g_c = in_cd(gates, cd);
+  Tensor dgi = at::empty({N, 3 * H}, opt);
+  Tensor dgh = at::empty({N, 3 * H}, opt);
+  Tensor dh = at::zeros({B, H}, opt);
+  Tensor h_prev_all;
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::gru_packed_recurrence_backward", [&] {
+    using T_ = scalar_t;
+    GruBwd<T_> a;
+    a.lengths = nullptr;
+    a.dh = dh.data_ptr<T_>();
+    a.H = H;
+    const T_* gy_p = gy.data_ptr<T_>();
+    const T_* g_p = g_c.data_ptr<T_>();
+    const T_* hs_p = hs_c.data_ptr<T_>();
+    const T_* h0_p = h_init.data_ptr<T_>();
+    T_* dgi_p = dgi.data_ptr<T_>();
+    T_* dgh_p = dgh.data_ptr<T_>();
+    auto at_step = [&](GruBwd<T_>& s, int64_t p) {
+      const int64_t t = pk.step(p), q = pk.set(s.step, t, h0_p, static_cast<const T_*>(nullptr));
+      const int64_t o = pk.off[t];
+      s.t = t;
+      s.grad_hs = gy_p + o * H;
+      s.gates = g_p + o * 4 * H;
+      s.h_prev = q < 0 ? h0_p : hs_p + pk.off[q] * H;
+      s.dgi = dgi_p + o * 3 * H;
+      s.dgh = dgh_p + o * 3 * H;
+    };
+    backward_steps<T_>(a, pk.T, B, H, 3, at_step,
+                       [](const GruBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                         gru_bwd_rows(s, b0, b1, j0, j1, false);
+                       },
+                       dgh, w, dh, pk.steps.data());
+    h_prev_all = packed_prev_states<T_>(pk, hs_c, h_init);
+  });
+
+  const Tensor dw = at::mm(dgh.t(), h_prev_all);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? finish(dgh.sum(0), wdt) : at::empty({0}, w_hh.options());
+  return {finish(dgi, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dw, wdt), db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_packed_recurrence_forward(
+    const Tensor& gi, const Tensor& h0, const Tensor& c0, const Tensor& w_hh, const std::optional<Tensor>& b_hh,
+    const Tensor& batch_sizes, bool reverse, bool save_gates) {
+  const Dims d = check_packed(4, gi, {{&h0, "h0"}, {&c0, "c0"}}, w_hh, b_hh);
+  const int64_t N = d.T, B = d.B, H = d.H;
+  const PackedLayout pk = packed_layout(batch_sizes, N, B, reverse);
+  const auto cd = compute_dtype(gi.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor x = in_cd(gi, cd), h_init = in_cd(h0, cd), c_init = in_cd(c0, cd), w = in_cd(w_hh, cd);
+  const Tensor bias = bias_or_zeros(b_hh, 4 * H, cd);
+  Tensor hs = at::empty({N, H}, opt);
+  Tensor cs = at::empty({N, H}, opt);
+  Tensor gates = save_gates ? at::empty({N, 4 * H}, opt) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::lstm_packed_recurrence_forward", [&] {
+    using T_ = scalar_t;
+    LstmFwd<T_> a;
+    a.bias = bias.data_ptr<T_>();
+    a.lengths = nullptr;
+    a.H = H;
+    const T_* x_p = x.data_ptr<T_>();
+    const T_* h0_p = h_init.data_ptr<T_>();
+    const T_* c0_p = c_init.data_ptr<T_>();
+    T_* hs_p = hs.data_ptr<T_>();
+    T_* cs_p = cs.data_ptr<T_>();
+    T_* g_p = save_gates ? gates.data_ptr<T_>() : nullptr;
+    auto at_step = [&](LstmFwd<T_>& s, int64_t p) {
+      const int64_t t = pk.step(p), q = pk.set(s.step, t, h0_p, c0_p);
+      const int64_t o = pk.off[t];
+      s.t = t;
+      s.gi = x_p + o * 4 * H;
+      s.h_prev = q < 0 ? h0_p : hs_p + pk.off[q] * H;
+      s.c_prev = q < 0 ? c0_p : cs_p + pk.off[q] * H;
+      s.h_out = hs_p + o * H;
+      s.c_out = cs_p + o * H;
+      s.gates = save_gates ? g_p + o * 4 * H : nullptr;
+    };
+    forward_steps<T_>(a, pk.T, B, H, 4, at_step,
+                      [save_gates](const LstmFwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                        lstm_fwd_rows(s, b0, b1, j0, j1, save_gates);
+                      },
+                      w, pk.steps.data());
+  });
+  const auto out_dt = gi.scalar_type();
+  return {finish(hs, out_dt), finish(cs, out_dt),
+          save_gates ? finish(gates, out_dt) : at::empty({0}, gi.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backward(
+    const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& hs, const Tensor& cs, const Tensor& gates, const Tensor& batch_sizes, bool reverse,
+    bool has_bias) {
+  TORCH_CHECK(hs.dim() == 2, "fastseq_cpp: hs: expected a 2-D tensor [N, H], got shape ", hs.sizes());
+  const int64_t N = hs.size(0), H = hs.size(1);
+  check_float_cpu(hs, "hs");
+  for (const auto& p : {std::make_pair(&grad_hs, "grad_hs"), std::make_pair(&grad_cs, "grad_cs"),
+                        std::make_pair(&cs, "cs")}) {
+    check_float_cpu(*p.first, p.second);
+    check_shape(*p.first, {N, H}, p.second);
+  }
+  check_float_cpu(h0, "h0");
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == H, "fastseq_cpp: h0: expected shape [B, ", H, "], got ", h0.sizes());
+  const int64_t B = h0.size(0);
+  check_float_cpu(c0, "c0");
+  check_shape(c0, {B, H}, "c0");
+  check_float_cpu(w_hh, "w_hh");
+  check_shape(w_hh, {4 * H, H}, "w_hh");
+  check_float_cpu(gates, "gates");
+  check_shape(gates, {N, 4 * H}, "gates");
+  const PackedLayout pk = packed_layout(batch_sizes, N, B, reverse);
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto opt = at::TensorOptions().dtype(cd);
+  const Tensor gy = in_cd(grad_hs, cd), gcy = in_cd(grad_cs, cd);
+  const Tensor h_init = in_cd(h0, cd), c_init = in_cd(c0, cd), w = in_cd(w_hh, cd);
+  const Tensor hs_c = in_cd(hs, cd), cs_c = in_cd(cs, cd), g_c = in_cd(gates, cd);
+  Tensor dg = at::empty({N, 4 * H}, opt);
+  Tensor dh = at::zeros({B, H}, opt);
+  Tensor dc = at::zeros({B, H}, opt);
+  Tensor h_prev_all;
+
+  AT_DISPATCH_FLOATING_TYPES(cd, "fastseq_cpp::lstm_packed_recurrence_backward", [&] {
+    using T_ = scalar_t;
+    LstmBwd<T_> a;
+    a.lengths = nullptr;
+    a.dh = dh.data_ptr<T_>();
+    a.dc = dc.data_ptr<T_>();
+    a.H = H;
+    const T_* gy_p = gy.data_ptr<T_>();
+    const T_* gc_p = gcy.data_ptr<T_>();
+    const T_* g_p = g_c.data_ptr<T_>();
+    const T_* cs_p = cs_c.data_ptr<T_>();
+    const T_* h0_p = h_init.data_ptr<T_>();
+    const T_* c0_p = c_init.data_ptr<T_>();
+    T_* dg_p = dg.data_ptr<T_>();
+    auto at_step = [&](LstmBwd<T_>& s, int64_t p) {
+      const int64_t t = pk.step(p), q = pk.set(s.step, t, h0_p, c0_p);
+      const int64_t o = pk.off[t];
+      s.t = t;
+      s.grad_hs = gy_p + o * H;
+      s.grad_cs = gc_p + o * H;
+      s.gates = g_p + o * 4 * H;
+      s.c = cs_p + o * H;
+      s.c_prev = q < 0 ? c0_p : cs_p + pk.off[q] * H;
+      s.dg = dg_p + o * 4 * H;
+    };
+    backward_steps<T_>(a, pk.T, B, H, 4, at_step,
+                       [](const LstmBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+                         lstm_bwd_rows(s, b0, b1, j0, j1, false);
+                       },
+                       dg, w, dh, pk.steps.data());
+    h_prev_all = packed_prev_states<T_>(pk, hs_c, h_init);
+  });
+
+  const Tensor dw = at::mm(dg.t(), h_prev_all);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? finish(dg.sum(0), wdt) : at::empty({0}, w_hh.options());
+  return {finish(dg, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dc, c0.scalar_type()),
+          finish(dw, wdt), db};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastseq
@@ -937,4 +1374,8 @@ TORCH_LIBRARY_IMPL(fastseq_cpp, CPU, m) {
   m.impl("gru_recurrence_backward", &fastseq::cpu::gru_recurrence_backward);
   m.impl("lstm_recurrence_forward", &fastseq::cpu::lstm_recurrence_forward);
   m.impl("lstm_recurrence_backward", &fastseq::cpu::lstm_recurrence_backward);
+  m.impl("gru_packed_recurrence_forward", &fastseq::cpu::gru_packed_recurrence_forward);
+  m.impl("gru_packed_recurrence_backward", &fastseq::cpu::gru_packed_recurrence_backward);
+  m.impl("lstm_packed_recurrence_forward", &fastseq::cpu::lstm_packed_recurrence_forward);
+  m.impl("lstm_packed_recurrence_backward", &fastseq::cpu::lstm_packed_recurrence_backward);
 }
