@@ -245,6 +245,7 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   a.gh = gh.data_ptr();
   a.bias = ptr_or_null(bias);
   a.ld_h = H;
+  a.n_prev = B;  // every row's previous state is h_prev
   a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
   a.B = B;
   a.H = H;
@@ -301,6 +302,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
     a.grad_hs = at_elem(gy, t * B * H);
     a.gates = at_elem(g, t * B * 4 * H);
     a.h_prev_s = t > 0 ? at_elem(hs_k, (t - 1) * B * H) : nullptr;
+    a.n_prev = t > 0 ? B : 0;  // step 0 reads h0 (h_prev_c)
     a.dgi = at_elem(dgi, t * B * 3 * H);
     a.dgh = at_elem(dgh, t * B * 3 * H);
     check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
@@ -352,6 +354,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   a.bias = ptr_or_null(bias);
   a.ld_h = H;
   a.ld_c = H;
+  a.n_prev = B;  // every row's previous state is h_prev, c_prev
   a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
   a.B = B;
   a.H = H;
@@ -420,6 +423,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     a.gates = at_elem(g, t * B * 4 * H);
     a.c = at_elem(cs_k, t * B * H);
     a.c_prev_s = t > 0 ? at_elem(cs_k, (t - 1) * B * H) : nullptr;
+    a.n_prev = t > 0 ? B : 0;  // step 0 reads c0 (c_prev_c)
     a.dg = at_elem(dg, t * B * 4 * H);
     a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
     check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
