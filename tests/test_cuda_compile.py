@@ -293,6 +293,88 @@ def test_emulated_recurrences(emu, cell, dt_name):
                 _all_close(got, want, dt_name, f"backward {tag}")
 
 
+# batch_sizes of the packed tests: ties, all equal, B = 1, T = 1.
+_PACKED_BATCH_SIZES = ([4, 4, 3, 1, 1], [3, 3, 3], [1, 1, 1, 1], [5], [5, 2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", _DTYPES)
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_packed_recurrences(emu, cell, dt_name):
+    """The packed ops (the dense kernels on a step's rows, h0 for rows that start
+    late in the reverse direction) against naive.py's packed functions."""
+    import torch
+    from fastseq.ops.recurrence import naive as R
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(4)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt)
+
+    H = 6
+    G = 3 if cell == "gru" else 4
+    # Half dtypes share every code path with float32 but the conversions: fewer cases.
+    for sizes in _PACKED_BATCH_SIZES if dt_name in ("float32", "float64") else _PACKED_BATCH_SIZES[:2]:
+        batch_sizes = torch.tensor(sizes, dtype=torch.int64)
+        N, B = sum(sizes), sizes[0]
+        for reverse in (False, True):
+            for bias in (True, False):
+                gi = rnd(N, G * H + 2)[:, 2:]  # a column slice: rows G*H + 2 apart
+                h0, c0 = rnd(B, H), rnd(B, H)
+                w = rnd(G * H, H, scale=0.4)
+                b = rnd(G * H) if bias else None
+                tag = f"{cell} {dt_name} batch_sizes={sizes} reverse={reverse} bias={bias}"
+                if cell == "gru":
+                    _all_close(emu.gru_packed_recurrence_forward(gi, h0, w, b, batch_sizes, reverse, False),
+                               R.gru_packed_recurrence_forward(gi, h0, w, b, batch_sizes, reverse, False),
+                               dt_name, f"forward save=False {tag}")
+                    want = R.gru_packed_recurrence_forward(gi, h0, w, b, batch_sizes, reverse, True)
+                    got = emu.gru_packed_recurrence_forward(gi, h0, w, b, batch_sizes, reverse, True)
+                    _all_close(got, want, dt_name, f"forward {tag}")
+                    hs, gates = want
+                    grad_hs = rnd(N, H)
+                    got = emu.gru_packed_recurrence_backward(grad_hs, h0, w, hs, gates, batch_sizes, reverse, bias)
+                    want = R.gru_packed_recurrence_backward(grad_hs, h0, w, hs, gates, batch_sizes, reverse, bias)
+                else:
+                    _all_close(emu.lstm_packed_recurrence_forward(gi, h0, c0, w, b, batch_sizes, reverse, False),
+                               R.lstm_packed_recurrence_forward(gi, h0, c0, w, b, batch_sizes, reverse, False),
+                               dt_name, f"forward save=False {tag}")
+                    want = R.lstm_packed_recurrence_forward(gi, h0, c0, w, b, batch_sizes, reverse, True)
+                    got = emu.lstm_packed_recurrence_forward(gi, h0, c0, w, b, batch_sizes, reverse, True)
+                    _all_close(got, want, dt_name, f"forward {tag}")
+                    hs, cs, gates = want
+                    grad_hs, grad_cs = rnd(N, H), rnd(N, H)
+                    got = emu.lstm_packed_recurrence_backward(grad_hs, grad_cs, h0, c0, w, hs, cs, gates,
+                                                              batch_sizes, reverse, bias)
+                    want = R.lstm_packed_recurrence_backward(grad_hs, grad_cs, h0, c0, w, hs, cs, gates,
+                                                             batch_sizes, reverse, bias)
+                _all_close(got, want, dt_name, f"backward {tag}")
+
+
+@pytest.mark.slow
+def test_emulated_packed_recurrence_checks(emu):
+    """Empty sequences and the batch_sizes checks of the packed ops."""
+    import torch
+
+    H = 3
+    h0, w = torch.randn(2, H), torch.randn(3 * H, H)
+    # N = 0 (no steps): empty outputs of the right shapes.
+    hs, gates = emu.gru_packed_recurrence_forward(torch.randn(0, 3 * H), h0, w, None,
+                                                  torch.zeros(0, dtype=torch.int64), True, True)
+    assert tuple(hs.shape) == (0, H) and tuple(gates.shape) == (0, 4 * H)
+    grads = emu.gru_packed_recurrence_backward(torch.randn(0, H), h0, w, hs, gates,
+                                               torch.zeros(0, dtype=torch.int64), False, True)
+    assert [tuple(x.shape) for x in grads] == [(0, 3 * H), (2, H), (3 * H, H), (3 * H,)]
+    assert not grads[1].any() and not grads[2].any()
+    gi = torch.randn(3, 3 * H)
+    for bad in ([1, 2], [2, 2], [3], [2, 2, -1]):  # increasing; sum != N; > B; negative
+        with pytest.raises(RuntimeError, match="batch_sizes"):
+            emu.gru_packed_recurrence_forward(gi, h0, w, None, torch.tensor(bad), False, True)
+    with pytest.raises(RuntimeError, match="batch_sizes"):  # not int64
+        emu.gru_packed_recurrence_forward(gi, h0, w, None, torch.tensor([2, 1], dtype=torch.int32), False, True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dt_name", _DTYPES)
 def test_emulated_attention(emu, dt_name):

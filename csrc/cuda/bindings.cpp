@@ -36,10 +36,12 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../cpu/schemas.h"  // relative: the tests compile this file without csrc/cpu on the include path
 #include "kernels.h"
@@ -210,6 +212,102 @@ void backward_steps(int64_t T, const Tensor& dgate, const Tensor& w, Tensor& dh,
   }
 }
 
+// ---------------------------------------------------------- packed step loops
+//
+// The packed layout (naive.py, "packed layout"): rows of step t at offsets[t]
+// .. offsets[t] + batch_sizes[t]. The steps in the order they run: the step's
+// rows are off .. off + n; rows b < p_n read their previous state at
+// p_off + b, the others from h0[b] (c0[b]); p_n = 0 at the first step. The
+// forward direction always has p_n = n; the reverse one p_n = batch_sizes[t+1].
+
+struct PackedStep {
+  int64_t off, n, p_off, p_n;
+};
+
+std::vector<PackedStep> packed_steps(const Tensor& batch_sizes, int64_t N, int64_t B, bool reverse) {
+  TORCH_CHECK(batch_sizes.defined() && batch_sizes.dim() == 1 && batch_sizes.device().is_cpu() &&
+                  batch_sizes.scalar_type() == at::kLong,
+              "fastseq_cpp (CUDA): batch_sizes: expected a 1-D int64 CPU tensor, got ",
+              batch_sizes.defined() ? batch_sizes.toString() : std::string("an undefined tensor"));
+  const Tensor bs_t = batch_sizes.contiguous();
+  const int64_t* bs = bs_t.data_ptr<int64_t>();
+  const int64_t T = bs_t.numel();
+  std::vector<int64_t> offsets(T, 0);
+  int64_t total = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(bs[t] >= 0 && bs[t] <= B && (t == 0 || bs[t] <= bs[t - 1]),
+                "fastseq_cpp (CUDA): batch_sizes: expected non-increasing values in [0, ", B, "], got ",
+                batch_sizes);
+    offsets[t] = total;
+    total += bs[t];
+  }
+  TORCH_CHECK(total == N, "fastseq_cpp (CUDA): batch_sizes: expected a sum of N = ", N, ", got ", total);
+  std::vector<PackedStep> steps;
+  steps.reserve(T);
+  int64_t prev = -1;
+  for (int64_t k = 0; k < T; ++k) {
+    const int64_t t = reverse ? T - 1 - k : k;
+    if (prev < 0) {
+      steps.push_back({offsets[t], bs[t], 0, 0});
+    } else {
+      steps.push_back({offsets[t], bs[t], offsets[prev], std::min(bs[prev], bs[t])});
+    }
+    prev = t;
+  }
+  return steps;
+}
+
+// gh[:n] = h_prev W_hh^T for a step's rows (cuBLAS, no bias): rows < p_n from
+// the packed states, the others from h_init (two GEMMs when the step has both).
+void packed_recurrent_product(const PackedStep& s, const Tensor& states, const Tensor& h_init, const Tensor& wt,
+                              Tensor& gh) {
+  if (s.p_n > 0) {
+    Tensor out = gh.narrow(0, 0, s.p_n);
+    at::mm_out(out, states.narrow(0, s.p_off, s.p_n), wt);
+  }
+  if (s.n > s.p_n) {
+    Tensor out = gh.narrow(0, s.p_n, s.n - s.p_n);
+    at::mm_out(out, h_init.narrow(0, s.p_n, s.n - s.p_n), wt);
+  }
+}
+
+// The forward step loop of the packed layout: per step the recurrent product
+// of its rows, then launch(step) runs the fused pointwise kernel of the step.
+// `states`: the packed states in the compute dtype ([N, H]).
+template <typename Launch>
+void packed_forward_steps(const std::vector<PackedStep>& steps, const Tensor& h_init, const Tensor& states,
+                          const Tensor& wt, Tensor& gh, const Launch& launch) {
+  for (const PackedStep& s : steps) {
+    packed_recurrent_product(s, states, h_init, wt, gh);
+    launch(s);
+  }
+}
+
+// The backward step loop of the packed layout: the steps in reverse order;
+// launch(step) writes dgate of its rows and leaves the carry part of dh[:n],
+// then dh[:n] += dgate[rows] @ W_hh. Rows of dh past a step's n keep the
+// gradient into h0 (the rows started there).
+template <typename Launch>
+void packed_backward_steps(const std::vector<PackedStep>& steps, const Tensor& dgate, const Tensor& w, Tensor& dh,
+                           const Launch& launch) {
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    launch(*it);
+    if (it->n > 0) dh.narrow(0, 0, it->n).addmm_(dgate.narrow(0, it->off, it->n), w);
+  }
+}
+
+// dW = dG^T h_prev_packed: [N, H] holding every row's previous state (the
+// packed states in the compute dtype, or h_init), assembled per step.
+Tensor packed_weight_grad(const std::vector<PackedStep>& steps, const Tensor& dG, const Tensor& states_cd,
+                          const Tensor& h_init) {
+  Tensor h_prev = at::empty({dG.size(0), h_init.size(1)}, dG.options());
+  for (const PackedStep& s : steps) {
+    if (s.p_n > 0) h_prev.narrow(0, s.off, s.p_n).copy_(states_cd.narrow(0, s.p_off, s.p_n));
+    if (s.n > s.p_n) h_prev.narrow(0, s.off + s.p_n, s.n - s.p_n).copy_(h_init.narrow(0, s.p_n, s.n - s.p_n));
+  }
+  return at::mm(dG.t(), h_prev);
+}
+
 // ====================================================================== GRU
 
 std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
@@ -245,6 +343,7 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   a.gh = gh.data_ptr();
   a.bias = ptr_or_null(bias);
   a.ld_h = H;
+  a.n_prev = B;  // every row's previous state is h_prev
   a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
   a.B = B;
   a.H = H;
@@ -301,6 +400,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
     a.grad_hs = at_elem(gy, t * B * H);
     a.gates = at_elem(g, t * B * 4 * H);
     a.h_prev_s = t > 0 ? at_elem(hs_k, (t - 1) * B * H) : nullptr;
+    a.n_prev = t > 0 ? B : 0;  // step 0 reads h0 (h_prev_c)
     a.dgi = at_elem(dgi, t * B * 3 * H);
     a.dgh = at_elem(dgh, t * B * 3 * H);
     check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
@@ -352,6 +452,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   a.bias = ptr_or_null(bias);
   a.ld_h = H;
   a.ld_c = H;
+  a.n_prev = B;  // every row's previous state is h_prev, c_prev
   a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
   a.B = B;
   a.H = H;
@@ -420,6 +521,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     a.gates = at_elem(g, t * B * 4 * H);
     a.c = at_elem(cs_k, t * B * H);
     a.c_prev_s = t > 0 ? at_elem(cs_k, (t - 1) * B * H) : nullptr;
+    a.n_prev = t > 0 ? B : 0;  // step 0 reads c0 (c_prev_c)
     a.dg = at_elem(dg, t * B * 4 * H);
     a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
     check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
@@ -428,6 +530,237 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
   const Tensor dw = weight_grad(dg, h_init, hs.to(cd), 4 * H);
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? dg.sum(at::IntArrayRef{0, 1}).to(wdt) : at::empty({0}, w_hh.options());
+  const Tensor dgi = dgi_s.defined() ? dgi_s : dg;
+  return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dc.to(c0.scalar_type()), dw.to(wdt), db};
+}
+
+// ============================================================= packed layout
+//
+// The recurrences on a PackedSequence's own layout (naive.py, "packed
+// layout"): per step one GEMM over the step's rows (two in the reverse
+// direction when rows start there) and one launch of the dense pointwise
+// kernels on the step's rows (kernels.h, "Packed layout"). The state is read
+// back from the packed outputs; for half inputs a float32 copy of the packed
+// states is kept (the state is never rounded to half between steps).
+
+std::tuple<Tensor, Tensor> gru_packed_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
+                                                         const OptTensor& b_hh, const Tensor& batch_sizes,
+                                                         bool reverse, bool save_gates) {
+  check_dims(gi, 2, "gi", "[N, 3H]");
+  check_dims(h0, 2, "h0", "[B, H]");
+  const at::Device dev = gi.device();
+  check_float_cuda(gi, "gi", dev);
+  TORCH_CHECK(gi.size(1) % 3 == 0, "fastseq_cpp (CUDA): gi: last dimension ", gi.size(1), " is not 3H");
+  const int64_t N = gi.size(0), B = h0.size(0), H = gi.size(1) / 3;
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(w_hh, {3 * H, H}, "w_hh", dev);
+  if (has(b_hh)) check_arg(*b_hh, {3 * H}, "b_hh", dev);
+  const std::vector<PackedStep> steps = packed_steps(batch_sizes, N, B, reverse);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto st = gi.scalar_type();
+  const auto cd = compute_dtype(st);
+  const auto opt_cd = gi.options().dtype(cd);
+  const Tensor x = rows_contig(gi);
+  const Tensor wt = w_hh.to(cd).t();
+  const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
+  const Tensor h_init = h0.to(cd).contiguous();
+  Tensor hs = at::empty({N, H}, gi.options());
+  Tensor gates = save_gates ? at::empty({N, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  Tensor gh = at::empty({B, 3 * H}, opt_cd);
+  // The packed states in the compute dtype: hs itself, or a float32 copy for half inputs.
+  const Tensor h_state = st != cd ? at::empty({N, H}, opt_cd) : hs;
+
+  GruFwdStep a{};
+  a.ld_gi = x.stride(0);
+  a.gh = gh.data_ptr();
+  a.bias = ptr_or_null(bias);
+  a.ld_h = H;
+  a.h_alt = h_init.data_ptr();
+  a.H = H;
+  const DType tag = dtype_tag(st);
+  packed_forward_steps(steps, h_init, h_state, wt, gh, [&](const PackedStep& s) {
+    a.gi = at_elem(x, s.off * x.stride(0));
+    a.h_prev = s.p_n > 0 ? at_elem(h_state, s.p_off * H) : nullptr;
+    a.n_prev = s.p_n;
+    a.B = s.n;
+    a.h_state = st != cd ? at_elem(h_state, s.off * H) : nullptr;
+    a.hs_out = at_elem(hs, s.off * H);
+    a.gates = save_gates ? at_elem(gates, s.off * 4 * H) : nullptr;
+    check_launch(gru_forward_step(tag, a, stream), "gru_packed_recurrence_forward");
+  });
+  return {hs, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_packed_recurrence_backward(
+    const Tensor& grad_hs, const Tensor& h0, const Tensor& w_hh, const Tensor& hs, const Tensor& gates,
+    const Tensor& batch_sizes, bool reverse, bool has_bias) {
+  check_dims(hs, 2, "hs", "[N, H]");
+  check_dims(h0, 2, "h0", "[B, H]");
+  const at::Device dev = hs.device();
+  check_float_cuda(hs, "hs", dev);
+  const int64_t N = hs.size(0), B = h0.size(0), H = hs.size(1);
+  check_arg(grad_hs, {N, H}, "grad_hs", dev);
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(w_hh, {3 * H, H}, "w_hh", dev);
+  check_arg(gates, {N, 4 * H}, "gates", dev);
+  const std::vector<PackedStep> steps = packed_steps(batch_sizes, N, B, reverse);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto st = storage_dtype({&hs, &grad_hs, &gates}, cd);
+  const auto opt_cd = hs.options().dtype(cd);
+  const Tensor gy = grad_hs.to(st).contiguous();
+  const Tensor g = gates.to(st).contiguous();
+  const Tensor hs_k = hs.to(st).contiguous();
+  const Tensor w = w_hh.to(cd);
+  const Tensor h_init = h0.to(cd).contiguous();
+  Tensor dgi = at::empty({N, 3 * H}, hs.options().dtype(st));
+  Tensor dgh = at::empty({N, 3 * H}, opt_cd);
+  Tensor dh = at::zeros({B, H}, opt_cd);
+
+  GruBwdStep a{};
+  a.h_prev_c = h_init.data_ptr();
+  a.H = H;
+  a.dh = dh.data_ptr();
+  const DType tag = dtype_tag(st);
+  packed_backward_steps(steps, dgh, w, dh, [&](const PackedStep& s) {  // dh[:n] = d z + dgh[rows] @ W_hh
+    a.B = s.n;
+    a.n_prev = s.p_n;
+    a.grad_hs = at_elem(gy, s.off * H);
+    a.gates = at_elem(g, s.off * 4 * H);
+    a.h_prev_s = s.p_n > 0 ? at_elem(hs_k, s.p_off * H) : nullptr;
+    a.dgi = at_elem(dgi, s.off * 3 * H);
+    a.dgh = at_elem(dgh, s.off * 3 * H);
+    check_launch(gru_backward_step(tag, a, stream), "gru_packed_recurrence_backward");
+  });
+
+  const Tensor dw = packed_weight_grad(steps, dgh, hs_k.to(cd), h_init);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? dgh.sum(0).to(wdt) : at::empty({0}, w_hh.options());
+  return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dw.to(wdt), db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_packed_recurrence_forward(const Tensor& gi, const Tensor& h0,
+                                                                  const Tensor& c0, const Tensor& w_hh,
+                                                                  const OptTensor& b_hh, const Tensor& batch_sizes,
+                                                                  bool reverse, bool save_gates) {
+  check_dims(gi, 2, "gi", "[N, 4H]");
+  check_dims(h0, 2, "h0", "[B, H]");
+  const at::Device dev = gi.device();
+  check_float_cuda(gi, "gi", dev);
+  TORCH_CHECK(gi.size(1) % 4 == 0, "fastseq_cpp (CUDA): gi: last dimension ", gi.size(1), " is not 4H");
+  const int64_t N = gi.size(0), B = h0.size(0), H = gi.size(1) / 4;
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(c0, {B, H}, "c0", dev);
+  check_arg(w_hh, {4 * H, H}, "w_hh", dev);
+  if (has(b_hh)) check_arg(*b_hh, {4 * H}, "b_hh", dev);
+  const std::vector<PackedStep> steps = packed_steps(batch_sizes, N, B, reverse);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto st = gi.scalar_type();
+  const auto cd = compute_dtype(st);
+  const auto opt_cd = gi.options().dtype(cd);
+  const Tensor x = rows_contig(gi);
+  const Tensor wt = w_hh.to(cd).t();
+  const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
+  const Tensor h_init = h0.to(cd).contiguous();
+  const Tensor c_init = c0.to(cd).contiguous();
+  Tensor hs = at::empty({N, H}, gi.options());
+  Tensor cs = at::empty({N, H}, gi.options());
+  Tensor gates = save_gates ? at::empty({N, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  Tensor gh = at::empty({B, 4 * H}, opt_cd);
+  // The packed states in the compute dtype: hs / cs themselves, or float32 copies for half inputs.
+  const Tensor h_state = st != cd ? at::empty({N, H}, opt_cd) : hs;
+  const Tensor c_state = st != cd ? at::empty({N, H}, opt_cd) : cs;
+
+  LstmFwdStep a{};
+  a.ld_gi = x.stride(0);
+  a.gh = gh.data_ptr();
+  a.bias = ptr_or_null(bias);
+  a.ld_h = H;
+  a.ld_c = H;
+  a.h_alt = h_init.data_ptr();
+  a.c_alt = c_init.data_ptr();
+  a.H = H;
+  const DType tag = dtype_tag(st);
+  packed_forward_steps(steps, h_init, h_state, wt, gh, [&](const PackedStep& s) {
+    a.gi = at_elem(x, s.off * x.stride(0));
+    a.h_prev = s.p_n > 0 ? at_elem(h_state, s.p_off * H) : nullptr;
+    a.c_prev = s.p_n > 0 ? at_elem(c_state, s.p_off * H) : nullptr;
+    a.n_prev = s.p_n;
+    a.B = s.n;
+    a.h_state = st != cd ? at_elem(h_state, s.off * H) : nullptr;
+    a.c_state = st != cd ? at_elem(c_state, s.off * H) : nullptr;
+    a.hs_out = at_elem(hs, s.off * H);
+    a.cs_out = at_elem(cs, s.off * H);
+    a.gates = save_gates ? at_elem(gates, s.off * 4 * H) : nullptr;
+    check_launch(lstm_forward_step(tag, a, stream), "lstm_packed_recurrence_forward");
+  });
+  return {hs, cs, gates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backward(
+    const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+    const Tensor& hs, const Tensor& cs, const Tensor& gates, const Tensor& batch_sizes, bool reverse,
+    bool has_bias) {
+  check_dims(hs, 2, "hs", "[N, H]");
+  check_dims(h0, 2, "h0", "[B, H]");
+  const at::Device dev = hs.device();
+  check_float_cuda(hs, "hs", dev);
+  const int64_t N = hs.size(0), B = h0.size(0), H = hs.size(1);
+  check_arg(grad_hs, {N, H}, "grad_hs", dev);
+  check_arg(grad_cs, {N, H}, "grad_cs", dev);
+  check_arg(cs, {N, H}, "cs", dev);
+  check_arg(h0, {B, H}, "h0", dev);
+  check_arg(c0, {B, H}, "c0", dev);
+  check_arg(w_hh, {4 * H, H}, "w_hh", dev);
+  check_arg(gates, {N, 4 * H}, "gates", dev);
+  const std::vector<PackedStep> steps = packed_steps(batch_sizes, N, B, reverse);
+  const DeviceGuard guard(dev);
+  const cudaStream_t stream = stream_of(dev);
+
+  const auto cd = compute_dtype(hs.scalar_type());
+  const auto st = storage_dtype({&hs, &grad_hs, &grad_cs, &cs, &gates}, cd);
+  const auto opt_cd = hs.options().dtype(cd);
+  const Tensor gy = grad_hs.to(st).contiguous();
+  const Tensor gcy = grad_cs.to(st).contiguous();
+  const Tensor g = gates.to(st).contiguous();
+  const Tensor cs_k = cs.to(st).contiguous();
+  const Tensor w = w_hh.to(cd);
+  const Tensor h_init = h0.to(cd).contiguous();
+  const Tensor c_init = c0.to(cd).contiguous();
+  Tensor dg = at::empty({N, 4 * H}, opt_cd);
+  // float32/float64: grad_gi is dg itself; half: a copy in the storage dtype.
+  Tensor dgi_s = st != cd ? at::empty({N, 4 * H}, hs.options().dtype(st)) : Tensor();
+  Tensor dh = at::zeros({B, H}, opt_cd);
+  Tensor dc = at::zeros({B, H}, opt_cd);
+
+  LstmBwdStep a{};
+  a.c_prev_c = c_init.data_ptr();
+  a.H = H;
+  a.dh = dh.data_ptr();
+  a.dc = dc.data_ptr();
+  const DType tag = dtype_tag(st);
+  packed_backward_steps(steps, dg, w, dh, [&](const PackedStep& s) {  // dh[:n] = dg[rows] @ W_hh
+    a.B = s.n;
+    a.n_prev = s.p_n;
+    a.grad_hs = at_elem(gy, s.off * H);
+    a.grad_cs = at_elem(gcy, s.off * H);
+    a.gates = at_elem(g, s.off * 4 * H);
+    a.c = at_elem(cs_k, s.off * H);
+    a.c_prev_s = s.p_n > 0 ? at_elem(cs_k, s.p_off * H) : nullptr;
+    a.dg = at_elem(dg, s.off * 4 * H);
+    a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, s.off * 4 * H) : nullptr;
+    check_launch(lstm_backward_step(tag, a, stream), "lstm_packed_recurrence_backward");
+  });
+
+  const Tensor dw = packed_weight_grad(steps, dg, hs.to(cd), h_init);
+  const auto wdt = w_hh.scalar_type();
+  Tensor db = has_bias ? dg.sum(0).to(wdt) : at::empty({0}, w_hh.options());
   const Tensor dgi = dgi_s.defined() ? dgi_s : dg;
   return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dc.to(c0.scalar_type()), dw.to(wdt), db};
 }
@@ -670,6 +1003,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_back
   m.impl("gru_recurrence_backward", &fastseq::cuda::gru_recurrence_backward);                  \
   m.impl("lstm_recurrence_forward", &fastseq::cuda::lstm_recurrence_forward);                  \
   m.impl("lstm_recurrence_backward", &fastseq::cuda::lstm_recurrence_backward);                \
+  m.impl("gru_packed_recurrence_forward", &fastseq::cuda::gru_packed_recurrence_forward);      \
+  m.impl("gru_packed_recurrence_backward", &fastseq::cuda::gru_packed_recurrence_backward);    \
+  m.impl("lstm_packed_recurrence_forward", &fastseq::cuda::lstm_packed_recurrence_forward);    \
+  m.impl("lstm_packed_recurrence_backward", &fastseq::cuda::lstm_packed_recurrence_backward);  \
   m.impl("additive_attention_forward", &fastseq::cuda::additive_attention_forward);            \
   m.impl("additive_attention_backward", &fastseq::cuda::additive_attention_backward);          \
   m.impl("gru_context_cell_forward", &fastseq::cuda::gru_context_cell_forward);                \

@@ -41,6 +41,16 @@ enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 // past its length its state passes through unchanged (its gates are still
 // computed and saved, as the reference does), and in the backward its gate
 // gradients are zero and dh (dc) passes through.
+//
+// Packed layout (a PackedSequence's; fastseq/ops/recurrence/naive.py, "packed
+// layout"): the same launchers run one step of a packed recurrence. The caller
+// passes the step's row count as B, pointers already offset to the step's rows
+// (gi, hs, gates ... at row offsets[t]; the previous state at the previous
+// step's offset), lengths = nullptr, and n_prev: rows b < n_prev read their
+// previous state from h_prev (c_prev), rows b >= n_prev from h_alt (c_alt),
+// i.e. h0 (c0) row b (the reverse direction: rows that start at this step).
+// The dense path passes n_prev = B in the forward and n_prev = (t > 0 ? B : 0)
+// in the backward.
 
 // GRU forward, step t (element (b, j) per thread):
 //   r = sig(gi_r + gh_r + b_r), z = sig(gi_z + gh_z + b_z), hn = gh_n + b_n,
@@ -50,8 +60,10 @@ struct GruFwdStep {
   int64_t ld_gi;
   const void* gh;      // C [B, 3H] contiguous: h_prev W_hh^T (no bias)
   const void* bias;    // C [3H] b_hh, or nullptr
-  const void* h_prev;  // C [B, H], rows ld_h apart
+  const void* h_prev;  // C [B, H], rows ld_h apart (rows b < n_prev)
   int64_t ld_h;
+  const void* h_alt;  // C [B, H] contiguous (h0): the previous state of rows b >= n_prev, or nullptr
+  int64_t n_prev;
   const int64_t* lengths;  // [B] or nullptr
   int64_t t, B, H;
   void* h_state;  // C [B, H] contiguous: h' in the compute dtype, or nullptr
@@ -68,8 +80,9 @@ cudaError_t gru_forward_step(DType dtype, const GruFwdStep& a, cudaStream_t stre
 struct GruBwdStep {
   const void* grad_hs;   // S [B, H] contiguous (grad_hs[t])
   const void* gates;     // S [B, 4H] contiguous (gates[t])
-  const void* h_prev_s;  // S [B, H] contiguous (hs[t-1]), or nullptr: then h_prev_c
-  const void* h_prev_c;  // C [B, H] contiguous (h0 in the compute dtype)
+  const void* h_prev_s;  // S [B, H] contiguous (hs[t-1]): the previous state of rows b < n_prev
+  const void* h_prev_c;  // C [B, H] contiguous (h0 in the compute dtype): that of rows b >= n_prev
+  int64_t n_prev;
   const int64_t* lengths;
   int64_t t, B, H;
   void* dh;   // C [B, H] contiguous, in/out
@@ -89,6 +102,9 @@ struct LstmFwdStep {
   int64_t ld_h;
   const void* c_prev;  // C [B, H], rows ld_c apart
   int64_t ld_c;
+  const void* h_alt;  // C [B, H] contiguous (h0): the previous h of rows b >= n_prev, or nullptr
+  const void* c_alt;  // C [B, H] contiguous (c0): the previous c of rows b >= n_prev, or nullptr
+  int64_t n_prev;     // rows b < n_prev read h_prev / c_prev
   const int64_t* lengths;
   int64_t t, B, H;
   void* h_state;  // C [B, H] contiguous or nullptr
@@ -109,8 +125,9 @@ struct LstmBwdStep {
   const void* grad_cs;   // S [B, H] contiguous
   const void* gates;     // S [B, 4H] contiguous
   const void* c;         // S [B, H] contiguous (cs[t])
-  const void* c_prev_s;  // S [B, H] contiguous (cs[t-1]) or nullptr: then c_prev_c
-  const void* c_prev_c;  // C [B, H] contiguous (c0 in the compute dtype)
+  const void* c_prev_s;  // S [B, H] contiguous (cs[t-1]): the previous c of rows b < n_prev
+  const void* c_prev_c;  // C [B, H] contiguous (c0 in the compute dtype): that of rows b >= n_prev
+  int64_t n_prev;
   const int64_t* lengths;
   int64_t t, B, H;
   void* dh;     // C [B, H] in/out

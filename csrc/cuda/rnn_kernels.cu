@@ -12,6 +12,13 @@
 // grid-stride loop; all arithmetic in the compute type (float, or double for
 // float64). No shared memory, no atomics. The gate formulas: gates.cuh
 // (shared with the decoder's GRU cell kernels).
+//
+// The same kernels serve the packed layout (a PackedSequence's, kernels.h):
+// the caller passes the step's row count as B and pointers already offset to
+// the step's rows; rows b >= n_prev read their previous state from the
+// alternative pointer (h0 / c0, [B, H] contiguous) instead of the previous
+// step's rows (the reverse direction, where longer rows start). The dense
+// path passes n_prev = B (forward) or n_prev = t > 0 ? B : 0 (backward).
 #include "common.cuh"
 #include "gates.cuh"
 
@@ -30,14 +37,23 @@ __device__ __forceinline__ bool row_valid(const int64_t* lengths, int64_t b, int
   return lengths == nullptr || lengths[b] > t;
 }
 
+// The previous state of element (b, j): rows b < n_prev from `prev` (rows ld
+// apart), the others from `alt` (rows H apart: h0 / c0).
+template <typename C>
+__device__ __forceinline__ C prev_state(const C* prev, int64_t ld, const C* alt, int64_t n_prev, int64_t b,
+                                        int64_t j, int64_t H) {
+  return b < n_prev ? prev[b * ld + j] : alt[b * H + j];
+}
+
 // ====================================================================== GRU
 
 template <typename S, typename C = acc_t<S>>
 __global__ void __launch_bounds__(kThreads)
     gru_fwd_kernel(const S* __restrict__ gi, int64_t ld_gi, const C* __restrict__ gh,
                    const C* __restrict__ bias, const C* __restrict__ h_prev, int64_t ld_h,
-                   const int64_t* __restrict__ lengths, int64_t t, int64_t B, int64_t H,
-                   C* __restrict__ h_state, S* __restrict__ hs_out, S* __restrict__ gates) {
+                   const C* __restrict__ h_alt, int64_t n_prev, const int64_t* __restrict__ lengths,
+                   int64_t t, int64_t B, int64_t H, C* __restrict__ h_state, S* __restrict__ hs_out,
+                   S* __restrict__ gates) {
   const int64_t n = B * H;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -50,7 +66,7 @@ __global__ void __launch_bounds__(kThreads)
       h_z += bias[H + j];
       h_n += bias[2 * H + j];
     }
-    const C hp = h_prev[b * ld_h + j];
+    const C hp = prev_state(h_prev, ld_h, h_alt, n_prev, b, j, H);
     const detail::GruGates<C> y =
         detail::gru_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j), h_r, h_z, h_n, hp);
     const C h_new = row_valid(lengths, b, t) ? y.h : hp;
@@ -69,7 +85,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename S, typename C = acc_t<S>>
 __global__ void __launch_bounds__(kThreads)
     gru_bwd_kernel(const S* __restrict__ grad_hs, const S* __restrict__ gates,
-                   const S* __restrict__ h_prev_s, const C* __restrict__ h_prev_c,
+                   const S* __restrict__ h_prev_s, const C* __restrict__ h_prev_c, int64_t n_prev,
                    const int64_t* __restrict__ lengths, int64_t t, int64_t B, int64_t H,
                    C* __restrict__ dh, S* __restrict__ dgi, C* __restrict__ dgh) {
   const int64_t n = B * H;
@@ -86,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     const S* g = gates + b * 4 * H;
-    const C hp = h_prev_s != nullptr ? ld(h_prev_s + idx) : h_prev_c[idx];
+    const C hp = b < n_prev ? ld(h_prev_s + idx) : h_prev_c[idx];
     const detail::GruGateGrads<C> y =
         detail::gru_gate_backward(d, ld(g + j), ld(g + H + j), ld(g + 2 * H + j), ld(g + 3 * H + j), hp);
     gx[j] = from_acc<S>(y.dr);
@@ -105,7 +121,8 @@ template <typename S, typename C = acc_t<S>>
 __global__ void __launch_bounds__(kThreads)
     lstm_fwd_kernel(const S* __restrict__ gi, int64_t ld_gi, const C* __restrict__ gh,
                     const C* __restrict__ bias, const C* __restrict__ h_prev, int64_t ld_h,
-                    const C* __restrict__ c_prev, int64_t ld_c, const int64_t* __restrict__ lengths,
+                    const C* __restrict__ c_prev, int64_t ld_c, const C* __restrict__ h_alt,
+                    const C* __restrict__ c_alt, int64_t n_prev, const int64_t* __restrict__ lengths,
                     int64_t t, int64_t B, int64_t H, C* __restrict__ h_state, C* __restrict__ c_state,
                     S* __restrict__ hs_out, S* __restrict__ cs_out, S* __restrict__ gates) {
   const int64_t n = B * H;
@@ -122,7 +139,8 @@ __global__ void __launch_bounds__(kThreads)
       h_g += bias[2 * H + j];
       h_o += bias[3 * H + j];
     }
-    const C hp = h_prev[b * ld_h + j], cp = c_prev[b * ld_c + j];
+    const C hp = prev_state(h_prev, ld_h, h_alt, n_prev, b, j, H);
+    const C cp = prev_state(c_prev, ld_c, c_alt, n_prev, b, j, H);
     const detail::LstmGates<C> y = detail::lstm_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j),
                                                              ld(x + 3 * H + j), h_i, h_f, h_g, h_o, cp);
     const bool valid = row_valid(lengths, b, t);
@@ -146,7 +164,7 @@ template <typename S, typename C = acc_t<S>>
 __global__ void __launch_bounds__(kThreads)
     lstm_bwd_kernel(const S* __restrict__ grad_hs, const S* __restrict__ grad_cs,
                     const S* __restrict__ gates, const S* __restrict__ c,
-                    const S* __restrict__ c_prev_s, const C* __restrict__ c_prev_c,
+                    const S* __restrict__ c_prev_s, const C* __restrict__ c_prev_c, int64_t n_prev,
                     const int64_t* __restrict__ lengths, int64_t t, int64_t B, int64_t H,
                     C* __restrict__ dh, C* __restrict__ dc, C* __restrict__ dg, S* __restrict__ dgi_s) {
   const int64_t n = B * H;
@@ -167,7 +185,7 @@ __global__ void __launch_bounds__(kThreads)
     const S* g = gates + b * 4 * H;
     const C i = ld(g + j), f = ld(g + H + j), gg = ld(g + 2 * H + j), o = ld(g + 3 * H + j);
     const C tc = tanh_(ld(c + idx));
-    const C cp = c_prev_s != nullptr ? ld(c_prev_s + idx) : c_prev_c[idx];
+    const C cp = b < n_prev ? ld(c_prev_s + idx) : c_prev_c[idx];
     const detail::LstmGateGrads<C> y = detail::lstm_gate_backward(d, dc_in, i, f, gg, o, tc, cp);
     gd[j] = y.di;
     gd[H + j] = y.df;
@@ -193,8 +211,8 @@ cudaError_t gru_forward_step_impl(const GruFwdStep& a, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   FASTSEQ_LAUNCH(gru_fwd_kernel<S>, detail::blocks_for(n, kThreads), kThreads, 0, stream,
       static_cast<const S*>(a.gi), a.ld_gi, static_cast<const C*>(a.gh), static_cast<const C*>(a.bias),
-      static_cast<const C*>(a.h_prev), a.ld_h, a.lengths, a.t, a.B, a.H, static_cast<C*>(a.h_state),
-      static_cast<S*>(a.hs_out), static_cast<S*>(a.gates));
+      static_cast<const C*>(a.h_prev), a.ld_h, static_cast<const C*>(a.h_alt), a.n_prev, a.lengths, a.t,
+      a.B, a.H, static_cast<C*>(a.h_state), static_cast<S*>(a.hs_out), static_cast<S*>(a.gates));
   return detail::launch_status();
 }
 
@@ -205,7 +223,7 @@ cudaError_t gru_backward_step_impl(const GruBwdStep& a, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   FASTSEQ_LAUNCH(gru_bwd_kernel<S>, detail::blocks_for(n, kThreads), kThreads, 0, stream,
       static_cast<const S*>(a.grad_hs), static_cast<const S*>(a.gates), static_cast<const S*>(a.h_prev_s),
-      static_cast<const C*>(a.h_prev_c), a.lengths, a.t, a.B, a.H, static_cast<C*>(a.dh),
+      static_cast<const C*>(a.h_prev_c), a.n_prev, a.lengths, a.t, a.B, a.H, static_cast<C*>(a.dh),
       static_cast<S*>(a.dgi), static_cast<C*>(a.dgh));
   return detail::launch_status();
 }
@@ -217,8 +235,9 @@ cudaError_t lstm_forward_step_impl(const LstmFwdStep& a, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
   FASTSEQ_LAUNCH(lstm_fwd_kernel<S>, detail::blocks_for(n, kThreads), kThreads, 0, stream,
       static_cast<const S*>(a.gi), a.ld_gi, static_cast<const C*>(a.gh), static_cast<const C*>(a.bias),
-      static_cast<const C*>(a.h_prev), a.ld_h, static_cast<const C*>(a.c_prev), a.ld_c, a.lengths, a.t,
-      a.B, a.H, static_cast<C*>(a.h_state), static_cast<C*>(a.c_state), static_cast<S*>(a.hs_out),
+      static_cast<const C*>(a.h_prev), a.ld_h, static_cast<const C*>(a.c_prev), a.ld_c,
+      static_cast<const C*>(a.h_alt), static_cast<const C*>(a.c_alt), a.n_prev, a.lengths, a.t, a.B, a.H,
+      static_cast<C*>(a.h_state), static_cast<C*>(a.c_state), static_cast<S*>(a.hs_out),
       static_cast<S*>(a.cs_out), static_cast<S*>(a.gates));
   return detail::launch_status();
 }
@@ -231,7 +250,7 @@ cudaError_t lstm_backward_step_impl(const LstmBwdStep& a, cudaStream_t stream) {
   FASTSEQ_LAUNCH(lstm_bwd_kernel<S>, detail::blocks_for(n, kThreads), kThreads, 0, stream,
       static_cast<const S*>(a.grad_hs), static_cast<const S*>(a.grad_cs), static_cast<const S*>(a.gates),
       static_cast<const S*>(a.c), static_cast<const S*>(a.c_prev_s), static_cast<const C*>(a.c_prev_c),
-      a.lengths, a.t, a.B, a.H, static_cast<C*>(a.dh), static_cast<C*>(a.dc), static_cast<C*>(a.dg),
+      a.n_prev, a.lengths, a.t, a.B, a.H, static_cast<C*>(a.dh), static_cast<C*>(a.dc), static_cast<C*>(a.dg),
       static_cast<S*>(a.dgi_s));
   return detail::launch_status();
 }
