@@ -230,3 +230,42 @@ def test_packed_final_rows():
     # row 0 ends at step 3 (offset 8), rows 1, 2 at step 1 (offset 4), row 3 at step 0
     assert ops.packed_final_rows(bs).tolist() == [8, 5, 6, 3]
     assert ops.packed_final_rows(bs, reverse=True).tolist() == [0, 1, 2, 3]
+
+
+# ------------------------------------------------- the C++ backend's autograd
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpp_autograd_gradcheck_float64(cpp_ops, reverse):
+    """With the C++ backend, ops.gru/lstm (dense, lengths) and ops.gru_packed/lstm_packed
+    record their backward in C++ (csrc/cpu/autograd.cpp): gradcheck through it."""
+    with fastseq.backend("cpp"):
+        gi, h0, c0, w, b, bs = _make(3, [3, 2, 2], 3, torch.float64, True, seed=6)
+        args = [t.clone().requires_grad_(True) for t in (gi, h0, w, b)]
+        out = ops.gru_packed(*args, bs, reverse=reverse)
+        assert type(out.grad_fn).__name__ == "CppFunction"  # not the Python custom op's node
+        assert torch.autograd.gradcheck(lambda *a: ops.gru_packed(*a, bs, reverse=reverse), args)
+        gi, h0, c0, w, b, bs = _make(4, [3, 2, 2], 3, torch.float64, False, seed=7)
+        args = [t.clone().requires_grad_(True) for t in (gi, h0, c0, w)]
+        assert torch.autograd.gradcheck(lambda *a: ops.lstm_packed(*a, None, bs, reverse=reverse), args)
+
+        g = torch.Generator().manual_seed(8)
+        lengths = torch.tensor([3, 1]) if reverse else None
+        dense = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+                 for s in ((3, 2, 9), (2, 3), (9, 3), (9,))]
+        assert torch.autograd.gradcheck(lambda *a: ops.gru(*a, lengths=lengths), dense)
+        dense = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+                 for s in ((3, 2, 12), (2, 3), (2, 3), (12, 3), (12,))]
+        assert torch.autograd.gradcheck(lambda *a: ops.lstm(*a, lengths=lengths), dense)
+
+
+def test_cpp_autograd_without_grad_saves_nothing_and_says_so(cpp_ops):
+    gi, h0, _, w, b, _ = _make(3, [2, 2], 4, torch.float32, True, seed=9)
+    with fastseq.backend("cpp"), torch.no_grad():
+        hs = cpp_ops.gru_recurrence(gi.unsqueeze(1).reshape(2, 2, 12), h0, w, b, None)
+    assert hs.grad_fn is None
+    # a leaf that starts requiring grad after the fact gets no graph through hs
+    with fastseq.backend("cpp"):
+        out = cpp_ops.gru_recurrence(gi.reshape(2, 2, 12).requires_grad_(True), h0, w, b, None)
+    assert out.grad_fn is not None
+    out.sum().backward()

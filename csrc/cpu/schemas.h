@@ -56,6 +56,21 @@ inline void define_recurrence_ops(torch::Library& m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+// The recurrences with their autograd in C++ (cpu/autograd.cpp): each runs the
+// forward op above and records a backward that calls the backward op.
+inline void define_autograd_ops(torch::Library& m) {
+  m.def("gru_recurrence(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths) -> Tensor");
+  m.def(
+      "lstm_recurrence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? lengths) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "gru_packed_recurrence(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor batch_sizes, "
+      "bool reverse) -> Tensor");
+  m.def(
+      "lstm_packed_recurrence(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
+      "Tensor batch_sizes, bool reverse) -> (Tensor, Tensor)");
+}
+
 // additive_attention_{forward,backward} (cpu/attention.cpp).
 inline void define_attention_ops(torch::Library& m) {
   m.def(

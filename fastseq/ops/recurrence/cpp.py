@@ -3,6 +3,9 @@
 Each function calls ``torch.ops.fastseq_cpp.<name>`` (built on first use by
 :mod:`fastseq.backend.extension`; PyTorch's dispatcher picks the CPU or CUDA
 kernel by the tensors' device). Signatures and outputs are :mod:`.naive`'s;
+:func:`gru_recurrence`, :func:`lstm_recurrence`, :func:`gru_packed_recurrence` and
+:func:`lstm_packed_recurrence` run the forward with its autograd recorded in C++
+(``csrc/cpu/autograd.cpp``): the backward runs without Python.
 absent outputs are empty ``[0]`` tensors, as the C++ ops return them. The
 kernels loop over time with capped grid-stride loops on CUDA and int64
 indexing on the CPU: they take any shape (no limits registered).
@@ -48,3 +51,22 @@ def lstm_packed_recurrence_backward(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gate
                                     has_bias):
     return tuple(extension.load().lstm_packed_recurrence_backward(
         grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, reverse, has_bias))
+
+
+# ------------------------------------------------------- autograd in C++ (no Python backward)
+
+
+def gru_recurrence(gi, h0, w_hh, b_hh, lengths):
+    return extension.load().gru_recurrence(gi, h0, w_hh, b_hh, lengths)
+
+
+def lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths):
+    return tuple(extension.load().lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths))
+
+
+def gru_packed_recurrence(gi, h0, w_hh, b_hh, batch_sizes, reverse):
+    return extension.load().gru_packed_recurrence(gi, h0, w_hh, b_hh, batch_sizes, reverse)
+
+
+def lstm_packed_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse):
+    return tuple(extension.load().lstm_packed_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse))

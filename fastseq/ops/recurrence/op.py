@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from fastseq.backend import registry, selection
-from fastseq.backend.registry import Implementation, direct_call_ok, needs_grad
+from fastseq.backend.registry import Implementation, needs_grad
 from fastseq.ops import validation
 from fastseq.ops.recurrence import cpp, naive
 
@@ -435,9 +435,12 @@ def gru(
         (Each message names the argument, the expected and the actual value.)
     """
     lengths = _check_args(3, gi, (("h0", h0),), w_hh, b_hh, lengths)
-    if direct_call_ok(gi, h0, w_hh, b_hh):
-        fn = _impl(GRU_FORWARD, gi, gi.shape[0], gi.shape[1], h0.shape[1], 3)
-        return fn(gi, h0, w_hh, b_hh, lengths, False)[0]
+    if not torch.compiler.is_compiling():
+        sizes = {"T": gi.shape[0], "B": gi.shape[1], "H": h0.shape[1], "G": 3}
+        if registry.choose(GRU_FORWARD, gi, sizes) == "cpp":  # autograd in C++ (cpp.py)
+            return cpp.gru_recurrence(gi, h0, w_hh, b_hh, lengths)
+        if not needs_grad(gi, h0, w_hh, b_hh):
+            return registry.implementation(GRU_FORWARD, gi, sizes)(gi, h0, w_hh, b_hh, lengths, False)[0]
     hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, needs_grad(gi, h0, w_hh, b_hh))
     return hs
 
@@ -460,10 +463,13 @@ def lstm(
         ArgumentTypeError / RuntimeError: as :func:`gru`.
     """
     lengths = _check_args(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, lengths)
-    if direct_call_ok(gi, h0, c0, w_hh, b_hh):
-        fn = _impl(LSTM_FORWARD, gi, gi.shape[0], gi.shape[1], h0.shape[1], 4)
-        hs, cs, _ = fn(gi, h0, c0, w_hh, b_hh, lengths, False)
-        return hs, cs
+    if not torch.compiler.is_compiling():
+        sizes = {"T": gi.shape[0], "B": gi.shape[1], "H": h0.shape[1], "G": 4}
+        if registry.choose(LSTM_FORWARD, gi, sizes) == "cpp":
+            return cpp.lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths)
+        if not needs_grad(gi, h0, c0, w_hh, b_hh):
+            hs, cs, _ = registry.implementation(LSTM_FORWARD, gi, sizes)(gi, h0, c0, w_hh, b_hh, lengths, False)
+            return hs, cs
     hs, cs, _ = lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths, needs_grad(gi, h0, c0, w_hh, b_hh))
     return hs, cs
 
@@ -517,9 +523,13 @@ def gru_packed(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], bat
         a PackedSequence's (not int64 CPU 1-D, increasing, first != B, sum != N).
     """
     _check_packed(3, gi, (("h0", h0),), w_hh, b_hh, batch_sizes)
-    if direct_call_ok(gi, h0, w_hh, b_hh):
-        fn = _packed_impl(GRU_PACKED, gi, gi.shape[0], h0.shape[0], h0.shape[1], 3, batch_sizes.shape[0])
-        return fn(gi, h0, w_hh, b_hh, batch_sizes, reverse, False)[0]
+    if not torch.compiler.is_compiling():
+        sizes = {"N": gi.shape[0], "B": h0.shape[0], "H": h0.shape[1], "G": 3, "T": batch_sizes.shape[0]}
+        if registry.choose(GRU_PACKED, gi, sizes) == "cpp":
+            return cpp.gru_packed_recurrence(gi, h0, w_hh, b_hh, batch_sizes, reverse)
+        if not needs_grad(gi, h0, w_hh, b_hh):
+            fn = registry.implementation(GRU_PACKED, gi, sizes)
+            return fn(gi, h0, w_hh, b_hh, batch_sizes, reverse, False)[0]
     hs, _ = gru_packed_recurrence(gi, h0, w_hh, b_hh, batch_sizes, reverse, needs_grad(gi, h0, w_hh, b_hh))
     return hs
 
@@ -529,10 +539,14 @@ def lstm_packed(gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional
     """LSTM recurrence on a PackedSequence's layout; as :func:`gru_packed` with
     gi ``[N, 4H]``, c0 ``[B, H]``, w_hh ``[4H, H]``. Returns (hs, cs), each ``[N, H]``."""
     _check_packed(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, batch_sizes)
-    if direct_call_ok(gi, h0, c0, w_hh, b_hh):
-        fn = _packed_impl(LSTM_PACKED, gi, gi.shape[0], h0.shape[0], h0.shape[1], 4, batch_sizes.shape[0])
-        hs, cs, _ = fn(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, False)
-        return hs, cs
+    if not torch.compiler.is_compiling():
+        sizes = {"N": gi.shape[0], "B": h0.shape[0], "H": h0.shape[1], "G": 4, "T": batch_sizes.shape[0]}
+        if registry.choose(LSTM_PACKED, gi, sizes) == "cpp":
+            return cpp.lstm_packed_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse)
+        if not needs_grad(gi, h0, c0, w_hh, b_hh):
+            fn = registry.implementation(LSTM_PACKED, gi, sizes)
+            hs, cs, _ = fn(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, False)
+            return hs, cs
     hs, cs, _ = lstm_packed_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse,
                                        needs_grad(gi, h0, c0, w_hh, b_hh))
     return hs, cs
