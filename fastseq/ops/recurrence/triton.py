@@ -48,6 +48,15 @@ single matrix products over all steps (torch, fp32)::
     dW_hh = dG.reshape(T*B, G*H)^T @ [h0; hs[:-1]].reshape(T*B, H)
     db_hh = dG.sum((0, 1))
 
+Packed layout (``*_packed_recurrence_*``, :mod:`.naive`'s "packed layout"): the
+same step kernels, each launch over only its step's ``batch_sizes[t]`` rows
+(views at the step's offset in ``gi``/``hs``/``gates``). Rows ``b >= n_prev``
+read their previous state from ``h0`` through a second pointer (``h_alt``; the
+reverse direction's rows that start at that step); the backward's carry goes
+only to the ``n_next`` rows the next step reads from this one, and its per-row
+carry buffer is updated in place. dW_hh is one product over the N packed rows
+with each row's previous state gathered once.
+
 Precision: loads are cast to fp32 and every product and accumulation is fp32;
 ``tl.dot`` uses ``input_precision="ieee"`` unless the user opted in to TF32
 (``torch.backends.cuda.matmul.allow_tf32``). Outputs are in the input dtype;
