@@ -12,6 +12,8 @@ from fastseq.backend import registry, selection, warn
 from fastseq.ops import recurrence as rnn
 
 OPS = ("gru_recurrence", "gru_recurrence_backward", "lstm_recurrence", "lstm_recurrence_backward",
+       "gru_packed_recurrence", "gru_packed_recurrence_backward", "lstm_packed_recurrence",
+       "lstm_packed_recurrence_backward",
        "additive_attention", "additive_attention_backward", "gru_context_cell", "gru_context_cell_backward")
 
 
