@@ -220,8 +220,8 @@ class _Cases:
         steps = []
         for t in range(T):
             h_prev = h0 if t == 0 else (hs[t - 1] if state is None else state[(t - 1) % 2])
-            steps.append((gi[t], h_prev, w, b, None, hs[t], None if state is None else state[t % 2], gates[t],
-                          t, B, H))
+            steps.append((gi[t], h_prev, None, w, b, None, hs[t], None if state is None else state[t % 2],
+                          gates[t], t, B, H, B))
         launch = kern[grid]
 
         def run():

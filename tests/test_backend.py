@@ -13,7 +13,8 @@ from fastseq.ops import recurrence as rnn
 
 OPS = ("gru_recurrence", "gru_recurrence_backward", "lstm_recurrence", "lstm_recurrence_backward",
        "gru_packed_recurrence", "gru_packed_recurrence_backward", "lstm_packed_recurrence",
-       "lstm_packed_recurrence_backward", "additive_attention", "additive_attention_backward", "gru_context_cell", "gru_context_cell_backward")
+       "lstm_packed_recurrence_backward",
+       "additive_attention", "additive_attention_backward", "gru_context_cell", "gru_context_cell_backward")
 
 
 def test_env_and_context_manager(monkeypatch):

@@ -78,3 +78,75 @@ def test_lstm_kernels(dtype, T, B, H, bias, lengths):
             assert a is None, name
         else:
             _close(name, a, e, dtype)
+
+
+# ------------------------------------------------------------- packed layout
+
+# (batch_sizes, H, bias): ties; all equal (a dense batch); B = 1; T = 1; rows over
+# two row tiles (16) with H not a tile multiple.
+PACKED_CASES = [([5, 5, 3, 3, 1], 20, True), ([4, 4, 4], 16, False), ([1, 1, 1], 5, True),
+                ([3], 7, False), ([18, 17, 5], 9, True)]
+
+
+def _packed_case(kind, reverse, batch_sizes, H, bias, dtype):
+    """Triton's packed forward (gates saved and not) and backward against the reference's."""
+    from fastseq.ops.recurrence import triton as tri
+
+    G = 3 if kind == "gru" else 4
+    bs = torch.tensor(batch_sizes, dtype=torch.int64)
+    N, B = int(bs.sum()), batch_sizes[0]
+    g = torch.Generator().manual_seed(N * 10 + H + G + reverse)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)  # noqa: E731
+    gi, h0, c0, w = rnd(N, G * H), rnd(B, H), rnd(B, H), rnd(G * H, H, scale=H ** -0.5)
+    b = rnd(G * H) if bias else None
+    states = (h0,) if kind == "gru" else (h0, c0)
+    fwd = getattr(tri, f"{kind}_packed_recurrence_forward")
+    fwd_r = getattr(reference, f"{kind}_packed_recurrence_forward")
+    got = fwd(gi, *states, w, b, bs, reverse, True)
+    want = fwd_r(gi, *states, w, b, bs, reverse, True)
+    for name, a, e in zip(["hs", "gates"] if kind == "gru" else ["hs", "cs", "gates"], got, want):
+        _close(name, a, e, dtype)
+    no_gates = fwd(gi, *states, w, b, bs, reverse, False)
+    assert no_gates[-1].numel() == 0
+    for a, e in zip(no_gates[:-1], got[:-1]):
+        assert torch.equal(a, e), "save_gates=False changed the states"
+    grads = [rnd(N, H) for _ in states]
+    bwd = getattr(tri, f"{kind}_packed_recurrence_backward")
+    bwd_r = getattr(reference, f"{kind}_packed_recurrence_backward")
+    saved = want if kind == "lstm" else (want[0], want[1])
+    got = bwd(*grads, *states, w, *saved, bs, reverse, bias)
+    want = bwd_r(*grads, *states, w, *saved, bs, reverse, bias)
+    names = ["grad gi"] + [f"grad {s}0" for s in "hc"[:len(states)]] + ["grad w_hh", "grad b_hh"]
+    assert len(got) == len(want) == len(names)
+    for name, a, e in zip(names, got, want):
+        _close(name, a, e, dtype)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("batch_sizes,H,bias", PACKED_CASES, ids=lambda c: str(c))
+def test_packed_kernels(kind, reverse, batch_sizes, H, bias):
+    _packed_case(kind, reverse, batch_sizes, H, bias, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_packed_kernels_half(kind, reverse):
+    """Half inputs: the state runs in fp32 ping-pong buffers between the packed steps."""
+    _packed_case(kind, reverse, [5, 5, 3, 3, 1], 20, True, DTYPES[1])
+
+
+def test_packed_launches_one_kernel_per_step():
+    """One launch per step forward; per step plus the final one backward."""
+    from fastseq.ops import launches
+    from fastseq.ops.recurrence import triton as tri
+
+    bs = torch.tensor([3, 2, 2, 1])
+    gi, h0, w = torch.randn(8, 3 * 4), torch.randn(3, 4), torch.randn(3 * 4, 4)
+    gi, h0, w = gi.to(DEVICE), h0.to(DEVICE), w.to(DEVICE)
+    with launches.count() as n:
+        hs, gates = tri.gru_packed_recurrence_forward(gi, h0, w, None, bs, True, True)
+    assert n == {"_gru_fwd_step_kernel": 4}
+    with launches.count() as n:
+        tri.gru_packed_recurrence_backward(torch.ones_like(hs), h0, w, hs, gates, bs, True, False)
+    assert n == {"_gru_bwd_step_kernel": 4, "_rnn_bwd_final_kernel": 1}

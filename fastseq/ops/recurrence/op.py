@@ -17,7 +17,8 @@ with one matrix product and autograd differentiates it.
 
 Each op has one implementation per backend in the registry
 (:mod:`fastseq.backend.registry`): :mod:`.naive` (reference), :mod:`.triton`
-(imported on first use), :mod:`.cpp` (the C++ extension).
+(imported on first use), :mod:`.cpp` (the C++ extension). The packed ops
+(``fastseq::gru_packed_recurrence``, ...) have the same three.
 """
 from __future__ import annotations
 
@@ -73,12 +74,20 @@ LSTM_PACKED, LSTM_PACKED_BACKWARD = "lstm_packed_recurrence", "lstm_packed_recur
 
 registry.register(GRU_PACKED, "reference", naive.gru_packed_recurrence_forward)
 registry.register(GRU_PACKED, "cpp", cpp.gru_packed_recurrence_forward)
+registry.register(GRU_PACKED, "triton", Implementation(
+    load=lambda: (_triton().gru_packed_recurrence_forward, _triton().limits)))
 registry.register(GRU_PACKED_BACKWARD, "reference", naive.gru_packed_recurrence_backward)
 registry.register(GRU_PACKED_BACKWARD, "cpp", cpp.gru_packed_recurrence_backward)
+registry.register(GRU_PACKED_BACKWARD, "triton", Implementation(
+    load=lambda: (_triton().gru_packed_recurrence_backward, _triton().limits)))
 registry.register(LSTM_PACKED, "reference", naive.lstm_packed_recurrence_forward)
 registry.register(LSTM_PACKED, "cpp", cpp.lstm_packed_recurrence_forward)
+registry.register(LSTM_PACKED, "triton", Implementation(
+    load=lambda: (_triton().lstm_packed_recurrence_forward, _triton().limits)))
 registry.register(LSTM_PACKED_BACKWARD, "reference", naive.lstm_packed_recurrence_backward)
 registry.register(LSTM_PACKED_BACKWARD, "cpp", cpp.lstm_packed_recurrence_backward)
+registry.register(LSTM_PACKED_BACKWARD, "triton", Implementation(
+    load=lambda: (_triton().lstm_packed_recurrence_backward, _triton().limits)))
 
 
 def _impl(op: str, t: Tensor, T: int, B: int, H: int, G: int):

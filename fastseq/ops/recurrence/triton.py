@@ -48,6 +48,15 @@ single matrix products over all steps (torch, fp32)::
     dW_hh = dG.reshape(T*B, G*H)^T @ [h0; hs[:-1]].reshape(T*B, H)
     db_hh = dG.sum((0, 1))
 
+Packed layout (``*_packed_recurrence_*``, :mod:`.naive`'s "packed layout"): the
+same step kernels, each launch over only its step's ``batch_sizes[t]`` rows
+(views at the step's offset in ``gi``/``hs``/``gates``). Rows ``b >= n_prev``
+read their previous state from ``h0`` through a second pointer (``h_alt``; the
+reverse direction's rows that start at that step); the backward's carry goes
+only to the ``n_next`` rows the next step reads from this one, and its per-row
+carry buffer is updated in place. dW_hh is one product over the N packed rows
+with each row's previous state gathered once.
+
 Precision: loads are cast to fp32 and every product and accumulation is fp32;
 ``tl.dot`` uses ``input_precision="ieee"`` unless the user opted in to TF32
 (``torch.backends.cuda.matmul.allow_tf32``). Outputs are in the input dtype;
@@ -76,7 +85,8 @@ from fastseq.ops.triton_utils import (
 
 __all__ = [
     "gru_recurrence_forward", "gru_recurrence_backward", "lstm_recurrence_forward", "lstm_recurrence_backward",
-    "limits", "gru_gates", "gru_gates_backward", "lstm_gates", "lstm_gates_backward",
+    "gru_packed_recurrence_forward", "gru_packed_recurrence_backward", "lstm_packed_recurrence_forward",
+    "lstm_packed_recurrence_backward", "limits", "gru_gates", "gru_gates_backward", "lstm_gates", "lstm_gates_backward",
 ]
 
 
@@ -144,6 +154,21 @@ def _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
+def _load_prev(ptr, alt_ptr, offs_b, offs_c, H, mask_b, mask_c, n_prev, HAS_ALT: tl.constexpr):
+    """fp32 tile of a previous state ``[B, H]`` (columns ``offs_c``): row ``b`` from ``ptr``,
+    or, when ``HAS_ALT``, rows ``b >= n_prev`` from ``alt_ptr`` (packed layout: rows whose
+    previous state is the initial one, see :func:`fastseq.ops.recurrence.naive.packed_steps`)."""
+    if HAS_ALT:
+        from_prev = offs_b < n_prev
+        x = load_tile(ptr, offs_b, offs_c, H, 1, mask_b & from_prev, mask_c)
+        x_alt = load_tile(alt_ptr, offs_b, offs_c, H, 1, mask_b & (offs_b >= n_prev), mask_c)
+        x = tl.where(from_prev[:, None], x, x_alt)
+    else:
+        x = load_tile(ptr, offs_b, offs_c, H, 1, mask_b, mask_c)
+    return x
+
+
+@triton.jit
 def _w_t_tile(w_ptr, gate, offs_k, offs_j, H, mask_k, mask_j):
     """``[BLOCK_K, BLOCK_H]`` fp32 tile of gate ``gate``'s ``W^T``: (k, j) -> W[gate*H + j, k]."""
     return load_tile(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
@@ -175,21 +200,23 @@ def _carry_dot(
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
         "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
         "STORE_STATE": lambda a: a["hst_ptr"] is not None,
+        "HAS_ALT": lambda a: a["h_alt_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "B", "n_prev"])
 def _gru_fwd_step_kernel(
     gi_ptr,  # [B, 3H] gi[t]
     h_ptr,  # [B, H] h_{t-1} (any float dtype)
+    h_alt_ptr,  # [B, H] h0: rows b >= n_prev read h_{t-1} here (packed), or None
     w_ptr,  # [3H, H] W_hh
     b_ptr,  # [3H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
     hs_ptr,  # [B, H] out: hs[t]
     hst_ptr,  # [B, H] out: fp32 copy of h_t (half inputs) or None
     gates_ptr,  # [B, 4H] out: gates[t] = (r, z, n, hn) or None
-    t, B, H,
+    t, B, H, n_prev,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    SAVE_GATES: tl.constexpr, STORE_STATE: tl.constexpr,
+    SAVE_GATES: tl.constexpr, STORE_STATE: tl.constexpr, HAS_ALT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -201,7 +228,7 @@ def _gru_fwd_step_kernel(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        h = load_tile(h_ptr, offs_b, offs_k, H, 1, mask_b, mask_k)
+        h = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_k, H, mask_b, mask_k, n_prev, HAS_ALT)
         acc_r += tl.dot(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
         acc_z += tl.dot(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
         acc_n += tl.dot(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
@@ -213,7 +240,7 @@ def _gru_fwd_step_kernel(
     x_r = load_tile(gi_ptr, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
     x_z = load_tile(gi_ptr + H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
     x_n = load_tile(gi_ptr + 2 * H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
-    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    h_prev = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
     r, z, n, h_new = gru_gates(x_r, x_z, x_n, acc_r, acc_z, acc_n, h_prev)
     h_new = tl.where(_rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS), h_new, h_prev)
     store_tile(hs_ptr, h_new, offs_b, offs_j, H, mask_b, mask_j)
@@ -226,37 +253,44 @@ def _gru_fwd_step_kernel(
         store_tile(gates_ptr + 3 * H, acc_n, offs_b, offs_j, 4 * H, mask_b, mask_j)
 
 
-@triton.heuristics({"HAS_LENGTHS": lambda a: a["len_ptr"] is not None})
-@triton.jit(do_not_specialize=["t"])
+@triton.heuristics(
+    {
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "HAS_ALT": lambda a: a["h_alt_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["t", "B", "n_prev", "n_next"])
 def _gru_bwd_step_kernel(
     grad_h_ptr,  # [B, H] grad_hs[t]
     gates_ptr,  # [B, 4H] gates[t] = (r, z, n, hn)
     h_ptr,  # [B, H] h_{t-1}
+    h_alt_ptr,  # [B, H] h0: rows b >= n_prev read h_{t-1} here (packed), or None
     w_ptr,  # [3H, H] W_hh
     len_ptr,  # [B] int64 lengths or None
-    dg_next_ptr,  # [B, 3H] fp32 dG_{t+1} (unused when not HAS_NEXT)
-    dh_next_ptr,  # [B, H] fp32 direct term into h_t left by step t+1
+    dg_next_ptr,  # [n_next, 3H] fp32 dG_{t+1} (unused when not HAS_NEXT)
+    dh_next_ptr,  # [B, H] fp32 direct term into h_t left by step t+1 (rows < n_next)
     dgi_ptr,  # [B, 3H] out: dgi[t] = (dr, dz, dn)
     dg_ptr,  # [B, 3H] out: fp32 dG_t = (dr, dz, dn * r)
-    dh_ptr,  # [B, H] out: fp32 direct term into h_{t-1}
-    t, B, H,
-    HAS_NEXT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    dh_ptr,  # [B, H] out: fp32 direct term into h_{t-1} (may be dh_next_ptr: tile-local)
+    t, B, H, n_prev, n_next,
+    HAS_NEXT: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_ALT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     offs_b, offs_j, mask_b, mask_j = tile_offsets(B, H, BLOCK_B, BLOCK_H)
     # Total gradient reaching h_t.
     dh = load_tile(grad_h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-    if HAS_NEXT:
-        dh += load_tile(dh_next_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-        dh += _carry_dot(dg_next_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
+    if HAS_NEXT:  # only rows b < n_next have a step t+1 (packed layout; n_next = B when dense)
+        carry_b = mask_b & (offs_b < n_next)
+        dh += load_tile(dh_next_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
+        dh += _carry_dot(dg_next_ptr, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 3 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
     # Pointwise gate backward of step t.
     r = load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     z = load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     n = load_tile(gates_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     hn = load_tile(gates_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    h_prev = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
     dr_pre, dz_pre, dn_pre, dh_direct = gru_gates_backward(dh, r, z, n, hn, h_prev)
     valid = _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS)
     dr_pre = tl.where(valid, dr_pre, 0.0)
@@ -283,13 +317,16 @@ def _gru_bwd_step_kernel(
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
         "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
         "STORE_STATE": lambda a: a["hst_ptr"] is not None,
+        "HAS_ALT": lambda a: a["h_alt_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "B", "n_prev"])
 def _lstm_fwd_step_kernel(
     gi_ptr,  # [B, 4H] gi[t]
     h_ptr,  # [B, H] h_{t-1}
     c_ptr,  # [B, H] c_{t-1}
+    h_alt_ptr,  # [B, H] h0: rows b >= n_prev read h_{t-1} here (packed), or None
+    c_alt_ptr,  # [B, H] c0: likewise c_{t-1} (used iff h_alt_ptr is given)
     w_ptr,  # [4H, H] W_hh
     b_ptr,  # [4H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
@@ -298,9 +335,9 @@ def _lstm_fwd_step_kernel(
     hst_ptr,  # [B, H] out: fp32 copy of h_t (half inputs) or None
     cst_ptr,  # [B, H] out: fp32 copy of c_t (used iff hst_ptr is given)
     gates_ptr,  # [B, 4H] out: gates[t] = activated (i, f, g, o) or None
-    t, B, H,
+    t, B, H, n_prev,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    SAVE_GATES: tl.constexpr, STORE_STATE: tl.constexpr,
+    SAVE_GATES: tl.constexpr, STORE_STATE: tl.constexpr, HAS_ALT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -313,7 +350,7 @@ def _lstm_fwd_step_kernel(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        h = load_tile(h_ptr, offs_b, offs_k, H, 1, mask_b, mask_k)
+        h = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_k, H, mask_b, mask_k, n_prev, HAS_ALT)
         acc_i += tl.dot(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
         acc_f += tl.dot(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
         acc_g += tl.dot(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
@@ -324,8 +361,8 @@ def _lstm_fwd_step_kernel(
         acc_g += load_row(b_ptr + 2 * H, offs_j, mask_j)
         acc_o += load_row(b_ptr + 3 * H, offs_j, mask_j)
     # Gates and state update.
-    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-    c_prev = load_tile(c_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    h_prev = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
+    c_prev = _load_prev(c_ptr, c_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
     i, f, g, o, c_new, h_new = lstm_gates(
         acc_i + load_tile(gi_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
         acc_f + load_tile(gi_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
@@ -353,27 +390,29 @@ def _lstm_fwd_step_kernel(
         "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
         "HAS_GRAD_C": lambda a: a["grad_c_ptr"] is not None,
         "STORE_DGI": lambda a: a["dgi_ptr"] is not None,
+        "HAS_ALT": lambda a: a["c_alt_ptr"] is not None,
     }
 )
-@triton.jit(do_not_specialize=["t"])
+@triton.jit(do_not_specialize=["t", "B", "n_prev", "n_next"])
 def _lstm_bwd_step_kernel(
     grad_h_ptr,  # [B, H] grad_hs[t]
     grad_c_ptr,  # [B, H] grad_cs[t] or None
     gates_ptr,  # [B, 4H] gates[t] = (i, f, g, o)
     c_ptr,  # [B, H] c_t
     c_prev_ptr,  # [B, H] c_{t-1}
+    c_alt_ptr,  # [B, H] c0: rows b >= n_prev read c_{t-1} here (packed), or None
     w_ptr,  # [4H, H] W_hh
     len_ptr,  # [B] int64 lengths or None
-    dg_next_ptr,  # [B, 4H] fp32 dG_{t+1} (unused when not HAS_NEXT)
-    dh_next_ptr,  # [B, H] fp32 direct term into h_t left by step t+1
-    dc_next_ptr,  # [B, H] fp32 gradient into c_t left by step t+1
+    dg_next_ptr,  # [n_next, 4H] fp32 dG_{t+1} (unused when not HAS_NEXT)
+    dh_next_ptr,  # [B, H] fp32 direct term into h_t left by step t+1 (rows < n_next)
+    dc_next_ptr,  # [B, H] fp32 gradient into c_t left by step t+1 (rows < n_next)
     dgi_ptr,  # [B, 4H] out: dgi[t] in the input dtype, or None (then dgi is dG)
     dg_ptr,  # [B, 4H] out: fp32 dG_t = (di, df, dg, do) pre-activation
-    dh_ptr,  # [B, H] out: fp32 direct term into h_{t-1}
-    dc_ptr,  # [B, H] out: fp32 gradient into c_{t-1}
-    t, B, H,
+    dh_ptr,  # [B, H] out: fp32 direct term into h_{t-1} (may be dh_next_ptr: tile-local)
+    dc_ptr,  # [B, H] out: fp32 gradient into c_{t-1} (may be dc_next_ptr)
+    t, B, H, n_prev, n_next,
     HAS_NEXT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_GRAD_C: tl.constexpr, STORE_DGI: tl.constexpr,
+    HAS_GRAD_C: tl.constexpr, STORE_DGI: tl.constexpr, HAS_ALT: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -384,18 +423,19 @@ def _lstm_bwd_step_kernel(
         dc = load_tile(grad_c_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
     else:
         dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    if HAS_NEXT:
-        dh += load_tile(dh_next_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-        dh += _carry_dot(dg_next_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
+    if HAS_NEXT:  # only rows b < n_next have a step t+1 (packed layout; n_next = B when dense)
+        carry_b = mask_b & (offs_b < n_next)
+        dh += load_tile(dh_next_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
+        dh += _carry_dot(dg_next_ptr, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 4 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
-        dc += load_tile(dc_next_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+        dc += load_tile(dc_next_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
     # Pointwise gate backward of step t.
     i = load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     f = load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     g = load_tile(gates_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     o = load_tile(gates_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     c = load_tile(c_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-    c_prev = load_tile(c_prev_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    c_prev = _load_prev(c_prev_ptr, c_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
     d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(dh, dc, i, f, g, o, c, c_prev)
     valid = _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS)
     d_i = tl.where(valid, d_i, 0.0)
@@ -471,7 +511,9 @@ def _launch_args(B: int, H: int):
 
 def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     """None if the recurrence kernels can take ``sizes`` = ``{"T", "B", "H", "G"}``
-    (G = 3 for the GRU, 4 for the LSTM), else why not.
+    (G = 3 for the GRU, 4 for the LSTM), else why not. The packed ops pass
+    ``{"N", "B", "H", "G", "T"}``; their launches index views at a step's offset
+    (no offset past a step's ``[B, 4H]``), so N does not enter.
 
     Limits: the largest tensor a launch indexes -- a step's ``[B, 4H]`` gates or
     ``[B, G*H]`` gradient, or ``W_hh [G*H, H]`` -- within int32 offsets, and the
@@ -490,20 +532,26 @@ def _prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return lengths.to(device=like.device, dtype=torch.int64).contiguous()
 
 
-def _weight_grads(dg: Tensor, h0: Tensor, hs: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
-    """dW_hh = dG^T [h0; hs[:-1]] and db_hh = sum dG (``[0]`` without a bias), as one
-    fp32 product over all steps."""
-    T, B, GH = dg.shape
-    H = hs.shape[2]
-    h_prev = torch.cat([h0.unsqueeze(0).float(), hs[:-1].float()], dim=0)
-    dw = dg.reshape(T * B, GH).t() @ h_prev.reshape(T * B, H)
-    db = dg.sum(dim=(0, 1)).to(w_hh.dtype) if has_bias else w_hh.new_empty((0,))
+def _weight_grads_rows(dg: Tensor, h_prev: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
+    """dW_hh = dG^T h_prev and db_hh = sum dG (``[0]`` without a bias), as one fp32
+    product over all (step, row) pairs: dG ``[M, G*H]`` fp32, h_prev ``[M, H]`` fp32
+    each pair's previous state."""
+    dw = dg.t() @ h_prev
+    db = dg.sum(dim=0).to(w_hh.dtype) if has_bias else w_hh.new_empty((0,))
     return dw.to(w_hh.dtype), db
 
 
-def _empty_backward(T, B, H, G, h0, w_hh, hs, has_bias, n_state):
+def _weight_grads(dg: Tensor, h0: Tensor, hs: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
+    """:func:`_weight_grads_rows` of a time-major recurrence: dG ``[T, B, G*H]``, h_prev = [h0; hs[:-1]]."""
+    T, B, GH = dg.shape
+    H = hs.shape[2]
+    h_prev = torch.cat([h0.unsqueeze(0).float(), hs[:-1].float()], dim=0)
+    return _weight_grads_rows(dg.reshape(T * B, GH), h_prev.reshape(T * B, H), w_hh, has_bias)
+
+
+def _empty_backward(dgi_shape, h0, w_hh, hs, has_bias, n_state):
     """Backward for a zero-sized problem (no kernel launches)."""
-    dgi = torch.zeros((T, B, G * H), device=hs.device, dtype=hs.dtype)
+    dgi = torch.zeros(dgi_shape, device=hs.device, dtype=hs.dtype)
     states = [torch.zeros_like(h0) for _ in range(n_state)]
     dw = torch.zeros_like(w_hh)
     db = w_hh.new_zeros((w_hh.shape[0],)) if has_bias else w_hh.new_empty((0,))
@@ -545,10 +593,10 @@ def gru_recurrence_forward(
         else:
             h_prev = hs[t - 1] if state is None else state[(t - 1) % 2]
         _gru_fwd_step_kernel[grid](
-            gi[t], h_prev, w, b, lens,
+            gi[t], h_prev, None, w, b, lens,
             hs[t], None if state is None else state[t % 2],
             gates[t] if save_gates else None,
-            t, B, H, **kw,
+            t, B, H, B, **kw,
         )
     return hs, gates
 
@@ -574,7 +622,7 @@ def gru_recurrence_backward(
     """
     T, B, H = hs.shape
     if T == 0 or B == 0 or H == 0:
-        return _empty_backward(T, B, H, 3, h0, w_hh, hs, has_bias, 1)
+        return _empty_backward((T, B, 3 * H), h0, w_hh, hs, has_bias, 1)
     if gates.dim() != 3:
         raise ValueError("gru_recurrence_backward needs the gates saved by gru_recurrence_forward(save_gates=True)")
     grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
@@ -586,10 +634,10 @@ def gru_recurrence_backward(
     for t in range(T - 1, -1, -1):
         nxt = min(t + 1, T - 1)  # any valid slice when there is no step t+1
         _gru_bwd_step_kernel[grid](
-            grad_hs[t], gates[t], h0 if t == 0 else hs[t - 1], w, lens,
+            grad_hs[t], gates[t], h0 if t == 0 else hs[t - 1], None, w, lens,
             dg[nxt], dh_buf[(t + 1) % 2],
             dgi[t], dg[t], dh_buf[t % 2],
-            t, B, H, HAS_NEXT=t < T - 1, **kw,
+            t, B, H, B, B, HAS_NEXT=t < T - 1, **kw,
         )
     dh0 = alloc.empty((B, H), h0)
     _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf[0], None, dh0, None, B, H, 3 * H, **kw)
@@ -636,11 +684,11 @@ def lstm_recurrence_forward(
         else:
             h_prev, c_prev = hs[t - 1], cs[t - 1]
         _lstm_fwd_step_kernel[grid](
-            gi[t], h_prev, c_prev, w, b, lens,
+            gi[t], h_prev, c_prev, None, None, w, b, lens,
             hs[t], cs[t],
             hst[t % 2] if half else None, cst[t % 2] if half else None,
             gates[t] if save_gates else None,
-            t, B, H, **kw,
+            t, B, H, B, **kw,
         )
     return hs, cs, gates
 
@@ -669,7 +717,7 @@ def lstm_recurrence_backward(
     """
     T, B, H = hs.shape
     if T == 0 or B == 0 or H == 0:
-        return _empty_backward(T, B, H, 4, h0, w_hh, hs, has_bias, 2)
+        return _empty_backward((T, B, 4 * H), h0, w_hh, hs, has_bias, 2)
     if gates.dim() != 3:
         raise ValueError("lstm_recurrence_backward needs the gates saved by lstm_recurrence_forward(save_gates=True)")
     grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
@@ -685,13 +733,237 @@ def lstm_recurrence_backward(
         nxt = min(t + 1, T - 1)
         _lstm_bwd_step_kernel[grid](
             grad_hs[t], None if grad_cs is None else grad_cs[t],
-            gates[t], cs[t], c0 if t == 0 else cs[t - 1], w, lens,
+            gates[t], cs[t], c0 if t == 0 else cs[t - 1], None, w, lens,
             dg[nxt], dh_buf[(t + 1) % 2], dc_buf[(t + 1) % 2],
             None if dgi is dg else dgi[t], dg[t], dh_buf[t % 2], dc_buf[t % 2],
-            t, B, H, HAS_NEXT=t < T - 1, **kw,
+            t, B, H, B, B, HAS_NEXT=t < T - 1, **kw,
         )
     dh0 = alloc.empty((B, H), h0)
     dc0 = alloc.empty((B, H), c0)
     _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf[0], dc_buf[0], dh0, dc0, B, H, 4 * H, **kw)
     dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
+    return dgi, dh0, dc0, dw, db
+
+
+# ---------------------------------------------------------------- packed layout
+#
+# The same step kernels on a PackedSequence's layout (naive.py, "packed layout";
+# the steps and their previous-state rows from naive.packed_steps): a launch
+# covers only the step's ``n`` rows (views of gi/hs/gates at the step's offset);
+# rows ``b < n_prev`` read their previous state at the previous step's rows
+# (``prev_offset + b``), the others (reverse direction: rows starting there) from
+# h0 through the kernels' ``h_alt`` pointer. The backward runs the steps in
+# reverse processing order with one ``[B, H]`` carry buffer indexed by row: a
+# launch reads and rewrites only its own (row, hidden) tiles (tile-local, so in
+# place), rows not running at a step are not touched, and only rows ``b <
+# n_next`` (those the next step reads from this one) receive a carry. After the
+# loop, each row's carry holds the direct term into its h0 row, and dh0 adds
+# ``dG @ W_hh`` of the (step, row) that read h0[b]; dW_hh = dG^T h_prev over all
+# N packed rows.
+
+
+class _PackedPlan:
+    """What a packed call needs from ``batch_sizes``, computed once per call.
+
+    ``steps``: :func:`naive.packed_steps` in processing order, ``(offset, rows,
+    prev_offset, prev_rows, grid_rows)`` (``grid_rows`` the launch's row blocks).
+    The backward also calls :meth:`gather_rows`.
+    """
+
+    def __init__(self, batch_sizes: Tensor, reverse: bool, block_b: int):
+        from fastseq.ops.recurrence.naive import packed_steps
+
+        self.steps = [(off, n, p_off, p_n, triton.cdiv(n, block_b))
+                      for off, n, p_off, p_n in packed_steps(batch_sizes, reverse)]
+
+    def gather_rows(self, B: int, device) -> Tuple[Tensor, Optional[Tensor]]:
+        """(prev_rows, h0_rows): int64 ``[N]``, the packed row holding each packed
+        row's previous state (0 for the rows that read h0), and int64 ``[B]``, the
+        packed row that reads ``h0[b]`` -- None when that is row b itself (the forward
+        direction: step 0 holds rows 0 .. B-1). Vectorised on the CPU, one copy each."""
+        offs, ns, p_offs, p_ns = (torch.tensor([s[k] for s in self.steps], dtype=torch.int64) for k in range(4))
+        step = torch.repeat_interleave(torch.arange(len(self.steps)), ns)  # per (step, row), processing order
+        b = torch.arange(step.numel()) - (torch.cumsum(ns, 0) - ns)[step]
+        row = offs[step] + b
+        from_prev = b < p_ns[step]
+        prev = torch.empty(step.numel(), dtype=torch.int64)
+        prev[row] = torch.where(from_prev, p_offs[step] + b, 0)
+        h0_rows = torch.empty(B, dtype=torch.int64)
+        h0_rows[b[~from_prev]] = row[~from_prev]
+        if torch.equal(h0_rows, torch.arange(B)):
+            return prev.to(device), None
+        return prev.to(device), h0_rows.to(device)
+
+
+def _packed_prev_states(hs: Tensor, h0: Tensor, prev_rows: Tensor, h0_rows: Optional[Tensor]) -> Tensor:
+    """fp32 ``[N, H]``: each packed row's previous state (see :meth:`_PackedPlan.gather_rows`)."""
+    out = hs.float()[prev_rows]
+    if h0_rows is None:
+        out[:h0.shape[0]] = h0.float()
+    else:
+        out[h0_rows] = h0.float()
+    return out
+
+
+def _packed_prev(s: int, steps, hs: Tensor, state: Optional[Tensor], init: Tensor):
+    """(pointer tensor, alt tensor or None, n_prev) of step ``s``'s previous state:
+    rows ``b < n_prev`` at ``hs[prev_offset + b]`` (or, for half inputs, the fp32
+    ping-pong ``state[(s-1) % 2][b]``), the others at ``init[b]``."""
+    _, n, p_off, p_n, _ = steps[s]
+    if p_n == 0:
+        return init, None, n
+    prev = hs[p_off:] if state is None else state[(s - 1) % 2]
+    return prev, (init if p_n < n else None), p_n
+
+
+def _packed_next(s: int, steps, dg: Tensor):
+    """(dG rows of the step after ``s`` in processing order, n_next: its rows that read
+    step ``s``, has_next)."""
+    if s + 1 == len(steps):
+        return dg, 0, False
+    off, _, _, p_n, _ = steps[s + 1]
+    return dg[off:], p_n, True
+
+
+def gru_packed_recurrence_forward(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+    reverse: bool, save_gates: bool,
+) -> Tuple[Tensor, Tensor]:
+    """GRU recurrence on a packed sequence (one fused launch per step over its rows).
+
+    Args and returns: :func:`fastseq.ops.recurrence.naive.gru_packed_recurrence_forward`
+    (gi ``[N, 3H]``, h0 ``[B, H]``, batch_sizes int64 CPU ``[T]`` -> hs ``[N, H]``,
+    gates ``[N, 4H]`` or ``[0]``).
+    """
+    N, (B, H) = gi.shape[0], h0.shape
+    hs = alloc.empty((N, H), gi)
+    gates = alloc.empty((N, 4 * H) if save_gates else (0,), gi)
+    if N == 0 or B == 0 or H == 0:
+        return hs, gates
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    grid, kw = _launch_args(B, H)
+    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
+    state = None if gi.dtype == torch.float32 else alloc.empty((2, B, H), gi, torch.float32)
+    for s, (off, n, _, _, rows) in enumerate(plan.steps):
+        h_prev, h_alt, n_prev = _packed_prev(s, plan.steps, hs, state, h0)
+        _gru_fwd_step_kernel[(rows, grid[1])](
+            gi[off:], h_prev, h_alt, w, b, None,
+            hs[off:], None if state is None else state[s % 2],
+            gates[off:] if save_gates else None,
+            0, n, H, n_prev, **kw,
+        )
+    return hs, gates
+
+
+def gru_packed_recurrence_backward(
+    grad_hs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, gates: Tensor, batch_sizes: Tensor,
+    reverse: bool, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`gru_packed_recurrence_forward` (one fused launch per step, in
+    reverse processing order). Returns dgi ``[N, 3H]``, dh0 ``[B, H]``, dw_hh
+    ``[3H, H]``, db_hh ``[3H]`` (``[0]`` without a bias)."""
+    N, H = hs.shape
+    B = h0.shape[0]
+    if N == 0 or B == 0 or H == 0:
+        return _empty_backward((N, 3 * H), h0, w_hh, hs, has_bias, 1)
+    if gates.dim() != 2:
+        raise ValueError("gru_packed_recurrence_backward needs the gates saved by "
+                         "gru_packed_recurrence_forward(save_gates=True)")
+    grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
+    grid, kw = _launch_args(B, H)
+    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
+    dgi = alloc.empty((N, 3 * H), hs)
+    dg = alloc.empty((N, 3 * H), hs, torch.float32)
+    dh_buf = alloc.empty((B, H), hs, torch.float32)  # per row; read and rewritten in place
+    for s in range(len(plan.steps) - 1, -1, -1):
+        off, n, _, _, rows = plan.steps[s]
+        h_prev, h_alt, n_prev = _packed_prev(s, plan.steps, hs, None, h0)
+        dg_next, n_next, has_next = _packed_next(s, plan.steps, dg)
+        _gru_bwd_step_kernel[(rows, grid[1])](
+            grad_hs[off:], gates[off:], h_prev, h_alt, w, None,
+            dg_next, dh_buf,
+            dgi[off:], dg[off:], dh_buf,
+            0, n, H, n_prev, n_next, HAS_NEXT=has_next, **kw,
+        )
+    prev_rows, h0_rows = plan.gather_rows(B, hs.device)
+    dh0 = alloc.empty((B, H), h0)
+    dg_h0 = dg if h0_rows is None else dg[h0_rows]
+    _rnn_bwd_final_kernel[grid](dg_h0, w, dh_buf, None, dh0, None, B, H, 3 * H, **kw)
+    dw, db = _weight_grads_rows(dg, _packed_prev_states(hs, h0, prev_rows, h0_rows), w_hh, has_bias)
+    return dgi, dh0, dw, db
+
+
+def lstm_packed_recurrence_forward(
+    gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+    reverse: bool, save_gates: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """LSTM recurrence on a packed sequence (one fused launch per step over its rows).
+
+    Args and returns: :func:`fastseq.ops.recurrence.naive.lstm_packed_recurrence_forward`
+    (gi ``[N, 4H]`` -> hs, cs ``[N, H]``, gates ``[N, 4H]`` or ``[0]``).
+    """
+    N, (B, H) = gi.shape[0], h0.shape
+    hs = alloc.empty((N, H), gi)
+    cs = alloc.empty((N, H), gi)
+    gates = alloc.empty((N, 4 * H) if save_gates else (0,), gi)
+    if N == 0 or B == 0 or H == 0:
+        return hs, cs, gates
+    gi, h0, c0, w, b = gi.contiguous(), h0.contiguous(), c0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    grid, kw = _launch_args(B, H)
+    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
+    half = gi.dtype != torch.float32
+    hst = alloc.empty((2, B, H), gi, torch.float32) if half else None
+    cst = alloc.empty((2, B, H), gi, torch.float32) if half else None
+    for s, (off, n, _, _, rows) in enumerate(plan.steps):
+        h_prev, h_alt, n_prev = _packed_prev(s, plan.steps, hs, hst, h0)
+        c_prev, c_alt, _ = _packed_prev(s, plan.steps, cs, cst, c0)
+        _lstm_fwd_step_kernel[(rows, grid[1])](
+            gi[off:], h_prev, c_prev, h_alt, c_alt, w, b, None,
+            hs[off:], cs[off:],
+            hst[s % 2] if half else None, cst[s % 2] if half else None,
+            gates[off:] if save_gates else None,
+            0, n, H, n_prev, **kw,
+        )
+    return hs, cs, gates
+
+
+def lstm_packed_recurrence_backward(
+    grad_hs: Tensor, grad_cs: Optional[Tensor], h0: Tensor, c0: Tensor, w_hh: Tensor, hs: Tensor, cs: Tensor,
+    gates: Tensor, batch_sizes: Tensor, reverse: bool, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`lstm_packed_recurrence_forward` (``grad_cs`` may be None: zeros).
+    Returns dgi ``[N, 4H]``, dh0, dc0 ``[B, H]``, dw_hh ``[4H, H]``, db_hh ``[4H]`` (``[0]``
+    without a bias)."""
+    N, H = hs.shape
+    B = h0.shape[0]
+    if N == 0 or B == 0 or H == 0:
+        return _empty_backward((N, 4 * H), h0, w_hh, hs, has_bias, 2)
+    if gates.dim() != 2:
+        raise ValueError("lstm_packed_recurrence_backward needs the gates saved by "
+                         "lstm_packed_recurrence_forward(save_gates=True)")
+    grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
+    hs, grad_cs = hs.contiguous(), contiguous_or_none(grad_cs)
+    grid, kw = _launch_args(B, H)
+    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
+    dg = alloc.empty((N, 4 * H), hs, torch.float32)
+    dgi = dg if hs.dtype == torch.float32 else alloc.empty((N, 4 * H), hs)
+    dh_buf = alloc.empty((B, H), hs, torch.float32)  # per row; read and rewritten in place
+    dc_buf = alloc.empty((B, H), hs, torch.float32)
+    for s in range(len(plan.steps) - 1, -1, -1):
+        off, n, _, _, rows = plan.steps[s]
+        c_prev, c_alt, n_prev = _packed_prev(s, plan.steps, cs, None, c0)
+        dg_next, n_next, has_next = _packed_next(s, plan.steps, dg)
+        _lstm_bwd_step_kernel[(rows, grid[1])](
+            grad_hs[off:], None if grad_cs is None else grad_cs[off:],
+            gates[off:], cs[off:], c_prev, c_alt, w, None,
+            dg_next, dh_buf, dc_buf,
+            None if dgi is dg else dgi[off:], dg[off:], dh_buf, dc_buf,
+            0, n, H, n_prev, n_next, HAS_NEXT=has_next, **kw,
+        )
+    prev_rows, h0_rows = plan.gather_rows(B, hs.device)
+    dh0 = alloc.empty((B, H), h0)
+    dc0 = alloc.empty((B, H), c0)
+    dg_h0 = dg if h0_rows is None else dg[h0_rows]
+    _rnn_bwd_final_kernel[grid](dg_h0, w, dh_buf, dc_buf, dh0, dc0, B, H, 4 * H, **kw)
+    dw, db = _weight_grads_rows(dg, _packed_prev_states(hs, h0, prev_rows, h0_rows), w_hh, has_bias)
     return dgi, dh0, dc0, dw, db
