@@ -50,7 +50,7 @@ def grid(ctx: Context) -> List[Tuple[str, str, int, int]]:
     shapes = ctx.grid.pick(
         tiny=[(4, 32)],
         quick=[(8, 512), (64, 512), (128, 1024)],
-        cpu=[(b, h) for b in (1, 16, 64) for h in (256, 512)] + [(128, 1024)],
+        cpu=[(b, h) for b in (1, 16, 30, 64, 128) for h in (256, 512)] + [(128, 1024)],
         full=[(b, h) for b in (1, 8, 32, 64, 128) for h in (256, 512, 1024)],
     )
     return [(k, m, *s) for k, m, s in itertools.product(("grucell", "lstmcell"), ("fwd", "fwdbwd"), shapes)]

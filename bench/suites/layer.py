@@ -4,7 +4,10 @@ Cases: ``{gru,lstm}-{fwd,fwdbwd}-B{B}-H{H}-T{T}-{uni,bi}-{dense,packed}``, input
 = H, one layer. ``fwd`` runs under ``torch.no_grad``; ``fwdbwd`` is the forward plus
 the backward of ``(output * g).sum()`` to the input and every parameter. Packed
 input has lengths drawn uniformly in ``[T/4, T]`` (one row of T), as a
-``PackedSequence`` with ``enforce_sorted=False``.
+``PackedSequence`` with ``enforce_sorted=False``; its output is taken as it comes
+(the packed data, no padding). T = 1 cases are one decoder step per call (a
+layer called once per target token). Run with ``--threads 1`` and ``--threads 2``
+for the thread counts (one process per core under DDP; two cores).
 
 Implementations, all on the same weights and inputs, checked against torch.nn
 before they are timed:
@@ -29,7 +32,7 @@ import itertools
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastseq
 import fastseq.nn as fnn
@@ -48,8 +51,11 @@ def grid(ctx: Context) -> List[Tuple[str, str, int, int, int, bool, bool]]:
         tiny=[(4, 32, 8, False, False), (4, 32, 8, True, True)],
         quick=[(8, 512, 128, False, False), (64, 512, 128, False, False), (64, 512, 128, True, True),
                (256, 1024, 32, False, False)],
-        cpu=[(b, h, 32, bi, pk) for b in (1, 8, 64) for h in (256, 512)
-             for bi, pk in ((False, False), (True, False), (True, True))],
+        cpu=[(b, h, 32, bi, pk) for b in (1, 8, 16, 64) for h in (256, 512)
+             for bi, pk in ((False, False), (False, True), (True, False), (True, True))
+             if b in (16, 64) or not (pk and not bi)]
+        # one decoder step per call (T = 1, the layer called once per target token)
+        + [(b, h, 1, False, False) for b in (1, 30, 128) for h in (256, 512)],
         full=[(b, h, t, bi, pk) for b in (1, 8, 64, 256) for h in (256, 512, 1024) for t in (32, 128)
               for bi in (False, True) for pk in (False, True)],
     )
@@ -136,16 +142,12 @@ def _case(ctx: Context, kind, mode, B, H, T, bi, packed, dtype, name) -> None:
 
     def module_call(module: torch.nn.Module, x, lengths) -> torch.Tensor:
         out, _ = module(inputs(x, lengths))
-        if isinstance(out, PackedSequence):
-            out, _ = pad_packed_sequence(out, total_length=T)
-        return out
+        return out.data if isinstance(out, PackedSequence) else out
 
     def cells_call(x, lengths) -> torch.Tensor:
         if lengths is None:
             return cells(x, None)
-        lens = lengths.to(dev)
-        out = cells(x, lens)
-        return out * (torch.arange(T, device=dev)[:, None] < lens[None, :]).unsqueeze(-1).to(out.dtype)
+        return pack_padded_sequence(cells(x, lengths.to(dev)), lengths, enforce_sorted=False).data
 
     calls: Dict[str, Callable] = {}
     for backend in ctx.fastseq_backends(dtype):
@@ -178,7 +180,9 @@ def _case(ctx: Context, kind, mode, B, H, T, bi, packed, dtype, name) -> None:
                 check_close(f"{name} {impl}", fn(x0, l0), want, dtype)
 
     nxt = rotating(sets)
-    grads = [torch.randn(T, B, (2 if bi else 1) * H, generator=g).to(dev, dtype) for _ in range(SETS)]
+    # one output gradient per input set (packed outputs have that set's N rows)
+    grads = [torch.randn(*((int(lens.sum()),) if packed else (T, B)), (2 if bi else 1) * H,
+                         generator=g).to(dev, dtype) for _, lens in sets]
     nxt_grad = rotating(grads)
     params = list(ref.parameters()) + list(fast.parameters()) + list(cells.parameters())
 

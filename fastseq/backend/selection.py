@@ -160,6 +160,13 @@ def cpp_reason(t: torch.Tensor) -> Optional[str]:
     return None
 
 
+# (setting, device type, dtype, interpreter on) -> backend; what select() decided,
+# kept because it is asked on every op call (~5 us of checks otherwise). What it
+# depends on besides its key -- whether Triton imports, whether the C++ extension
+# loads and has CUDA kernels -- is fixed for the life of a process.
+_SELECTED: dict = {}
+
+
 def select(t: torch.Tensor) -> str:
     """The backend that runs an op whose main input is ``t``: 'triton', 'cpp' or 'reference'.
 
@@ -171,6 +178,14 @@ def select(t: torch.Tensor) -> str:
         on ``t``; the message says why.
     """
     name = get_backend()
+    key = (name, t.device.type, t.dtype, interpreter_on())
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        chosen = _SELECTED[key] = _select(name, t)
+    return chosen
+
+
+def _select(name: str, t: torch.Tensor) -> str:
     if name == "reference":
         return "reference"
     if name == "triton":

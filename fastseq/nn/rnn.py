@@ -3,9 +3,10 @@
 The classes subclass the torch.nn ones, so constructor arguments, parameter
 names, shapes, initialisation and ``state_dict`` are torch's own; only
 ``forward`` changes. Per layer and direction it computes the input projection
-for all steps with one matrix product (both directions stacked into one GEMM)
-and runs the recurrence through the fused op
-(:func:`fastseq.ops.gru` / :func:`fastseq.ops.lstm`).
+for all steps with one matrix product and runs the recurrence through the
+fused op (:func:`fastseq.ops.gru` / :func:`fastseq.ops.lstm`; the reverse
+direction through :func:`fastseq.ops.gru_packed` / :func:`fastseq.ops.lstm_packed`
+with ``reverse=True``, which reads and writes the steps in time order).
 
 Variable-length input (``PackedSequence``) stays packed, as in cuDNN's packed
 mode: the input projection covers only the N real tokens, step t of the
@@ -135,49 +136,69 @@ class _FusedRNNBase:
             )
 
     # -- the layer stack ------------------------------------------------------
+    _PARAM_NAMES: dict = {}
+
     def _layer_params(self, layer: int, direction: int) -> List[Optional[Tensor]]:
-        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
-        if not self.bias:
-            return [getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx), None, None]
-        return [getattr(self, n + sfx) for n in names]
+        key = (layer, direction, self.bias)
+        names = self._PARAM_NAMES.get(key)
+        if names is None:
+            sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            names = tuple(n + sfx for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[:4 if self.bias else 2])
+            self._PARAM_NAMES[key] = names
+        params = [getattr(self, n) for n in names]
+        return params if self.bias else params + [None, None]
+
+    def _direction_inputs(self, x: Tensor, layer: int, d: int):
+        """(gi, w_hh, b_hh) of one layer and direction: the input projection of every
+        row of ``x`` (one GEMM; an LSTM's b_hh folded into its bias, one fused addmm
+        whose autograd gives both biases the same gradient) and the recurrent weights
+        in gi's dtype (autocast)."""
+        w_ih, w_hh, b_ih, b_hh = self._layer_params(layer, d)
+        if self._IS_LSTM and b_hh is not None:
+            b_ih, b_hh = b_ih + b_hh, None
+        gi = F.linear(x, w_ih, b_ih)
+        if w_hh.dtype != gi.dtype:  # autocast: run the recurrence in gi's dtype
+            w_hh = w_hh.to(gi.dtype)
+            b_hh = b_hh.to(gi.dtype) if b_hh is not None else None
+        return gi, w_hh, b_hh
 
     def _run(self, x: Tensor, h0s, c0s):
-        """The layer stack on dense time-major input ``x [T, B, I]`` -> ``[T, B, D*H]``."""
+        """The layer stack on dense time-major input ``x [T, B, I]`` -> ``[T, B, D*H]``.
+
+        The reverse direction runs the packed recurrence with every row T steps long
+        (``reverse=True`` reads and writes the rows in time order: no flipped copies).
+        """
         D = 2 if self.bidirectional else 1
+        T, B = x.shape[0], x.shape[1]
+        H = self.hidden_size
+        full = torch.full((T,), B, dtype=torch.int64) if D > 1 else None  # batch_sizes of the dense batch
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            params = [self._layer_params(layer, d) for d in range(D)]
-            # One GEMM for the input projection of every step and both directions.
-            w_ih = torch.cat([p[0] for p in params]) if D > 1 else params[0][0]
-            # An LSTM adds b_ih and b_hh to the same pre-activations: fold b_hh into the
-            # projection's bias (one fused addmm; autograd gives both the same gradient).
-            fold = self._IS_LSTM and self.bias
-            b_ih = None
-            if self.bias:
-                b_ih = torch.cat([p[2] + p[3] if fold else p[2] for p in params])
-            # A contiguous input lets F.linear fuse the bias into the GEMM (addmm).
-            gi_all = F.linear(x.contiguous(), w_ih, b_ih)
-            gi_dirs = gi_all.chunk(D, dim=-1)
+            x = x.contiguous()  # lets F.linear fuse the bias into the GEMM (addmm)
             outs = []
             for d in range(D):
-                gi = gi_dirs[d] if d == 0 else gi_dirs[d].flip(0)
-                w_hh, b_hh = params[d][1], (None if fold else params[d][3])
-                if w_hh.dtype != gi.dtype:  # autocast: run the recurrence in gi's dtype
-                    w_hh = w_hh.to(gi.dtype)
-                    b_hh = b_hh.to(gi.dtype) if b_hh is not None else None
+                gi, w_hh, b_hh = self._direction_inputs(x, layer, d)
                 k = layer * D + d
-                h0 = h0s[k].to(gi.dtype)
+                h0 = h0s[k] if h0s.dtype == gi.dtype else h0s[k].to(gi.dtype)
                 if self._IS_LSTM:
-                    hs, cs = ops.lstm(gi.contiguous(), h0, c0s[k].to(gi.dtype), w_hh, b_hh)
-                    c_n.append(cs[-1])
+                    c0 = c0s[k] if c0s.dtype == gi.dtype else c0s[k].to(gi.dtype)
+                    if d == 0:
+                        hs, cs = ops.lstm(gi, h0, c0, w_hh, b_hh)
+                    else:
+                        hs, cs = (t.view(T, B, H) for t in ops.lstm_packed(
+                            gi.view(T * B, -1), h0, c0, w_hh, b_hh, full, reverse=True))
+                    c_n.append(cs[-1] if d == 0 else cs[0])
+                elif d == 0:
+                    hs = ops.gru(gi, h0, w_hh, b_hh)
                 else:
-                    hs = ops.gru(gi.contiguous(), h0, w_hh, b_hh)
-                h_n.append(hs[-1])
-                outs.append(hs if d == 0 else hs.flip(0))
+                    hs = ops.gru_packed(gi.view(T * B, -1), h0, w_hh, b_hh, full, reverse=True).view(T, B, H)
+                h_n.append(hs[-1] if d == 0 else hs[0])
+                outs.append(hs)
             x = torch.cat(outs, dim=-1) if D > 1 else outs[0]
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 x = F.dropout(x, p=self.dropout, training=True)
+        if len(h_n) == 1:
+            return x, h_n[0].unsqueeze(0), (c_n[0].unsqueeze(0) if self._IS_LSTM else None)
         return x, torch.stack(h_n), (torch.stack(c_n) if self._IS_LSTM else None)
 
     def _run_packed(self, packed: PackedSequence, h0s: Tensor, c0s: Optional[Tensor]):
@@ -195,13 +216,7 @@ class _FusedRNNBase:
         for layer in range(self.num_layers):
             outs = []
             for d in range(D):
-                w_ih, w_hh, b_ih, b_hh = self._layer_params(layer, d)
-                fold = self._IS_LSTM and self.bias
-                gi = F.linear(x, w_ih, (b_ih + b_hh) if fold else b_ih)
-                b_hh = None if fold else b_hh
-                if w_hh.dtype != gi.dtype:  # autocast: run the recurrence in gi's dtype
-                    w_hh = w_hh.to(gi.dtype)
-                    b_hh = b_hh.to(gi.dtype) if b_hh is not None else None
+                gi, w_hh, b_hh = self._direction_inputs(x, layer, d)
                 k = layer * D + d
                 h0 = h0s[k].to(gi.dtype)
                 rows = final[d].to(gi.device)
