@@ -98,6 +98,7 @@ class Context:
     records: List[Record] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
     verbose: bool = True
+    skip: Sequence[str] = ()  # implementations not timed (still checked for correctness)
 
     @property
     def cuda(self) -> bool:
@@ -138,7 +139,7 @@ class Context:
         """Time ``impls`` (name -> zero-argument callable) in interleaved rounds and
         append a :class:`Record` for each (see the module docstring)."""
         rounds = rounds or self.rounds
-        names = list(impls)
+        names = [name for name in impls if name not in self.skip]
         for name in names:  # warm-up (compilation, caches, autotuning)
             for _ in range(self.warmup):
                 impls[name]()

@@ -95,6 +95,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per case (default: 15; tiny: 3)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation (default: 2; tiny: 1)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="IMPL",
+                   help="implementations not to time, e.g. fastseq-reference eager-cells (still checked)")
     p.add_argument("--tag", default="", help="appended to the output file names")
     p.add_argument("--out", default=None, help="output folder (default: bench/results in a checkout, else .)")
     return p
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> Dict[str,
     for name, value in (("--rounds", args.rounds), ("--warmup", args.warmup)):
         if value is not None and value < (1 if name == "--rounds" else 0):
             raise ValueError(f"{name}: expected >= {1 if name == '--rounds' else 0}, got {value}")
-    ctx = Context(device=device, dtypes=dtypes, grid=grid,
+    ctx = Context(device=device, dtypes=dtypes, grid=grid, skip=tuple(args.skip),
                   rounds=args.rounds or (3 if grid.tiny else 15), warmup=args.warmup if args.warmup is not None
                   else (1 if grid.tiny else 2))
     root = _checkout()

@@ -30,6 +30,9 @@ CASES = [
     (1, True, False, 4, 6, 5, 20, True, True, False),   # H spans two tiles, packed
     (2, False, False, 3, 4, 4, 33, True, False, True),  # H = 33, no bias, packed
     (1, False, False, 17, 3, 4, 6, False, True, True),  # B spans two tiles
+    (1, False, True, 30, 1, 12, 16, False, True, True),  # one decoder step per call (T = 1)
+    (1, True, False, 70, 5, 4, 40, True, True, True),    # packed, rows split between threads by their work
+    (2, True, False, 6, 5, 4, 72, True, True, False),    # packed, hidden units split between threads
 ]
 
 

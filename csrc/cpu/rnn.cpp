@@ -733,13 +733,23 @@ void forward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSte
     // Each thread, its rows, all steps.
     for_bounds(slice_bounds(split.chunks, split.width, B, steps), [&](int64_t b0, int64_t b1) {
       S s = a;
+      // Few rows: our own product (gemm.h: W_hh read as it is, no repacking per call).
+      const bool own = use_own_gemm<T_>(b1 - b0);
+      auto product = [&](int64_t m, const T_* h, T_* out) {
+#if FASTSEQ_X86_DISPATCH
+        if constexpr (std::is_same_v<T_, float>) {
+          if (own) return sgemm_nt_avx2(m, GH, H, h, H, w_p, H, out, GH);
+        }
+#endif
+        gemm_nt<T_>(m, GH, H, h, H, w_p, H, T_(0), out, GH);
+      };
       for (int64_t p = 0; p < T; ++p) {
         at_step(s, p);
         const int64_t e = std::min(b1, s.step.rows);
         if (e <= b0) continue;
         const int64_t m = std::max(b0, std::min(e, s.step.n_prev));  // [b0, m) from h_prev, [m, e) from h_alt
-        if (m > b0) gemm_nt<T_>(m - b0, GH, H, s.h_prev + b0 * H, H, w_p, H, T_(0), gh_p + b0 * GH, GH);
-        if (e > m) gemm_nt<T_>(e - m, GH, H, s.step.h_alt + m * H, H, w_p, H, T_(0), gh_p + m * GH, GH);
+        if (m > b0) product(m - b0, s.h_prev + b0 * H, gh_p + b0 * GH);
+        if (e > m) product(e - m, s.step.h_alt + m * H, gh_p + m * GH);
         rows(s, b0, e, 0, H);
       }
     });
