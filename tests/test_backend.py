@@ -137,6 +137,7 @@ def test_auto_on_cpu_uses_the_cpp_extension_when_it_builds():
 
 def test_failed_cpp_build_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(selection, "cpp_status", lambda: (False, "CalledProcessError: g++ failed"))
+    monkeypatch.setattr(selection, "_SELECTED", {})  # decisions made under the patched status, dropped after
     monkeypatch.setattr(warn, "_warned", set())
     with fastseq.backend("auto"):
         with pytest.warns(RuntimeWarning, match="C.. extension is unavailable .CalledProcessError: g.. failed.") as rec:

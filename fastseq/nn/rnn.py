@@ -180,19 +180,22 @@ class _FusedRNNBase:
                 gi, w_hh, b_hh = self._direction_inputs(x, layer, d)
                 k = layer * D + d
                 h0 = h0s[k] if h0s.dtype == gi.dtype else h0s[k].to(gi.dtype)
+                # (an empty batch has no packed layout: its reverse direction is the empty dense op)
+                packed_reverse = d == 1 and B > 0
                 if self._IS_LSTM:
                     c0 = c0s[k] if c0s.dtype == gi.dtype else c0s[k].to(gi.dtype)
-                    if d == 0:
+                    if not packed_reverse:
                         hs, cs = ops.lstm(gi, h0, c0, w_hh, b_hh)
                     else:
                         hs, cs = (t.view(T, B, H) for t in ops.lstm_packed(
-                            gi.view(T * B, -1), h0, c0, w_hh, b_hh, full, reverse=True))
-                    c_n.append(cs[-1] if d == 0 else cs[0])
-                elif d == 0:
+                            gi.view(T * B, gi.shape[-1]), h0, c0, w_hh, b_hh, full, reverse=True))
+                    c_n.append(cs[0] if packed_reverse else cs[-1])
+                elif not packed_reverse:
                     hs = ops.gru(gi, h0, w_hh, b_hh)
                 else:
-                    hs = ops.gru_packed(gi.view(T * B, -1), h0, w_hh, b_hh, full, reverse=True).view(T, B, H)
-                h_n.append(hs[-1] if d == 0 else hs[0])
+                    hs = ops.gru_packed(gi.view(T * B, gi.shape[-1]), h0, w_hh, b_hh, full,
+                                        reverse=True).view(T, B, H)
+                h_n.append(hs[0] if packed_reverse else hs[-1])
                 outs.append(hs)
             x = torch.cat(outs, dim=-1) if D > 1 else outs[0]
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:

@@ -190,8 +190,10 @@ class Decoder(nn.Module):
         sw = self.step_weights()
         state = memory.init_state
         states, contexts = [], []
-        for t in range(tgt_in.shape[1]):
-            state, context, _ = self.step(gi_emb[:, t], state, memory, sw)
+        # unbind, not gi_emb[:, t]: the backward of T slices would zero-fill and add a
+        # [B, T, 3H] gradient once per step (O(T^2)); unbind's backward is one stack.
+        for gi_t in gi_emb.unbind(1):
+            state, context, _ = self.step(gi_t, state, memory, sw)
             states.append(state)
             contexts.append(context)
         return self.logits(torch.stack(states, 1), torch.stack(contexts, 1), emb)

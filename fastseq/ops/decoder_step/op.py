@@ -110,6 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = b_hh is not None
     ctx.backend = selection.forced()
     ctx.save_for_backward(context, w_ic, h, output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the (never used) gates output
 
 
 def _backward(ctx, grad_h, _grad_gates):
@@ -119,6 +120,7 @@ def _backward(ctx, grad_h, _grad_gates):
             "differentiated; call it with save_gates=True when gradients are needed"
         )
     context, w_ic, h, gates = ctx.saved_tensors
+    grad_h = torch.zeros_like(h) if grad_h is None else grad_h
     with selection.backend(ctx.backend):
         dgi, dctx, dw, dgh, db, dh = gru_context_cell_backward_op(
             grad_h.contiguous(), gates, h, context, w_ic, ctx.has_bias

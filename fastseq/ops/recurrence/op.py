@@ -157,6 +157,7 @@ def _gru_setup_context(ctx, inputs, output):
     ctx.has_bias = b_hh is not None
     ctx.save_gates = save_gates
     ctx.backend = selection.forced()
+    ctx.set_materialize_grads(False)  # absent gradients stay None (_grad_or_zeros)
     ctx.save_for_backward(h0, w_hh, hs, gates, lengths)
 
 
@@ -236,6 +237,7 @@ def _lstm_setup_context(ctx, inputs, output):
     ctx.has_bias = b_hh is not None
     ctx.save_gates = save_gates
     ctx.backend = selection.forced()
+    ctx.set_materialize_grads(False)  # absent gradients stay None (_grad_or_zeros)
     ctx.save_for_backward(h0, c0, w_hh, hs, cs, gates, lengths)
 
 
@@ -306,6 +308,7 @@ def _gru_packed_setup_context(ctx, inputs, output):
     hs, gates = output
     ctx.has_bias, ctx.save_gates, ctx.reverse = b_hh is not None, save_gates, reverse
     ctx.backend = selection.forced()
+    ctx.set_materialize_grads(False)  # absent gradients stay None (_grad_or_zeros)
     ctx.save_for_backward(h0, w_hh, hs, gates, batch_sizes)
 
 
@@ -363,6 +366,7 @@ def _lstm_packed_setup_context(ctx, inputs, output):
     hs, cs, gates = output
     ctx.has_bias, ctx.save_gates, ctx.reverse = b_hh is not None, save_gates, reverse
     ctx.backend = selection.forced()
+    ctx.set_materialize_grads(False)  # absent gradients stay None (_grad_or_zeros)
     ctx.save_for_backward(h0, c0, w_hh, hs, cs, gates, batch_sizes)
 
 
