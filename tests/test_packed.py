@@ -269,3 +269,47 @@ def test_cpp_autograd_without_grad_saves_nothing_and_says_so(cpp_ops):
         out = cpp_ops.gru_recurrence(gi.reshape(2, 2, 12).requires_grad_(True), h0, w, b, None)
     assert out.grad_fn is not None
     out.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpp_backward_without_h0_gradient(cpp_ops, kind, packed):
+    """grad_h0=False (h0/c0 need no gradient: the C++ autograd asks for it only when
+    needed) returns an empty [0] gradient for h0/c0 and the same other gradients;
+    through the C++ autograd, an h0 without requires_grad changes nothing else."""
+    G = 3 if kind == "gru" else 4
+    gi, h0, c0, w, b, bs = _make(G, [4, 3, 3, 1], 72, torch.float64, True, seed=10)
+    g = torch.Generator().manual_seed(11)
+    if not packed:  # T = 4 steps of the same B = 4 rows
+        gi = torch.randn(4, 4, G * 72, generator=g, dtype=torch.float64)
+    fwd = getattr(cpp_ops, f"{kind}_{'packed_' if packed else ''}recurrence_forward")
+    bwd = getattr(cpp_ops, f"{kind}_{'packed_' if packed else ''}recurrence_backward")
+    tail = (bs, True) if packed else (None,)
+    if kind == "gru":
+        hs, gates = fwd(gi, h0, w, b, *tail, True)
+        grads = (torch.randn(hs.shape, generator=g, dtype=torch.float64),)
+        states, saved = (h0,), (w, hs, gates)
+    else:
+        hs, cs, gates = fwd(gi, h0, c0, w, b, *tail, True)
+        grads = (torch.randn(hs.shape, generator=g, dtype=torch.float64),
+                 torch.randn(cs.shape, generator=g, dtype=torch.float64))
+        states, saved = (h0, c0), (w, hs, cs, gates)
+    full = bwd(*grads, *states, *saved, *tail, True, True)
+    part = bwd(*grads, *states, *saved, *tail, True, False)
+    n_states = len(states)
+    for i, (a, e) in enumerate(zip(part, full)):
+        if 1 <= i <= n_states:
+            assert a.shape == (0,), f"output {i}: expected an empty [0] state gradient, got {tuple(a.shape)}"
+        else:
+            assert_close(a, e, name=f"output {i}")
+    # through the autograd: h0 without a gradient, the rest unchanged
+    with fastseq.backend("cpp"):
+        x = gi.clone().requires_grad_(True)
+        fn = ops.gru_packed if packed else ops.gru
+        if kind == "gru":
+            out = fn(x, h0, w, b, bs, reverse=True) if packed else fn(x, h0, w, b)
+        else:
+            fn = ops.lstm_packed if packed else ops.lstm
+            out = (fn(x, h0, c0, w, b, bs, reverse=True) if packed else fn(x, h0, c0, w, b))[0]
+        (out * grads[0]).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

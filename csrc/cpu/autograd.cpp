@@ -6,6 +6,10 @@
 // in the backward (the torch.library custom ops' Python autograd formula and
 // wrappers cost ~100 us per call, most of a one-step decoder call).
 //
+// The backward asks for the gradient of h0/c0 only when an input needs it
+// (grad_h0=False skips the product that feeds only it: a sixth of a one-step
+// call's products when h0 is None, as in most models' first call).
+//
 // Device-agnostic: the ops are reached through the dispatcher, so this file
 // holds no kernel. Registered as CompositeImplicitAutograd (the Function
 // records the graph; inference tensors run the same code without it).
@@ -69,13 +73,13 @@ using GruFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const
                                              const std::optional<Tensor>&, const std::optional<Tensor>&, bool);
 using GruBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                              const Tensor&, const Tensor&,
-                                                             const std::optional<Tensor>&, bool);
+                                                             const std::optional<Tensor>&, bool, bool);
 using LstmFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                       const std::optional<Tensor>&, const std::optional<Tensor>&,
                                                       bool);
 using LstmBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const std::optional<Tensor>&, bool);
+    const Tensor&, const std::optional<Tensor>&, bool, bool);
 
 struct GruFn : public torch::autograd::Function<GruFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
@@ -92,8 +96,10 @@ struct GruFn : public torch::autograd::Function<GruFn> {
     static const auto op = find_op<GruBwdSig>("gru_recurrence_backward");
     const auto s = saved(ctx);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    auto [dgi, dh0, dw, db] = op.call(or_zeros(grads[0], s[2]), s[0], s[1], s[2], s[3], opt(s[4]), has_bias);
-    return {dgi, dh0, dw, has_bias ? db : Tensor(), Tensor(), Tensor()};
+    const bool grad_h0 = ctx->needs_input_grad(1);
+    auto [dgi, dh0, dw, db] =
+        op.call(or_zeros(grads[0], s[2]), s[0], s[1], s[2], s[3], opt(s[4]), has_bias, grad_h0);
+    return {dgi, grad_h0 ? dh0 : Tensor(), dw, has_bias ? db : Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -112,9 +118,11 @@ struct LstmFn : public torch::autograd::Function<LstmFn> {
     static const auto op = find_op<LstmBwdSig>("lstm_recurrence_backward");
     const auto s = saved(ctx);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool grad_h0 = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     auto [dgi, dh0, dc0, dw, db] = op.call(or_zeros(grads[0], s[3]), or_zeros(grads[1], s[4]), s[0], s[1],
-                                           s[2], s[3], s[4], s[5], opt(s[6]), has_bias);
-    return {dgi, dh0, dc0, dw, has_bias ? db : Tensor(), Tensor(), Tensor()};
+                                           s[2], s[3], s[4], s[5], opt(s[6]), has_bias, grad_h0);
+    return {dgi, grad_h0 ? dh0 : Tensor(), grad_h0 ? dc0 : Tensor(), dw, has_bias ? db : Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
@@ -124,13 +132,13 @@ using GruPackedFwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
                                                    const std::optional<Tensor>&, const Tensor&, bool, bool);
 using GruPackedBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                    const Tensor&, const Tensor&, const Tensor&,
-                                                                   bool, bool);
+                                                                   bool, bool, bool);
 using LstmPackedFwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                             const Tensor&, const std::optional<Tensor>&,
                                                             const Tensor&, bool, bool);
 using LstmPackedBwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const Tensor&, bool, bool);
+    const Tensor&, const Tensor&, bool, bool, bool);
 
 struct GruPackedFn : public torch::autograd::Function<GruPackedFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
@@ -148,9 +156,10 @@ struct GruPackedFn : public torch::autograd::Function<GruPackedFn> {
     static const auto op = find_op<GruPackedBwdSig>("gru_packed_recurrence_backward");
     const auto s = saved(ctx);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool grad_h0 = ctx->needs_input_grad(1);
     auto [dgi, dh0, dw, db] = op.call(or_zeros(grads[0], s[2]), s[0], s[1], s[2], s[3], s[4],
-                                      ctx->saved_data["reverse"].toBool(), has_bias);
-    return {dgi, dh0, dw, has_bias ? db : Tensor(), Tensor(), Tensor(), Tensor()};
+                                      ctx->saved_data["reverse"].toBool(), has_bias, grad_h0);
+    return {dgi, grad_h0 ? dh0 : Tensor(), dw, has_bias ? db : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -170,10 +179,12 @@ struct LstmPackedFn : public torch::autograd::Function<LstmPackedFn> {
     static const auto op = find_op<LstmPackedBwdSig>("lstm_packed_recurrence_backward");
     const auto s = saved(ctx);
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool grad_h0 = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     auto [dgi, dh0, dc0, dw, db] =
         op.call(or_zeros(grads[0], s[3]), or_zeros(grads[1], s[4]), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
-                ctx->saved_data["reverse"].toBool(), has_bias);
-    return {dgi, dh0, dc0, dw, has_bias ? db : Tensor(), Tensor(), Tensor(), Tensor()};
+                ctx->saved_data["reverse"].toBool(), has_bias, grad_h0);
+    return {dgi, grad_h0 ? dh0 : Tensor(), grad_h0 ? dc0 : Tensor(), dw, has_bias ? db : Tensor(), Tensor(),
+            Tensor(), Tensor()};
   }
 };
 

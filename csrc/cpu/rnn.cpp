@@ -778,10 +778,13 @@ void forward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSte
 // units [j0, j1) (writing the step's rows of dgate, at row s.step.off, and
 // leaving the carry in dh), and dh[rows] += dgate[step rows] @ W_hh completes
 // the gradient into the previous states. Work split as in the forward.
+//
+// last_product = false skips the product of the last step handled (p = 0),
+// which only feeds the gradient of h0 (when nobody needs it: grad_h0=False).
 template <typename T_, typename S, typename AtStep, typename Rows>
 void backward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtStep& at_step,
                     const Rows& rows, const Tensor& dgate, const Tensor& w, Tensor& dh,
-                    const int64_t* steps = nullptr) {
+                    const int64_t* steps = nullptr, bool last_product = true) {
   T_* dgate_p = dgate.data_ptr<T_>();
   const T_* w_p = w.data_ptr<T_>();
   T_* dh_p = dh.data_ptr<T_>();
@@ -792,7 +795,7 @@ void backward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSt
       at_step(a, p);
       const int64_t n = a.step.rows;
       for_rows(n, GH, [&](int64_t b0, int64_t b1) { rows(a, b0, b1, 0, H); });
-      dh.narrow(0, 0, n).addmm_(dgate2.narrow(0, a.step.off, n), w);
+      if (p > 0 || last_product) dh.narrow(0, 0, n).addmm_(dgate2.narrow(0, a.step.off, n), w);
     }
     return;
   }
@@ -806,6 +809,7 @@ void backward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSt
         const int64_t e = std::min(b1, s.step.rows);
         if (e <= b0) continue;
         rows(s, b0, e, 0, H);
+        if (p == 0 && !last_product) continue;
         gemm_nn<T_>(e - b0, H, GH, dgate_p + (s.step.off + b0) * GH, GH, w_p, H, T_(1), dh_p + b0 * H, H);
       }
     });
@@ -823,7 +827,7 @@ void backward_steps(S& a, int64_t T, int64_t B, int64_t H, int64_t G, const AtSt
     });
     done = a.step;
   }
-  if (done.rows > 0) {
+  if (done.rows > 0 && last_product) {
     dh.narrow(0, 0, done.rows).addmm_(dgate.view({-1, GH}).narrow(0, done.off, done.rows), w);
   }
 }
@@ -873,7 +877,7 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
     const Tensor& grad_hs, const Tensor& h0, const Tensor& w_hh, const Tensor& hs, const Tensor& gates,
-    const std::optional<Tensor>& lengths, bool has_bias) {
+    const std::optional<Tensor>& lengths, bool has_bias, bool grad_h0) {
   TORCH_CHECK(hs.dim() == 3, "fastseq_cpp: hs: expected a 3-D tensor [T, B, H], got shape ", hs.sizes());
   const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
   check_float_cpu(hs, "hs");
@@ -920,13 +924,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
                        [](const GruBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
                          gru_bwd_rows(s, b0, b1, j0, j1, false);
                        },
-                       dgh, w, dh);
+                       dgh, w, dh, nullptr, grad_h0);
   });
 
   const Tensor dw = weight_grad(dgh, h_init, hs_c, 3 * H, H);
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? finish(dgh.sum(at::IntArrayRef{0, 1}), wdt) : at::empty({0}, w_hh.options());
-  return {finish(dgi, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dw, wdt), db};
+  return {finish(dgi, hs.scalar_type()), grad_h0 ? finish(dh, h0.scalar_type()) : at::empty({0}, h0.options()),
+          finish(dw, wdt), db};
 }
 
 // ====================================================================== LSTM
@@ -982,7 +987,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& hs, const Tensor& cs, const Tensor& gates, const std::optional<Tensor>& lengths,
-    bool has_bias) {
+    bool has_bias, bool grad_h0) {
   TORCH_CHECK(hs.dim() == 3, "fastseq_cpp: hs: expected a 3-D tensor [T, B, H], got shape ", hs.sizes());
   const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
   check_float_cpu(hs, "hs");
@@ -1037,12 +1042,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
                        [](const LstmBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
                          lstm_bwd_rows(s, b0, b1, j0, j1, false);
                        },
-                       dg, w, dh);
+                       dg, w, dh, nullptr, grad_h0);
   });
 
   const Tensor dw = weight_grad(dg, h_init, hs_c, 4 * H, H);
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? finish(dg.sum(at::IntArrayRef{0, 1}), wdt) : at::empty({0}, w_hh.options());
+  if (!grad_h0) {
+    return {finish(dg, hs.scalar_type()), at::empty({0}, h0.options()), at::empty({0}, c0.options()),
+            finish(dw, wdt), db};
+  }
   return {finish(dg, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dc, c0.scalar_type()),
           finish(dw, wdt), db};
 }
@@ -1191,7 +1200,7 @@ std::tuple<Tensor, Tensor> gru_packed_recurrence_forward(const Tensor& gi, const
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_packed_recurrence_backward(
     const Tensor& grad_hs, const Tensor& h0, const Tensor& w_hh, const Tensor& hs, const Tensor& gates,
-    const Tensor& batch_sizes, bool reverse, bool has_bias) {
+    const Tensor& batch_sizes, bool reverse, bool has_bias, bool grad_h0) {
   TORCH_CHECK(hs.dim() == 2, "fastseq_cpp: hs: expected a 2-D tensor [N, H], got shape ", hs.sizes());
   const int64_t N = hs.size(0), H = hs.size(1);
   check_float_cpu(hs, "hs");
@@ -1240,14 +1249,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_packed_recurrence_backward(
                        [](const GruBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
                          gru_bwd_rows(s, b0, b1, j0, j1, false);
                        },
-                       dgh, w, dh, pk.steps.data());
+                       dgh, w, dh, pk.steps.data(), grad_h0);
     h_prev_all = packed_prev_states<T_>(pk, hs_c, h_init);
   });
 
   const Tensor dw = at::mm(dgh.t(), h_prev_all);
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? finish(dgh.sum(0), wdt) : at::empty({0}, w_hh.options());
-  return {finish(dgi, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dw, wdt), db};
+  return {finish(dgi, hs.scalar_type()), grad_h0 ? finish(dh, h0.scalar_type()) : at::empty({0}, h0.options()),
+          finish(dw, wdt), db};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_packed_recurrence_forward(
@@ -1301,7 +1311,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_packed_recurrence_forward(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backward(
     const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& hs, const Tensor& cs, const Tensor& gates, const Tensor& batch_sizes, bool reverse,
-    bool has_bias) {
+    bool has_bias, bool grad_h0) {
   TORCH_CHECK(hs.dim() == 2, "fastseq_cpp: hs: expected a 2-D tensor [N, H], got shape ", hs.sizes());
   const int64_t N = hs.size(0), H = hs.size(1);
   check_float_cpu(hs, "hs");
@@ -1359,13 +1369,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backwa
                        [](const LstmBwd<T_>& s, int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
                          lstm_bwd_rows(s, b0, b1, j0, j1, false);
                        },
-                       dg, w, dh, pk.steps.data());
+                       dg, w, dh, pk.steps.data(), grad_h0);
     h_prev_all = packed_prev_states<T_>(pk, hs_c, h_init);
   });
 
   const Tensor dw = at::mm(dg.t(), h_prev_all);
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? finish(dg.sum(0), wdt) : at::empty({0}, w_hh.options());
+  if (!grad_h0) {
+    return {finish(dg, hs.scalar_type()), at::empty({0}, h0.options()), at::empty({0}, c0.options()),
+            finish(dw, wdt), db};
+  }
   return {finish(dg, hs.scalar_type()), finish(dh, h0.scalar_type()), finish(dc, c0.scalar_type()),
           finish(dw, wdt), db};
 }

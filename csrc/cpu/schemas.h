@@ -26,19 +26,22 @@
 namespace fastseq {
 
 // gru_recurrence_{forward,backward}, lstm_recurrence_{forward,backward} (cpu/rnn.cpp).
+// The backward ops' grad_h0=False: the gradient of h0 (and c0) is not needed;
+// it comes back as an empty [0] tensor, and the C++ CPU kernels skip the
+// product that only feeds it (the last step's dG W_hh).
 inline void define_recurrence_ops(torch::Library& m) {
   m.def(
       "gru_recurrence_forward(Tensor gi, Tensor h0, Tensor w_hh, Tensor? b_hh, Tensor? lengths, "
       "bool save_gates=True) -> (Tensor, Tensor)");
   m.def(
       "gru_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
-      "Tensor? lengths, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? lengths, bool has_bias, bool grad_h0=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lstm_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
       "Tensor? lengths, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
   m.def(
       "lstm_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias) "
+      "Tensor hs, Tensor cs, Tensor gates, Tensor? lengths, bool has_bias, bool grad_h0=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The packed layout (naive.py, "packed layout"): gi [N, G*H], batch_sizes int64 [T] on the CPU.
   m.def(
@@ -46,13 +49,13 @@ inline void define_recurrence_ops(torch::Library& m) {
       "bool reverse, bool save_gates=True) -> (Tensor, Tensor)");
   m.def(
       "gru_packed_recurrence_backward(Tensor grad_hs, Tensor h0, Tensor w_hh, Tensor hs, Tensor gates, "
-      "Tensor batch_sizes, bool reverse, bool has_bias) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor batch_sizes, bool reverse, bool has_bias, bool grad_h0=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "lstm_packed_recurrence_forward(Tensor gi, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, "
       "Tensor batch_sizes, bool reverse, bool save_gates=True) -> (Tensor, Tensor, Tensor)");
   m.def(
       "lstm_packed_recurrence_backward(Tensor grad_hs, Tensor grad_cs, Tensor h0, Tensor c0, Tensor w_hh, "
-      "Tensor hs, Tensor cs, Tensor gates, Tensor batch_sizes, bool reverse, bool has_bias) "
+      "Tensor hs, Tensor cs, Tensor gates, Tensor batch_sizes, bool reverse, bool has_bias, bool grad_h0=True) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

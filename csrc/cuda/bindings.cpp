@@ -363,7 +363,7 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor& grad_hs, const Tensor& h0,
                                                                    const Tensor& w_hh, const Tensor& hs,
                                                                    const Tensor& gates, const OptTensor& lengths,
-                                                                   bool has_bias) {
+                                                                   bool has_bias, bool grad_h0) {
   check_dims(hs, 3, "hs", "[T, B, H]");
   const at::Device dev = hs.device();
   check_float_cuda(hs, "hs", dev);
@@ -409,7 +409,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
   const Tensor dw = weight_grad(dgh, h_init, hs_k.to(cd), 3 * H);
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? dgh.sum(at::IntArrayRef{0, 1}).to(wdt) : at::empty({0}, w_hh.options());
-  return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dw.to(wdt), db};
+  return {dgi.to(hs.scalar_type()), grad_h0 ? dh.to(h0.scalar_type()) : at::empty({0}, h0.options()), dw.to(wdt), db};
 }
 
 // ===================================================================== LSTM
@@ -474,7 +474,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-    const Tensor& hs, const Tensor& cs, const Tensor& gates, const OptTensor& lengths, bool has_bias) {
+    const Tensor& hs, const Tensor& cs, const Tensor& gates, const OptTensor& lengths, bool has_bias,
+    bool grad_h0) {
   check_dims(hs, 3, "hs", "[T, B, H]");
   const at::Device dev = hs.device();
   check_float_cuda(hs, "hs", dev);
@@ -531,6 +532,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? dg.sum(at::IntArrayRef{0, 1}).to(wdt) : at::empty({0}, w_hh.options());
   const Tensor dgi = dgi_s.defined() ? dgi_s : dg;
+  if (!grad_h0) return {dgi.to(hs.scalar_type()), at::empty({0}, h0.options()), at::empty({0}, c0.options()), dw.to(wdt), db};
   return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dc.to(c0.scalar_type()), dw.to(wdt), db};
 }
 
@@ -595,7 +597,7 @@ std::tuple<Tensor, Tensor> gru_packed_recurrence_forward(const Tensor& gi, const
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> gru_packed_recurrence_backward(
     const Tensor& grad_hs, const Tensor& h0, const Tensor& w_hh, const Tensor& hs, const Tensor& gates,
-    const Tensor& batch_sizes, bool reverse, bool has_bias) {
+    const Tensor& batch_sizes, bool reverse, bool has_bias, bool grad_h0) {
   check_dims(hs, 2, "hs", "[N, H]");
   check_dims(h0, 2, "h0", "[B, H]");
   const at::Device dev = hs.device();
@@ -640,7 +642,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_packed_recurrence_backward(
   const Tensor dw = packed_weight_grad(steps, dgh, hs_k.to(cd), h_init);
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? dgh.sum(0).to(wdt) : at::empty({0}, w_hh.options());
-  return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dw.to(wdt), db};
+  return {dgi.to(hs.scalar_type()), grad_h0 ? dh.to(h0.scalar_type()) : at::empty({0}, h0.options()), dw.to(wdt), db};
 }
 
 std::tuple<Tensor, Tensor, Tensor> lstm_packed_recurrence_forward(const Tensor& gi, const Tensor& h0,
@@ -706,7 +708,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_packed_recurrence_forward(const Tensor& 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backward(
     const Tensor& grad_hs, const Tensor& grad_cs, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
     const Tensor& hs, const Tensor& cs, const Tensor& gates, const Tensor& batch_sizes, bool reverse,
-    bool has_bias) {
+    bool has_bias, bool grad_h0) {
   check_dims(hs, 2, "hs", "[N, H]");
   check_dims(h0, 2, "h0", "[B, H]");
   const at::Device dev = hs.device();
@@ -762,6 +764,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backwa
   const auto wdt = w_hh.scalar_type();
   Tensor db = has_bias ? dg.sum(0).to(wdt) : at::empty({0}, w_hh.options());
   const Tensor dgi = dgi_s.defined() ? dgi_s : dg;
+  if (!grad_h0) return {dgi.to(hs.scalar_type()), at::empty({0}, h0.options()), at::empty({0}, c0.options()), dw.to(wdt), db};
   return {dgi.to(hs.scalar_type()), dh.to(h0.scalar_type()), dc.to(c0.scalar_type()), dw.to(wdt), db};
 }
 
