@@ -79,6 +79,16 @@ def cpp_ops():
         pytest.fail(f"building/loading the C++ extension failed: {exc}", pytrace=False)
 
 
+@pytest.fixture(params=["auto", "aten"])
+def gemm(request, monkeypatch):
+    """Which step implementation runs: 'auto' (BLAS where available) or the ATen fallback."""
+    if request.param == "aten":
+        monkeypatch.setenv("FASTSEQ_CPP_GEMM", "aten")
+    else:
+        monkeypatch.delenv("FASTSEQ_CPP_GEMM", raising=False)
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,16 +17,6 @@ def ops(cpp_ops):
     return cpp_ops
 
 
-@pytest.fixture(params=["auto", "aten"])
-def gemm(request, monkeypatch):
-    """Which step implementation runs: 'auto' (BLAS where available) or the ATen fallback."""
-    if request.param == "aten":
-        monkeypatch.setenv("FASTSEQ_CPP_GEMM", "aten")
-    else:
-        monkeypatch.delenv("FASTSEQ_CPP_GEMM", raising=False)
-    return request.param
-
-
 @pytest.fixture
 def two_threads():
     """Two intra-op threads (on any machine), so the BIG_SIZES take the threaded splits."""

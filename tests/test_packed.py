@@ -134,16 +134,6 @@ def test_gradcheck_packed_custom_ops_float64(reverse):
 # ------------------------------------------------------------------------ C++
 
 
-@pytest.fixture(params=["auto", "aten"])
-def gemm(request, monkeypatch):
-    """Which step implementation runs: 'auto' (BLAS where available) or the ATen fallback."""
-    if request.param == "aten":
-        monkeypatch.setenv("FASTSEQ_CPP_GEMM", "aten")
-    else:
-        monkeypatch.delenv("FASTSEQ_CPP_GEMM", raising=False)
-    return request.param
-
-
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
     old = torch.get_num_threads()

@@ -415,16 +415,11 @@ struct Dims {
   int64_t T, B, H;
 };
 
-Dims check_forward(int64_t G, const Tensor& gi, std::initializer_list<std::pair<const Tensor*, const char*>> states,
-                   const Tensor& w_hh, const std::optional<Tensor>& b_hh) {
-  TORCH_CHECK(gi.dim() == 3, "fastseq_cpp: gi: expected a 3-D tensor [T, B, ", G, "*H], got shape ",
-              gi.sizes());
-  check_float_cpu(gi, "gi");
-  const Tensor& h0 = *states.begin()->first;
-  TORCH_CHECK(h0.dim() == 2, "fastseq_cpp: h0: expected a 2-D tensor [B, H], got shape ", h0.sizes());
-  const int64_t T = gi.size(0), B = gi.size(1), H = h0.size(1);
-  TORCH_CHECK(gi.size(2) == G * H, "fastseq_cpp: gi: expected size(2) == ", G, "*H = ", G * H,
-              " (H from h0), got shape ", gi.sizes());
+using StateArgs = std::initializer_list<std::pair<const Tensor*, const char*>>;
+
+// The states [B, H], W_hh [G*H, H] and b_hh [G*H] of a forward call (dense or packed).
+void check_states_and_weights(int64_t G, int64_t B, int64_t H, StateArgs states, const Tensor& w_hh,
+                              const std::optional<Tensor>& b_hh) {
   for (const auto& s : states) {
     check_float_cpu(*s.first, s.second);
     check_shape(*s.first, {B, H}, s.second);
@@ -435,6 +430,19 @@ Dims check_forward(int64_t G, const Tensor& gi, std::initializer_list<std::pair<
     check_float_cpu(*b_hh, "b_hh");
     check_shape(*b_hh, {G * H}, "b_hh");
   }
+}
+
+Dims check_forward(int64_t G, const Tensor& gi, StateArgs states, const Tensor& w_hh,
+                   const std::optional<Tensor>& b_hh) {
+  TORCH_CHECK(gi.dim() == 3, "fastseq_cpp: gi: expected a 3-D tensor [T, B, ", G, "*H], got shape ",
+              gi.sizes());
+  check_float_cpu(gi, "gi");
+  const Tensor& h0 = *states.begin()->first;
+  TORCH_CHECK(h0.dim() == 2, "fastseq_cpp: h0: expected a 2-D tensor [B, H], got shape ", h0.sizes());
+  const int64_t T = gi.size(0), B = gi.size(1), H = h0.size(1);
+  TORCH_CHECK(gi.size(2) == G * H, "fastseq_cpp: gi: expected size(2) == ", G, "*H = ", G * H,
+              " (H from h0), got shape ", gi.sizes());
+  check_states_and_weights(G, B, H, states, w_hh, b_hh);
   return {T, B, H};
 }
 
@@ -1115,8 +1123,8 @@ PackedLayout packed_layout(const Tensor& batch_sizes, int64_t N, int64_t B, bool
   return pk;
 }
 
-Dims check_packed(int64_t G, const Tensor& gi, std::initializer_list<std::pair<const Tensor*, const char*>> states,
-                  const Tensor& w_hh, const std::optional<Tensor>& b_hh) {
+Dims check_packed(int64_t G, const Tensor& gi, StateArgs states, const Tensor& w_hh,
+                  const std::optional<Tensor>& b_hh) {
   TORCH_CHECK(gi.dim() == 2, "fastseq_cpp: gi: expected a 2-D tensor [N, ", G, "*H] (packed), got shape ",
               gi.sizes());
   check_float_cpu(gi, "gi");
@@ -1125,16 +1133,7 @@ Dims check_packed(int64_t G, const Tensor& gi, std::initializer_list<std::pair<c
   const int64_t N = gi.size(0), B = h0.size(0), H = h0.size(1);
   TORCH_CHECK(gi.size(1) == G * H, "fastseq_cpp: gi: expected size(1) == ", G, "*H = ", G * H,
               " (H from h0), got shape ", gi.sizes());
-  for (const auto& s : states) {
-    check_float_cpu(*s.first, s.second);
-    check_shape(*s.first, {B, H}, s.second);
-  }
-  check_float_cpu(w_hh, "w_hh");
-  check_shape(w_hh, {G * H, H}, "w_hh");
-  if (b_hh.has_value() && b_hh->defined()) {
-    check_float_cpu(*b_hh, "b_hh");
-    check_shape(*b_hh, {G * H}, "b_hh");
-  }
+  check_states_and_weights(G, B, H, states, w_hh, b_hh);
   return {N, B, H};  // (T holds N here)
 }
 

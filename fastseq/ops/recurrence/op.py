@@ -450,10 +450,11 @@ def gru(
     lengths = _check_args(3, gi, (("h0", h0),), w_hh, b_hh, lengths)
     if not torch.compiler.is_compiling():
         sizes = {"T": gi.shape[0], "B": gi.shape[1], "H": h0.shape[1], "G": 3}
-        if registry.choose(GRU_FORWARD, gi, sizes) == "cpp":  # autograd in C++ (cpp.py)
+        name = registry.choose(GRU_FORWARD, gi, sizes)
+        if name == "cpp":  # autograd in C++ (cpp.py)
             return cpp.gru_recurrence(gi, h0, w_hh, b_hh, lengths)
         if not needs_grad(gi, h0, w_hh, b_hh):
-            return registry.implementation(GRU_FORWARD, gi, sizes)(gi, h0, w_hh, b_hh, lengths, False)[0]
+            return registry.get(GRU_FORWARD, name).fn(gi, h0, w_hh, b_hh, lengths, False)[0]
     hs, _ = gru_recurrence(gi, h0, w_hh, b_hh, lengths, needs_grad(gi, h0, w_hh, b_hh))
     return hs
 
@@ -478,10 +479,11 @@ def lstm(
     lengths = _check_args(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, lengths)
     if not torch.compiler.is_compiling():
         sizes = {"T": gi.shape[0], "B": gi.shape[1], "H": h0.shape[1], "G": 4}
-        if registry.choose(LSTM_FORWARD, gi, sizes) == "cpp":
+        name = registry.choose(LSTM_FORWARD, gi, sizes)
+        if name == "cpp":
             return cpp.lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths)
         if not needs_grad(gi, h0, c0, w_hh, b_hh):
-            hs, cs, _ = registry.implementation(LSTM_FORWARD, gi, sizes)(gi, h0, c0, w_hh, b_hh, lengths, False)
+            hs, cs, _ = registry.get(LSTM_FORWARD, name).fn(gi, h0, c0, w_hh, b_hh, lengths, False)
             return hs, cs
     hs, cs, _ = lstm_recurrence(gi, h0, c0, w_hh, b_hh, lengths, needs_grad(gi, h0, c0, w_hh, b_hh))
     return hs, cs
@@ -538,10 +540,11 @@ def gru_packed(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], bat
     _check_packed(3, gi, (("h0", h0),), w_hh, b_hh, batch_sizes)
     if not torch.compiler.is_compiling():
         sizes = {"N": gi.shape[0], "B": h0.shape[0], "H": h0.shape[1], "G": 3, "T": batch_sizes.shape[0]}
-        if registry.choose(GRU_PACKED, gi, sizes) == "cpp":
+        name = registry.choose(GRU_PACKED, gi, sizes)
+        if name == "cpp":
             return cpp.gru_packed_recurrence(gi, h0, w_hh, b_hh, batch_sizes, reverse)
         if not needs_grad(gi, h0, w_hh, b_hh):
-            fn = registry.implementation(GRU_PACKED, gi, sizes)
+            fn = registry.get(GRU_PACKED, name).fn
             return fn(gi, h0, w_hh, b_hh, batch_sizes, reverse, False)[0]
     hs, _ = gru_packed_recurrence(gi, h0, w_hh, b_hh, batch_sizes, reverse, needs_grad(gi, h0, w_hh, b_hh))
     return hs
@@ -554,10 +557,11 @@ def lstm_packed(gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional
     _check_packed(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, batch_sizes)
     if not torch.compiler.is_compiling():
         sizes = {"N": gi.shape[0], "B": h0.shape[0], "H": h0.shape[1], "G": 4, "T": batch_sizes.shape[0]}
-        if registry.choose(LSTM_PACKED, gi, sizes) == "cpp":
+        name = registry.choose(LSTM_PACKED, gi, sizes)
+        if name == "cpp":
             return cpp.lstm_packed_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse)
         if not needs_grad(gi, h0, c0, w_hh, b_hh):
-            fn = registry.implementation(LSTM_PACKED, gi, sizes)
+            fn = registry.get(LSTM_PACKED, name).fn
             hs, cs, _ = fn(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse, False)
             return hs, cs
     hs, cs, _ = lstm_packed_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes, reverse,
