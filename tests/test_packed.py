@@ -17,6 +17,7 @@ from parity import assert_close
 
 import fastseq
 from fastseq import ops
+from fastseq.ops.validation import ArgumentTypeError
 from fastseq.ops.recurrence import naive as reference
 
 
@@ -212,6 +213,17 @@ def test_bad_batch_sizes_raise_clearly(bad, match):
     gi, h0, _, w, b, _ = _make(3, [3, 2, 1], 4, torch.float32, True, seed=0)
     with pytest.raises(RuntimeError, match="batch_sizes: expected.*" + match):
         ops.gru_packed(gi, h0, w, b, bad)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    ([3, 1], ArgumentTypeError, "batch_sizes: expected a Tensor"),
+    (torch.tensor([3, 1], dtype=torch.int32), RuntimeError, "int64 CPU"),
+    (torch.tensor([1, 3]), RuntimeError, "non-increasing"),
+    (torch.tensor([], dtype=torch.int64), RuntimeError, "at least one step"),
+])
+def test_packed_final_rows_rejects_bad_batch_sizes(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.packed_final_rows(bad)
 
 
 def test_packed_final_rows():

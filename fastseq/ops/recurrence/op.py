@@ -575,8 +575,14 @@ def packed_final_rows(batch_sizes: Tensor, reverse: bool = False) -> Tensor:
     The forward direction ends at each row's last step (row b at
     ``offsets[lengths[b] - 1] + b``); the reverse direction ends at step 0
     (rows ``0 .. B-1``).
+
+    Raises:
+        ArgumentTypeError / RuntimeError: ``batch_sizes`` is not a PackedSequence's
+        (as :func:`gru_packed`).
     """
-    B = int(batch_sizes[0])
+    ok = isinstance(batch_sizes, Tensor) and batch_sizes.dim() == 1 and batch_sizes.numel() > 0
+    B, N = (int(batch_sizes[0]), int(batch_sizes.sum())) if ok else (0, 0)
+    validation.batch_sizes("batch_sizes", batch_sizes, B, N)
     rows = torch.arange(B)
     if reverse:
         return rows
