@@ -73,7 +73,7 @@ def measure(cfg: dict, device: str) -> dict:
     ``cfg``: ``B``, ``H``, ``T`` (recurrence sizes; the attention uses ``S`` (32), ``A``
     (H), ``D`` (2H)), ``dtypes`` (names), ``rounds``, ``calls`` (calls per round of
     the one-launch ops, 32), ``ops`` (a subset of :data:`OPS`), ``prebound`` (also
-    time the GRU step kernel launched directly, True).
+    time the GRU step kernel through Triton's full launch path at every step, True).
     """
     import torch
 
@@ -209,27 +209,24 @@ class _Cases:
                       per_call=self.calls)
 
     def prebound(self, rnn, gi, h0, w, b, B, H, T, dt, size) -> None:
-        """The GRU forward's T launches with the arguments sliced beforehand and the kernel
-        called directly: Triton's share of a step, without fastseq's loop, slicing and wrapper."""
+        """The GRU forward's T launches each through Triton's whole launch path (``kernel[grid](...)``:
+        binder, specialisation, cache lookup), arguments prepared beforehand: what every step cost
+        before the step loops were bound once (:func:`fastseq.ops.triton_utils.launch_steps`)."""
         torch = self.torch
         kern = rnn._gru_fwd_step_kernel.kernel
         grid, kw = rnn._launch_args(B, H)
         hs = torch.empty(T, B, H, dtype=dt, device=self.device)
         gates = torch.empty(T, B, 4 * H, dtype=dt, device=self.device)
-        state = None if dt == torch.float32 else torch.empty(2, B, H, dtype=torch.float32, device=self.device)
-        steps = []
-        for t in range(T):
-            h_prev = h0 if t == 0 else (hs[t - 1] if state is None else state[(t - 1) % 2])
-            steps.append((gi[t], h_prev, None, w, b, None, hs[t], None if state is None else state[t % 2],
-                          gates[t], t, B, H, B))
+        state = torch.zeros(2, B, H, dtype=torch.float32, device=self.device)
         launch = kern[grid]
+        flags = dict(HAS_BIAS=True, HAS_LENGTHS=False, SAVE_GATES=True, PACKED=False, **kw)
 
         def run():
-            for args in steps:
-                launch(*args, **kw)
-        self.case(f"host-gru-fwd-{size}", "triton-prebound", dt, run,
-                  "the GRU step kernel launched directly with pre-sliced arguments (Triton's share of a "
-                  "step: no fastseq loop, slicing or counted wrapper)", per_call=T)
+            for t in range(T):
+                launch(gi, state, w, b, None, hs, gates, None, t, B, H, T, **flags)
+        self.case(f"host-gru-fwd-{size}", "triton-jit-path", dt, run,
+                  "the GRU step kernel launched through Triton's full launch path at every step, arguments "
+                  "prepared beforehand (the per-step cost before the step loops were bound once)", per_call=T)
 
     def bare(self) -> None:
         import triton

@@ -19,6 +19,16 @@
 /* The number of cuLaunchKernelEx calls so far (read by the probe through ctypes). */
 unsigned long long fastseq_stub_launches = 0;
 
+/* Parameter recording (tests/test_bound_launch.py, through bench.stubdriver.record):
+ * while fastseq_stub_param_sizes[0] > 0, launch k < FASTSEQ_STUB_RECORDS (counted
+ * from the last reset of fastseq_stub_launches) stores its grid and the bytes of its
+ * parameters i = 0, 1, ... while fastseq_stub_param_sizes[i] > 0 (each at most 8). */
+#define FASTSEQ_STUB_PARAMS 64
+#define FASTSEQ_STUB_RECORDS 512
+int fastseq_stub_param_sizes[FASTSEQ_STUB_PARAMS];
+unsigned char fastseq_stub_params[FASTSEQ_STUB_RECORDS][FASTSEQ_STUB_PARAMS * 8];
+unsigned int fastseq_stub_grids[FASTSEQ_STUB_RECORDS][3];
+
 static int stub_context_storage, stub_module_storage, stub_function_storage;
 
 CUresult cuInit(unsigned int flags) { (void)flags; return CUDA_SUCCESS; }
@@ -129,7 +139,17 @@ CUresult cuOccupancyMaxActiveClusters(int *n, CUfunction f, const CUlaunchConfig
 
 /* The one call that is not made: the launch. */
 CUresult cuLaunchKernelEx(const CUlaunchConfig *config, CUfunction f, void **params, void **extra) {
-  (void)config; (void)f; (void)params; (void)extra;
+  (void)f; (void)extra;
+  if (fastseq_stub_param_sizes[0] > 0 && fastseq_stub_launches < FASTSEQ_STUB_RECORDS) {
+    unsigned char *dst = fastseq_stub_params[fastseq_stub_launches];
+    for (int i = 0; i < FASTSEQ_STUB_PARAMS && fastseq_stub_param_sizes[i] > 0; i++) {
+      const unsigned char *src = (const unsigned char *)params[i];
+      for (int b = 0; b < fastseq_stub_param_sizes[i] && b < 8; b++) dst[8 * i + b] = src[b];
+    }
+    fastseq_stub_grids[fastseq_stub_launches][0] = config->gridDimX;
+    fastseq_stub_grids[fastseq_stub_launches][1] = config->gridDimY;
+    fastseq_stub_grids[fastseq_stub_launches][2] = config->gridDimZ;
+  }
   fastseq_stub_launches++;
   return CUDA_SUCCESS;
 }

@@ -99,6 +99,32 @@ def launches() -> int:
     return ctypes.c_ulonglong.in_dll(_library(), COUNTER).value
 
 
+def record(sizes) -> None:
+    """Start recording each launch's grid and parameters: ``sizes[i]`` bytes (1-8) of
+    parameter ``i`` (the kernel's runtime arguments in order, as the launcher passes
+    them); resets the launch count. ``record([])`` stops. See :func:`recorded`."""
+    lib = _library()
+    arr = (ctypes.c_int * 64).in_dll(lib, "fastseq_stub_param_sizes")
+    if len(sizes) > 64 or any(not 1 <= int(n) <= 8 for n in sizes):
+        raise ValueError(f"record: 1-8 bytes for each of at most 64 parameters, got {list(sizes)}")
+    for i in range(64):
+        arr[i] = int(sizes[i]) if i < len(sizes) else 0
+    ctypes.c_ulonglong.in_dll(lib, COUNTER).value = 0
+
+
+def recorded(n_params: int):
+    """``[(grid, [bytes of each parameter])]`` of the launches since :func:`record` (at most 512)."""
+    lib = _library()
+    params = ((ctypes.c_ubyte * (64 * 8)) * 512).in_dll(lib, "fastseq_stub_params")
+    grids = ((ctypes.c_uint * 3) * 512).in_dll(lib, "fastseq_stub_grids")
+    sizes = (ctypes.c_int * 64).in_dll(lib, "fastseq_stub_param_sizes")
+    out = []
+    for k in range(min(launches(), 512)):
+        raw = bytes(params[k])
+        out.append((tuple(grids[k]), [raw[8 * i:8 * i + sizes[i]] for i in range(n_params)]))
+    return out
+
+
 def activate(arch: int = 90) -> None:
     """Make Triton's CUDA driver, running on the stand-in, the active driver (target sm_``arch``).
 

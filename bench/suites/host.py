@@ -18,9 +18,10 @@ run's dtypes):
 * ``cell-fwd``: the decoder's fused GRU cell, 1 launch;
 * ``bare-3arg``: a 3-argument kernel (pointer, int, constexpr), for reference
   (impl ``bare-triton-launch``);
-* the GRU forward's step kernel launched directly with pre-sliced arguments (impl
-  ``triton-prebound``): Triton's share of a step; the rest of ``fastseq-triton``'s
-  time is fastseq's loop, slicing and launch counter.
+* the GRU forward's step kernel launched through Triton's full launch path at every
+  step (impl ``triton-jit-path``), for comparison: fastseq's step loops launch the
+  first step that way and the others through the compiled kernel's launcher
+  (:func:`fastseq.ops.triton_utils.launch_steps`).
 
 Records: ``median_ms``/``min_ms``/``max_ms`` are the time per launch in ms over the
 rounds, with a ``note`` saying how it was measured.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 from typing import Iterator, List
 
 import torch
@@ -34,6 +35,13 @@ def count() -> Iterator["collections.Counter[str]"]:
         _active.remove(counter)
 
 
+def record(name: str, n: int = 1) -> None:
+    """Record ``n`` launches of kernel ``name`` in every open :func:`count` block (for
+    launch paths that bypass :class:`counted`, e.g. a bound step loop)."""
+    for c in _active:
+        c[name] += n
+
+
 class counted:
     """Wrap a Triton kernel so ``kernel[grid](...)`` records one launch."""
 
@@ -43,13 +51,14 @@ class counted:
         while hasattr(fn, "fn"):  # heuristics/autotune wrappers
             fn = fn.fn
         self.name = getattr(fn, "__name__", repr(kernel))
+        # The kernel's parameter names, in order (bound launches need them).
+        self.arg_names = list(getattr(fn, "arg_names", None) or inspect.signature(fn).parameters)
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
-            for c in _active:
-                c[self.name] += 1
+            record(self.name)
             if torch.autograd.profiler._is_profiler_enabled:
                 with torch.profiler.record_function(f"triton::{self.name}"):
                     return launch(*args, **kwargs)

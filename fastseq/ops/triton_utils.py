@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import functools
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton import knobs
+from triton.runtime import driver
 
 from fastseq.backend import limits
 from fastseq.backend.selection import allow_tf32, interpreter_on
+from fastseq.ops import launches
 
 # ------------------------------------------------------------------ jit helpers
 
@@ -44,6 +48,30 @@ def load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c):
     """fp32 tile ``ptr[offs_r * stride_r + offs_c * stride_c]``, zero out of bounds."""
     ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
     return tl.load(ptrs, mask=mask_r[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_tile_native(ptr, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c):
+    """Like :func:`load_tile`, in the pointer's own dtype (a ``tl.dot`` operand kept half)."""
+    ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    return tl.load(ptrs, mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+
+
+@triton.jit
+def dot_acc(a, w, acc, PRECISION: tl.constexpr):
+    """``acc + a @ w`` with fp32 accumulation, on tensor cores for half weights.
+
+    ``a``: fp32 tile (a state or gradient kept in fp32); ``w``: a tile in the weights'
+    dtype (:func:`load_tile_native`). Half ``w`` (bf16/fp16): ``a`` is rounded to ``w``'s
+    dtype and the product runs as an HMMA/WGMMA with fp32 accumulation (cuDNN's
+    half-precision recurrences round the state for the product the same way); fp32
+    ``w``: IEEE fp32 unless ``PRECISION`` is ``"tf32"`` (:func:`precision`).
+    """
+    if w.dtype == tl.float32:
+        out = tl.dot(a, w, acc, input_precision=PRECISION)
+    else:
+        out = tl.dot(a.to(w.dtype), w, acc)
+    return out
 
 
 @triton.jit
@@ -76,12 +104,25 @@ def pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+# Streaming multiprocessors of the GPUs fastseq is tuned for (H100/H200 SXM: 132).
+TARGET_SMS = 132
+
+
 def pick_blocks(B: int, H: int) -> Blocks:
     """Tile sizes for a ``[B, H]`` state (the one place they are chosen; no autotuning yet).
 
-    Under the interpreter everything is 16 (the ``tl.dot`` minimum), which keeps the
-    numpy emulation small and exercises the multi-tile and masking paths. On a GPU
-    the hidden tile shrinks until there are enough programs to fill the machine.
+    Under the interpreter everything is 16, which keeps the numpy emulation small
+    and exercises the multi-tile and masking paths. On a GPU:
+
+    * ``BLOCK_B`` is B rounded up to a power of two, at most 32: B <= 8 does not pay
+      for 16 padded rows in its loads, stores and registers (``tl.dot`` takes M >= 1
+      on NVIDIA GPUs);
+    * the hidden tile, then the row tile (not below 16), shrink until the grid has
+      :data:`TARGET_SMS` programs, one per SM, where the size allows (B = 64, H = 512:
+      128 programs of 16 x 16);
+    * 8 warps for tiles of 32 x 64 and more (their 3-4 fp32 accumulators and the
+      operand tiles do not fit 4 warps' registers without spilling).
+
     Remembered per (B, H): choosing costs ~17 us of Python (triton's helpers), a
     cache hit ~0.3 us, and a decoder asks at every step.
     """
@@ -92,12 +133,81 @@ def pick_blocks(B: int, H: int) -> Blocks:
 def _pick_blocks(B: int, H: int, interpreted: bool) -> Blocks:
     if interpreted:
         return Blocks(16, 16, 16, 1)
-    block_b = pow2(B, 16, 32)
+    block_b = pow2(B, 1, 32)
     block_h = pow2(H, 16, 64)
-    while block_h > 16 and triton.cdiv(B, block_b) * triton.cdiv(H, block_h) < 128:
-        block_h //= 2
+
+    def programs() -> int:
+        return -(-B // block_b) * -(-H // block_h)
+
+    while programs() < TARGET_SMS:
+        if block_h > 16:
+            block_h //= 2
+        elif block_b > 16:
+            block_b //= 2
+        else:
+            break
     block_k = pow2(H, 16, 32)
-    return Blocks(block_b, block_h, block_k, 4)
+    return Blocks(block_b, block_h, block_k, 8 if block_b * block_h >= 32 * 64 else 4)
+
+
+def _hooked(hook: Any) -> bool:
+    """Whether a Triton launch hook is set (a non-empty ``HookChain`` in Triton 3.6 and 3.9)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def launch_steps(kernel, grid, steps: Sequence[int], args: Sequence[Any], **constexprs: Any) -> None:
+    """``kernel[grid](*args, **constexprs)`` once per step ``s`` in ``steps``, bound once.
+
+    ``kernel``: a :class:`fastseq.ops.launches.counted` Triton kernel with a runtime
+    argument named ``s`` (declared ``do_not_specialize``); ``args``: every runtime
+    argument in order (the value at ``s``'s position is replaced); ``constexprs``:
+    the constexpr arguments and launch options (``num_warps``).
+
+    The first step goes through Triton's whole launch path (binder, specialisation,
+    cache lookup, compile on first use: 15-25 us of Python per launch, bench/NOTES.md
+    v0.4); it returns the compiled kernel, and every later step calls that kernel's
+    launcher directly with the same argument values except ``s`` (~2 us per launch,
+    measured on the stub driver). That is exact because nothing else changes between
+    steps: the same pointers and sizes give Triton the same specialisation (pointer
+    alignment, integer divisibility), and ``s`` is not specialised. Pointers are
+    passed as integers after the first launch (checked there by Triton).
+
+    Falls back to the full path at every step under the interpreter, when Triton's
+    launch hooks are set (its profiler), or while the torch profiler records (so
+    each launch keeps its ``triton::<kernel>`` range). Launches are counted as
+    :func:`fastseq.ops.launches.count` expects.
+    """
+    steps = list(steps)
+    if not steps:
+        return
+    names = kernel.arg_names
+    i = names.index("s")
+    args = list(args)
+    args[i] = steps[0]
+    launch = kernel[grid]
+    compiled = launch(*args, **constexprs)
+    if len(steps) == 1:
+        return
+    if (compiled is None or interpreter_on() or _hooked(knobs.runtime.launch_enter_hook)
+            or _hooked(knobs.runtime.launch_exit_hook) or torch.autograd.profiler._is_profiler_enabled):
+        for s in steps[1:]:
+            args[i] = s
+            launch(*args, **constexprs)
+        return
+    if hasattr(compiled, "result"):  # Triton 3.6's asynchronous compile handle
+        compiled = compiled.result()
+    named = dict(zip(names, args))
+    named.update(constexprs)
+    values = [named[n] for n in names]
+    values = [v.data_ptr() if isinstance(v, Tensor) else v for v in values]
+    device = driver.active.get_current_device()
+    stream = driver.active.get_current_stream(device)
+    run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+    g = tuple(grid) + (1, 1)
+    for s in steps[1:]:
+        values[i] = s
+        run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *values)
+    launches.record(kernel.name, len(steps) - 1)
 
 
 def precision() -> str:

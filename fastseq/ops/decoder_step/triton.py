@@ -8,7 +8,8 @@ part with ``b_ih``, precomputed for all steps; ``W_ic``: the context columns of
 Forward (one launch): grid ``(cdiv(B, BLOCK_B), cdiv(H, BLOCK_H))``; each program
 computes ``context W_ic^T`` for the three gate columns of its hidden tile with
 ``tl.dot`` over ``D`` (one fp32 accumulator per gate, each ``context`` chunk read
-once for all three), adds ``gi``, ``gh`` and ``b_hh``, applies the gates and the state
+once for all three; on tensor cores for half-precision weights,
+:func:`fastseq.ops.triton_utils.dot_acc`), adds ``gi``, ``gh`` and ``b_hh``, applies the gates and the state
 update, and writes ``s'`` and the gates the backward needs, ``(r, z, n, gh_n)``.
 
 Backward: one pointwise launch turns ``grad_s'`` and the saved gates into
@@ -29,8 +30,8 @@ from fastseq.backend import alloc, limits as backend_limits
 from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward
 from fastseq.ops.triton_utils import (
-    contiguous_or_none, hidden_tile_limits, load_row, load_tile, pick_blocks, precision, rows_contiguous,
-    store_tile, tile_offsets,
+    contiguous_or_none, dot_acc, hidden_tile_limits, load_row, load_tile, load_tile_native, pick_blocks, precision,
+    rows_contiguous, store_tile, tile_offsets,
 )
 
 __all__ = ["gru_context_cell_forward", "gru_context_cell_backward", "limits"]
@@ -66,12 +67,10 @@ def _gru_context_cell_fwd_kernel(
         mask_k = offs_k < D
         c = load_tile(c_ptr, offs_b, offs_k, D, 1, mask_b, mask_k)
         # W^T tiles: (k, j) -> W_ic[g*H + j, k]
-        acc_r += tl.dot(c, load_tile(w_ptr, offs_k, offs_j, 1, D, mask_k, mask_j),
-                        input_precision=PRECISION)
-        acc_z += tl.dot(c, load_tile(w_ptr + H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
-                        input_precision=PRECISION)
-        acc_n += tl.dot(c, load_tile(w_ptr + 2 * H * D, offs_k, offs_j, 1, D, mask_k, mask_j),
-                        input_precision=PRECISION)
+        acc_r = dot_acc(c, load_tile_native(w_ptr, offs_k, offs_j, 1, D, mask_k, mask_j), acc_r, PRECISION)
+        acc_z = dot_acc(c, load_tile_native(w_ptr + H * D, offs_k, offs_j, 1, D, mask_k, mask_j), acc_z, PRECISION)
+        acc_n = dot_acc(c, load_tile_native(w_ptr + 2 * H * D, offs_k, offs_j, 1, D, mask_k, mask_j), acc_n,
+                        PRECISION)
     x_r = acc_r + load_tile(gi_ptr, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
     x_z = acc_z + load_tile(gi_ptr + H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)
     x_n = acc_n + load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_gi, 1, mask_b, mask_j)

@@ -7,9 +7,16 @@ computed outside, for all steps at once; these kernels only run the recurrence.
 
 Kernel design
 -------------
-Forward: one launch per time step, the host loops over ``t``. The grid is
-``(cdiv(B, BLOCK_B), cdiv(H, BLOCK_H))``; each program owns a
-``[BLOCK_B, BLOCK_H]`` tile of (batch rows, hidden units) ``j`` and
+Forward: one launch per time step, the host loops over ``t``; the loop is bound
+once (:func:`fastseq.ops.triton_utils.launch_steps`): the first step goes through
+Triton's launch path, the others call the compiled kernel's launcher with the
+same arguments except the step index ``s`` (no per-step slicing, heuristics or
+binder: ~2 us of host time per step instead of 20-30, bench/NOTES.md v0.7). So
+every argument is the same at every step: the kernels take whole ``[N, ...]``
+tensors (dense: ``N = T*B``, row ``t*B + b``) and find step ``s``'s rows
+themselves (:func:`_step`: from ``s`` for dense input, from a step table for
+packed input). The grid is ``(cdiv(B, BLOCK_B), cdiv(H, BLOCK_H))``; each
+program owns a ``[BLOCK_B, BLOCK_H]`` tile of (batch rows, hidden units) ``j`` and
 
 1. computes the recurrent product ``h_{t-1} W_hh^T`` for its tile with
    ``tl.dot`` over ``K = H`` in ``BLOCK_K`` chunks, one fp32 accumulator per
@@ -22,24 +29,26 @@ Forward: one launch per time step, the host loops over ``t``. The grid is
    ``SAVE_GATES``, the gates the backward needs: GRU ``(r, z, n, hn)`` with
    ``hn = W_hn h + b_hn``, LSTM activated ``(i, f, g, o)``.
 
-For half-precision inputs the running state is also kept in fp32 ping-pong
-buffers so the recurrence does not round the state to half at every step (the
-reference works the same way); ``hs``/``cs`` are written in the input dtype.
+The running state is carried in an fp32 ping-pong buffer ``[2, B, H]`` (step
+``s`` reads slot ``(s+1) % 2`` and writes slot ``s % 2``; both start as h0), so
+no launch reads what it writes and half-precision inputs do not round the state
+at every step (the reference works the same way); ``hs``/``cs`` are written in
+the input dtype.
 
-Backward: one launch per step, ``t = T-1 .. 0``, same grid. Notation: ``dG_t``
-``[B, G*H]`` (fp32, kept for all steps) is the pre-activation gradient on the
-hidden side of step ``t`` (GRU: ``(dr, dz, dn * r)``, LSTM: ``(di, df, dg, do)``),
-zero for rows that do not update at ``t``. The program for step ``t`` and tile
-``(b, j)``
+Backward: one launch per step, ``t = T-1 .. 0``, same grid, bound the same way.
+Notation: ``dG_t`` ``[B, G*H]`` (fp32, kept for all steps) is the pre-activation
+gradient on the hidden side of step ``t`` (GRU: ``(dr, dz, dn * r)``, LSTM:
+``(di, df, dg, do)``), zero for rows that do not update at ``t``. The program
+for step ``t`` and tile ``(b, j)``
 
 1. forms the gradient reaching ``h_t``: ``grad_hs[t] + dG_{t+1}[b, :] @ W_hh[:, j]``
    (``tl.dot`` over ``G*H``; ``dG_{t+1}`` was fully written by the previous
    launch) ``+`` the direct term left by step ``t+1`` for this tile (GRU:
    ``dh_{t+1} z_{t+1}``; LSTM: 0; for a row that did not update at ``t+1``, the
-   whole ``dh_{t+1}`` passes through; likewise ``dc``);
+   whole ``dh_{t+1}`` passes through; likewise ``dc``), in a per-row ``[B, H]``
+   carry buffer that each launch reads and rewrites for its own tiles only;
 2. applies the pointwise gate backward of step ``t`` and writes ``dgi[t]``,
-   ``dG_t`` and the direct terms for step ``t-1`` (tile-local, fp32, ping-pong
-   buffers, so no launch reads what the same launch writes).
+   ``dG_t`` and the direct terms for step ``t-1``.
 
 A last launch (shared by the GRU and LSTM) turns step 0's terms into ``dh0``
 (and ``dc0``). No atomics. After the loop, the weight gradients are formed as
@@ -49,18 +58,20 @@ single matrix products over all steps (torch, fp32)::
     db_hh = dG.sum((0, 1))
 
 Packed layout (``*_packed_recurrence_*``, :mod:`.naive`'s "packed layout"): the
-same step kernels, each launch over only its step's ``batch_sizes[t]`` rows
-(views at the step's offset in ``gi``/``hs``/``gates``). Rows ``b >= n_prev``
-read their previous state from ``h0`` through a second pointer (``h_alt``; the
-reverse direction's rows that start at that step); the backward's carry goes
-only to the ``n_next`` rows the next step reads from this one, and its per-row
-carry buffer is updated in place. dW_hh is one product over the N packed rows
-with each row's previous state gathered once.
+same step kernels with ``PACKED``: an int64 step table on the device gives each
+step's row offset and row count, the previous step's (rows ``b >= n_prev`` start
+there from h0: the reverse direction) and the next step's (the backward's carry
+goes only to the ``n_next`` rows the next step reads from this one). The grid
+covers the largest step; programs past a step's rows return at once. dW_hh is
+one product over the N packed rows with each row's previous state gathered once.
 
-Precision: loads are cast to fp32 and every product and accumulation is fp32;
-``tl.dot`` uses ``input_precision="ieee"`` unless the user opted in to TF32
-(``torch.backends.cuda.matmul.allow_tf32``). Outputs are in the input dtype;
-``dw_hh``/``db_hh`` in ``w_hh``'s dtype.
+Precision: states, gates and every accumulation are fp32. The recurrent products
+run on the weights' dtype (:func:`fastseq.ops.triton_utils.dot_acc`): for
+half-precision weights the fp32 state (forward) or dG (backward) is rounded to
+that dtype for the ``tl.dot`` (tensor cores, fp32 accumulation), as cuDNN's
+half-precision recurrences do; float32 uses ``input_precision="ieee"`` unless the
+user opted in to TF32 (``torch.backends.cuda.matmul.allow_tf32``). Outputs are in
+the input dtype; ``dw_hh``/``db_hh`` in ``w_hh``'s dtype.
 
 The gate formulas are written once, as ``@triton.jit`` functions
 (:func:`gru_gates`, :func:`gru_gates_backward`, :func:`lstm_gates`,
@@ -79,8 +90,8 @@ from torch import Tensor
 from fastseq.backend import alloc, limits as backend_limits
 from fastseq.ops.launches import counted
 from fastseq.ops.triton_utils import (
-    contiguous_or_none, hidden_tile_limits, load_row, load_tile, pick_blocks, precision, store_tile, tanh,
-    tile_offsets,
+    contiguous_or_none, dot_acc, hidden_tile_limits, launch_steps, load_row, load_tile, load_tile_native, pick_blocks,
+    precision, store_tile, tanh, tile_offsets,
 )
 
 __all__ = [
@@ -143,6 +154,32 @@ def lstm_gates_backward(dh, dc, i, f, g, o, c_new, c):
 
 
 @triton.jit
+def _step(steps_ptr, s, B, S, PACKED: tl.constexpr):
+    """Step ``s``'s rows: ``(off, n, p_off, n_prev, nx_off, n_next)`` -- its first row and
+    row count in the ``[N, ...]`` tensors, those of the step it reads its previous state
+    from (``n_prev`` rows; the others read the initial state) and of the step after it
+    in processing order (``n_next`` of whose rows read this step). Packed: row ``s``
+    of the int64 step table (:class:`_Steps`); dense: step ``s`` is time ``s``, ``B``
+    rows each, ``S`` steps."""
+    if PACKED:
+        row = steps_ptr + s * 6
+        off = tl.load(row)
+        n = tl.load(row + 1)
+        p_off = tl.load(row + 2)
+        n_prev = tl.load(row + 3)
+        nx_off = tl.load(row + 4)
+        n_next = tl.load(row + 5)
+    else:
+        off = s.to(tl.int64) * B
+        n = B
+        p_off = off - B
+        n_prev = tl.where(s > 0, B, 0)
+        nx_off = off + B
+        n_next = tl.where(s + 1 < S, B, 0)
+    return off, n, p_off, n_prev, nx_off, n_next
+
+
+@triton.jit
 def _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS: tl.constexpr):
     """``[BLOCK_B, 1]`` bool: rows that update at step ``t`` (``t < lengths[b]``)."""
     if HAS_LENGTHS:
@@ -154,24 +191,19 @@ def _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
-def _load_prev(ptr, alt_ptr, offs_b, offs_c, H, mask_b, mask_c, n_prev, HAS_ALT: tl.constexpr):
-    """fp32 tile of a previous state ``[B, H]`` (columns ``offs_c``): row ``b`` from ``ptr``,
-    or, when ``HAS_ALT``, rows ``b >= n_prev`` from ``alt_ptr`` (packed layout: rows whose
-    previous state is the initial one, see :func:`fastseq.ops.recurrence.naive.packed_steps`)."""
-    if HAS_ALT:
-        from_prev = offs_b < n_prev
-        x = load_tile(ptr, offs_b, offs_c, H, 1, mask_b & from_prev, mask_c)
-        x_alt = load_tile(alt_ptr, offs_b, offs_c, H, 1, mask_b & (offs_b >= n_prev), mask_c)
-        x = tl.where(from_prev[:, None], x, x_alt)
-    else:
-        x = load_tile(ptr, offs_b, offs_c, H, 1, mask_b, mask_c)
-    return x
+def _load_prev(ptr, init_ptr, offs_b, offs_c, H, mask_b, mask_c, n_prev):
+    """fp32 tile of the previous states (columns ``offs_c``): rows ``b < n_prev`` from
+    ``ptr`` (the previous step's rows), the others from ``init_ptr`` (h0 or c0)."""
+    from_prev = offs_b < n_prev
+    x = load_tile(ptr, offs_b, offs_c, H, 1, mask_b & from_prev, mask_c)
+    x_init = load_tile(init_ptr, offs_b, offs_c, H, 1, mask_b & (offs_b >= n_prev), mask_c)
+    return tl.where(from_prev[:, None], x, x_init)
 
 
 @triton.jit
 def _w_t_tile(w_ptr, gate, offs_k, offs_j, H, mask_k, mask_j):
-    """``[BLOCK_K, BLOCK_H]`` fp32 tile of gate ``gate``'s ``W^T``: (k, j) -> W[gate*H + j, k]."""
-    return load_tile(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
+    """``[BLOCK_K, BLOCK_H]`` tile of gate ``gate``'s ``W^T`` in W's dtype: (k, j) -> W[gate*H + j, k]."""
+    return load_tile_native(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
 
 
 @triton.jit
@@ -180,47 +212,41 @@ def _carry_dot(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``dG[b, :] @ W_hh[:, j]`` for the tile: dG ``[B, GH]``, W_hh ``[GH, H]``, fp32."""
+    """``dG[b, :] @ W_hh[:, j]`` for the tile: dG ``[B, GH]`` fp32, W_hh ``[GH, H]``; fp32 result."""
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     for m0 in range(0, GH, BLOCK_K):
         offs_m = m0 + tl.arange(0, BLOCK_K)
         mask_m = offs_m < GH
         a = load_tile(dg_ptr, offs_b, offs_m, GH, 1, mask_b, mask_m)
-        w = load_tile(w_ptr, offs_m, offs_j, H, 1, mask_m, mask_j)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+        w = load_tile_native(w_ptr, offs_m, offs_j, H, 1, mask_m, mask_j)
+        acc = dot_acc(a, w, acc, PRECISION)
     return acc
 
 
 # ---------------------------------------------------------------- GRU kernels
 
 
-@triton.heuristics(
-    {
-        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-        "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
-        "STORE_STATE": lambda a: a["hst_ptr"] is not None,
-        "HAS_ALT": lambda a: a["h_alt_ptr"] is not None,
-    }
-)
-@triton.jit(do_not_specialize=["t", "B", "n_prev"])
+@triton.jit(do_not_specialize=["s"])
 def _gru_fwd_step_kernel(
-    gi_ptr,  # [B, 3H] gi[t]
-    h_ptr,  # [B, H] h_{t-1} (any float dtype)
-    h_alt_ptr,  # [B, H] h0: rows b >= n_prev read h_{t-1} here (packed), or None
+    gi_ptr,  # [N, 3H] input projections of all steps (dense: N = T*B, row t*B + b)
+    state_ptr,  # [2, B, H] fp32 state: step s reads slot (s+1) % 2, writes slot s % 2 (both start as h0)
     w_ptr,  # [3H, H] W_hh
     b_ptr,  # [3H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
-    hs_ptr,  # [B, H] out: hs[t]
-    hst_ptr,  # [B, H] out: fp32 copy of h_t (half inputs) or None
-    gates_ptr,  # [B, 4H] out: gates[t] = (r, z, n, hn) or None
-    t, B, H, n_prev,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    SAVE_GATES: tl.constexpr, STORE_STATE: tl.constexpr, HAS_ALT: tl.constexpr,
+    hs_ptr,  # [N, H] out: hs
+    gates_ptr,  # [N, 4H] out: (r, z, n, hn) or None
+    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
+    s, B, H, S,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    offs_b, offs_j, mask_b, mask_j = tile_offsets(B, H, BLOCK_B, BLOCK_H)
+    off, n, _, _, _, _ = _step(steps_ptr, s, B, S, PACKED)
+    if tl.program_id(0) * BLOCK_B >= n:  # a packed step with fewer rows than the grid covers
+        return
+    offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
+    h_ptr = state_ptr + ((s + 1) % 2) * B * H
+    gi_ptr += off * 3 * H
     # Recurrent product h_{t-1} W_hh^T for the three gates of this tile.
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -228,10 +254,10 @@ def _gru_fwd_step_kernel(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        h = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_k, H, mask_b, mask_k, n_prev, HAS_ALT)
-        acc_r += tl.dot(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-        acc_z += tl.dot(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-        acc_n += tl.dot(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+        h = load_tile(h_ptr, offs_b, offs_k, H, 1, mask_b, mask_k)
+        acc_r = dot_acc(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
+        acc_z = dot_acc(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
+        acc_n = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
     if HAS_BIAS:
         acc_r += load_row(b_ptr, offs_j, mask_j)
         acc_z += load_row(b_ptr + H, offs_j, mask_j)
@@ -240,108 +266,99 @@ def _gru_fwd_step_kernel(
     x_r = load_tile(gi_ptr, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
     x_z = load_tile(gi_ptr + H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
     x_n = load_tile(gi_ptr + 2 * H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
-    h_prev = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
-    r, z, n, h_new = gru_gates(x_r, x_z, x_n, acc_r, acc_z, acc_n, h_prev)
-    h_new = tl.where(_rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS), h_new, h_prev)
-    store_tile(hs_ptr, h_new, offs_b, offs_j, H, mask_b, mask_j)
-    if STORE_STATE:
-        store_tile(hst_ptr, h_new, offs_b, offs_j, H, mask_b, mask_j)
+    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    r, z, n_gate, h_new = gru_gates(x_r, x_z, x_n, acc_r, acc_z, acc_n, h_prev)
+    h_new = tl.where(_rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS), h_new, h_prev)
+    store_tile(hs_ptr + off * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
+    store_tile(state_ptr + (s % 2) * B * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
     if SAVE_GATES:
-        store_tile(gates_ptr, r, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(gates_ptr + H, z, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(gates_ptr + 2 * H, n, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(gates_ptr + 3 * H, acc_n, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        g_ptr = gates_ptr + off * 4 * H
+        store_tile(g_ptr, r, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(g_ptr + H, z, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(g_ptr + 2 * H, n_gate, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(g_ptr + 3 * H, acc_n, offs_b, offs_j, 4 * H, mask_b, mask_j)
 
 
-@triton.heuristics(
-    {
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-        "HAS_ALT": lambda a: a["h_alt_ptr"] is not None,
-    }
-)
-@triton.jit(do_not_specialize=["t", "B", "n_prev", "n_next"])
+@triton.jit(do_not_specialize=["s", "S"])
 def _gru_bwd_step_kernel(
-    grad_h_ptr,  # [B, H] grad_hs[t]
-    gates_ptr,  # [B, 4H] gates[t] = (r, z, n, hn)
-    h_ptr,  # [B, H] h_{t-1}
-    h_alt_ptr,  # [B, H] h0: rows b >= n_prev read h_{t-1} here (packed), or None
+    grad_h_ptr,  # [N, H] grad_hs
+    gates_ptr,  # [N, 4H] (r, z, n, hn) saved by the forward
+    hs_ptr,  # [N, H] the forward's hs (previous states)
+    h0_ptr,  # [B, H] h0
     w_ptr,  # [3H, H] W_hh
     len_ptr,  # [B] int64 lengths or None
-    dg_next_ptr,  # [n_next, 3H] fp32 dG_{t+1} (unused when not HAS_NEXT)
-    dh_next_ptr,  # [B, H] fp32 direct term into h_t left by step t+1 (rows < n_next)
-    dgi_ptr,  # [B, 3H] out: dgi[t] = (dr, dz, dn)
-    dg_ptr,  # [B, 3H] out: fp32 dG_t = (dr, dz, dn * r)
-    dh_ptr,  # [B, H] out: fp32 direct term into h_{t-1} (may be dh_next_ptr: tile-local)
-    t, B, H, n_prev, n_next,
-    HAS_NEXT: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_ALT: tl.constexpr,
+    dg_ptr,  # [N, 3H] fp32 dG: reads the next step's rows, writes this step's = (dr, dz, dn * r)
+    dh_ptr,  # [B, H] fp32 direct term into each row's previous state (read and rewritten in place)
+    dgi_ptr,  # [N, 3H] out: dgi = (dr, dz, dn)
+    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
+    s, B, H, S,
+    HAS_LENGTHS: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    offs_b, offs_j, mask_b, mask_j = tile_offsets(B, H, BLOCK_B, BLOCK_H)
-    # Total gradient reaching h_t.
-    dh = load_tile(grad_h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-    if HAS_NEXT:  # only rows b < n_next have a step t+1 (packed layout; n_next = B when dense)
-        carry_b = mask_b & (offs_b < n_next)
-        dh += load_tile(dh_next_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
-        dh += _carry_dot(dg_next_ptr, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 3 * H,
+    off, n, p_off, n_prev, nx_off, n_next = _step(steps_ptr, s, B, S, PACKED)
+    if tl.program_id(0) * BLOCK_B >= n:
+        return
+    offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
+    # Total gradient reaching h_t: only rows b < n_next have a next step (reading this one).
+    carry_b = mask_b & (offs_b < n_next)
+    dh = load_tile(grad_h_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
+    dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
+    if n_next > 0:
+        dh += _carry_dot(dg_ptr + nx_off * 3 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 3 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
     # Pointwise gate backward of step t.
-    r = load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    z = load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    n = load_tile(gates_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    hn = load_tile(gates_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    h_prev = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
-    dr_pre, dz_pre, dn_pre, dh_direct = gru_gates_backward(dh, r, z, n, hn, h_prev)
-    valid = _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS)
+    g_ptr = gates_ptr + off * 4 * H
+    r = load_tile(g_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    z = load_tile(g_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    n_gate = load_tile(g_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    hn = load_tile(g_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    h_prev = _load_prev(hs_ptr + p_off * H, h0_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev)
+    dr_pre, dz_pre, dn_pre, dh_direct = gru_gates_backward(dh, r, z, n_gate, hn, h_prev)
+    valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
     dr_pre = tl.where(valid, dr_pre, 0.0)
     dz_pre = tl.where(valid, dz_pre, 0.0)
     dn_pre = tl.where(valid, dn_pre, 0.0)
+    dgi_ptr += off * 3 * H
     store_tile(dgi_ptr, dr_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
     store_tile(dgi_ptr + H, dz_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
     store_tile(dgi_ptr + 2 * H, dn_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    dg_ptr += off * 3 * H
     store_tile(dg_ptr, dr_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
     store_tile(dg_ptr + H, dz_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
     # Select after the product: a padded step's saved r may be NaN/Inf (padding in
     # gi), and 0 * NaN would carry into step t-1 through the matmul.
     store_tile(dg_ptr + 2 * H, tl.where(valid, dn_pre * r, 0.0), offs_b, offs_j, 3 * H, mask_b, mask_j)
-    # Direct (non-matmul) part of the gradient into h_{t-1}.
+    # Direct (non-matmul) part of the gradient into h_{t-1} (tile-local: in place).
     store_tile(dh_ptr, tl.where(valid, dh_direct, dh), offs_b, offs_j, H, mask_b, mask_j)
 
 
 # --------------------------------------------------------------- LSTM kernels
 
 
-@triton.heuristics(
-    {
-        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-        "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
-        "STORE_STATE": lambda a: a["hst_ptr"] is not None,
-        "HAS_ALT": lambda a: a["h_alt_ptr"] is not None,
-    }
-)
-@triton.jit(do_not_specialize=["t", "B", "n_prev"])
+@triton.jit(do_not_specialize=["s"])
 def _lstm_fwd_step_kernel(
-    gi_ptr,  # [B, 4H] gi[t]
-    h_ptr,  # [B, H] h_{t-1}
-    c_ptr,  # [B, H] c_{t-1}
-    h_alt_ptr,  # [B, H] h0: rows b >= n_prev read h_{t-1} here (packed), or None
-    c_alt_ptr,  # [B, H] c0: likewise c_{t-1} (used iff h_alt_ptr is given)
+    gi_ptr,  # [N, 4H] input projections of all steps
+    state_ptr,  # [2, B, H] fp32 h state (ping-pong as the GRU's; both slots start as h0)
+    cstate_ptr,  # [2, B, H] fp32 c state (likewise, c0)
     w_ptr,  # [4H, H] W_hh
     b_ptr,  # [4H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
-    hs_ptr,  # [B, H] out: hs[t]
-    cs_ptr,  # [B, H] out: cs[t]
-    hst_ptr,  # [B, H] out: fp32 copy of h_t (half inputs) or None
-    cst_ptr,  # [B, H] out: fp32 copy of c_t (used iff hst_ptr is given)
-    gates_ptr,  # [B, 4H] out: gates[t] = activated (i, f, g, o) or None
-    t, B, H, n_prev,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    SAVE_GATES: tl.constexpr, STORE_STATE: tl.constexpr, HAS_ALT: tl.constexpr,
+    hs_ptr,  # [N, H] out: hs
+    cs_ptr,  # [N, H] out: cs
+    gates_ptr,  # [N, 4H] out: activated (i, f, g, o) or None
+    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
+    s, B, H, S,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    offs_b, offs_j, mask_b, mask_j = tile_offsets(B, H, BLOCK_B, BLOCK_H)
+    off, n, _, _, _, _ = _step(steps_ptr, s, B, S, PACKED)
+    if tl.program_id(0) * BLOCK_B >= n:
+        return
+    offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
+    h_ptr = state_ptr + ((s + 1) % 2) * B * H
+    gi_ptr += off * 4 * H
     # Recurrent product h_{t-1} W_hh^T for the four gates of this tile.
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -350,19 +367,19 @@ def _lstm_fwd_step_kernel(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        h = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_k, H, mask_b, mask_k, n_prev, HAS_ALT)
-        acc_i += tl.dot(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-        acc_f += tl.dot(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-        acc_g += tl.dot(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-        acc_o += tl.dot(h, _w_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+        h = load_tile(h_ptr, offs_b, offs_k, H, 1, mask_b, mask_k)
+        acc_i = dot_acc(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
+        acc_f = dot_acc(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
+        acc_g = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
+        acc_o = dot_acc(h, _w_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
     if HAS_BIAS:
         acc_i += load_row(b_ptr, offs_j, mask_j)
         acc_f += load_row(b_ptr + H, offs_j, mask_j)
         acc_g += load_row(b_ptr + 2 * H, offs_j, mask_j)
         acc_o += load_row(b_ptr + 3 * H, offs_j, mask_j)
     # Gates and state update.
-    h_prev = _load_prev(h_ptr, h_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
-    c_prev = _load_prev(c_ptr, c_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
+    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    c_prev = load_tile(cstate_ptr + ((s + 1) % 2) * B * H, offs_b, offs_j, H, 1, mask_b, mask_j)
     i, f, g, o, c_new, h_new = lstm_gates(
         acc_i + load_tile(gi_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
         acc_f + load_tile(gi_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
@@ -370,89 +387,83 @@ def _lstm_fwd_step_kernel(
         acc_o + load_tile(gi_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
         c_prev,
     )
-    valid = _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS)
+    valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
     h_new = tl.where(valid, h_new, h_prev)
     c_new = tl.where(valid, c_new, c_prev)
-    store_tile(hs_ptr, h_new, offs_b, offs_j, H, mask_b, mask_j)
-    store_tile(cs_ptr, c_new, offs_b, offs_j, H, mask_b, mask_j)
-    if STORE_STATE:
-        store_tile(hst_ptr, h_new, offs_b, offs_j, H, mask_b, mask_j)
-        store_tile(cst_ptr, c_new, offs_b, offs_j, H, mask_b, mask_j)
+    store_tile(hs_ptr + off * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
+    store_tile(cs_ptr + off * H, c_new, offs_b, offs_j, H, mask_b, mask_j)
+    store_tile(state_ptr + (s % 2) * B * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
+    store_tile(cstate_ptr + (s % 2) * B * H, c_new, offs_b, offs_j, H, mask_b, mask_j)
     if SAVE_GATES:
-        store_tile(gates_ptr, i, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(gates_ptr + H, f, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(gates_ptr + 2 * H, g, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(gates_ptr + 3 * H, o, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        g_ptr = gates_ptr + off * 4 * H
+        store_tile(g_ptr, i, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(g_ptr + H, f, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(g_ptr + 2 * H, g, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        store_tile(g_ptr + 3 * H, o, offs_b, offs_j, 4 * H, mask_b, mask_j)
 
 
-@triton.heuristics(
-    {
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-        "HAS_GRAD_C": lambda a: a["grad_c_ptr"] is not None,
-        "STORE_DGI": lambda a: a["dgi_ptr"] is not None,
-        "HAS_ALT": lambda a: a["c_alt_ptr"] is not None,
-    }
-)
-@triton.jit(do_not_specialize=["t", "B", "n_prev", "n_next"])
+@triton.jit(do_not_specialize=["s", "S"])
 def _lstm_bwd_step_kernel(
-    grad_h_ptr,  # [B, H] grad_hs[t]
-    grad_c_ptr,  # [B, H] grad_cs[t] or None
-    gates_ptr,  # [B, 4H] gates[t] = (i, f, g, o)
-    c_ptr,  # [B, H] c_t
-    c_prev_ptr,  # [B, H] c_{t-1}
-    c_alt_ptr,  # [B, H] c0: rows b >= n_prev read c_{t-1} here (packed), or None
+    grad_h_ptr,  # [N, H] grad_hs
+    grad_c_ptr,  # [N, H] grad_cs or None
+    gates_ptr,  # [N, 4H] (i, f, g, o) saved by the forward
+    cs_ptr,  # [N, H] the forward's cs
+    c0_ptr,  # [B, H] c0
     w_ptr,  # [4H, H] W_hh
     len_ptr,  # [B] int64 lengths or None
-    dg_next_ptr,  # [n_next, 4H] fp32 dG_{t+1} (unused when not HAS_NEXT)
-    dh_next_ptr,  # [B, H] fp32 direct term into h_t left by step t+1 (rows < n_next)
-    dc_next_ptr,  # [B, H] fp32 gradient into c_t left by step t+1 (rows < n_next)
-    dgi_ptr,  # [B, 4H] out: dgi[t] in the input dtype, or None (then dgi is dG)
-    dg_ptr,  # [B, 4H] out: fp32 dG_t = (di, df, dg, do) pre-activation
-    dh_ptr,  # [B, H] out: fp32 direct term into h_{t-1} (may be dh_next_ptr: tile-local)
-    dc_ptr,  # [B, H] out: fp32 gradient into c_{t-1} (may be dc_next_ptr)
-    t, B, H, n_prev, n_next,
-    HAS_NEXT: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    HAS_GRAD_C: tl.constexpr, STORE_DGI: tl.constexpr, HAS_ALT: tl.constexpr,
+    dg_ptr,  # [N, 4H] fp32 dG: reads the next step's rows, writes this step's = (di, df, dg, do)
+    dh_ptr,  # [B, H] fp32 direct term into each row's previous h (in place)
+    dc_ptr,  # [B, H] fp32 gradient into each row's previous c (in place)
+    dgi_ptr,  # [N, 4H] out: dgi in the input dtype, or None (then dgi is dG)
+    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
+    s, B, H, S,
+    HAS_LENGTHS: tl.constexpr, HAS_GRAD_C: tl.constexpr, STORE_DGI: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    offs_b, offs_j, mask_b, mask_j = tile_offsets(B, H, BLOCK_B, BLOCK_H)
+    off, n, p_off, n_prev, nx_off, n_next = _step(steps_ptr, s, B, S, PACKED)
+    if tl.program_id(0) * BLOCK_B >= n:
+        return
+    offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
     # Total gradients reaching h_t and c_t.
-    dh = load_tile(grad_h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    carry_b = mask_b & (offs_b < n_next)
+    dh = load_tile(grad_h_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
     if HAS_GRAD_C:
-        dc = load_tile(grad_c_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+        dc = load_tile(grad_c_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
     else:
         dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-    if HAS_NEXT:  # only rows b < n_next have a step t+1 (packed layout; n_next = B when dense)
-        carry_b = mask_b & (offs_b < n_next)
-        dh += load_tile(dh_next_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
-        dh += _carry_dot(dg_next_ptr, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 4 * H,
+    dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
+    dc += load_tile(dc_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
+    if n_next > 0:
+        dh += _carry_dot(dg_ptr + nx_off * 4 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 4 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
-        dc += load_tile(dc_next_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
     # Pointwise gate backward of step t.
-    i = load_tile(gates_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    f = load_tile(gates_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    g = load_tile(gates_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    o = load_tile(gates_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    c = load_tile(c_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-    c_prev = _load_prev(c_prev_ptr, c_alt_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev, HAS_ALT)
+    g_ptr = gates_ptr + off * 4 * H
+    i = load_tile(g_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    f = load_tile(g_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    g = load_tile(g_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    o = load_tile(g_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+    c = load_tile(cs_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
+    c_prev = _load_prev(cs_ptr + p_off * H, c0_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev)
     d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(dh, dc, i, f, g, o, c, c_prev)
-    valid = _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS)
+    valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
     d_i = tl.where(valid, d_i, 0.0)
     d_f = tl.where(valid, d_f, 0.0)
     d_g = tl.where(valid, d_g, 0.0)
     d_o = tl.where(valid, d_o, 0.0)
+    dg_ptr += off * 4 * H
     store_tile(dg_ptr, d_i, offs_b, offs_j, 4 * H, mask_b, mask_j)
     store_tile(dg_ptr + H, d_f, offs_b, offs_j, 4 * H, mask_b, mask_j)
     store_tile(dg_ptr + 2 * H, d_g, offs_b, offs_j, 4 * H, mask_b, mask_j)
     store_tile(dg_ptr + 3 * H, d_o, offs_b, offs_j, 4 * H, mask_b, mask_j)
     if STORE_DGI:
+        dgi_ptr += off * 4 * H
         store_tile(dgi_ptr, d_i, offs_b, offs_j, 4 * H, mask_b, mask_j)
         store_tile(dgi_ptr + H, d_f, offs_b, offs_j, 4 * H, mask_b, mask_j)
         store_tile(dgi_ptr + 2 * H, d_g, offs_b, offs_j, 4 * H, mask_b, mask_j)
         store_tile(dgi_ptr + 3 * H, d_o, offs_b, offs_j, 4 * H, mask_b, mask_j)
     # Gradients into step t-1: h only through the matmul (next launch) unless the row
-    # did not update; c through the forget gate.
+    # did not update; c through the forget gate. Tile-local: in place.
     store_tile(dh_ptr, tl.where(valid, 0.0, dh), offs_b, offs_j, H, mask_b, mask_j)
     store_tile(dc_ptr, tl.where(valid, dc_prev, dc), offs_b, offs_j, H, mask_b, mask_j)
 
@@ -460,15 +471,14 @@ def _lstm_bwd_step_kernel(
 # ------------------------------------------------------------- shared final
 
 
-@triton.heuristics({"HAS_C": lambda a: a["dc_ptr"] is not None})
 @triton.jit
 def _rnn_bwd_final_kernel(
-    dg_ptr,  # [B, GH] fp32 dG_0
+    dg_ptr,  # [B, GH] fp32 dG of the (step, row) that read h0[b]
     w_ptr,  # [GH, H] W_hh
-    dh_ptr,  # [B, H] fp32 direct term into h0 left by step 0
-    dc_ptr,  # [B, H] fp32 gradient into c0 left by step 0, or None (GRU)
+    dh_ptr,  # [B, H] fp32 direct term into h0 left by the first step
+    dc_ptr,  # [B, H] fp32 gradient into c0 left by the first step, or None (GRU)
     dh0_ptr,  # [B, H] out
-    dc0_ptr,  # [B, H] out (LSTM)
+    dc0_ptr,  # [B, H] out (LSTM) or None
     B, H, GH,
     HAS_C: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -498,7 +508,7 @@ _rnn_bwd_final_kernel = counted(_rnn_bwd_final_kernel)
 def _launch_args(B: int, H: int):
     """(grid, constexpr/launch kwargs) shared by every kernel of one call."""
     blk = pick_blocks(B, H)
-    grid = (triton.cdiv(B, blk.BLOCK_B), triton.cdiv(H, blk.BLOCK_H))
+    grid = (-(-B // blk.BLOCK_B), -(-H // blk.BLOCK_H))
     kw = dict(
         BLOCK_B=blk.BLOCK_B,
         BLOCK_H=blk.BLOCK_H,
@@ -512,13 +522,12 @@ def _launch_args(B: int, H: int):
 def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     """None if the recurrence kernels can take ``sizes`` = ``{"T", "B", "H", "G"}``
     (G = 3 for the GRU, 4 for the LSTM), else why not. The packed ops pass
-    ``{"N", "B", "H", "G", "T"}``; their launches index views at a step's offset
-    (no offset past a step's ``[B, 4H]``), so N does not enter.
+    ``{"N", "B", "H", "G", "T"}``.
 
-    Limits: the largest tensor a launch indexes -- a step's ``[B, 4H]`` gates or
-    ``[B, G*H]`` gradient, or ``W_hh [G*H, H]`` -- within int32 offsets, and the
-    ``cdiv(H, BLOCK_H)`` hidden tiles within grid axis 1
-    (:func:`fastseq.ops.triton_utils.hidden_tile_limits`).
+    Limits: the kernels index a step's rows from the start of ``[N, 4H]`` with
+    64-bit row offsets and 32-bit offsets within a step, so a step's ``[B, 4H]``
+    and ``W_hh [G*H, H]`` must be within int32 offsets; and the ``cdiv(H, BLOCK_H)``
+    hidden tiles within grid axis 1 (:func:`fastseq.ops.triton_utils.hidden_tile_limits`).
     """
     B, H, G = sizes["B"], sizes["H"], sizes["G"]
     n = max(B * 4 * H, G * H * H)
@@ -530,6 +539,13 @@ def _prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     if lengths is None:
         return None
     return lengths.to(device=like.device, dtype=torch.int64).contiguous()
+
+
+def _initial_state(x: Tensor) -> Tensor:
+    """fp32 ``[2, B, H]`` ping-pong state buffer with ``x`` in both slots (the forward
+    kernels read slot ``(s+1) % 2`` at step ``s``; rows that start later, on the packed
+    reverse direction, find their initial state in either slot)."""
+    return x.float().unsqueeze(0).expand(2, *x.shape).contiguous()
 
 
 def _weight_grads_rows(dg: Tensor, h_prev: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
@@ -566,7 +582,7 @@ def gru_recurrence_forward(
     lengths: Optional[Tensor],
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """GRU recurrence (one fused launch per step).
+    """GRU recurrence (one fused launch per step, bound once: :func:`launch_steps`).
 
     Args:
         gi: ``[T, B, 3H]`` input projection (r, z, n); h0: ``[B, H]``;
@@ -582,22 +598,14 @@ def gru_recurrence_forward(
     gates = alloc.empty((T, B, 4 * H) if save_gates else (0,), gi)
     if T == 0 or B == 0 or H == 0:
         return hs, gates
-    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     lens = _prep_lengths(lengths, gi)
     grid, kw = _launch_args(B, H)
-    # Half inputs: carry the state in fp32 (ping-pong, never read and written by one launch).
-    state = None if gi.dtype == torch.float32 else alloc.empty((2, B, H), gi, torch.float32)
-    for t in range(T):
-        if t == 0:
-            h_prev = h0
-        else:
-            h_prev = hs[t - 1] if state is None else state[(t - 1) % 2]
-        _gru_fwd_step_kernel[grid](
-            gi[t], h_prev, None, w, b, lens,
-            hs[t], None if state is None else state[t % 2],
-            gates[t] if save_gates else None,
-            t, B, H, B, **kw,
-        )
+    launch_steps(
+        _gru_fwd_step_kernel, grid, range(T),
+        [gi, _initial_state(h0), w, b, lens, hs, gates if save_gates else None, None, 0, B, H, T],
+        HAS_BIAS=b is not None, HAS_LENGTHS=lens is not None, SAVE_GATES=save_gates, PACKED=False, **kw,
+    )
     return hs, gates
 
 
@@ -630,17 +638,14 @@ def gru_recurrence_backward(
     grid, kw = _launch_args(B, H)
     dgi = alloc.empty((T, B, 3 * H), hs)
     dg = alloc.empty((T, B, 3 * H), hs, torch.float32)
-    dh_buf = alloc.empty((2, B, H), hs, torch.float32)
-    for t in range(T - 1, -1, -1):
-        nxt = min(t + 1, T - 1)  # any valid slice when there is no step t+1
-        _gru_bwd_step_kernel[grid](
-            grad_hs[t], gates[t], h0 if t == 0 else hs[t - 1], None, w, lens,
-            dg[nxt], dh_buf[(t + 1) % 2],
-            dgi[t], dg[t], dh_buf[t % 2],
-            t, B, H, B, B, HAS_NEXT=t < T - 1, **kw,
-        )
+    dh_buf = alloc.empty((B, H), hs, torch.float32)
+    launch_steps(
+        _gru_bwd_step_kernel, grid, range(T - 1, -1, -1),
+        [grad_hs, gates, hs, h0, w, lens, dg, dh_buf, dgi, None, 0, B, H, T],
+        HAS_LENGTHS=lens is not None, PACKED=False, **kw,
+    )
     dh0 = alloc.empty((B, H), h0)
-    _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf[0], None, dh0, None, B, H, 3 * H, **kw)
+    _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf, None, dh0, None, B, H, 3 * H, HAS_C=False, **kw)
     dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
     return dgi, dh0, dw, db
 
@@ -654,7 +659,7 @@ def lstm_recurrence_forward(
     lengths: Optional[Tensor],
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """LSTM recurrence (one fused launch per step).
+    """LSTM recurrence (one fused launch per step, bound once: :func:`launch_steps`).
 
     Args:
         gi: ``[T, B, 4H]`` input projection (i, f, g, o); h0, c0: ``[B, H]``;
@@ -670,26 +675,15 @@ def lstm_recurrence_forward(
     gates = alloc.empty((T, B, 4 * H) if save_gates else (0,), gi)
     if T == 0 or B == 0 or H == 0:
         return hs, cs, gates
-    gi, h0, c0, w, b = gi.contiguous(), h0.contiguous(), c0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     lens = _prep_lengths(lengths, gi)
     grid, kw = _launch_args(B, H)
-    half = gi.dtype != torch.float32
-    hst = alloc.empty((2, B, H), gi, torch.float32) if half else None
-    cst = alloc.empty((2, B, H), gi, torch.float32) if half else None
-    for t in range(T):
-        if t == 0:
-            h_prev, c_prev = h0, c0
-        elif half:
-            h_prev, c_prev = hst[(t - 1) % 2], cst[(t - 1) % 2]
-        else:
-            h_prev, c_prev = hs[t - 1], cs[t - 1]
-        _lstm_fwd_step_kernel[grid](
-            gi[t], h_prev, c_prev, None, None, w, b, lens,
-            hs[t], cs[t],
-            hst[t % 2] if half else None, cst[t % 2] if half else None,
-            gates[t] if save_gates else None,
-            t, B, H, B, **kw,
-        )
+    launch_steps(
+        _lstm_fwd_step_kernel, grid, range(T),
+        [gi, _initial_state(h0), _initial_state(c0), w, b, lens, hs, cs, gates if save_gates else None, None,
+         0, B, H, T],
+        HAS_BIAS=b is not None, HAS_LENGTHS=lens is not None, SAVE_GATES=save_gates, PACKED=False, **kw,
+    )
     return hs, cs, gates
 
 
@@ -727,20 +721,17 @@ def lstm_recurrence_backward(
     dg = alloc.empty((T, B, 4 * H), hs, torch.float32)
     # float32: dgi is dG itself; otherwise a separate copy in the input dtype.
     dgi = dg if hs.dtype == torch.float32 else alloc.empty((T, B, 4 * H), hs)
-    dh_buf = alloc.empty((2, B, H), hs, torch.float32)
-    dc_buf = alloc.empty((2, B, H), hs, torch.float32)
-    for t in range(T - 1, -1, -1):
-        nxt = min(t + 1, T - 1)
-        _lstm_bwd_step_kernel[grid](
-            grad_hs[t], None if grad_cs is None else grad_cs[t],
-            gates[t], cs[t], c0 if t == 0 else cs[t - 1], None, w, lens,
-            dg[nxt], dh_buf[(t + 1) % 2], dc_buf[(t + 1) % 2],
-            None if dgi is dg else dgi[t], dg[t], dh_buf[t % 2], dc_buf[t % 2],
-            t, B, H, B, B, HAS_NEXT=t < T - 1, **kw,
-        )
+    dh_buf = alloc.empty((B, H), hs, torch.float32)
+    dc_buf = alloc.empty((B, H), hs, torch.float32)
+    launch_steps(
+        _lstm_bwd_step_kernel, grid, range(T - 1, -1, -1),
+        [grad_hs, grad_cs, gates, cs, c0, w, lens, dg, dh_buf, dc_buf, None if dgi is dg else dgi, None,
+         0, B, H, T],
+        HAS_LENGTHS=lens is not None, HAS_GRAD_C=grad_cs is not None, STORE_DGI=dgi is not dg, PACKED=False, **kw,
+    )
     dh0 = alloc.empty((B, H), h0)
     dc0 = alloc.empty((B, H), c0)
-    _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf[0], dc_buf[0], dh0, dc0, B, H, 4 * H, **kw)
+    _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf, dc_buf, dh0, dc0, B, H, 4 * H, HAS_C=True, **kw)
     dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
     return dgi, dh0, dc0, dw, db
 
@@ -748,14 +739,15 @@ def lstm_recurrence_backward(
 # ---------------------------------------------------------------- packed layout
 #
 # The same step kernels on a PackedSequence's layout (naive.py, "packed layout";
-# the steps and their previous-state rows from naive.packed_steps): a launch
-# covers only the step's ``n`` rows (views of gi/hs/gates at the step's offset);
-# rows ``b < n_prev`` read their previous state at the previous step's rows
-# (``prev_offset + b``), the others (reverse direction: rows starting there) from
-# h0 through the kernels' ``h_alt`` pointer. The backward runs the steps in
-# reverse processing order with one ``[B, H]`` carry buffer indexed by row: a
-# launch reads and rewrites only its own (row, hidden) tiles (tile-local, so in
-# place), rows not running at a step are not touched, and only rows ``b <
+# the steps and their previous-state rows from naive.packed_steps), with a step
+# table on the device instead of per-step views: launch s covers step s's ``n``
+# rows at row offset ``off`` (the grid covers the largest step, programs past
+# ``n`` return at once); the forward's rows ``b < n_prev`` continue a sequence of
+# the previous step, the others (reverse direction: rows starting there) find
+# their initial state in the ping-pong buffer, which no earlier step wrote for
+# them. The backward runs the steps in reverse processing order with one
+# ``[B, H]`` carry buffer indexed by row: a launch reads and rewrites only its
+# own (row, hidden) tiles (tile-local, so in place), and only rows ``b <
 # n_next`` (those the next step reads from this one) receive a carry. After the
 # loop, each row's carry holds the direct term into its h0 row, and dh0 adds
 # ``dG @ W_hh`` of the (step, row) that read h0[b]; dW_hh = dG^T h_prev over all
@@ -766,15 +758,24 @@ class _PackedPlan:
     """What a packed call needs from ``batch_sizes``, computed once per call.
 
     ``steps``: :func:`naive.packed_steps` in processing order, ``(offset, rows,
-    prev_offset, prev_rows, grid_rows)`` (``grid_rows`` the launch's row blocks).
+    prev_offset, prev_rows)``; :meth:`table` is the kernels' step table.
     The backward also calls :meth:`gather_rows`.
     """
 
-    def __init__(self, batch_sizes: Tensor, reverse: bool, block_b: int):
+    def __init__(self, batch_sizes: Tensor, reverse: bool):
         from fastseq.ops.recurrence.naive import packed_steps
 
-        self.steps = [(off, n, p_off, p_n, triton.cdiv(n, block_b))
-                      for off, n, p_off, p_n in packed_steps(batch_sizes, reverse)]
+        self.steps = list(packed_steps(batch_sizes, reverse))
+
+    def table(self, device) -> Tensor:
+        """int64 ``[S, 6]`` on ``device``: per step ``(off, n, p_off, n_prev, nx_off, n_next)``,
+        ``nx_*`` of the step after it in processing order (``n_next`` = its rows that
+        read this step; 0 for the last)."""
+        rows = []
+        for s, (off, n, p_off, p_n) in enumerate(self.steps):
+            nx_off, _, _, nx_n = self.steps[s + 1] if s + 1 < len(self.steps) else (0, 0, 0, 0)
+            rows.append((off, n, p_off, p_n, nx_off, nx_n))
+        return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
     def gather_rows(self, B: int, device) -> Tuple[Tensor, Optional[Tensor]]:
         """(prev_rows, h0_rows): int64 ``[N]``, the packed row holding each packed
@@ -805,26 +806,6 @@ def _packed_prev_states(hs: Tensor, h0: Tensor, prev_rows: Tensor, h0_rows: Opti
     return out
 
 
-def _packed_prev(s: int, steps, hs: Tensor, state: Optional[Tensor], init: Tensor):
-    """(pointer tensor, alt tensor or None, n_prev) of step ``s``'s previous state:
-    rows ``b < n_prev`` at ``hs[prev_offset + b]`` (or, for half inputs, the fp32
-    ping-pong ``state[(s-1) % 2][b]``), the others at ``init[b]``."""
-    _, n, p_off, p_n, _ = steps[s]
-    if p_n == 0:
-        return init, None, n
-    prev = hs[p_off:] if state is None else state[(s - 1) % 2]
-    return prev, (init if p_n < n else None), p_n
-
-
-def _packed_next(s: int, steps, dg: Tensor):
-    """(dG rows of the step after ``s`` in processing order, n_next: its rows that read
-    step ``s``, has_next)."""
-    if s + 1 == len(steps):
-        return dg, 0, False
-    off, _, _, p_n, _ = steps[s + 1]
-    return dg[off:], p_n, True
-
-
 def gru_packed_recurrence_forward(
     gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
     reverse: bool, save_gates: bool,
@@ -840,18 +821,15 @@ def gru_packed_recurrence_forward(
     gates = alloc.empty((N, 4 * H) if save_gates else (0,), gi)
     if N == 0 or B == 0 or H == 0:
         return hs, gates
-    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     grid, kw = _launch_args(B, H)
-    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
-    state = None if gi.dtype == torch.float32 else alloc.empty((2, B, H), gi, torch.float32)
-    for s, (off, n, _, _, rows) in enumerate(plan.steps):
-        h_prev, h_alt, n_prev = _packed_prev(s, plan.steps, hs, state, h0)
-        _gru_fwd_step_kernel[(rows, grid[1])](
-            gi[off:], h_prev, h_alt, w, b, None,
-            hs[off:], None if state is None else state[s % 2],
-            gates[off:] if save_gates else None,
-            0, n, H, n_prev, **kw,
-        )
+    plan = _PackedPlan(batch_sizes, reverse)
+    S = len(plan.steps)
+    launch_steps(
+        _gru_fwd_step_kernel, grid, range(S),
+        [gi, _initial_state(h0), w, b, None, hs, gates if save_gates else None, plan.table(gi.device), 0, B, H, S],
+        HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
+    )
     return hs, gates
 
 
@@ -871,24 +849,20 @@ def gru_packed_recurrence_backward(
                          "gru_packed_recurrence_forward(save_gates=True)")
     grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
     grid, kw = _launch_args(B, H)
-    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
+    plan = _PackedPlan(batch_sizes, reverse)
+    S = len(plan.steps)
     dgi = alloc.empty((N, 3 * H), hs)
     dg = alloc.empty((N, 3 * H), hs, torch.float32)
     dh_buf = alloc.empty((B, H), hs, torch.float32)  # per row; read and rewritten in place
-    for s in range(len(plan.steps) - 1, -1, -1):
-        off, n, _, _, rows = plan.steps[s]
-        h_prev, h_alt, n_prev = _packed_prev(s, plan.steps, hs, None, h0)
-        dg_next, n_next, has_next = _packed_next(s, plan.steps, dg)
-        _gru_bwd_step_kernel[(rows, grid[1])](
-            grad_hs[off:], gates[off:], h_prev, h_alt, w, None,
-            dg_next, dh_buf,
-            dgi[off:], dg[off:], dh_buf,
-            0, n, H, n_prev, n_next, HAS_NEXT=has_next, **kw,
-        )
+    launch_steps(
+        _gru_bwd_step_kernel, grid, range(S - 1, -1, -1),
+        [grad_hs, gates, hs, h0, w, None, dg, dh_buf, dgi, plan.table(hs.device), 0, B, H, S],
+        HAS_LENGTHS=False, PACKED=True, **kw,
+    )
     prev_rows, h0_rows = plan.gather_rows(B, hs.device)
     dh0 = alloc.empty((B, H), h0)
     dg_h0 = dg if h0_rows is None else dg[h0_rows]
-    _rnn_bwd_final_kernel[grid](dg_h0, w, dh_buf, None, dh0, None, B, H, 3 * H, **kw)
+    _rnn_bwd_final_kernel[grid](dg_h0, w, dh_buf, None, dh0, None, B, H, 3 * H, HAS_C=False, **kw)
     dw, db = _weight_grads_rows(dg, _packed_prev_states(hs, h0, prev_rows, h0_rows), w_hh, has_bias)
     return dgi, dh0, dw, db
 
@@ -908,22 +882,16 @@ def lstm_packed_recurrence_forward(
     gates = alloc.empty((N, 4 * H) if save_gates else (0,), gi)
     if N == 0 or B == 0 or H == 0:
         return hs, cs, gates
-    gi, h0, c0, w, b = gi.contiguous(), h0.contiguous(), c0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     grid, kw = _launch_args(B, H)
-    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
-    half = gi.dtype != torch.float32
-    hst = alloc.empty((2, B, H), gi, torch.float32) if half else None
-    cst = alloc.empty((2, B, H), gi, torch.float32) if half else None
-    for s, (off, n, _, _, rows) in enumerate(plan.steps):
-        h_prev, h_alt, n_prev = _packed_prev(s, plan.steps, hs, hst, h0)
-        c_prev, c_alt, _ = _packed_prev(s, plan.steps, cs, cst, c0)
-        _lstm_fwd_step_kernel[(rows, grid[1])](
-            gi[off:], h_prev, c_prev, h_alt, c_alt, w, b, None,
-            hs[off:], cs[off:],
-            hst[s % 2] if half else None, cst[s % 2] if half else None,
-            gates[off:] if save_gates else None,
-            0, n, H, n_prev, **kw,
-        )
+    plan = _PackedPlan(batch_sizes, reverse)
+    S = len(plan.steps)
+    launch_steps(
+        _lstm_fwd_step_kernel, grid, range(S),
+        [gi, _initial_state(h0), _initial_state(c0), w, b, None, hs, cs, gates if save_gates else None,
+         plan.table(gi.device), 0, B, H, S],
+        HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
+    )
     return hs, cs, gates
 
 
@@ -944,26 +912,22 @@ def lstm_packed_recurrence_backward(
     grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
     hs, grad_cs = hs.contiguous(), contiguous_or_none(grad_cs)
     grid, kw = _launch_args(B, H)
-    plan = _PackedPlan(batch_sizes, reverse, kw["BLOCK_B"])
+    plan = _PackedPlan(batch_sizes, reverse)
+    S = len(plan.steps)
     dg = alloc.empty((N, 4 * H), hs, torch.float32)
     dgi = dg if hs.dtype == torch.float32 else alloc.empty((N, 4 * H), hs)
     dh_buf = alloc.empty((B, H), hs, torch.float32)  # per row; read and rewritten in place
     dc_buf = alloc.empty((B, H), hs, torch.float32)
-    for s in range(len(plan.steps) - 1, -1, -1):
-        off, n, _, _, rows = plan.steps[s]
-        c_prev, c_alt, n_prev = _packed_prev(s, plan.steps, cs, None, c0)
-        dg_next, n_next, has_next = _packed_next(s, plan.steps, dg)
-        _lstm_bwd_step_kernel[(rows, grid[1])](
-            grad_hs[off:], None if grad_cs is None else grad_cs[off:],
-            gates[off:], cs[off:], c_prev, c_alt, w, None,
-            dg_next, dh_buf, dc_buf,
-            None if dgi is dg else dgi[off:], dg[off:], dh_buf, dc_buf,
-            0, n, H, n_prev, n_next, HAS_NEXT=has_next, **kw,
-        )
+    launch_steps(
+        _lstm_bwd_step_kernel, grid, range(S - 1, -1, -1),
+        [grad_hs, grad_cs, gates, cs, c0, w, None, dg, dh_buf, dc_buf, None if dgi is dg else dgi,
+         plan.table(hs.device), 0, B, H, S],
+        HAS_LENGTHS=False, HAS_GRAD_C=grad_cs is not None, STORE_DGI=dgi is not dg, PACKED=True, **kw,
+    )
     prev_rows, h0_rows = plan.gather_rows(B, hs.device)
     dh0 = alloc.empty((B, H), h0)
     dc0 = alloc.empty((B, H), c0)
     dg_h0 = dg if h0_rows is None else dg[h0_rows]
-    _rnn_bwd_final_kernel[grid](dg_h0, w, dh_buf, dc_buf, dh0, dc0, B, H, 4 * H, **kw)
+    _rnn_bwd_final_kernel[grid](dg_h0, w, dh_buf, dc_buf, dh0, dc0, B, H, 4 * H, HAS_C=True, **kw)
     dw, db = _weight_grads_rows(dg, _packed_prev_states(hs, h0, prev_rows, h0_rows), w_hh, has_bias)
     return dgi, dh0, dc0, dw, db
