@@ -67,12 +67,12 @@ def main():
         h0 = torch.randn(B, H, dtype=dt)
         hs, gates = torch.empty(T, B, H, dtype=dt), torch.empty(T, B, 4 * H, dtype=dt)
         grid, kw = rnn._launch_args(B, H)
-        args = [gi, rnn._initial_state(h0), w, b, None, hs, gates, None, 0, B, H, T]
+        args = [gi, rnn._initial_state(h0), w, b, None, hs, gates, None, 0, B, H, T, T * B, 3 * H, H]
         flags = dict(HAS_BIAS=True, HAS_LENGTHS=False, SAVE_GATES=True, PACKED=False, **kw)
         out.append(_compare(f"gru-fwd-{dt}", rnn._gru_fwd_step_kernel, grid, list(range(T)), args, flags))
         lens = torch.tensor([5, 1, 3, 2, 5, 4])
         dg, dh, dgi = torch.empty(T, B, 3 * H), torch.empty(B, H), torch.empty(T, B, 3 * H, dtype=dt)
-        args = [hs, gates, hs, h0, w, lens, dg, dh, dgi, None, 0, B, H, T]
+        args = [hs, gates, hs, h0, w, lens, dg, dh, dgi, None, 0, B, H, T, T * B, 3 * H, H]
         flags = dict(HAS_LENGTHS=True, PACKED=False, **kw)
         out.append(_compare(f"gru-bwd-lengths-{dt}", rnn._gru_bwd_step_kernel, grid, list(range(T - 1, -1, -1)),
                             args, flags))
@@ -84,7 +84,7 @@ def main():
         cs, g4 = torch.randn(N, H, dtype=dt), torch.randn(N, 4 * H, dtype=dt)
         dg4 = torch.empty(N, 4 * H)
         args = [cs, None, g4, cs, h0[:4], w4, None, dg4, dh[:4], dh[:4].clone(), torch.empty(N, 4 * H, dtype=dt),
-                plan.table("cpu"), 0, 4, H, S]
+                plan.table("cpu"), 0, 4, H, S, N, 4 * H, H]
         grid4, kw4 = rnn._launch_args(4, H)
         flags = dict(HAS_LENGTHS=False, HAS_GRAD_C=False, STORE_DGI=True, PACKED=True, **kw4)
         out.append(_compare(f"lstm-bwd-packed-{dt}", rnn._lstm_bwd_step_kernel, grid4, list(range(S - 1, -1, -1)),

@@ -150,3 +150,70 @@ def test_packed_launches_one_kernel_per_step():
     with launches.count() as n:
         tri.gru_packed_recurrence_backward(torch.ones_like(hs), h0, w, hs, gates, bs, True, False)
     assert n == {"_gru_bwd_step_kernel": 4, "_rnn_bwd_final_kernel": 1}
+
+
+# ------------------------------------------------ both directions in one launch
+
+
+def _bidirectional_case(kind, batch_sizes, H, bias, dtype):
+    """Triton's bidirectional ops (both directions per launch) against the reference's
+    composition of its packed ops (fastseq.ops.recurrence.directions)."""
+    from fastseq.ops.recurrence import directions
+    from fastseq.ops.recurrence import triton as tri
+
+    G = 3 if kind == "gru" else 4
+    bs = torch.tensor(batch_sizes, dtype=torch.int64)
+    N, B = int(bs.sum()), batch_sizes[0]
+    g = torch.Generator().manual_seed(N * 10 + H + G)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)  # noqa: E731
+    gi, h0, c0, w = rnd(N, 2 * G * H), rnd(2, B, H), rnd(2, B, H), rnd(2, G * H, H, scale=H ** -0.5)
+    b = rnd(2, G * H) if bias else None
+    states = (h0,) if kind == "gru" else (h0, c0)
+    fwd = getattr(tri, f"{kind}_bidirectional_recurrence_forward")
+    fwd_r = getattr(directions, f"{kind}_forward")(getattr(reference, f"{kind}_packed_recurrence_forward"))
+    got = fwd(gi, *states, w, b, bs, True)
+    want = fwd_r(gi, *states, w, b, bs, True)
+    assert got[0].shape == (N, 2 * H) and got[-1].shape == (2, N, 4 * H)
+    for name, a, e in zip(["hs", "gates"] if kind == "gru" else ["hs", "cs", "gates"], got, want):
+        _close(name, a, e, dtype)
+    no_gates = fwd(gi, *states, w, b, bs, False)
+    assert no_gates[-1].numel() == 0
+    for a, e in zip(no_gates[:-1], got[:-1]):
+        assert torch.equal(a, e), "save_gates=False changed the states"
+    grads = [rnd(N, 2 * H) for _ in states]
+    bwd = getattr(tri, f"{kind}_bidirectional_recurrence_backward")
+    bwd_r = getattr(directions, f"{kind}_backward")(getattr(reference, f"{kind}_packed_recurrence_backward"))
+    saved = want if kind == "lstm" else (want[0], want[1])
+    got = bwd(*grads, *states, w, *saved, bs, bias)
+    want = bwd_r(*grads, *states, w, *saved, bs, bias)
+    names = ["grad gi"] + [f"grad {s}0" for s in "hc"[:len(states)]] + ["grad w_hh", "grad b_hh"]
+    assert len(got) == len(want) == len(names)
+    for name, a, e in zip(names, got, want):
+        _close(name, a, e, dtype)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("batch_sizes,H,bias", PACKED_CASES, ids=lambda c: str(c))
+def test_bidirectional_kernels(kind, batch_sizes, H, bias):
+    _bidirectional_case(kind, batch_sizes, H, bias, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_bidirectional_kernels_half(kind):
+    _bidirectional_case(kind, [5, 5, 3, 3, 1], 20, True, DTYPES[1])
+
+
+def test_bidirectional_launches_one_kernel_per_step_for_both_directions():
+    """T launches forward for both directions (not 2T); T + one final per direction backward."""
+    from fastseq.ops import launches
+    from fastseq.ops.recurrence import triton as tri
+
+    bs = torch.tensor([3, 2, 2, 1])
+    gi, h0, w = torch.randn(8, 6 * 4), torch.randn(2, 3, 4), torch.randn(2, 3 * 4, 4)
+    gi, h0, w = gi.to(DEVICE), h0.to(DEVICE), w.to(DEVICE)
+    with launches.count() as n:
+        hs, gates = tri.gru_bidirectional_recurrence_forward(gi, h0, w, None, bs, True)
+    assert n == {"_gru_fwd_step_kernel": 4}
+    with launches.count() as n:
+        tri.gru_bidirectional_recurrence_backward(torch.ones_like(hs), h0, w, hs, gates, bs, False)
+    assert n == {"_gru_bwd_step_kernel": 4, "_rnn_bwd_final_kernel": 2}

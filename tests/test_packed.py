@@ -315,3 +315,66 @@ def test_cpp_backward_without_h0_gradient(cpp_ops, kind, packed):
             out = (fn(x, h0, c0, w, b, bs, reverse=True) if packed else fn(x, h0, c0, w, b))[0]
         (out * grads[0]).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+# ------------------------------------------------ both directions at once
+
+
+def _make_bidir(G, lengths, H, dtype, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    bs = _batch_sizes(lengths)
+    N, B = int(bs.sum()), int(bs[0])
+    rnd = lambda *s, k=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * k).to(dtype)  # noqa: E731
+    return (rnd(N, 2 * G * H), rnd(2, B, H), rnd(2, B, H), rnd(2, G * H, H, k=H ** -0.5),
+            rnd(2, G * H) if bias else None, bs)
+
+
+def test_gradcheck_bidirectional_custom_ops_float64():
+    """The bidirectional ops' registered backward (reference composition) against finite differences."""
+    gi, h0, c0, w, b, bs = _make_bidir(3, [3, 2, 2], 3, torch.float64, True, seed=6)
+    args = [t.clone().requires_grad_(True) for t in (gi, h0, w, b)]
+    with fastseq.backend("reference"):
+        assert torch.autograd.gradcheck(lambda *a: ops.gru_bidirectional(*a, bs), args)
+        gi, h0, c0, w, b, bs = _make_bidir(4, [3, 2, 2], 3, torch.float64, True, seed=7)
+        args = [t.clone().requires_grad_(True) for t in (gi, h0, c0, w, b)]
+        assert torch.autograd.gradcheck(lambda *a: ops.lstm_bidirectional(*a, bs), args)
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_bidirectional_equals_both_packed_directions(kind):
+    """hs [N, 2H] = [forward packed hs | reverse packed hs] (reference)."""
+    G = 3 if kind == "gru" else 4
+    gi, h0, c0, w, b, bs = _make_bidir(G, [5, 3, 3, 1], 6, torch.float64, True, seed=8)
+    with fastseq.backend("reference"):
+        if kind == "gru":
+            hs = ops.gru_bidirectional(gi, h0, w, b, bs)
+            parts = [ops.gru_packed(gi[:, d * 18:(d + 1) * 18], h0[d], w[d], b[d], bs, reverse=bool(d))
+                     for d in range(2)]
+        else:
+            hs, cs = ops.lstm_bidirectional(gi, h0, c0, w, b, bs)
+            parts = [ops.lstm_packed(gi[:, d * 24:(d + 1) * 24], h0[d], c0[d], w[d], b[d], bs, reverse=bool(d))[0]
+                     for d in range(2)]
+    assert torch.equal(hs, torch.cat(parts, dim=1))
+
+
+def test_cpp_bidirectional_composition_matches_reference(cpp_ops):
+    from fastseq.ops.recurrence import cpp, directions
+
+    gi, h0, c0, w, b, bs = _make_bidir(4, [7, 6, 2, 2, 1], 9, torch.float64, True, seed=9)
+    got = directions.lstm_forward(cpp.lstm_packed_recurrence_forward)(gi, h0, c0, w, b, bs, True)
+    want = directions.lstm_forward(reference.lstm_packed_recurrence_forward)(gi, h0, c0, w, b, bs, True)
+    for name, a, e in zip(["hs", "cs", "gates"], got, want):
+        assert_close(a, e, name=name)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(h0=torch.zeros(3, 4)), r"h0: expected a 3-D tensor \[2, B, H\]"),
+    (dict(gi=torch.zeros(8, 12)), r"gi: expected a 2-D tensor \[N, 2\*3\*H\] = \[N, 24\]"),
+    (dict(w_hh=torch.zeros(12, 4)), r"w_hh"),
+])
+def test_bidirectional_bad_shapes_raise_clearly(bad, match):
+    args = dict(gi=torch.zeros(8, 24), h0=torch.zeros(2, 3, 4), w_hh=torch.zeros(2, 12, 4), b_hh=None,
+                batch_sizes=torch.tensor([3, 2, 2, 1]))
+    args.update(bad)
+    with pytest.raises(RuntimeError, match=match):
+        ops.gru_bidirectional(**args)

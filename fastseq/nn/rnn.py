@@ -14,6 +14,11 @@ recurrence computes only the ``batch_sizes[t]`` rows still running
 (:func:`fastseq.ops.gru_packed`), and the reverse direction runs on the same
 packed rows from each row's last step back (no padding, no reversal copies).
 
+Bidirectional layers on the Triton backend run both directions at once
+(:func:`fastseq.ops.gru_bidirectional`): one GEMM for both directions' input
+projections, one launch per step for both recurrences, the output written in
+place of the concatenation. The other backends run one direction after the other.
+
 Errors are those of torch.nn for the same input (:mod:`fastseq.ops.validation`).
 
 ``torch.compile``: Dynamo refuses to trace any subclass of torch.nn.GRU/LSTM
@@ -162,6 +167,34 @@ class _FusedRNNBase:
             b_hh = b_hh.to(gi.dtype) if b_hh is not None else None
         return gi, w_hh, b_hh
 
+    def _bidirectional_layer(self, x: Tensor, layer: int, h0s: Tensor, c0s: Optional[Tensor], bs: Tensor,
+                             final: Tensor):
+        """Both directions of bidirectional ``layer`` at once (:func:`fastseq.ops.gru_bidirectional`:
+        one launch per step for both, Triton): x ``[N, I]`` on the packed layout ``bs``
+        -> (out ``[N, 2H]``, [h_n forward, reverse], [c_n forward, reverse] or []).
+        ``final``: the forward direction's final rows (the reverse ends at rows 0 .. B-1)."""
+        H = self.hidden_size
+        fw, rv = self._layer_params(layer, 0), self._layer_params(layer, 1)
+        w_ih = torch.cat([fw[0], rv[0]])
+        b_ih, b_hh = None, None
+        if self.bias:
+            if self._IS_LSTM:  # b_hh folded into the GEMM's bias, as in _direction_inputs
+                b_ih = torch.cat([fw[2] + fw[3], rv[2] + rv[3]])
+            else:
+                b_ih, b_hh = torch.cat([fw[2], rv[2]]), torch.stack([fw[3], rv[3]])
+        gi = F.linear(x, w_ih, b_ih)
+        w_hh = torch.stack([fw[1], rv[1]]).to(gi.dtype)
+        b_hh = b_hh.to(gi.dtype) if b_hh is not None else None
+        k = slice(2 * layer, 2 * layer + 2)
+        h0 = h0s[k].to(gi.dtype)
+        B = h0.shape[1]
+        if self._IS_LSTM:
+            out, cs = ops.lstm_bidirectional(gi, h0, c0s[k].to(gi.dtype), w_hh, None, bs)
+            c_n = [cs[final, :H], cs[:B, H:]]
+        else:
+            out, c_n = ops.gru_bidirectional(gi, h0, w_hh, b_hh, bs), []
+        return out, [out[final, :H], out[:B, H:]], c_n
+
     def _run(self, x: Tensor, h0s, c0s):
         """The layer stack on dense time-major input ``x [T, B, I]`` -> ``[T, B, D*H]``.
 
@@ -173,6 +206,17 @@ class _FusedRNNBase:
         H = self.hidden_size
         full = torch.full((T,), B, dtype=torch.int64) if D > 1 else None  # batch_sizes of the dense batch
         h_n, c_n = [], []
+        G = 4 if self._IS_LSTM else 3
+        if D > 1 and B > 0 and ops.fuses_directions(x, B, H, G, T):
+            final = torch.arange((T - 1) * B, T * B, device=x.device)
+            for layer in range(self.num_layers):
+                out, h, c = self._bidirectional_layer(x.reshape(T * B, x.shape[-1]), layer, h0s, c0s, full, final)
+                x = out.view(T, B, 2 * H)
+                h_n += h
+                c_n += c
+                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                    x = F.dropout(x, p=self.dropout, training=True)
+            return x, torch.stack(h_n), (torch.stack(c_n) if self._IS_LSTM else None)
         for layer in range(self.num_layers):
             x = x.contiguous()  # lets F.linear fuse the bias into the GEMM (addmm)
             outs = []
@@ -216,6 +260,15 @@ class _FusedRNNBase:
         final = [ops.packed_final_rows(bs, reverse=bool(d)) for d in range(D)]
         x = packed.data
         h_n, c_n = [], []
+        if D > 1 and ops.fuses_directions(x, int(bs[0]), self.hidden_size, 4 if self._IS_LSTM else 3, bs.shape[0]):
+            rows = final[0].to(x.device)
+            for layer in range(self.num_layers):
+                x, h, c = self._bidirectional_layer(x, layer, h0s, c0s, bs, rows)
+                h_n += h
+                c_n += c
+                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                    x = F.dropout(x, p=self.dropout, training=True)
+            return x, torch.stack(h_n), (torch.stack(c_n) if self._IS_LSTM else None)
         for layer in range(self.num_layers):
             outs = []
             for d in range(D):

@@ -2,7 +2,8 @@
 reference (``naive.py``) and its per-backend launch code (``triton.py``, ``cpp.py``),
 registered in :mod:`fastseq.backend.registry`.
 
-* :mod:`.recurrence` -- GRU/LSTM recurrences (:func:`gru`, :func:`lstm`);
+* :mod:`.recurrence` -- GRU/LSTM recurrences (:func:`gru`, :func:`lstm`, packed and
+  bidirectional forms);
 * :mod:`.attention` -- additive attention (:func:`additive_attention`);
 * :mod:`.decoder_step` -- the attention decoder's GRU context cell and step
   (:func:`gru_context_cell`, :func:`attention_gru_step`, :class:`StepWeights`);
@@ -13,12 +14,13 @@ registered in :mod:`fastseq.backend.registry`.
 from fastseq.ops.attention import additive_attention
 from fastseq.ops.decoder_step import StepWeights, attention_gru_step, gru_context_cell
 from fastseq.ops.recurrence import (
-    gru, gru_packed, gru_packed_recurrence, gru_recurrence, lstm, lstm_packed, lstm_packed_recurrence,
-    lstm_recurrence, packed_final_rows,
+    fuses_directions, gru, gru_bidirectional, gru_packed, gru_packed_recurrence, gru_recurrence, lstm,
+    lstm_bidirectional, lstm_packed, lstm_packed_recurrence, lstm_recurrence, packed_final_rows,
 )
 
 __all__ = [
-    "StepWeights", "additive_attention", "attention_gru_step", "gru", "gru_context_cell", "gru_packed",
-    "gru_packed_recurrence", "gru_recurrence", "lstm", "lstm_packed", "lstm_packed_recurrence",
+    "StepWeights", "additive_attention", "attention_gru_step", "fuses_directions", "gru", "gru_bidirectional",
+    "gru_context_cell", "gru_packed", "gru_packed_recurrence", "gru_recurrence", "lstm", "lstm_bidirectional",
+    "lstm_packed", "lstm_packed_recurrence",
     "lstm_recurrence", "packed_final_rows",
 ]

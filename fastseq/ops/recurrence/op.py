@@ -18,7 +18,9 @@ with one matrix product and autograd differentiates it.
 Each op has one implementation per backend in the registry
 (:mod:`fastseq.backend.registry`): :mod:`.naive` (reference), :mod:`.triton`
 (imported on first use), :mod:`.cpp` (the C++ extension). The packed ops
-(``fastseq::gru_packed_recurrence``, ...) have the same three.
+(``fastseq::gru_packed_recurrence``, ...) and the bidirectional ops
+(``fastseq::gru_bidirectional_recurrence``, ...: both directions of a layer at
+once, :mod:`.directions`) have the same three.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch import Tensor
 from fastseq.backend import registry, selection
 from fastseq.backend.registry import Implementation, needs_grad
 from fastseq.ops import validation
-from fastseq.ops.recurrence import cpp, naive
+from fastseq.ops.recurrence import cpp, directions, naive
 
 __all__ = ["gru", "gru_packed", "gru_packed_recurrence", "gru_packed_recurrence_backward", "gru_recurrence",
            "gru_recurrence_backward", "lstm", "lstm_packed", "lstm_packed_recurrence",
@@ -386,6 +388,153 @@ torch.library.register_autograd(f"fastseq::{LSTM_PACKED}", _lstm_packed_backward
                                 setup_context=_lstm_packed_setup_context)
 
 
+# Both directions of a bidirectional layer at once (:mod:`.directions`): gi
+# [N, 2*G*H] from one GEMM, h0/c0 [2, B, H], w_hh [2, G*H, H], b_hh [2, G*H];
+# hs/cs [N, 2H] (the layer's output), gates [2, N, 4H]. Triton runs both
+# directions in one launch per step; the reference and C++ backends compose
+# their packed ops.
+
+GRU_BIDIR, GRU_BIDIR_BACKWARD = "gru_bidirectional_recurrence", "gru_bidirectional_recurrence_backward"
+LSTM_BIDIR, LSTM_BIDIR_BACKWARD = "lstm_bidirectional_recurrence", "lstm_bidirectional_recurrence_backward"
+
+registry.register(GRU_BIDIR, "reference", directions.gru_forward(naive.gru_packed_recurrence_forward))
+registry.register(GRU_BIDIR, "cpp", directions.gru_forward(cpp.gru_packed_recurrence_forward))
+registry.register(GRU_BIDIR, "triton", Implementation(
+    load=lambda: (_triton().gru_bidirectional_recurrence_forward, _triton().limits)))
+registry.register(GRU_BIDIR_BACKWARD, "reference", directions.gru_backward(naive.gru_packed_recurrence_backward))
+registry.register(GRU_BIDIR_BACKWARD, "cpp", directions.gru_backward(cpp.gru_packed_recurrence_backward))
+registry.register(GRU_BIDIR_BACKWARD, "triton", Implementation(
+    load=lambda: (_triton().gru_bidirectional_recurrence_backward, _triton().limits)))
+registry.register(LSTM_BIDIR, "reference", directions.lstm_forward(naive.lstm_packed_recurrence_forward))
+registry.register(LSTM_BIDIR, "cpp", directions.lstm_forward(cpp.lstm_packed_recurrence_forward))
+registry.register(LSTM_BIDIR, "triton", Implementation(
+    load=lambda: (_triton().lstm_bidirectional_recurrence_forward, _triton().limits)))
+registry.register(LSTM_BIDIR_BACKWARD, "reference", directions.lstm_backward(naive.lstm_packed_recurrence_backward))
+registry.register(LSTM_BIDIR_BACKWARD, "cpp", directions.lstm_backward(cpp.lstm_packed_recurrence_backward))
+registry.register(LSTM_BIDIR_BACKWARD, "triton", Implementation(
+    load=lambda: (_triton().lstm_bidirectional_recurrence_backward, _triton().limits)))
+
+
+def _bidir_sizes(N: int, h0: Tensor, G: int, T: int):
+    return {"N": N, "B": h0.shape[1], "H": h0.shape[2], "G": G, "T": T}
+
+
+@torch.library.custom_op(f"fastseq::{GRU_BIDIR}", mutates_args=())
+def gru_bidirectional_recurrence(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor, save_gates: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Both directions of a bidirectional GRU layer. gi ``[N,6H]``, h0 ``[2,B,H]`` -> hs
+    ``[N,2H]``, gates ``[2,N,4H]`` (or ``[0]``)."""
+    fn = registry.implementation(GRU_BIDIR, gi, _bidir_sizes(gi.shape[0], h0, 3, batch_sizes.shape[0]))
+    return fn(gi, h0, w_hh, b_hh, batch_sizes, save_gates)
+
+
+@gru_bidirectional_recurrence.register_fake
+def _(gi, h0, w_hh, b_hh, batch_sizes, save_gates):
+    N, H = gi.shape[0], h0.shape[2]
+    gates = gi.new_empty((2, N, 4 * H)) if save_gates else gi.new_empty((0,))
+    return gi.new_empty((N, 2 * H)), gates
+
+
+@torch.library.custom_op(f"fastseq::{GRU_BIDIR_BACKWARD}", mutates_args=())
+def gru_bidirectional_recurrence_backward(
+    grad_hs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, gates: Tensor, batch_sizes: Tensor, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``gru_bidirectional_recurrence``; grad_b_hh is ``[0]`` when has_bias is False."""
+    fn = registry.implementation(GRU_BIDIR_BACKWARD, hs, _bidir_sizes(hs.shape[0], h0, 3, batch_sizes.shape[0]))
+    return fn(grad_hs, h0, w_hh, hs, gates, batch_sizes, has_bias)
+
+
+@gru_bidirectional_recurrence_backward.register_fake
+def _(grad_hs, h0, w_hh, hs, gates, batch_sizes, has_bias):
+    N, H = hs.shape[0], h0.shape[2]
+    db = w_hh.new_empty(w_hh.shape[:2]) if has_bias else w_hh.new_empty((0,))
+    return hs.new_empty((N, 6 * H)), torch.empty_like(h0), torch.empty_like(w_hh), db
+
+
+def _gru_bidir_setup_context(ctx, inputs, output):
+    gi, h0, w_hh, b_hh, batch_sizes, save_gates = inputs
+    hs, gates = output
+    ctx.has_bias, ctx.save_gates = b_hh is not None, save_gates
+    ctx.backend = selection.forced()
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(h0, w_hh, hs, gates, batch_sizes)
+
+
+def _gru_bidir_backward(ctx, grad_hs, _grad_gates):
+    if not ctx.save_gates:
+        raise _not_saved(GRU_BIDIR)
+    h0, w_hh, hs, gates, batch_sizes = ctx.saved_tensors
+    grad_hs = _grad_or_zeros(grad_hs, hs).contiguous()
+    with selection.backend(ctx.backend):
+        dgi, dh0, dw, db = gru_bidirectional_recurrence_backward(grad_hs, h0, w_hh, hs, gates, batch_sizes,
+                                                                 ctx.has_bias)
+    return dgi, dh0, dw, (db if ctx.has_bias else None), None, None
+
+
+torch.library.register_autograd(f"fastseq::{GRU_BIDIR}", _gru_bidir_backward, setup_context=_gru_bidir_setup_context)
+
+
+@torch.library.custom_op(f"fastseq::{LSTM_BIDIR}", mutates_args=())
+def lstm_bidirectional_recurrence(
+    gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+    save_gates: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Both directions of a bidirectional LSTM layer. gi ``[N,8H]`` -> hs, cs ``[N,2H]``,
+    gates ``[2,N,4H]`` (or ``[0]``)."""
+    fn = registry.implementation(LSTM_BIDIR, gi, _bidir_sizes(gi.shape[0], h0, 4, batch_sizes.shape[0]))
+    return fn(gi, h0, c0, w_hh, b_hh, batch_sizes, save_gates)
+
+
+@lstm_bidirectional_recurrence.register_fake
+def _(gi, h0, c0, w_hh, b_hh, batch_sizes, save_gates):
+    N, H = gi.shape[0], h0.shape[2]
+    gates = gi.new_empty((2, N, 4 * H)) if save_gates else gi.new_empty((0,))
+    return gi.new_empty((N, 2 * H)), gi.new_empty((N, 2 * H)), gates
+
+
+@torch.library.custom_op(f"fastseq::{LSTM_BIDIR_BACKWARD}", mutates_args=())
+def lstm_bidirectional_recurrence_backward(
+    grad_hs: Tensor, grad_cs: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, hs: Tensor, cs: Tensor,
+    gates: Tensor, batch_sizes: Tensor, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of ``lstm_bidirectional_recurrence``; grad_b_hh is ``[0]`` when has_bias is False."""
+    fn = registry.implementation(LSTM_BIDIR_BACKWARD, hs, _bidir_sizes(hs.shape[0], h0, 4, batch_sizes.shape[0]))
+    return fn(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, has_bias)
+
+
+@lstm_bidirectional_recurrence_backward.register_fake
+def _(grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, has_bias):
+    N, H = hs.shape[0], h0.shape[2]
+    db = w_hh.new_empty(w_hh.shape[:2]) if has_bias else w_hh.new_empty((0,))
+    return hs.new_empty((N, 8 * H)), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(w_hh), db
+
+
+def _lstm_bidir_setup_context(ctx, inputs, output):
+    gi, h0, c0, w_hh, b_hh, batch_sizes, save_gates = inputs
+    hs, cs, gates = output
+    ctx.has_bias, ctx.save_gates = b_hh is not None, save_gates
+    ctx.backend = selection.forced()
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(h0, c0, w_hh, hs, cs, gates, batch_sizes)
+
+
+def _lstm_bidir_backward(ctx, grad_hs, grad_cs, _grad_gates):
+    if not ctx.save_gates:
+        raise _not_saved(LSTM_BIDIR)
+    h0, c0, w_hh, hs, cs, gates, batch_sizes = ctx.saved_tensors
+    grad_hs = _grad_or_zeros(grad_hs, hs).contiguous()
+    grad_cs = _grad_or_zeros(grad_cs, cs).contiguous()
+    with selection.backend(ctx.backend):
+        dgi, dh0, dc0, dw, db = lstm_bidirectional_recurrence_backward(
+            grad_hs, grad_cs, h0, c0, w_hh, hs, cs, gates, batch_sizes, ctx.has_bias)
+    return dgi, dh0, dc0, dw, (db if ctx.has_bias else None), None, None
+
+
+torch.library.register_autograd(f"fastseq::{LSTM_BIDIR}", _lstm_bidir_backward,
+                                setup_context=_lstm_bidir_setup_context)
+
+
 # ----------------------------------------------------------------- functional API
 
 
@@ -589,3 +738,74 @@ def packed_final_rows(batch_sizes: Tensor, reverse: bool = False) -> Tensor:
     lengths = (batch_sizes.unsqueeze(0) > rows.unsqueeze(1)).sum(1)  # [B], sorted
     offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
     return offsets[lengths - 1] + rows
+
+
+def _check_bidirectional(gates: int, gi: Tensor, states: Tuple[Tuple[str, Tensor], ...], w_hh: Tensor,
+                         b_hh: Optional[Tensor], batch_sizes: Tensor) -> None:
+    validation.tensor("gi", gi)
+    for name, t in states:
+        validation.tensor(name, t)
+    validation.tensor("w_hh", w_hh)
+    validation.optional_tensor("b_hh", b_hh)
+    for name, t in states:
+        if t.dim() != 3 or t.shape[0] != 2:
+            raise RuntimeError(f"{name}: expected a 3-D tensor [2, B, H] (one state per direction), "
+                               f"got shape {tuple(t.shape)}")
+    _, B, H = states[0][1].shape
+    if gi.dim() != 2 or gi.shape[1] != 2 * gates * H:
+        raise RuntimeError(f"gi: expected a 2-D tensor [N, 2*{gates}*H] = [N, {2 * gates * H}] (both directions' "
+                           f"input projections, H from h0), got shape {tuple(gi.shape)}")
+    for name, t in states:
+        validation.shape(name, t, (2, B, H), "(2, B, H) = ")
+    validation.shape("w_hh", w_hh, (2, gates * H, H))
+    if b_hh is not None:
+        validation.shape("b_hh", b_hh, (2, gates * H))
+    validation.floating("gi", gi)
+    for name, t in states + (("w_hh", w_hh),) + ((("b_hh", b_hh),) if b_hh is not None else ()):
+        validation.like(name, t, gi, "gi")
+    validation.batch_sizes("batch_sizes", batch_sizes, B, gi.shape[0])
+
+
+def fuses_directions(t: Tensor, B: int, H: int, gates: int, T: int) -> bool:
+    """Whether the backend that runs a recurrence on ``t`` (same device and dtype) runs
+    both directions of a bidirectional layer in one launch per step (Triton); the other
+    backends compose one-direction ops, and a bidirectional layer is cheaper calling
+    those itself (no column copies of gi)."""
+    name = GRU_BIDIR if gates == 3 else LSTM_BIDIR
+    return registry.choose(name, t, lambda: {"N": B * T, "B": B, "H": H, "G": gates, "T": T}) == "triton"
+
+
+def gru_bidirectional(gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor) -> Tensor:
+    """Both directions of a bidirectional GRU layer on a PackedSequence's layout, at once.
+
+    Args:
+        gi: ``[N, 6H]``: ``data [W_ih; W_ih_reverse]^T + [b_ih; b_ih_reverse]``, one GEMM
+            for both directions (direction d in columns ``3H*d .. 3H*(d+1)``).
+        h0: ``[2, B, H]`` (forward, reverse), packed (sorted) row order.
+        w_hh: ``[2, 3H, H]``. b_hh: ``[2, 3H]`` or None.
+        batch_sizes: the PackedSequence's int64 CPU ``[T]``; dense input is every row
+            T long (``torch.full((T,), B)``, rows ``t*B + b``).
+
+    Returns:
+        hs ``[N, 2H]``: the layer's output, forward direction in columns ``:H``, reverse
+        in ``H:``. Final states: forward at :func:`packed_final_rows`, reverse at rows
+        ``0 .. B-1``.
+
+    Raises:
+        ArgumentTypeError / RuntimeError: as :func:`gru_packed` (shapes with the
+        direction dimension: h0 ``[2, B, H]``, w_hh ``[2, 3H, H]``, b_hh ``[2, 3H]``).
+    """
+    _check_bidirectional(3, gi, (("h0", h0),), w_hh, b_hh, batch_sizes)
+    hs, _ = gru_bidirectional_recurrence(gi, h0, w_hh, b_hh, batch_sizes, needs_grad(gi, h0, w_hh, b_hh))
+    return hs
+
+
+def lstm_bidirectional(gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor],
+                       batch_sizes: Tensor) -> Tuple[Tensor, Tensor]:
+    """Both directions of a bidirectional LSTM layer at once; as :func:`gru_bidirectional`
+    with gi ``[N, 8H]``, c0 ``[2, B, H]``, w_hh ``[2, 4H, H]``, b_hh ``[2, 4H]``. Returns
+    (hs, cs), each ``[N, 2H]``."""
+    _check_bidirectional(4, gi, (("h0", h0), ("c0", c0)), w_hh, b_hh, batch_sizes)
+    hs, cs, _ = lstm_bidirectional_recurrence(gi, h0, c0, w_hh, b_hh, batch_sizes,
+                                              needs_grad(gi, h0, c0, w_hh, b_hh))
+    return hs, cs

@@ -97,7 +97,9 @@ from fastseq.ops.triton_utils import (
 __all__ = [
     "gru_recurrence_forward", "gru_recurrence_backward", "lstm_recurrence_forward", "lstm_recurrence_backward",
     "gru_packed_recurrence_forward", "gru_packed_recurrence_backward", "lstm_packed_recurrence_forward",
-    "lstm_packed_recurrence_backward", "limits", "gru_gates", "gru_gates_backward", "lstm_gates", "lstm_gates_backward",
+    "lstm_packed_recurrence_backward", "gru_bidirectional_recurrence_forward", "gru_bidirectional_recurrence_backward",
+    "lstm_bidirectional_recurrence_forward", "lstm_bidirectional_recurrence_backward", "limits", "gru_gates",
+    "gru_gates_backward", "lstm_gates", "lstm_gates_backward",
 ]
 
 
@@ -154,15 +156,15 @@ def lstm_gates_backward(dh, dc, i, f, g, o, c_new, c):
 
 
 @triton.jit
-def _step(steps_ptr, s, B, S, PACKED: tl.constexpr):
-    """Step ``s``'s rows: ``(off, n, p_off, n_prev, nx_off, n_next)`` -- its first row and
-    row count in the ``[N, ...]`` tensors, those of the step it reads its previous state
-    from (``n_prev`` rows; the others read the initial state) and of the step after it
-    in processing order (``n_next`` of whose rows read this step). Packed: row ``s``
-    of the int64 step table (:class:`_Steps`); dense: step ``s`` is time ``s``, ``B``
-    rows each, ``S`` steps."""
+def _step(steps_ptr, d, s, B, S, PACKED: tl.constexpr):
+    """Step ``s``'s rows in direction ``d``: ``(off, n, p_off, n_prev, nx_off, n_next)`` --
+    its first row and row count in the ``[N, ...]`` tensors, those of the step it reads
+    its previous state from (``n_prev`` rows; the others read the initial state) and of
+    the step after it in processing order (``n_next`` of whose rows read this step).
+    Packed: row ``s`` of direction ``d``'s int64 step table (:meth:`_PackedPlan.rows`);
+    dense (one direction): step ``s`` is time ``s``, ``B`` rows each, ``S`` steps."""
     if PACKED:
-        row = steps_ptr + s * 6
+        row = steps_ptr + (d * S + s) * 6
         off = tl.load(row)
         n = tl.load(row + 1)
         p_off = tl.load(row + 2)
@@ -191,11 +193,12 @@ def _rows_valid(len_ptr, offs_b, mask_b, t, HAS_LENGTHS: tl.constexpr):
 
 
 @triton.jit
-def _load_prev(ptr, init_ptr, offs_b, offs_c, H, mask_b, mask_c, n_prev):
+def _load_prev(ptr, stride, init_ptr, H, offs_b, offs_c, mask_b, mask_c, n_prev):
     """fp32 tile of the previous states (columns ``offs_c``): rows ``b < n_prev`` from
-    ``ptr`` (the previous step's rows), the others from ``init_ptr`` (h0 or c0)."""
+    ``ptr`` (the previous step's rows, ``stride`` apart), the others from ``init_ptr``
+    (h0 or c0, ``[B, H]``)."""
     from_prev = offs_b < n_prev
-    x = load_tile(ptr, offs_b, offs_c, H, 1, mask_b & from_prev, mask_c)
+    x = load_tile(ptr, offs_b, offs_c, stride, 1, mask_b & from_prev, mask_c)
     x_init = load_tile(init_ptr, offs_b, offs_c, H, 1, mask_b & (offs_b >= n_prev), mask_c)
     return tl.where(from_prev[:, None], x, x_init)
 
@@ -228,25 +231,28 @@ def _carry_dot(
 
 @triton.jit(do_not_specialize=["s"])
 def _gru_fwd_step_kernel(
-    gi_ptr,  # [N, 3H] input projections of all steps (dense: N = T*B, row t*B + b)
-    state_ptr,  # [2, B, H] fp32 state: step s reads slot (s+1) % 2, writes slot s % 2 (both start as h0)
-    w_ptr,  # [3H, H] W_hh
-    b_ptr,  # [3H] b_hh or None
+    gi_ptr,  # [N, D*3H] input projections of all steps (dense: N = T*B, row t*B + b), row stride stride_x
+    state_ptr,  # [D, 2, B, H] fp32 state: step s reads slot (s+1) % 2, writes slot s % 2 (both start as h0)
+    w_ptr,  # [D, 3H, H] W_hh
+    b_ptr,  # [D, 3H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
-    hs_ptr,  # [N, H] out: hs
-    gates_ptr,  # [N, 4H] out: (r, z, n, hn) or None
-    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
-    s, B, H, S,
+    hs_ptr,  # [N, D*H] out: hs, row stride stride_y
+    gates_ptr,  # [D, N, 4H] out: (r, z, n, hn) or None
+    steps_ptr,  # int64 [D, S, 6] step tables (packed) or None (dense)
+    s, B, H, S, N, stride_x, stride_y,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    off, n, _, _, _, _ = _step(steps_ptr, s, B, S, PACKED)
+    d = tl.program_id(2)  # direction (grid axis 2: both directions of a bidirectional layer at once)
+    off, n, _, _, _, _ = _step(steps_ptr, d, s, B, S, PACKED)
     if tl.program_id(0) * BLOCK_B >= n:  # a packed step with fewer rows than the grid covers
         return
     offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
+    state_ptr += d * 2 * B * H
     h_ptr = state_ptr + ((s + 1) % 2) * B * H
-    gi_ptr += off * 3 * H
+    w_ptr += d * 3 * H * H
+    gi_ptr += off * stride_x + d * 3 * H
     # Recurrent product h_{t-1} W_hh^T for the three gates of this tile.
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -259,20 +265,21 @@ def _gru_fwd_step_kernel(
         acc_z = dot_acc(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
         acc_n = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
     if HAS_BIAS:
+        b_ptr += d * 3 * H
         acc_r += load_row(b_ptr, offs_j, mask_j)
         acc_z += load_row(b_ptr + H, offs_j, mask_j)
         acc_n += load_row(b_ptr + 2 * H, offs_j, mask_j)
     # Gates and state update.
-    x_r = load_tile(gi_ptr, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
-    x_z = load_tile(gi_ptr + H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
-    x_n = load_tile(gi_ptr + 2 * H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
+    x_r = load_tile(gi_ptr, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    x_z = load_tile(gi_ptr + H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    x_n = load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
     h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
     r, z, n_gate, h_new = gru_gates(x_r, x_z, x_n, acc_r, acc_z, acc_n, h_prev)
     h_new = tl.where(_rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS), h_new, h_prev)
-    store_tile(hs_ptr + off * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
+    store_tile(hs_ptr + off * stride_y + d * H, h_new, offs_b, offs_j, stride_y, mask_b, mask_j)
     store_tile(state_ptr + (s % 2) * B * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
     if SAVE_GATES:
-        g_ptr = gates_ptr + off * 4 * H
+        g_ptr = gates_ptr + d * N * 4 * H + off * 4 * H
         store_tile(g_ptr, r, offs_b, offs_j, 4 * H, mask_b, mask_j)
         store_tile(g_ptr + H, z, offs_b, offs_j, 4 * H, mask_b, mask_j)
         store_tile(g_ptr + 2 * H, n_gate, offs_b, offs_j, 4 * H, mask_b, mask_j)
@@ -281,48 +288,53 @@ def _gru_fwd_step_kernel(
 
 @triton.jit(do_not_specialize=["s", "S"])
 def _gru_bwd_step_kernel(
-    grad_h_ptr,  # [N, H] grad_hs
-    gates_ptr,  # [N, 4H] (r, z, n, hn) saved by the forward
-    hs_ptr,  # [N, H] the forward's hs (previous states)
-    h0_ptr,  # [B, H] h0
-    w_ptr,  # [3H, H] W_hh
+    grad_h_ptr,  # [N, D*H] grad_hs, row stride stride_y
+    gates_ptr,  # [D, N, 4H] (r, z, n, hn) saved by the forward
+    hs_ptr,  # [N, D*H] the forward's hs (previous states), row stride stride_y
+    h0_ptr,  # [D, B, H] h0
+    w_ptr,  # [D, 3H, H] W_hh
     len_ptr,  # [B] int64 lengths or None
-    dg_ptr,  # [N, 3H] fp32 dG: reads the next step's rows, writes this step's = (dr, dz, dn * r)
-    dh_ptr,  # [B, H] fp32 direct term into each row's previous state (read and rewritten in place)
-    dgi_ptr,  # [N, 3H] out: dgi = (dr, dz, dn)
-    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
-    s, B, H, S,
+    dg_ptr,  # [D, N, 3H] fp32 dG: reads the next step's rows, writes this step's = (dr, dz, dn * r)
+    dh_ptr,  # [D, B, H] fp32 direct term into each row's previous state (read and rewritten in place)
+    dgi_ptr,  # [N, D*3H] out: dgi = (dr, dz, dn), row stride stride_x
+    steps_ptr,  # int64 [D, S, 6] step tables (packed) or None (dense)
+    s, B, H, S, N, stride_x, stride_y,
     HAS_LENGTHS: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    off, n, p_off, n_prev, nx_off, n_next = _step(steps_ptr, s, B, S, PACKED)
+    d = tl.program_id(2)  # direction
+    off, n, p_off, n_prev, nx_off, n_next = _step(steps_ptr, d, s, B, S, PACKED)
     if tl.program_id(0) * BLOCK_B >= n:
         return
     offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
+    w_ptr += d * 3 * H * H
+    dg_ptr += d * N * 3 * H
+    dh_ptr += d * B * H
     # Total gradient reaching h_t: only rows b < n_next have a next step (reading this one).
     carry_b = mask_b & (offs_b < n_next)
-    dh = load_tile(grad_h_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
+    dh = load_tile(grad_h_ptr + off * stride_y + d * H, offs_b, offs_j, stride_y, 1, mask_b, mask_j)
     dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
     if n_next > 0:
         dh += _carry_dot(dg_ptr + nx_off * 3 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 3 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
     # Pointwise gate backward of step t.
-    g_ptr = gates_ptr + off * 4 * H
+    g_ptr = gates_ptr + d * N * 4 * H + off * 4 * H
     r = load_tile(g_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     z = load_tile(g_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     n_gate = load_tile(g_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     hn = load_tile(g_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    h_prev = _load_prev(hs_ptr + p_off * H, h0_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev)
+    h_prev = _load_prev(hs_ptr + p_off * stride_y + d * H, stride_y, h0_ptr + d * B * H, H, offs_b, offs_j,
+                        mask_b, mask_j, n_prev)
     dr_pre, dz_pre, dn_pre, dh_direct = gru_gates_backward(dh, r, z, n_gate, hn, h_prev)
     valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
     dr_pre = tl.where(valid, dr_pre, 0.0)
     dz_pre = tl.where(valid, dz_pre, 0.0)
     dn_pre = tl.where(valid, dn_pre, 0.0)
-    dgi_ptr += off * 3 * H
-    store_tile(dgi_ptr, dr_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    store_tile(dgi_ptr + H, dz_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
-    store_tile(dgi_ptr + 2 * H, dn_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
+    dgi_ptr += off * stride_x + d * 3 * H
+    store_tile(dgi_ptr, dr_pre, offs_b, offs_j, stride_x, mask_b, mask_j)
+    store_tile(dgi_ptr + H, dz_pre, offs_b, offs_j, stride_x, mask_b, mask_j)
+    store_tile(dgi_ptr + 2 * H, dn_pre, offs_b, offs_j, stride_x, mask_b, mask_j)
     dg_ptr += off * 3 * H
     store_tile(dg_ptr, dr_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
     store_tile(dg_ptr + H, dz_pre, offs_b, offs_j, 3 * H, mask_b, mask_j)
@@ -338,27 +350,31 @@ def _gru_bwd_step_kernel(
 
 @triton.jit(do_not_specialize=["s"])
 def _lstm_fwd_step_kernel(
-    gi_ptr,  # [N, 4H] input projections of all steps
-    state_ptr,  # [2, B, H] fp32 h state (ping-pong as the GRU's; both slots start as h0)
-    cstate_ptr,  # [2, B, H] fp32 c state (likewise, c0)
-    w_ptr,  # [4H, H] W_hh
-    b_ptr,  # [4H] b_hh or None
+    gi_ptr,  # [N, D*4H] input projections of all steps, row stride stride_x
+    state_ptr,  # [D, 2, B, H] fp32 h state (ping-pong as the GRU's; both slots start as h0)
+    cstate_ptr,  # [D, 2, B, H] fp32 c state (likewise, c0)
+    w_ptr,  # [D, 4H, H] W_hh
+    b_ptr,  # [D, 4H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
-    hs_ptr,  # [N, H] out: hs
-    cs_ptr,  # [N, H] out: cs
-    gates_ptr,  # [N, 4H] out: activated (i, f, g, o) or None
-    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
-    s, B, H, S,
+    hs_ptr,  # [N, D*H] out: hs, row stride stride_y
+    cs_ptr,  # [N, D*H] out: cs, row stride stride_y
+    gates_ptr,  # [D, N, 4H] out: activated (i, f, g, o) or None
+    steps_ptr,  # int64 [D, S, 6] step tables (packed) or None (dense)
+    s, B, H, S, N, stride_x, stride_y,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    off, n, _, _, _, _ = _step(steps_ptr, s, B, S, PACKED)
+    d = tl.program_id(2)  # direction
+    off, n, _, _, _, _ = _step(steps_ptr, d, s, B, S, PACKED)
     if tl.program_id(0) * BLOCK_B >= n:
         return
     offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
+    state_ptr += d * 2 * B * H
+    cstate_ptr += d * 2 * B * H
     h_ptr = state_ptr + ((s + 1) % 2) * B * H
-    gi_ptr += off * 4 * H
+    w_ptr += d * 4 * H * H
+    gi_ptr += off * stride_x + d * 4 * H
     # Recurrent product h_{t-1} W_hh^T for the four gates of this tile.
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -373,6 +389,7 @@ def _lstm_fwd_step_kernel(
         acc_g = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
         acc_o = dot_acc(h, _w_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
     if HAS_BIAS:
+        b_ptr += d * 4 * H
         acc_i += load_row(b_ptr, offs_j, mask_j)
         acc_f += load_row(b_ptr + H, offs_j, mask_j)
         acc_g += load_row(b_ptr + 2 * H, offs_j, mask_j)
@@ -381,21 +398,21 @@ def _lstm_fwd_step_kernel(
     h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
     c_prev = load_tile(cstate_ptr + ((s + 1) % 2) * B * H, offs_b, offs_j, H, 1, mask_b, mask_j)
     i, f, g, o, c_new, h_new = lstm_gates(
-        acc_i + load_tile(gi_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
-        acc_f + load_tile(gi_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
-        acc_g + load_tile(gi_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
-        acc_o + load_tile(gi_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
+        acc_i + load_tile(gi_ptr, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
+        acc_f + load_tile(gi_ptr + H, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
+        acc_g + load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
+        acc_o + load_tile(gi_ptr + 3 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
         c_prev,
     )
     valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
     h_new = tl.where(valid, h_new, h_prev)
     c_new = tl.where(valid, c_new, c_prev)
-    store_tile(hs_ptr + off * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
-    store_tile(cs_ptr + off * H, c_new, offs_b, offs_j, H, mask_b, mask_j)
+    store_tile(hs_ptr + off * stride_y + d * H, h_new, offs_b, offs_j, stride_y, mask_b, mask_j)
+    store_tile(cs_ptr + off * stride_y + d * H, c_new, offs_b, offs_j, stride_y, mask_b, mask_j)
     store_tile(state_ptr + (s % 2) * B * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
     store_tile(cstate_ptr + (s % 2) * B * H, c_new, offs_b, offs_j, H, mask_b, mask_j)
     if SAVE_GATES:
-        g_ptr = gates_ptr + off * 4 * H
+        g_ptr = gates_ptr + d * N * 4 * H + off * 4 * H
         store_tile(g_ptr, i, offs_b, offs_j, 4 * H, mask_b, mask_j)
         store_tile(g_ptr + H, f, offs_b, offs_j, 4 * H, mask_b, mask_j)
         store_tile(g_ptr + 2 * H, g, offs_b, offs_j, 4 * H, mask_b, mask_j)
@@ -404,32 +421,37 @@ def _lstm_fwd_step_kernel(
 
 @triton.jit(do_not_specialize=["s", "S"])
 def _lstm_bwd_step_kernel(
-    grad_h_ptr,  # [N, H] grad_hs
-    grad_c_ptr,  # [N, H] grad_cs or None
-    gates_ptr,  # [N, 4H] (i, f, g, o) saved by the forward
-    cs_ptr,  # [N, H] the forward's cs
-    c0_ptr,  # [B, H] c0
-    w_ptr,  # [4H, H] W_hh
+    grad_h_ptr,  # [N, D*H] grad_hs, row stride stride_y
+    grad_c_ptr,  # [N, D*H] grad_cs or None, row stride stride_y
+    gates_ptr,  # [D, N, 4H] (i, f, g, o) saved by the forward
+    cs_ptr,  # [N, D*H] the forward's cs, row stride stride_y
+    c0_ptr,  # [D, B, H] c0
+    w_ptr,  # [D, 4H, H] W_hh
     len_ptr,  # [B] int64 lengths or None
-    dg_ptr,  # [N, 4H] fp32 dG: reads the next step's rows, writes this step's = (di, df, dg, do)
-    dh_ptr,  # [B, H] fp32 direct term into each row's previous h (in place)
-    dc_ptr,  # [B, H] fp32 gradient into each row's previous c (in place)
-    dgi_ptr,  # [N, 4H] out: dgi in the input dtype, or None (then dgi is dG)
-    steps_ptr,  # int64 [S, 6] step table (packed) or None (dense)
-    s, B, H, S,
+    dg_ptr,  # [D, N, 4H] fp32 dG: reads the next step's rows, writes this step's = (di, df, dg, do)
+    dh_ptr,  # [D, B, H] fp32 direct term into each row's previous h (in place)
+    dc_ptr,  # [D, B, H] fp32 gradient into each row's previous c (in place)
+    dgi_ptr,  # [N, D*4H] out: dgi in the input dtype (row stride stride_x), or None (then dgi is dG)
+    steps_ptr,  # int64 [D, S, 6] step tables (packed) or None (dense)
+    s, B, H, S, N, stride_x, stride_y,
     HAS_LENGTHS: tl.constexpr, HAS_GRAD_C: tl.constexpr, STORE_DGI: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    off, n, p_off, n_prev, nx_off, n_next = _step(steps_ptr, s, B, S, PACKED)
+    d = tl.program_id(2)  # direction
+    off, n, p_off, n_prev, nx_off, n_next = _step(steps_ptr, d, s, B, S, PACKED)
     if tl.program_id(0) * BLOCK_B >= n:
         return
     offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
+    w_ptr += d * 4 * H * H
+    dg_ptr += d * N * 4 * H
+    dh_ptr += d * B * H
+    dc_ptr += d * B * H
     # Total gradients reaching h_t and c_t.
     carry_b = mask_b & (offs_b < n_next)
-    dh = load_tile(grad_h_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
+    dh = load_tile(grad_h_ptr + off * stride_y + d * H, offs_b, offs_j, stride_y, 1, mask_b, mask_j)
     if HAS_GRAD_C:
-        dc = load_tile(grad_c_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
+        dc = load_tile(grad_c_ptr + off * stride_y + d * H, offs_b, offs_j, stride_y, 1, mask_b, mask_j)
     else:
         dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
@@ -438,13 +460,14 @@ def _lstm_bwd_step_kernel(
         dh += _carry_dot(dg_ptr + nx_off * 4 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 4 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
     # Pointwise gate backward of step t.
-    g_ptr = gates_ptr + off * 4 * H
+    g_ptr = gates_ptr + d * N * 4 * H + off * 4 * H
     i = load_tile(g_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     f = load_tile(g_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     g = load_tile(g_ptr + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     o = load_tile(g_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
-    c = load_tile(cs_ptr + off * H, offs_b, offs_j, H, 1, mask_b, mask_j)
-    c_prev = _load_prev(cs_ptr + p_off * H, c0_ptr, offs_b, offs_j, H, mask_b, mask_j, n_prev)
+    c = load_tile(cs_ptr + off * stride_y + d * H, offs_b, offs_j, stride_y, 1, mask_b, mask_j)
+    c_prev = _load_prev(cs_ptr + p_off * stride_y + d * H, stride_y, c0_ptr + d * B * H, H, offs_b, offs_j,
+                        mask_b, mask_j, n_prev)
     d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(dh, dc, i, f, g, o, c, c_prev)
     valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
     d_i = tl.where(valid, d_i, 0.0)
@@ -457,11 +480,11 @@ def _lstm_bwd_step_kernel(
     store_tile(dg_ptr + 2 * H, d_g, offs_b, offs_j, 4 * H, mask_b, mask_j)
     store_tile(dg_ptr + 3 * H, d_o, offs_b, offs_j, 4 * H, mask_b, mask_j)
     if STORE_DGI:
-        dgi_ptr += off * 4 * H
-        store_tile(dgi_ptr, d_i, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(dgi_ptr + H, d_f, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(dgi_ptr + 2 * H, d_g, offs_b, offs_j, 4 * H, mask_b, mask_j)
-        store_tile(dgi_ptr + 3 * H, d_o, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        dgi_ptr += off * stride_x + d * 4 * H
+        store_tile(dgi_ptr, d_i, offs_b, offs_j, stride_x, mask_b, mask_j)
+        store_tile(dgi_ptr + H, d_f, offs_b, offs_j, stride_x, mask_b, mask_j)
+        store_tile(dgi_ptr + 2 * H, d_g, offs_b, offs_j, stride_x, mask_b, mask_j)
+        store_tile(dgi_ptr + 3 * H, d_o, offs_b, offs_j, stride_x, mask_b, mask_j)
     # Gradients into step t-1: h only through the matmul (next launch) unless the row
     # did not update; c through the forget gate. Tile-local: in place.
     store_tile(dh_ptr, tl.where(valid, 0.0, dh), offs_b, offs_j, H, mask_b, mask_j)
@@ -542,10 +565,12 @@ def _prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
 
 
 def _initial_state(x: Tensor) -> Tensor:
-    """fp32 ``[2, B, H]`` ping-pong state buffer with ``x`` in both slots (the forward
-    kernels read slot ``(s+1) % 2`` at step ``s``; rows that start later, on the packed
-    reverse direction, find their initial state in either slot)."""
-    return x.float().unsqueeze(0).expand(2, *x.shape).contiguous()
+    """fp32 ping-pong state buffer ``[2, B, H]`` (``[D, 2, B, H]`` for ``x [D, B, H]``) with
+    ``x`` in both slots (the forward kernels read slot ``(s+1) % 2`` at step ``s``; rows
+    that start later, on the packed reverse direction, find their initial state in
+    either slot)."""
+    x = x.float().unsqueeze(-3)
+    return x.expand(*x.shape[:-3], 2, *x.shape[-2:]).contiguous()
 
 
 def _weight_grads_rows(dg: Tensor, h_prev: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
@@ -603,7 +628,8 @@ def gru_recurrence_forward(
     grid, kw = _launch_args(B, H)
     launch_steps(
         _gru_fwd_step_kernel, grid, range(T),
-        [gi, _initial_state(h0), w, b, lens, hs, gates if save_gates else None, None, 0, B, H, T],
+        [gi, _initial_state(h0), w, b, lens, hs, gates if save_gates else None, None,
+         0, B, H, T, T * B, 3 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=lens is not None, SAVE_GATES=save_gates, PACKED=False, **kw,
     )
     return hs, gates
@@ -641,7 +667,7 @@ def gru_recurrence_backward(
     dh_buf = alloc.empty((B, H), hs, torch.float32)
     launch_steps(
         _gru_bwd_step_kernel, grid, range(T - 1, -1, -1),
-        [grad_hs, gates, hs, h0, w, lens, dg, dh_buf, dgi, None, 0, B, H, T],
+        [grad_hs, gates, hs, h0, w, lens, dg, dh_buf, dgi, None, 0, B, H, T, T * B, 3 * H, H],
         HAS_LENGTHS=lens is not None, PACKED=False, **kw,
     )
     dh0 = alloc.empty((B, H), h0)
@@ -681,7 +707,7 @@ def lstm_recurrence_forward(
     launch_steps(
         _lstm_fwd_step_kernel, grid, range(T),
         [gi, _initial_state(h0), _initial_state(c0), w, b, lens, hs, cs, gates if save_gates else None, None,
-         0, B, H, T],
+         0, B, H, T, T * B, 4 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=lens is not None, SAVE_GATES=save_gates, PACKED=False, **kw,
     )
     return hs, cs, gates
@@ -726,7 +752,7 @@ def lstm_recurrence_backward(
     launch_steps(
         _lstm_bwd_step_kernel, grid, range(T - 1, -1, -1),
         [grad_hs, grad_cs, gates, cs, c0, w, lens, dg, dh_buf, dc_buf, None if dgi is dg else dgi, None,
-         0, B, H, T],
+         0, B, H, T, T * B, 4 * H, H],
         HAS_LENGTHS=lens is not None, HAS_GRAD_C=grad_cs is not None, STORE_DGI=dgi is not dg, PACKED=False, **kw,
     )
     dh0 = alloc.empty((B, H), h0)
@@ -767,15 +793,18 @@ class _PackedPlan:
 
         self.steps = list(packed_steps(batch_sizes, reverse))
 
-    def table(self, device) -> Tensor:
-        """int64 ``[S, 6]`` on ``device``: per step ``(off, n, p_off, n_prev, nx_off, n_next)``,
-        ``nx_*`` of the step after it in processing order (``n_next`` = its rows that
-        read this step; 0 for the last)."""
+    def rows(self) -> list:
+        """Per step ``(off, n, p_off, n_prev, nx_off, n_next)``, ``nx_*`` of the step after
+        it in processing order (``n_next`` = its rows that read this step; 0 for the last)."""
         rows = []
         for s, (off, n, p_off, p_n) in enumerate(self.steps):
             nx_off, _, _, nx_n = self.steps[s + 1] if s + 1 < len(self.steps) else (0, 0, 0, 0)
             rows.append((off, n, p_off, p_n, nx_off, nx_n))
-        return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        return rows
+
+    def table(self, device) -> Tensor:
+        """The kernels' step table: int64 ``[S, 6]`` on ``device`` (:meth:`rows`)."""
+        return torch.tensor(self.rows(), dtype=torch.int64).to(device, non_blocking=True)
 
     def gather_rows(self, B: int, device) -> Tuple[Tensor, Optional[Tensor]]:
         """(prev_rows, h0_rows): int64 ``[N]``, the packed row holding each packed
@@ -827,7 +856,8 @@ def gru_packed_recurrence_forward(
     S = len(plan.steps)
     launch_steps(
         _gru_fwd_step_kernel, grid, range(S),
-        [gi, _initial_state(h0), w, b, None, hs, gates if save_gates else None, plan.table(gi.device), 0, B, H, S],
+        [gi, _initial_state(h0), w, b, None, hs, gates if save_gates else None, plan.table(gi.device),
+         0, B, H, S, N, 3 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
     )
     return hs, gates
@@ -856,7 +886,7 @@ def gru_packed_recurrence_backward(
     dh_buf = alloc.empty((B, H), hs, torch.float32)  # per row; read and rewritten in place
     launch_steps(
         _gru_bwd_step_kernel, grid, range(S - 1, -1, -1),
-        [grad_hs, gates, hs, h0, w, None, dg, dh_buf, dgi, plan.table(hs.device), 0, B, H, S],
+        [grad_hs, gates, hs, h0, w, None, dg, dh_buf, dgi, plan.table(hs.device), 0, B, H, S, N, 3 * H, H],
         HAS_LENGTHS=False, PACKED=True, **kw,
     )
     prev_rows, h0_rows = plan.gather_rows(B, hs.device)
@@ -889,7 +919,7 @@ def lstm_packed_recurrence_forward(
     launch_steps(
         _lstm_fwd_step_kernel, grid, range(S),
         [gi, _initial_state(h0), _initial_state(c0), w, b, None, hs, cs, gates if save_gates else None,
-         plan.table(gi.device), 0, B, H, S],
+         plan.table(gi.device), 0, B, H, S, N, 4 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
     )
     return hs, cs, gates
@@ -921,7 +951,7 @@ def lstm_packed_recurrence_backward(
     launch_steps(
         _lstm_bwd_step_kernel, grid, range(S - 1, -1, -1),
         [grad_hs, grad_cs, gates, cs, c0, w, None, dg, dh_buf, dc_buf, None if dgi is dg else dgi,
-         plan.table(hs.device), 0, B, H, S],
+         plan.table(hs.device), 0, B, H, S, N, 4 * H, H],
         HAS_LENGTHS=False, HAS_GRAD_C=grad_cs is not None, STORE_DGI=dgi is not dg, PACKED=True, **kw,
     )
     prev_rows, h0_rows = plan.gather_rows(B, hs.device)
@@ -930,4 +960,161 @@ def lstm_packed_recurrence_backward(
     dg_h0 = dg if h0_rows is None else dg[h0_rows]
     _rnn_bwd_final_kernel[grid](dg_h0, w, dh_buf, dc_buf, dh0, dc0, B, H, 4 * H, HAS_C=True, **kw)
     dw, db = _weight_grads_rows(dg, _packed_prev_states(hs, h0, prev_rows, h0_rows), w_hh, has_bias)
+    return dgi, dh0, dc0, dw, db
+
+
+# ------------------------------------------------------ both directions at once
+#
+# Both directions of a bidirectional layer on one packed layout, one launch per
+# step for both (grid axis 2 = direction; direction 1 runs each row from its last
+# step back). The input projections of both directions come from one GEMM, gi
+# ``[N, 2*G*H]`` (direction d in columns ``d*G*H ..``), and hs is written straight
+# into the layer's output ``[N, 2H]`` (direction d in columns ``d*H ..``): no
+# concatenation before or after. Dense input is the packed layout with every row
+# T steps long.
+
+
+def _bidirectional_plans(batch_sizes: Tensor, device):
+    """(plans, int64 ``[2, S, 6]`` step tables on ``device``) of the forward and reverse directions."""
+    plans = (_PackedPlan(batch_sizes, False), _PackedPlan(batch_sizes, True))
+    tables = torch.tensor([plans[0].rows(), plans[1].rows()], dtype=torch.int64).to(device, non_blocking=True)
+    return plans, tables
+
+
+def _bidirectional_weight_grads(dg, hs, h0, w_hh, has_bias, plans, B):
+    """Per direction: :func:`_weight_grads_rows` over its N packed rows, and the (step,
+    row) dG rows that read h0 (for dh0). Returns (dw ``[2, GH, H]``, db ``[2, GH]`` or
+    ``[0]``, [dG rows of h0 per direction])."""
+    H = h0.shape[2]
+    dws, dbs, dg_h0 = [], [], []
+    for d in range(2):
+        prev_rows, h0_rows = plans[d].gather_rows(B, hs.device)
+        dw, db = _weight_grads_rows(dg[d], _packed_prev_states(hs[:, d * H:(d + 1) * H], h0[d], prev_rows, h0_rows),
+                                    w_hh[d], has_bias)
+        dws.append(dw)
+        dbs.append(db)
+        dg_h0.append(dg[d] if h0_rows is None else dg[d][h0_rows])
+    db = torch.stack(dbs) if has_bias else w_hh.new_empty((0,))
+    return torch.stack(dws), db, dg_h0
+
+
+def gru_bidirectional_recurrence_forward(
+    gi: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor, save_gates: bool,
+) -> Tuple[Tensor, Tensor]:
+    """Both directions of a bidirectional GRU layer (one launch per step for both).
+
+    Args and returns: :func:`fastseq.ops.recurrence.naive.gru_bidirectional_recurrence_forward`
+    (gi ``[N, 6H]``, h0 ``[2, B, H]``, w_hh ``[2, 3H, H]``, b_hh ``[2, 3H]`` or None ->
+    hs ``[N, 2H]``, gates ``[2, N, 4H]`` or ``[0]``).
+    """
+    N, (_, B, H) = gi.shape[0], h0.shape
+    hs = alloc.empty((N, 2 * H), gi)
+    gates = alloc.empty((2, N, 4 * H) if save_gates else (0,), gi)
+    if N == 0 or B == 0 or H == 0:
+        return hs, gates
+    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    grid, kw = _launch_args(B, H)
+    _, tables = _bidirectional_plans(batch_sizes, gi.device)
+    S = batch_sizes.shape[0]
+    launch_steps(
+        _gru_fwd_step_kernel, grid + (2,), range(S),
+        [gi, _initial_state(h0), w, b, None, hs, gates if save_gates else None, tables,
+         0, B, H, S, N, 6 * H, 2 * H],
+        HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
+    )
+    return hs, gates
+
+
+def gru_bidirectional_recurrence_backward(
+    grad_hs: Tensor, h0: Tensor, w_hh: Tensor, hs: Tensor, gates: Tensor, batch_sizes: Tensor, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`gru_bidirectional_recurrence_forward` (one launch per step for
+    both directions). Returns dgi ``[N, 6H]``, dh0 ``[2, B, H]``, dw_hh ``[2, 3H, H]``,
+    db_hh ``[2, 3H]`` (``[0]`` without a bias)."""
+    N, (_, B, H) = hs.shape[0], h0.shape
+    if N == 0 or B == 0 or H == 0:
+        dgi, dh0, dw, db = _empty_backward((N, 6 * H), h0, w_hh, hs, has_bias, 1)
+        return dgi, dh0, dw, (w_hh.new_zeros(w_hh.shape[:2]) if has_bias else db)
+    if gates.dim() != 3:
+        raise ValueError("gru_bidirectional_recurrence_backward needs the gates saved by "
+                         "gru_bidirectional_recurrence_forward(save_gates=True)")
+    grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
+    grid, kw = _launch_args(B, H)
+    plans, tables = _bidirectional_plans(batch_sizes, hs.device)
+    S = batch_sizes.shape[0]
+    dgi = alloc.empty((N, 6 * H), hs)
+    dg = alloc.empty((2, N, 3 * H), hs, torch.float32)
+    dh_buf = alloc.empty((2, B, H), hs, torch.float32)
+    launch_steps(
+        _gru_bwd_step_kernel, grid + (2,), range(S - 1, -1, -1),
+        [grad_hs, gates, hs, h0, w, None, dg, dh_buf, dgi, tables, 0, B, H, S, N, 6 * H, 2 * H],
+        HAS_LENGTHS=False, PACKED=True, **kw,
+    )
+    dw, db, dg_h0 = _bidirectional_weight_grads(dg, hs, h0, w_hh, has_bias, plans, B)
+    dh0 = alloc.empty((2, B, H), h0)
+    for d in range(2):
+        _rnn_bwd_final_kernel[grid](dg_h0[d], w[d], dh_buf[d], None, dh0[d], None, B, H, 3 * H, HAS_C=False, **kw)
+    return dgi, dh0, dw, db
+
+
+def lstm_bidirectional_recurrence_forward(
+    gi: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], batch_sizes: Tensor,
+    save_gates: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Both directions of a bidirectional LSTM layer (one launch per step for both);
+    as :func:`gru_bidirectional_recurrence_forward` with gi ``[N, 8H]``, c0 ``[2, B, H]``,
+    w_hh ``[2, 4H, H]``. Returns hs, cs ``[N, 2H]``, gates ``[2, N, 4H]`` or ``[0]``."""
+    N, (_, B, H) = gi.shape[0], h0.shape
+    hs = alloc.empty((N, 2 * H), gi)
+    cs = alloc.empty((N, 2 * H), gi)
+    gates = alloc.empty((2, N, 4 * H) if save_gates else (0,), gi)
+    if N == 0 or B == 0 or H == 0:
+        return hs, cs, gates
+    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    grid, kw = _launch_args(B, H)
+    _, tables = _bidirectional_plans(batch_sizes, gi.device)
+    S = batch_sizes.shape[0]
+    launch_steps(
+        _lstm_fwd_step_kernel, grid + (2,), range(S),
+        [gi, _initial_state(h0), _initial_state(c0), w, b, None, hs, cs, gates if save_gates else None, tables,
+         0, B, H, S, N, 8 * H, 2 * H],
+        HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
+    )
+    return hs, cs, gates
+
+
+def lstm_bidirectional_recurrence_backward(
+    grad_hs: Tensor, grad_cs: Optional[Tensor], h0: Tensor, c0: Tensor, w_hh: Tensor, hs: Tensor, cs: Tensor,
+    gates: Tensor, batch_sizes: Tensor, has_bias: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`lstm_bidirectional_recurrence_forward` (``grad_cs`` may be None:
+    zeros). Returns dgi ``[N, 8H]``, dh0, dc0 ``[2, B, H]``, dw_hh ``[2, 4H, H]``, db_hh
+    ``[2, 4H]`` (``[0]`` without a bias)."""
+    N, (_, B, H) = hs.shape[0], h0.shape
+    if N == 0 or B == 0 or H == 0:
+        dgi, dh0, dc0, dw, db = _empty_backward((N, 8 * H), h0, w_hh, hs, has_bias, 2)
+        return dgi, dh0, dc0, dw, (w_hh.new_zeros(w_hh.shape[:2]) if has_bias else db)
+    if gates.dim() != 3:
+        raise ValueError("lstm_bidirectional_recurrence_backward needs the gates saved by "
+                         "lstm_bidirectional_recurrence_forward(save_gates=True)")
+    grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
+    hs, grad_cs = hs.contiguous(), contiguous_or_none(grad_cs)
+    grid, kw = _launch_args(B, H)
+    plans, tables = _bidirectional_plans(batch_sizes, hs.device)
+    S = batch_sizes.shape[0]
+    dg = alloc.empty((2, N, 4 * H), hs, torch.float32)
+    dgi = alloc.empty((N, 8 * H), hs)
+    dh_buf = alloc.empty((2, B, H), hs, torch.float32)
+    dc_buf = alloc.empty((2, B, H), hs, torch.float32)
+    launch_steps(
+        _lstm_bwd_step_kernel, grid + (2,), range(S - 1, -1, -1),
+        [grad_hs, grad_cs, gates, cs, c0, w, None, dg, dh_buf, dc_buf, dgi, tables, 0, B, H, S, N, 8 * H, 2 * H],
+        HAS_LENGTHS=False, HAS_GRAD_C=grad_cs is not None, STORE_DGI=True, PACKED=True, **kw,
+    )
+    dw, db, dg_h0 = _bidirectional_weight_grads(dg, hs, h0, w_hh, has_bias, plans, B)
+    dh0 = alloc.empty((2, B, H), h0)
+    dc0 = alloc.empty((2, B, H), c0)
+    for d in range(2):
+        _rnn_bwd_final_kernel[grid](dg_h0[d], w[d], dh_buf[d], dc_buf[d], dh0[d], dc0[d], B, H, 4 * H, HAS_C=True,
+                                    **kw)
     return dgi, dh0, dc0, dw, db
