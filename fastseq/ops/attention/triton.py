@@ -265,8 +265,10 @@ def _fwd_blocks(T: int, S: int, A: int, D: int) -> _Blocks:
     works through its loads in sequence: the ``[BLOCK_T, BLOCK_S, BLOCK_A]``
     energy accumulator and the ``[BLOCK_T, BLOCK_S, BLOCK_D]`` broadcast
     product are 8192 elements (32 fp32 registers per thread), the ``tl.dot``
-    form takes 64-wide context slices (128 costs ~60 more registers: 204 against
-    146 for bf16 at sm_90a, Triton 3.9). Under the interpreter the tiles stay at
+    form takes 16-wide source tiles (``[16, 16, 32]`` energy tiles: 128-byte fp32
+    rows of q and K) and 64-wide context slices (at sm_90a, bf16, B=64, S=32:
+    32-wide source tiles spill under Triton 3.9, 128-wide slices cost ~60
+    more registers). Under the interpreter the tiles stay at
     16 so the numpy emulation stays small and the multi-tile paths run.
     """
     bt = min(_p2(T), 16)
@@ -274,7 +276,7 @@ def _fwd_blocks(T: int, S: int, A: int, D: int) -> _Blocks:
         return _Blocks(bt, 16, 16, 16, 1)
     warps = 8
     tile = 1024 * warps
-    bs = min(_p2(S), 32)
+    bs = min(_p2(S), 16 if bt >= 16 else 32)
     ba = max(4, min(_p2(A), tile // (bt * bs)))
     bd = 64 if bt >= 16 else max(16, min(_p2(D), tile // (bt * bs)))
     return _Blocks(bt, bs, ba, bd, warps)
