@@ -35,7 +35,7 @@ The softmax and weighted-sum part (``grad_energy``, ``grad_values``) are two
 batched matrix products and a pointwise pass, shared with the reference
 (:func:`.naive.attention_score_grad`). The energy part, the only
 one with an ``A`` factor, is one fused launch that recomputes
-``u = tanh(q_t + K_j)``: grid ``(cdiv(A, BLOCK_A), cdiv(S, BLOCK_S), B)``; the
+``u = tanh(q_t + K_j)``: grid ``(cdiv(A, BLOCK_A), B, cdiv(S, BLOCK_S))``; the
 program for an ``A`` chunk and a source tile loops over all queries in
 ``BLOCK_T`` tiles and forms ``h = grad_energy * (1 - u^2)``, accumulating
 ``grad_K[j] = v * sum_t h`` (it owns those elements), writing
@@ -203,8 +203,8 @@ def _attention_energy_bwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     pid_a = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_s = offs_s < S
@@ -299,8 +299,8 @@ def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     "extent"}`` (``extent``: the largest :func:`fastseq.backend.extent` of query,
     proj_keys and values, which may be strided views), else why not.
 
-    Limits: B (forward grid axis 1, backward grid axis 2) and the backward's
-    ``cdiv(S, BLOCK_S)`` source tiles (grid axis 1) at most ``MAX_GRID_YZ``; every
+    Limits: B (grid axis 1) and the backward's ``cdiv(S, BLOCK_S)`` source tiles
+    (grid axis 2) at most ``MAX_GRID_YZ``; every
     tensor a launch indexes -- the inputs, ``weights [B, T, S]``, ``context [B, T, D]``,
     the backward's ``[n_s, B, T, A]`` partials -- within int32 offsets
     (:mod:`fastseq.backend.limits`).
@@ -308,11 +308,11 @@ def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     B, T, S, A, D = sizes["B"], sizes["T"], sizes["S"], sizes["A"], sizes["D"]
     max_grid, max_index = backend_limits.MAX_GRID_YZ, backend_limits.MAX_INDEX
     if B > max_grid:
-        return backend_limits.Unsupported("grid", f"B={B} batch rows on a grid axis, past the limit {max_grid}")
+        return backend_limits.Unsupported("grid", f"B={B} batch rows on grid axis 1, past the limit {max_grid}")
     n_s = triton.cdiv(S, _bwd_blocks(T, S, A).BLOCK_S)
     if n_s > max_grid:
         return backend_limits.Unsupported(
-            "grid", f"S={S}: {n_s} source tiles on grid axis 1, past the limit {max_grid}"
+            "grid", f"S={S}: {n_s} source tiles on grid axis 2, past the limit {max_grid}"
         )
     n = max(sizes["extent"], B * T * S, B * T * D, B * S * A, n_s * B * T * A)
     if n > max_index:
@@ -381,7 +381,7 @@ def additive_attention_backward(
     weights: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. (query, proj_keys, values, energy); tanh(q + K) is recomputed,
-    each element once (one launch, grid ``(cdiv(A, BLOCK_A), cdiv(S, BLOCK_S), B)``)."""
+    each element once (one launch, grid ``(cdiv(A, BLOCK_A), B, cdiv(S, BLOCK_S))``)."""
     B, T, A = query.shape
     S = proj_keys.shape[1]
     de, dvalues = attention_score_grad(grad_context, grad_weights, values, weights)
@@ -396,7 +396,7 @@ def additive_attention_backward(
     dq = alloc.empty((B, T, A), query) if n_s == 1 else alloc.empty((n_s, B, T, A), query, torch.float32)
     dv = alloc.empty((n_s, B, A), query, torch.float32)
     q, k = _last_contiguous(query), _last_contiguous(proj_keys)
-    _energy_bwd[(triton.cdiv(A, blk.BLOCK_A), n_s, B)](
+    _energy_bwd[(triton.cdiv(A, blk.BLOCK_A), B, n_s)](
         q, k, energy.contiguous(), de, dk, dq, dv,
         B, T, S, A, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         FAST=fast_tanh_ok(query.dtype),
