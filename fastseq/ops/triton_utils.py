@@ -1,11 +1,12 @@
 """Triton primitives shared by every op's kernels, and their tile sizes and limits.
 
 ``@triton.jit`` helpers (inlined into the kernels that call them):
-:func:`tanh`, :func:`load_tile`, :func:`store_tile`, :func:`load_row`,
+:func:`tanh`, :func:`tanh_fast`, :func:`load_tile`, :func:`store_tile`, :func:`load_row`,
 :func:`tile_offsets`. Host side: :func:`pick_blocks` (the one place the
 ``[B, H]`` tile sizes are chosen), :func:`hidden_tile_limits` (the limits of
 kernels tiled that way, against :mod:`fastseq.backend.limits`), and small
-layout helpers. Importing this module imports Triton; the ops import their
+layout helpers, and :func:`fast_tanh_ok` (whether a launch may pass
+``FAST=True`` to :func:`tanh_fast`). Importing this module imports Triton; the ops import their
 Triton kernels lazily (see each op's ``op.py``).
 """
 from __future__ import annotations
@@ -32,6 +33,38 @@ from fastseq.ops import launches
 def tanh(x):
     """tanh(x) = 2 sigmoid(2x) - 1 (portable across Triton versions)."""
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def tanh_fast(x, FAST: tl.constexpr):
+    """tanh of ``x`` in float32: one hardware instruction when ``FAST``, else :func:`tanh`.
+
+    ``FAST=True``: PTX ``tanh.approx.f32`` through ``tl.inline_asm_elementwise``, one
+    MUFU.TANH per element on sm_75 and newer (NVIDIA only). The PTX ISA gives its
+    maximum relative error as about 2^-10.987 (and subnormal results flushed to
+    zero), so it is meant for kernels whose inputs and outputs are half precision
+    (bfloat16, float16: a unit roundoff of 2^-8 / 2^-11, rounded once more on output);
+    float32 results stay on the exact formula. The interpreter cannot run inline
+    assembly: the host must pass ``FAST=False`` there. :func:`fast_tanh_ok` is the
+    host side of this policy: pass ``FAST=fast_tanh_ok(dtype)``.
+
+    ``FAST=False``: ``2 sigmoid(2x) - 1`` (:func:`tanh`; 2 MUFU and ~30 other
+    instructions per element, float32 accuracy).
+
+    Args:
+        x: a tensor of any shape; it is computed in float32 (cast if needed).
+        FAST: a compile-time bool.
+    Returns:
+        float32 tensor of ``x``'s shape.
+    """
+    x = x.to(tl.float32)
+    if FAST:
+        y = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1,
+        )
+    else:
+        y = tanh(x)
+    return y
 
 
 @triton.jit
@@ -208,6 +241,16 @@ def launch_steps(kernel, grid, steps: Sequence[int], args: Sequence[Any], **cons
         values[i] = s
         run(g[0], g[1], g[2], stream, function, metadata, None, None, None, *values)
     launches.record(kernel.name, len(steps) - 1)
+
+
+def fast_tanh_ok(dtype: torch.dtype) -> bool:
+    """Whether a kernel whose inputs are ``dtype`` may pass ``FAST=True`` to :func:`tanh_fast`:
+    half dtypes (bfloat16, float16) on a compiled NVIDIA target. False under the Triton
+    interpreter (no inline assembly) and on ROCm (no PTX), and for float32/float64,
+    whose parity bound the approximate tanh (relative error ~2^-11) would not meet."""
+    if dtype not in (torch.bfloat16, torch.float16) or interpreter_on():
+        return False
+    return getattr(torch.version, "hip", None) is None
 
 
 def precision() -> str:
