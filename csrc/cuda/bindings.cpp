@@ -25,6 +25,22 @@
 // dtype (mixed precision), they are all converted to the compute dtype first,
 // which is exactly what the reference computes with; results are cast back.
 //
+// The dense recurrence forwards (gru_recurrence_forward,
+// lstm_recurrence_forward) have two paths: the per-step loop (a cuBLAS product
+// and a pointwise launch per step) and the persistent kernel (one cooperative
+// launch for all T steps, W_hh resident in shared memory; kernels.h). The
+// environment chooses, read at every call:
+//   FASTSEQ_CUDA_PERSISTENT=auto (or unset): the persistent kernel when it
+//     applies (W_hh in the dtype of gi, its slice fits a block's shared memory,
+//     the device launches cooperatively), else the per-step loop. Under the
+//     host emulation (no device to query) auto is the per-step loop.
+//   FASTSEQ_CUDA_PERSISTENT=1: the persistent kernel; a RuntimeError when it
+//     does not apply (tests: no silent fallback).
+//   FASTSEQ_CUDA_PERSISTENT=0: the per-step loop.
+//   FASTSEQ_CUDA_PERSISTENT_BLOCKS=N (N > 0): the persistent kernel's grid size
+//     (default: one block per SM, at most H).
+// The packed ops and the backwards always run per step.
+//
 // FASTSEQ_CUDA_HOST_EMULATION (tests only; see common.cuh): the same code on
 // CPU tensors, the kernels running on CPU threads, registered as a separate
 // library `fastseq_cuda_emu` with the schemas of the CPU ops (../cpu/schemas.h,
@@ -37,6 +53,8 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -308,6 +326,85 @@ Tensor packed_weight_grad(const std::vector<PackedStep>& steps, const Tensor& dG
   return at::mm(dG.t(), h_prev);
 }
 
+// ------------------------------------------------------- persistent forward
+
+enum class PersistentMode { Off, On, Auto };
+
+// FASTSEQ_CUDA_PERSISTENT (see the top of this file).
+PersistentMode persistent_mode() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return PersistentMode::Auto;
+  if (std::strcmp(v, "0") == 0) return PersistentMode::Off;
+  if (std::strcmp(v, "1") == 0) return PersistentMode::On;
+  TORCH_CHECK(false, "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT: expected 0, 1 or auto, got '", v, "'");
+  return PersistentMode::Off;  // not reached
+}
+
+// FASTSEQ_CUDA_PERSISTENT_BLOCKS: the grid size asked for, 0 for the default.
+int64_t persistent_blocks() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && n > 0,
+              "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_BLOCKS: expected a positive integer, got '", v, "'");
+  return n;
+}
+
+// The persistent kernel's plan for this call, or a plan with blocks = 0 when
+// the per-step loop runs (mode, sizes, dtypes or device); raises when the mode
+// is On and the kernel does not apply.
+RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_t H, const Tensor& gi,
+                                         const Tensor& w_hh, const char* op) {
+  RecurrencePersistentPlan plan{};
+  const PersistentMode mode = persistent_mode();
+#ifdef FASTSEQ_CUDA_HOST_EMULATION
+  if (mode == PersistentMode::Auto) return plan;  // no device to decide on
+#endif
+  if (mode == PersistentMode::Off) return plan;
+  const int64_t blocks = persistent_blocks();
+  if (T == 0 || B == 0 || H == 0) return plan;  // nothing to launch: both paths return empty outputs
+  if (w_hh.scalar_type() != gi.scalar_type()) {
+    plan.reason = "w_hh's dtype differs from gi's (W_hh is kept in gi's dtype)";
+  } else {
+    check_launch(recurrence_persistent_plan(dtype_tag(gi.scalar_type()), G, B, H, blocks, &plan), op);
+  }
+  TORCH_CHECK(mode != PersistentMode::On || plan.blocks > 0, "fastseq_cpp (CUDA): ", op,
+              ": FASTSEQ_CUDA_PERSISTENT=1 but the persistent kernel does not apply: ", plan.reason);
+  return plan;
+}
+
+// The forward of the persistent kernel (GRU when c_init is undefined, else
+// LSTM): fills hs (cs) and gates.
+void persistent_forward(const RecurrencePersistentPlan& plan, const Tensor& x, const Tensor& w_hh,
+                        const Tensor& bias, const Tensor& lens, const Tensor& h_init, const Tensor& c_init,
+                        Tensor& hs, Tensor* cs, Tensor& gates, bool save_gates, cudaStream_t stream, const char* op) {
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  const Tensor w = w_hh.contiguous();
+  Tensor h_state = at::empty({2, B, H}, h_init.options());
+  h_state.select(0, 1).copy_(h_init);  // the kernel reads the state before step 0 from h_state[1]
+  const Tensor c_state = c_init.defined() ? c_init.clone() : Tensor();
+  RecurrencePersistentFwd a{};
+  a.gi = x.data_ptr();
+  a.ld_t = x.stride(0);
+  a.ld_b = x.stride(1);
+  a.w_hh = w.data_ptr();
+  a.bias = ptr_or_null(bias);
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.T = T;
+  a.B = B;
+  a.H = H;
+  a.h_state = h_state.data_ptr();
+  a.c_state = c_state.defined() ? c_state.data_ptr() : nullptr;
+  a.hs = hs.data_ptr();
+  a.cs = cs != nullptr ? cs->data_ptr() : nullptr;
+  a.gates = save_gates ? gates.data_ptr() : nullptr;
+  a.plan = plan;
+  const DType tag = dtype_tag(x.scalar_type());
+  check_launch(c_init.defined() ? lstm_forward_persistent(tag, a, stream) : gru_forward_persistent(tag, a, stream),
+               op);
+}
+
 // ====================================================================== GRU
 
 std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
@@ -328,12 +425,18 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   const auto cd = compute_dtype(st);
   const auto opt_cd = gi.options().dtype(cd);
   const Tensor x = gi.stride(2) == 1 ? gi : gi.contiguous();
-  const Tensor wt = w_hh.to(cd).t();
   const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor lens = lengths_on(lengths, B, dev);
   Tensor hs = at::empty({T, B, H}, gi.options());
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  const RecurrencePersistentPlan plan = persistent_plan(3, T, B, H, x, w_hh, "gru_recurrence_forward");
+  if (plan.blocks > 0) {
+    persistent_forward(plan, x, w_hh, bias, lens, h_init, Tensor(), hs, nullptr, gates, save_gates, stream,
+                       "gru_recurrence_forward");
+    return {hs, gates};
+  }
+  const Tensor wt = w_hh.to(cd).t();
   Tensor gh = at::empty({B, 3 * H}, opt_cd);
   // Half inputs: the state is carried in float32 (ping-pong), hs only stores it.
   const Tensor state = st != cd ? at::empty({2, B, H}, opt_cd) : Tensor();
@@ -433,7 +536,6 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   const auto cd = compute_dtype(st);
   const auto opt_cd = gi.options().dtype(cd);
   const Tensor x = gi.stride(2) == 1 ? gi : gi.contiguous();
-  const Tensor wt = w_hh.to(cd).t();
   const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor c_init = c0.to(cd).contiguous();
@@ -441,6 +543,13 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   Tensor hs = at::empty({T, B, H}, gi.options());
   Tensor cs = at::empty({T, B, H}, gi.options());
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  const RecurrencePersistentPlan plan = persistent_plan(4, T, B, H, x, w_hh, "lstm_recurrence_forward");
+  if (plan.blocks > 0) {
+    persistent_forward(plan, x, w_hh, bias, lens, h_init, c_init, hs, &cs, gates, save_gates, stream,
+                       "lstm_recurrence_forward");
+    return {hs, cs, gates};
+  }
+  const Tensor wt = w_hh.to(cd).t();
   Tensor gh = at::empty({B, 4 * H}, opt_cd);
   // Half inputs: the states are carried in float32 (ping-pong), hs and cs only store them.
   const Tensor h_state = st != cd ? at::empty({2, B, H}, opt_cd) : Tensor();
@@ -1026,6 +1135,8 @@ TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CUDA, m) {
 
 TORCH_LIBRARY(fastseq_cuda_emu, m) {
   fastseq::define_all_ops(m);
+  // Tests only: the grid barriers completed by the emulated cooperative launches so far.
+  m.def("emulated_grid_syncs() -> int", []() -> int64_t { return fastseq::cuda::emulated_grid_syncs(); });
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {
