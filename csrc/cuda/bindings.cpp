@@ -26,7 +26,7 @@
 // which is exactly what the reference computes with; results are cast back.
 //
 // The dense recurrence forwards (gru_recurrence_forward,
-// lstm_recurrence_forward) have two paths: the per-step loop (a cuBLAS product
+// lstm_recurrence_forward) and backwards have two paths: the per-step loop (a cuBLAS product
 // and a pointwise launch per step) and the persistent kernel (one cooperative
 // launch for all T steps, W_hh resident in shared memory; kernels.h). The
 // environment chooses, read at every call:
@@ -39,7 +39,8 @@
 //   FASTSEQ_CUDA_PERSISTENT=0: the per-step loop.
 //   FASTSEQ_CUDA_PERSISTENT_BLOCKS=N (N > 0): the persistent kernel's grid size
 //     (default: one block per SM, at most H).
-// The packed ops and the backwards always run per step.
+// The same choice for the dense backwards (gru_recurrence_backward,
+// lstm_recurrence_backward). The packed ops always run per step.
 //
 // FASTSEQ_CUDA_HOST_EMULATION (tests only; see common.cuh): the same code on
 // CPU tensors, the kernels running on CPU threads, registered as a separate
@@ -354,8 +355,9 @@ int64_t persistent_blocks() {
 // The persistent kernel's plan for this call, or a plan with blocks = 0 when
 // the per-step loop runs (mode, sizes, dtypes or device); raises when the mode
 // is On and the kernel does not apply.
-RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_t H, const Tensor& gi,
-                                         const Tensor& w_hh, const char* op) {
+// `st`: the storage dtype of the kernel's inputs; W_hh must have it.
+RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_t H, at::ScalarType st,
+                                         const Tensor& w_hh, bool backward, const char* op) {
   RecurrencePersistentPlan plan{};
   const PersistentMode mode = persistent_mode();
 #ifdef FASTSEQ_CUDA_HOST_EMULATION
@@ -364,10 +366,10 @@ RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_
   if (mode == PersistentMode::Off) return plan;
   const int64_t blocks = persistent_blocks();
   if (T == 0 || B == 0 || H == 0) return plan;  // nothing to launch: both paths return empty outputs
-  if (w_hh.scalar_type() != gi.scalar_type()) {
-    plan.reason = "w_hh's dtype differs from gi's (W_hh is kept in gi's dtype)";
+  if (w_hh.scalar_type() != st) {
+    plan.reason = "w_hh's dtype differs from the other inputs' (W_hh is kept in their dtype)";
   } else {
-    check_launch(recurrence_persistent_plan(dtype_tag(gi.scalar_type()), G, B, H, blocks, &plan), op);
+    check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
   }
   TORCH_CHECK(mode != PersistentMode::On || plan.blocks > 0, "fastseq_cpp (CUDA): ", op,
               ": FASTSEQ_CUDA_PERSISTENT=1 but the persistent kernel does not apply: ", plan.reason);
@@ -405,6 +407,38 @@ void persistent_forward(const RecurrencePersistentPlan& plan, const Tensor& x, c
                op);
 }
 
+// The backward of the persistent kernel (GRU when grad_cs is undefined, else
+// LSTM): fills dg (and dg_s), leaves grad h0 (c0) in dh (dc). `prev`: hs (GRU)
+// or cs (LSTM) in the storage dtype; `init`: h0 (GRU) or c0 (LSTM) in the
+// compute dtype.
+void persistent_backward(const RecurrencePersistentPlan& plan, const Tensor& grad_hs, const Tensor& grad_cs,
+                         const Tensor& gates, const Tensor& prev, const Tensor& init, const Tensor& w_hh,
+                         const Tensor& lens, Tensor& dh, Tensor* dc, Tensor& dg, const Tensor& dg_s,
+                         cudaStream_t stream, const char* op) {
+  const bool lstm = grad_cs.defined();
+  const Tensor w = w_hh.contiguous();
+  RecurrencePersistentBwd a{};
+  a.grad_hs = grad_hs.data_ptr();
+  a.grad_cs = lstm ? grad_cs.data_ptr() : nullptr;
+  a.gates = gates.data_ptr();
+  a.hs = lstm ? nullptr : prev.data_ptr();
+  a.cs = lstm ? prev.data_ptr() : nullptr;
+  a.h0 = lstm ? nullptr : init.data_ptr();
+  a.c0 = lstm ? init.data_ptr() : nullptr;
+  a.w_hh = w.data_ptr();
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.T = grad_hs.size(0);
+  a.B = grad_hs.size(1);
+  a.H = grad_hs.size(2);
+  a.dh = dh.data_ptr();
+  a.dc = dc != nullptr ? dc->data_ptr() : nullptr;
+  a.dg = dg.data_ptr();
+  a.dg_s = dg_s.defined() ? dg_s.data_ptr() : nullptr;
+  a.plan = plan;
+  const DType tag = dtype_tag(grad_hs.scalar_type());
+  check_launch(lstm ? lstm_backward_persistent(tag, a, stream) : gru_backward_persistent(tag, a, stream), op);
+}
+
 // ====================================================================== GRU
 
 std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
@@ -430,7 +464,7 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   const Tensor lens = lengths_on(lengths, B, dev);
   Tensor hs = at::empty({T, B, H}, gi.options());
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
-  const RecurrencePersistentPlan plan = persistent_plan(3, T, B, H, x, w_hh, "gru_recurrence_forward");
+  const RecurrencePersistentPlan plan = persistent_plan(3, T, B, H, st, w_hh, false, "gru_recurrence_forward");
   if (plan.blocks > 0) {
     persistent_forward(plan, x, w_hh, bias, lens, h_init, Tensor(), hs, nullptr, gates, save_gates, stream,
                        "gru_recurrence_forward");
@@ -484,7 +518,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
   const Tensor gy = grad_hs.to(st).contiguous();
   const Tensor g = gates.to(st).contiguous();
   const Tensor hs_k = hs.to(st).contiguous();
-  const Tensor w = w_hh.to(cd);
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor lens = lengths_on(lengths, B, dev);
   Tensor dgi = at::empty({T, B, 3 * H}, hs.options().dtype(st));
@@ -498,16 +531,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
   a.H = H;
   a.dh = dh.data_ptr();
   const DType tag = dtype_tag(st);
-  backward_steps(T, dgh, w, dh, [&](int64_t t) {  // dh = d z + dgh[t] @ W_hh
-    a.t = t;
-    a.grad_hs = at_elem(gy, t * B * H);
-    a.gates = at_elem(g, t * B * 4 * H);
-    a.h_prev_s = t > 0 ? at_elem(hs_k, (t - 1) * B * H) : nullptr;
-    a.n_prev = t > 0 ? B : 0;  // step 0 reads h0 (h_prev_c)
-    a.dgi = at_elem(dgi, t * B * 3 * H);
-    a.dgh = at_elem(dgh, t * B * 3 * H);
-    check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
-  });
+  const RecurrencePersistentPlan plan = persistent_plan(3, T, B, H, st, w_hh, true, "gru_recurrence_backward");
+  if (plan.blocks > 0) {
+    persistent_backward(plan, gy, Tensor(), g, hs_k, h_init, w_hh, lens, dh, nullptr, dgh, dgi, stream,
+                        "gru_recurrence_backward");
+  } else {
+    const Tensor w = w_hh.to(cd);
+    backward_steps(T, dgh, w, dh, [&](int64_t t) {  // dh = d z + dgh[t] @ W_hh
+      a.t = t;
+      a.grad_hs = at_elem(gy, t * B * H);
+      a.gates = at_elem(g, t * B * 4 * H);
+      a.h_prev_s = t > 0 ? at_elem(hs_k, (t - 1) * B * H) : nullptr;
+      a.n_prev = t > 0 ? B : 0;  // step 0 reads h0 (h_prev_c)
+      a.dgi = at_elem(dgi, t * B * 3 * H);
+      a.dgh = at_elem(dgh, t * B * 3 * H);
+      check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
+    });
+  }
 
   const Tensor dw = weight_grad(dgh, h_init, hs_k.to(cd), 3 * H);
   const auto wdt = w_hh.scalar_type();
@@ -543,7 +583,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   Tensor hs = at::empty({T, B, H}, gi.options());
   Tensor cs = at::empty({T, B, H}, gi.options());
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
-  const RecurrencePersistentPlan plan = persistent_plan(4, T, B, H, x, w_hh, "lstm_recurrence_forward");
+  const RecurrencePersistentPlan plan = persistent_plan(4, T, B, H, st, w_hh, false, "lstm_recurrence_forward");
   if (plan.blocks > 0) {
     persistent_forward(plan, x, w_hh, bias, lens, h_init, c_init, hs, &cs, gates, save_gates, stream,
                        "lstm_recurrence_forward");
@@ -606,7 +646,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
   const Tensor gcy = grad_cs.to(st).contiguous();
   const Tensor g = gates.to(st).contiguous();
   const Tensor cs_k = cs.to(st).contiguous();
-  const Tensor w = w_hh.to(cd);
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor c_init = c0.to(cd).contiguous();
   const Tensor lens = lengths_on(lengths, B, dev);
@@ -624,18 +663,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
   a.dh = dh.data_ptr();
   a.dc = dc.data_ptr();
   const DType tag = dtype_tag(st);
-  backward_steps(T, dg, w, dh, [&](int64_t t) {  // dh = dg[t] @ W_hh (or the passed-through dh)
-    a.t = t;
-    a.grad_hs = at_elem(gy, t * B * H);
-    a.grad_cs = at_elem(gcy, t * B * H);
-    a.gates = at_elem(g, t * B * 4 * H);
-    a.c = at_elem(cs_k, t * B * H);
-    a.c_prev_s = t > 0 ? at_elem(cs_k, (t - 1) * B * H) : nullptr;
-    a.n_prev = t > 0 ? B : 0;  // step 0 reads c0 (c_prev_c)
-    a.dg = at_elem(dg, t * B * 4 * H);
-    a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
-    check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
-  });
+  const RecurrencePersistentPlan plan = persistent_plan(4, T, B, H, st, w_hh, true, "lstm_recurrence_backward");
+  if (plan.blocks > 0) {
+    persistent_backward(plan, gy, gcy, g, cs_k, c_init, w_hh, lens, dh, &dc, dg, dgi_s, stream,
+                        "lstm_recurrence_backward");
+  } else {
+    const Tensor w = w_hh.to(cd);
+    backward_steps(T, dg, w, dh, [&](int64_t t) {  // dh = dg[t] @ W_hh (or the passed-through dh)
+      a.t = t;
+      a.grad_hs = at_elem(gy, t * B * H);
+      a.grad_cs = at_elem(gcy, t * B * H);
+      a.gates = at_elem(g, t * B * 4 * H);
+      a.c = at_elem(cs_k, t * B * H);
+      a.c_prev_s = t > 0 ? at_elem(cs_k, (t - 1) * B * H) : nullptr;
+      a.n_prev = t > 0 ? B : 0;  // step 0 reads c0 (c_prev_c)
+      a.dg = at_elem(dg, t * B * 4 * H);
+      a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
+      check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
+    });
+  }
 
   const Tensor dw = weight_grad(dg, h_init, hs.to(cd), 4 * H);
   const auto wdt = w_hh.scalar_type();

@@ -1,9 +1,10 @@
-// Persistent whole-sequence forward of the GRU and LSTM recurrences: one
-// cooperative launch runs all T steps of one layer and direction, with W_hh
-// resident in shared memory across the steps (kernels.h, "persistent
-// recurrence forward", for the contract and the size limit).
+// Persistent whole-sequence forward and backward of the GRU and LSTM
+// recurrences: one cooperative launch runs all T steps of one layer and
+// direction, with W_hh resident in shared memory across the steps (kernels.h,
+// "persistent recurrences", for the contract and the size limit). The
+// backward's model is at recurrence_persistent_bwd_kernel.
 //
-// Work model, per block and step (block k owns `units` hidden units j, all G
+// Forward work model, per block and step (block k owns `units` hidden units j, all G
 // gates of each):
 //   * W_hh slice: G * units rows of H elements in the storage dtype, loaded
 //     once before step 0 (row g*units + jj holds W_hh row g*H + j0 + jj);
@@ -175,10 +176,131 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_fwd_kernel(Rec
   }
 }
 
+// The backward, t = T-1 .. 0 (the per-step contract of gru_backward_step /
+// lstm_backward_step plus the caller's dh += dG[t] W_hh). Block k keeps the
+// W_hh COLUMNS of its units (all G*H rows; column jj at wc[jj * G*H ...]).
+// Per step:
+//   phase 1: the gate gradients dG[t] of its own units for every row, from
+//     its own part of dh (dc), which only this block reads and writes;
+//   grid barrier: all of dG[t] written;
+//   phase 2: dh[b, j] += sum_r dG[t][b, r] W_hh[r, j] for its own units j,
+//     dG[t] rows staged batch_tile at a time in shared memory.
+// One barrier per step is enough: phase 1 of step t-1 writes dG[t-1], not
+// the dG[t] that slower blocks may still read, and dh / dc are per block.
+template <typename S, int G>
+__global__ void __launch_bounds__(kThreads) recurrence_persistent_bwd_kernel(RecurrencePersistentBwd a) {
+  using C = acc_t<S>;
+  const int64_t T = a.T, B = a.B, H = a.H, GH = G * H;
+  const int64_t J = a.plan.units, Bt = a.plan.batch_tile;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * J;
+  const int64_t nj = j0 < H ? (H - j0 < J ? H - j0 : J) : 0;
+  const int64_t dld = GH + 1;  // row stride of the staged dG tile
+  const int tid = threadIdx.x, nthr = blockDim.x;
+
+  FASTSEQ_DYNAMIC_SMEM(smem);
+  S* wc = reinterpret_cast<S*>(smem);  // [J, G*H]: W_hh column j0 + jj
+  C* d_s = reinterpret_cast<C*>(smem + w_slice_bytes(G, J, H, sizeof(S)));  // [Bt, G*H + 1]
+
+  const S* w = static_cast<const S*>(a.w_hh);
+  for (int64_t idx = tid; idx < nj * GH; idx += nthr) {
+    const int64_t jj = idx / GH, r = idx - jj * GH;
+    wc[jj * GH + r] = w[r * H + j0 + jj];
+  }
+
+  const S* grad_hs = static_cast<const S*>(a.grad_hs);
+  const S* grad_cs = static_cast<const S*>(a.grad_cs);
+  const S* gates = static_cast<const S*>(a.gates);
+  const S* hs = static_cast<const S*>(a.hs);
+  const S* cs = static_cast<const S*>(a.cs);
+  const C* h0 = static_cast<const C*>(a.h0);
+  const C* c0 = static_cast<const C*>(a.c0);
+  C* dh = static_cast<C*>(a.dh);
+  C* dc = static_cast<C*>(a.dc);
+  C* dg = static_cast<C*>(a.dg);
+  S* dg_s = static_cast<S*>(a.dg_s);
+
+  for (int64_t t = T - 1; t >= 0; --t) {
+    __syncthreads();  // phase 2 of step t+1 (and the W_hh slice) written by this block's threads
+    // phase 1: dG[t] of this block's units
+    for (int64_t p = tid; p < B * nj; p += nthr) {
+      const int64_t b = p / nj, j = j0 + (p - b * nj);
+      const int64_t idx = b * H + j, o = t * B * H + idx;
+      const bool valid = a.lengths == nullptr || a.lengths[b] > t;
+      const C d = dh[idx] + ld(grad_hs + o);
+      C* gd = dg + (t * B + b) * GH;
+      S* gs = dg_s != nullptr ? dg_s + (t * B + b) * GH : nullptr;
+      const S* g = gates + (t * B + b) * 4 * H;
+      if constexpr (G == 3) {
+        if (!valid) {
+          gd[j] = gd[H + j] = gd[2 * H + j] = C(0);
+          gs[j] = gs[H + j] = gs[2 * H + j] = from_acc<S>(C(0));
+          dh[idx] = d;
+          continue;
+        }
+        const C hp = t > 0 ? ld(hs + o - B * H) : h0[idx];
+        const detail::GruGateGrads<C> y =
+            detail::gru_gate_backward(d, ld(g + j), ld(g + H + j), ld(g + 2 * H + j), ld(g + 3 * H + j), hp);
+        gs[j] = from_acc<S>(y.dr);  // grad_gi
+        gs[H + j] = from_acc<S>(y.dz);
+        gs[2 * H + j] = from_acc<S>(y.dn);
+        gd[j] = y.dr;  // grad of h W_hh^T
+        gd[H + j] = y.dz;
+        gd[2 * H + j] = y.dhn;
+        dh[idx] = y.dh;
+      } else {
+        const C dc_in = dc[idx] + ld(grad_cs + o);
+        if (!valid) {
+          gd[j] = gd[H + j] = gd[2 * H + j] = gd[3 * H + j] = C(0);
+          if (gs != nullptr) gs[j] = gs[H + j] = gs[2 * H + j] = gs[3 * H + j] = from_acc<S>(C(0));
+          dh[idx] = d;
+          dc[idx] = dc_in;
+          continue;
+        }
+        const C i = ld(g + j), f = ld(g + H + j), gg = ld(g + 2 * H + j), og = ld(g + 3 * H + j);
+        const C tc = detail::tanh_(ld(cs + o));
+        const C cp = t > 0 ? ld(cs + o - B * H) : c0[idx];
+        const detail::LstmGateGrads<C> y = detail::lstm_gate_backward(d, dc_in, i, f, gg, og, tc, cp);
+        gd[j] = y.di;
+        gd[H + j] = y.df;
+        gd[2 * H + j] = y.dg;
+        gd[3 * H + j] = y.d_o;
+        if (gs != nullptr) {
+          gs[j] = from_acc<S>(y.di);
+          gs[H + j] = from_acc<S>(y.df);
+          gs[2 * H + j] = from_acc<S>(y.dg);
+          gs[3 * H + j] = from_acc<S>(y.d_o);
+        }
+        dh[idx] = C(0);
+        dc[idx] = y.dc;
+      }
+    }
+    grid_sync();  // all of dG[t] written before any block reads it
+    // phase 2: dh[:, own units] += dG[t] W_hh[:, own units]
+    const C* dg_t = dg + t * B * GH;
+    for (int64_t b0 = 0; nj > 0 && b0 < B; b0 += Bt) {
+      const int64_t nb = B - b0 < Bt ? B - b0 : Bt;
+      __syncthreads();  // phase 1's dh writes and the previous tile's readers are done
+      for (int64_t idx = tid; idx < nb * GH; idx += nthr) {
+        const int64_t bb = idx / GH, r = idx - bb * GH;
+        d_s[bb * dld + r] = dg_t[(b0 + bb) * GH + r];
+      }
+      __syncthreads();
+      for (int64_t p = tid; p < nb * nj; p += nthr) {
+        const int64_t jj = p / nb, bb = p - jj * nb;
+        const C* drow = d_s + bb * dld;
+        const S* wcol = wc + jj * GH;
+        C acc = C(0);
+        for (int64_t r = 0; r < GH; ++r) acc += drow[r] * ld(wcol + r);
+        dh[(b0 + bb) * H + j0 + jj] += acc;
+      }
+    }
+  }
+}
+
 // --------------------------------------------------------------- planning
 
 template <typename S, int G>
-cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
+cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, bool backward, RecurrencePersistentPlan* plan) {
   using C = acc_t<S>;
   *plan = RecurrencePersistentPlan{};
   if (B <= 0 || H <= 0) {
@@ -204,10 +326,12 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
   const int64_t units = (H + nblk - 1) / nblk;
   if (blocks <= 0) nblk = (H + units - 1) / units;  // no idle blocks by default
   const int64_t w_bytes = w_slice_bytes(G, units, H, sizeof(S));
-  const int64_t row_bytes = (H + 1) * static_cast<int64_t>(sizeof(C));
+  // A staged row: h_{t-1} (forward) or dG[t] (backward), padded by one element.
+  const int64_t row_bytes = ((backward ? G * H : H) + 1) * static_cast<int64_t>(sizeof(C));
   const int64_t fit_rows = w_bytes < smem_optin ? (smem_optin - w_bytes) / row_bytes : 0;
   if (fit_rows < 1) {
-    plan->reason = "the W_hh slice and one row of h do not fit in a block's shared memory";
+    plan->reason = backward ? "the W_hh slice and one row of dG do not fit in a block's shared memory"
+                            : "the W_hh slice and one row of h do not fit in a block's shared memory";
     return cudaSuccess;
   }
   // Rows per tile: enough (row, unit) pairs for every thread, within B and the shared memory.
@@ -216,7 +340,8 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
   if (bt > fit_rows) bt = fit_rows;
   const int64_t smem = w_bytes + bt * row_bytes;
 #if !FASTSEQ_PERSISTENT_EMULATED
-  const auto kernel = recurrence_persistent_fwd_kernel<S, G>;
+  const void* kernel = backward ? reinterpret_cast<const void*>(recurrence_persistent_bwd_kernel<S, G>)
+                                : reinterpret_cast<const void*>(recurrence_persistent_fwd_kernel<S, G>);
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   int per_sm = 0;
   if (err == cudaSuccess)
@@ -240,13 +365,13 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
 }
 
 template <typename S>
-cudaError_t plan_gru(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
-  return plan_impl<S, 3>(B, H, blocks, plan);
+cudaError_t plan_gru(int64_t B, int64_t H, int64_t blocks, bool backward, RecurrencePersistentPlan* plan) {
+  return plan_impl<S, 3>(B, H, blocks, backward, plan);
 }
 
 template <typename S>
-cudaError_t plan_lstm(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
-  return plan_impl<S, 4>(B, H, blocks, plan);
+cudaError_t plan_lstm(int64_t B, int64_t H, int64_t blocks, bool backward, RecurrencePersistentPlan* plan) {
+  return plan_impl<S, 4>(B, H, blocks, backward, plan);
 }
 
 // ---------------------------------------------------------------- launching
@@ -270,6 +395,35 @@ cudaError_t forward_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) 
 #endif
 }
 
+template <typename S, int G>
+cudaError_t backward_impl(const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  if (a.T <= 0 || a.B <= 0 || a.H <= 0) return cudaSuccess;
+  if (a.plan.blocks <= 0 || a.plan.units <= 0 || a.plan.batch_tile <= 0) return cudaErrorInvalidValue;
+  const auto kernel = recurrence_persistent_bwd_kernel<S, G>;
+  const unsigned int grid = static_cast<unsigned int>(a.plan.blocks);
+  const size_t smem = static_cast<size_t>(a.plan.smem_bytes);
+#if FASTSEQ_PERSISTENT_EMULATED
+  (void)stream;
+  ::fastseq_emu::launch_cooperative(grid, kThreads, smem, kernel, a);
+  return cudaSuccess;
+#else
+  RecurrencePersistentBwd args = a;
+  void* argv[] = {&args};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), argv,
+                                     smem, stream);
+#endif
+}
+
+template <typename S>
+cudaError_t gru_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  return backward_impl<S, 3>(a, stream);
+}
+
+template <typename S>
+cudaError_t lstm_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  return backward_impl<S, 4>(a, stream);
+}
+
 template <typename S>
 cudaError_t gru_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
   return forward_impl<S, 3>(a, stream);
@@ -283,9 +437,9 @@ cudaError_t lstm_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t recurrence_persistent_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                       RecurrencePersistentPlan* plan) {
-  if (gates == 3) FASTSEQ_DISPATCH_DTYPE(dtype, plan_gru, B, H, blocks, plan);
-  if (gates == 4) FASTSEQ_DISPATCH_DTYPE(dtype, plan_lstm, B, H, blocks, plan);
+                                       bool backward, RecurrencePersistentPlan* plan) {
+  if (gates == 3) FASTSEQ_DISPATCH_DTYPE(dtype, plan_gru, B, H, blocks, backward, plan);
+  if (gates == 4) FASTSEQ_DISPATCH_DTYPE(dtype, plan_lstm, B, H, blocks, backward, plan);
   return cudaErrorInvalidValue;
 }
 
@@ -295,6 +449,14 @@ cudaError_t gru_forward_persistent(DType dtype, const RecurrencePersistentFwd& a
 
 cudaError_t lstm_forward_persistent(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream) {
   FASTSEQ_DISPATCH_DTYPE(dtype, lstm_impl, a, stream);
+}
+
+cudaError_t gru_backward_persistent(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  FASTSEQ_DISPATCH_DTYPE(dtype, gru_bwd_impl, a, stream);
+}
+
+cudaError_t lstm_backward_persistent(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  FASTSEQ_DISPATCH_DTYPE(dtype, lstm_bwd_impl, a, stream);
 }
 
 #if FASTSEQ_PERSISTENT_EMULATED
