@@ -469,8 +469,8 @@ def test_emulated_persistent_needs_the_barrier(emu, cell, monkeypatch):
 
 @pytest.mark.slow
 def test_emulated_persistent_forward_choice(emu, monkeypatch):
-    """FASTSEQ_CUDA_PERSISTENT: 0 and auto (no device under the emulation) run the per-step
-    loop (no grid barrier); 1 raises when the kernel does not apply (W_hh slice too large for
+    """FASTSEQ_CUDA_PERSISTENT: unset, 0 and auto (no device under the emulation) run the
+    per-step loop (no grid barrier); 1 raises when the kernel does not apply (W_hh slice too large for
     a block's shared memory, more blocks than the emulated 8 SMs, W_hh in another dtype than
     gi); bad values raise; T = 0 returns empty outputs on the persistent setting."""
     import torch
@@ -478,8 +478,11 @@ def test_emulated_persistent_forward_choice(emu, monkeypatch):
 
     gen = torch.Generator().manual_seed(7)
     case = _persistent_case("lstm", torch.float32, gen, 3, 2, 5, True, None)
-    for mode in ("0", "auto"):
-        monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", mode)
+    for mode in (None, "0", "auto"):
+        if mode is None:
+            monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT", raising=False)
+        else:
+            monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", mode)
         before = emu.emulated_grid_syncs()
         _all_close(_persistent_forward(emu, "lstm", case, True), _reference_forward("lstm", case, True),
                    "float32", f"FASTSEQ_CUDA_PERSISTENT={mode}")

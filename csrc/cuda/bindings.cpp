@@ -30,13 +30,16 @@
 // and a pointwise launch per step) and the persistent kernel (one cooperative
 // launch for all T steps, W_hh resident in shared memory; kernels.h). The
 // environment chooses, read at every call:
-//   FASTSEQ_CUDA_PERSISTENT=auto (or unset): the persistent kernel when it
-//     applies (W_hh in the dtype of gi, its slice fits a block's shared memory,
+//   FASTSEQ_CUDA_PERSISTENT=0 (or unset): the per-step loop. The default until
+//     the persistent kernel has been run and timed on a GPU (it was written and
+//     tested under the host emulation only; its products are FMA loops, not
+//     tensor-core GEMMs, so large batches may well be faster per step).
+//   FASTSEQ_CUDA_PERSISTENT=auto: the persistent kernel when it applies (W_hh
+//     in the dtype of the other inputs, its slice fits a block's shared memory,
 //     the device launches cooperatively), else the per-step loop. Under the
 //     host emulation (no device to query) auto is the per-step loop.
 //   FASTSEQ_CUDA_PERSISTENT=1: the persistent kernel; a RuntimeError when it
 //     does not apply (tests: no silent fallback).
-//   FASTSEQ_CUDA_PERSISTENT=0: the per-step loop.
 //   FASTSEQ_CUDA_PERSISTENT_BLOCKS=N (N > 0): the persistent kernel's grid size
 //     (default: one block per SM, at most H).
 // The same choice for the dense backwards (gru_recurrence_backward,
@@ -334,8 +337,8 @@ enum class PersistentMode { Off, On, Auto };
 // FASTSEQ_CUDA_PERSISTENT (see the top of this file).
 PersistentMode persistent_mode() {
   const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return PersistentMode::Auto;
-  if (std::strcmp(v, "0") == 0) return PersistentMode::Off;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return PersistentMode::Off;
+  if (std::strcmp(v, "auto") == 0) return PersistentMode::Auto;
   if (std::strcmp(v, "1") == 0) return PersistentMode::On;
   TORCH_CHECK(false, "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT: expected 0, 1 or auto, got '", v, "'");
   return PersistentMode::Off;  // not reached
