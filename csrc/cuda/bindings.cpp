@@ -25,6 +25,26 @@
 // dtype (mixed precision), they are all converted to the compute dtype first,
 // which is exactly what the reference computes with; results are cast back.
 //
+// The dense recurrence forwards (gru_recurrence_forward,
+// lstm_recurrence_forward) and backwards have two paths: the per-step loop (a cuBLAS product
+// and a pointwise launch per step) and the persistent kernel (one cooperative
+// launch for all T steps, W_hh resident in shared memory; kernels.h). The
+// environment chooses, read at every call:
+//   FASTSEQ_CUDA_PERSISTENT=0 (or unset): the per-step loop. The default until
+//     the persistent kernel has been run and timed on a GPU (it was written and
+//     tested under the host emulation only; its products are FMA loops, not
+//     tensor-core GEMMs, so large batches may well be faster per step).
+//   FASTSEQ_CUDA_PERSISTENT=auto: the persistent kernel when it applies (W_hh
+//     in the dtype of the other inputs, its slice fits a block's shared memory,
+//     the device launches cooperatively), else the per-step loop. Under the
+//     host emulation (no device to query) auto is the per-step loop.
+//   FASTSEQ_CUDA_PERSISTENT=1: the persistent kernel; a RuntimeError when it
+//     does not apply (tests: no silent fallback).
+//   FASTSEQ_CUDA_PERSISTENT_BLOCKS=N (N > 0): the persistent kernel's grid size
+//     (default: one block per SM, at most H).
+// The same choice for the dense backwards (gru_recurrence_backward,
+// lstm_recurrence_backward). The packed ops always run per step.
+//
 // FASTSEQ_CUDA_HOST_EMULATION (tests only; see common.cuh): the same code on
 // CPU tensors, the kernels running on CPU threads, registered as a separate
 // library `fastseq_cuda_emu` with the schemas of the CPU ops (../cpu/schemas.h,
@@ -37,6 +57,8 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -308,6 +330,118 @@ Tensor packed_weight_grad(const std::vector<PackedStep>& steps, const Tensor& dG
   return at::mm(dG.t(), h_prev);
 }
 
+// ------------------------------------------------------- persistent forward
+
+enum class PersistentMode { Off, On, Auto };
+
+// FASTSEQ_CUDA_PERSISTENT (see the top of this file).
+PersistentMode persistent_mode() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return PersistentMode::Off;
+  if (std::strcmp(v, "auto") == 0) return PersistentMode::Auto;
+  if (std::strcmp(v, "1") == 0) return PersistentMode::On;
+  TORCH_CHECK(false, "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT: expected 0, 1 or auto, got '", v, "'");
+  return PersistentMode::Off;  // not reached
+}
+
+// FASTSEQ_CUDA_PERSISTENT_BLOCKS: the grid size asked for, 0 for the default.
+int64_t persistent_blocks() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && n > 0,
+              "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_BLOCKS: expected a positive integer, got '", v, "'");
+  return n;
+}
+
+// The persistent kernel's plan for this call, or a plan with blocks = 0 when
+// the per-step loop runs (mode, sizes, dtypes or device); raises when the mode
+// is On and the kernel does not apply.
+// `st`: the storage dtype of the kernel's inputs; W_hh must have it.
+RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_t H, at::ScalarType st,
+                                         const Tensor& w_hh, bool backward, const char* op) {
+  RecurrencePersistentPlan plan{};
+  const PersistentMode mode = persistent_mode();
+#ifdef FASTSEQ_CUDA_HOST_EMULATION
+  if (mode == PersistentMode::Auto) return plan;  // no device to decide on
+#endif
+  if (mode == PersistentMode::Off) return plan;
+  const int64_t blocks = persistent_blocks();
+  if (T == 0 || B == 0 || H == 0) return plan;  // nothing to launch: both paths return empty outputs
+  if (w_hh.scalar_type() != st) {
+    plan.reason = "w_hh's dtype differs from the other inputs' (W_hh is kept in their dtype)";
+  } else {
+    check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
+  }
+  TORCH_CHECK(mode != PersistentMode::On || plan.blocks > 0, "fastseq_cpp (CUDA): ", op,
+              ": FASTSEQ_CUDA_PERSISTENT=1 but the persistent kernel does not apply: ", plan.reason);
+  return plan;
+}
+
+// The forward of the persistent kernel (GRU when c_init is undefined, else
+// LSTM): fills hs (cs) and gates.
+void persistent_forward(const RecurrencePersistentPlan& plan, const Tensor& x, const Tensor& w_hh,
+                        const Tensor& bias, const Tensor& lens, const Tensor& h_init, const Tensor& c_init,
+                        Tensor& hs, Tensor* cs, Tensor& gates, bool save_gates, cudaStream_t stream, const char* op) {
+  const int64_t T = hs.size(0), B = hs.size(1), H = hs.size(2);
+  const Tensor w = w_hh.contiguous();
+  Tensor h_state = at::empty({2, B, H}, h_init.options());
+  h_state.select(0, 1).copy_(h_init);  // the kernel reads the state before step 0 from h_state[1]
+  const Tensor c_state = c_init.defined() ? c_init.clone() : Tensor();
+  RecurrencePersistentFwd a{};
+  a.gi = x.data_ptr();
+  a.ld_t = x.stride(0);
+  a.ld_b = x.stride(1);
+  a.w_hh = w.data_ptr();
+  a.bias = ptr_or_null(bias);
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.T = T;
+  a.B = B;
+  a.H = H;
+  a.h_state = h_state.data_ptr();
+  a.c_state = c_state.defined() ? c_state.data_ptr() : nullptr;
+  a.hs = hs.data_ptr();
+  a.cs = cs != nullptr ? cs->data_ptr() : nullptr;
+  a.gates = save_gates ? gates.data_ptr() : nullptr;
+  a.plan = plan;
+  const DType tag = dtype_tag(x.scalar_type());
+  check_launch(c_init.defined() ? lstm_forward_persistent(tag, a, stream) : gru_forward_persistent(tag, a, stream),
+               op);
+}
+
+// The backward of the persistent kernel (GRU when grad_cs is undefined, else
+// LSTM): fills dg (and dg_s), leaves grad h0 (c0) in dh (dc). `prev`: hs (GRU)
+// or cs (LSTM) in the storage dtype; `init`: h0 (GRU) or c0 (LSTM) in the
+// compute dtype.
+void persistent_backward(const RecurrencePersistentPlan& plan, const Tensor& grad_hs, const Tensor& grad_cs,
+                         const Tensor& gates, const Tensor& prev, const Tensor& init, const Tensor& w_hh,
+                         const Tensor& lens, Tensor& dh, Tensor* dc, Tensor& dg, const Tensor& dg_s,
+                         cudaStream_t stream, const char* op) {
+  const bool lstm = grad_cs.defined();
+  const Tensor w = w_hh.contiguous();
+  RecurrencePersistentBwd a{};
+  a.grad_hs = grad_hs.data_ptr();
+  a.grad_cs = lstm ? grad_cs.data_ptr() : nullptr;
+  a.gates = gates.data_ptr();
+  a.hs = lstm ? nullptr : prev.data_ptr();
+  a.cs = lstm ? prev.data_ptr() : nullptr;
+  a.h0 = lstm ? nullptr : init.data_ptr();
+  a.c0 = lstm ? init.data_ptr() : nullptr;
+  a.w_hh = w.data_ptr();
+  a.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+  a.T = grad_hs.size(0);
+  a.B = grad_hs.size(1);
+  a.H = grad_hs.size(2);
+  a.dh = dh.data_ptr();
+  a.dc = dc != nullptr ? dc->data_ptr() : nullptr;
+  a.dg = dg.data_ptr();
+  a.dg_s = dg_s.defined() ? dg_s.data_ptr() : nullptr;
+  a.plan = plan;
+  const DType tag = dtype_tag(grad_hs.scalar_type());
+  check_launch(lstm ? lstm_backward_persistent(tag, a, stream) : gru_backward_persistent(tag, a, stream), op);
+}
+
 // ====================================================================== GRU
 
 std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor& h0, const Tensor& w_hh,
@@ -328,12 +462,18 @@ std::tuple<Tensor, Tensor> gru_recurrence_forward(const Tensor& gi, const Tensor
   const auto cd = compute_dtype(st);
   const auto opt_cd = gi.options().dtype(cd);
   const Tensor x = gi.stride(2) == 1 ? gi : gi.contiguous();
-  const Tensor wt = w_hh.to(cd).t();
   const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor lens = lengths_on(lengths, B, dev);
   Tensor hs = at::empty({T, B, H}, gi.options());
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  const RecurrencePersistentPlan plan = persistent_plan(3, T, B, H, st, w_hh, false, "gru_recurrence_forward");
+  if (plan.blocks > 0) {
+    persistent_forward(plan, x, w_hh, bias, lens, h_init, Tensor(), hs, nullptr, gates, save_gates, stream,
+                       "gru_recurrence_forward");
+    return {hs, gates};
+  }
+  const Tensor wt = w_hh.to(cd).t();
   Tensor gh = at::empty({B, 3 * H}, opt_cd);
   // Half inputs: the state is carried in float32 (ping-pong), hs only stores it.
   const Tensor state = st != cd ? at::empty({2, B, H}, opt_cd) : Tensor();
@@ -381,7 +521,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
   const Tensor gy = grad_hs.to(st).contiguous();
   const Tensor g = gates.to(st).contiguous();
   const Tensor hs_k = hs.to(st).contiguous();
-  const Tensor w = w_hh.to(cd);
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor lens = lengths_on(lengths, B, dev);
   Tensor dgi = at::empty({T, B, 3 * H}, hs.options().dtype(st));
@@ -395,16 +534,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(const Tensor&
   a.H = H;
   a.dh = dh.data_ptr();
   const DType tag = dtype_tag(st);
-  backward_steps(T, dgh, w, dh, [&](int64_t t) {  // dh = d z + dgh[t] @ W_hh
-    a.t = t;
-    a.grad_hs = at_elem(gy, t * B * H);
-    a.gates = at_elem(g, t * B * 4 * H);
-    a.h_prev_s = t > 0 ? at_elem(hs_k, (t - 1) * B * H) : nullptr;
-    a.n_prev = t > 0 ? B : 0;  // step 0 reads h0 (h_prev_c)
-    a.dgi = at_elem(dgi, t * B * 3 * H);
-    a.dgh = at_elem(dgh, t * B * 3 * H);
-    check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
-  });
+  const RecurrencePersistentPlan plan = persistent_plan(3, T, B, H, st, w_hh, true, "gru_recurrence_backward");
+  if (plan.blocks > 0) {
+    persistent_backward(plan, gy, Tensor(), g, hs_k, h_init, w_hh, lens, dh, nullptr, dgh, dgi, stream,
+                        "gru_recurrence_backward");
+  } else {
+    const Tensor w = w_hh.to(cd);
+    backward_steps(T, dgh, w, dh, [&](int64_t t) {  // dh = d z + dgh[t] @ W_hh
+      a.t = t;
+      a.grad_hs = at_elem(gy, t * B * H);
+      a.gates = at_elem(g, t * B * 4 * H);
+      a.h_prev_s = t > 0 ? at_elem(hs_k, (t - 1) * B * H) : nullptr;
+      a.n_prev = t > 0 ? B : 0;  // step 0 reads h0 (h_prev_c)
+      a.dgi = at_elem(dgi, t * B * 3 * H);
+      a.dgh = at_elem(dgh, t * B * 3 * H);
+      check_launch(gru_backward_step(tag, a, stream), "gru_recurrence_backward");
+    });
+  }
 
   const Tensor dw = weight_grad(dgh, h_init, hs_k.to(cd), 3 * H);
   const auto wdt = w_hh.scalar_type();
@@ -433,7 +579,6 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   const auto cd = compute_dtype(st);
   const auto opt_cd = gi.options().dtype(cd);
   const Tensor x = gi.stride(2) == 1 ? gi : gi.contiguous();
-  const Tensor wt = w_hh.to(cd).t();
   const Tensor bias = has(b_hh) ? b_hh->to(cd).contiguous() : Tensor();
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor c_init = c0.to(cd).contiguous();
@@ -441,6 +586,13 @@ std::tuple<Tensor, Tensor, Tensor> lstm_recurrence_forward(const Tensor& gi, con
   Tensor hs = at::empty({T, B, H}, gi.options());
   Tensor cs = at::empty({T, B, H}, gi.options());
   Tensor gates = save_gates ? at::empty({T, B, 4 * H}, gi.options()) : at::empty({0}, gi.options());
+  const RecurrencePersistentPlan plan = persistent_plan(4, T, B, H, st, w_hh, false, "lstm_recurrence_forward");
+  if (plan.blocks > 0) {
+    persistent_forward(plan, x, w_hh, bias, lens, h_init, c_init, hs, &cs, gates, save_gates, stream,
+                       "lstm_recurrence_forward");
+    return {hs, cs, gates};
+  }
+  const Tensor wt = w_hh.to(cd).t();
   Tensor gh = at::empty({B, 4 * H}, opt_cd);
   // Half inputs: the states are carried in float32 (ping-pong), hs and cs only store them.
   const Tensor h_state = st != cd ? at::empty({2, B, H}, opt_cd) : Tensor();
@@ -497,7 +649,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
   const Tensor gcy = grad_cs.to(st).contiguous();
   const Tensor g = gates.to(st).contiguous();
   const Tensor cs_k = cs.to(st).contiguous();
-  const Tensor w = w_hh.to(cd);
   const Tensor h_init = h0.to(cd).contiguous();
   const Tensor c_init = c0.to(cd).contiguous();
   const Tensor lens = lengths_on(lengths, B, dev);
@@ -515,18 +666,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
   a.dh = dh.data_ptr();
   a.dc = dc.data_ptr();
   const DType tag = dtype_tag(st);
-  backward_steps(T, dg, w, dh, [&](int64_t t) {  // dh = dg[t] @ W_hh (or the passed-through dh)
-    a.t = t;
-    a.grad_hs = at_elem(gy, t * B * H);
-    a.grad_cs = at_elem(gcy, t * B * H);
-    a.gates = at_elem(g, t * B * 4 * H);
-    a.c = at_elem(cs_k, t * B * H);
-    a.c_prev_s = t > 0 ? at_elem(cs_k, (t - 1) * B * H) : nullptr;
-    a.n_prev = t > 0 ? B : 0;  // step 0 reads c0 (c_prev_c)
-    a.dg = at_elem(dg, t * B * 4 * H);
-    a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
-    check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
-  });
+  const RecurrencePersistentPlan plan = persistent_plan(4, T, B, H, st, w_hh, true, "lstm_recurrence_backward");
+  if (plan.blocks > 0) {
+    persistent_backward(plan, gy, gcy, g, cs_k, c_init, w_hh, lens, dh, &dc, dg, dgi_s, stream,
+                        "lstm_recurrence_backward");
+  } else {
+    const Tensor w = w_hh.to(cd);
+    backward_steps(T, dg, w, dh, [&](int64_t t) {  // dh = dg[t] @ W_hh (or the passed-through dh)
+      a.t = t;
+      a.grad_hs = at_elem(gy, t * B * H);
+      a.grad_cs = at_elem(gcy, t * B * H);
+      a.gates = at_elem(g, t * B * 4 * H);
+      a.c = at_elem(cs_k, t * B * H);
+      a.c_prev_s = t > 0 ? at_elem(cs_k, (t - 1) * B * H) : nullptr;
+      a.n_prev = t > 0 ? B : 0;  // step 0 reads c0 (c_prev_c)
+      a.dg = at_elem(dg, t * B * 4 * H);
+      a.dgi_s = dgi_s.defined() ? at_elem(dgi_s, t * B * 4 * H) : nullptr;
+      check_launch(lstm_backward_step(tag, a, stream), "lstm_recurrence_backward");
+    });
+  }
 
   const Tensor dw = weight_grad(dg, h_init, hs.to(cd), 4 * H);
   const auto wdt = w_hh.scalar_type();
@@ -1026,6 +1184,8 @@ TORCH_LIBRARY_IMPL(FASTSEQ_CPP_LIBRARY, CUDA, m) {
 
 TORCH_LIBRARY(fastseq_cuda_emu, m) {
   fastseq::define_all_ops(m);
+  // Tests only: the grid barriers completed by the emulated cooperative launches so far.
+  m.def("emulated_grid_syncs() -> int", []() -> int64_t { return fastseq::cuda::emulated_grid_syncs(); });
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {

@@ -137,6 +137,100 @@ struct LstmBwdStep {
 };
 cudaError_t lstm_backward_step(DType dtype, const LstmBwdStep& a, cudaStream_t stream);
 
+// ======================================================= persistent recurrences
+//
+// The whole forward of one layer and direction in ONE cooperative launch
+// (persistent_kernels.cu), with the semantics and outputs of T launches of
+// gru_forward_step / lstm_forward_step plus the caller's cuBLAS products:
+// hs[t] (cs[t]) and the saved gates in the same layout, lengths masking, the
+// state carried in the compute dtype between steps.
+//
+// Work split: block k of `blocks` owns the hidden units j in
+// [k * units, (k + 1) * units) (none when k * units >= H) with all G gates of
+// them, and keeps its slice of W_hh (rows g*H + j, all H columns, in the
+// storage dtype) in shared memory for all T steps. Per step every block reads
+// the whole h_{t-1} (compute dtype, global memory, ping-pong), batch_tile rows
+// at a time staged in shared memory, forms its slice of h_{t-1} W_hh^T with
+// accumulation in the compute dtype, applies the gates (gates.cuh), masks by
+// lengths and writes hs[t], cs[t], gates[t] and the new state; then a grid
+// barrier (cooperative_groups' grid.sync()) before the next step.
+//
+// The backward (t = T-1 .. 0) has the contract of T launches of
+// gru_backward_step / lstm_backward_step plus the caller's dh += dG[t] W_hh:
+// block k keeps the W_hh columns of its units (the same bytes as the forward's
+// rows); per step it forms dG[t] of its units (phase 1, from its own part of
+// dh, dc), then after a grid barrier dh[:, its units] += dG[t] W_hh[:, its
+// units] from the whole dG[t] (phase 2), staged batch_tile rows at a time:
+// T grid barriers.
+//
+// Size limit: per block  G * units * H * sizeof(S)  (the W_hh slice, rounded up
+// to 16 bytes)  +  batch_tile * (R + 1) * sizeof(C)  (the staged rows: R = H of
+// h in the forward, R = G*H of dG in the backward) must fit
+// the device's opt-in shared memory per block (227 KB on sm_90: H100 / H200),
+// with batch_tile >= 1; that is G*H*H*sizeof(S) <= blocks * 227 KB, less the h
+// rows. When it does not fit, or the device cannot launch cooperatively, the
+// plan says so (blocks = 0) and the caller runs the per-step path.
+struct RecurrencePersistentPlan {
+  int64_t blocks = 0;            // grid size; 0: the persistent kernel does not apply (see reason)
+  int64_t units = 0;             // hidden units per block
+  int64_t batch_tile = 0;        // rows of h_{t-1} staged in shared memory at a time
+  int64_t smem_bytes = 0;        // dynamic shared memory per block
+  const char* reason = nullptr;  // why blocks == 0 (a static string)
+};
+
+// Sizes the launch for `gates` = 3 (GRU) or 4 (LSTM) on the current device.
+// `blocks` > 0 asks for that grid size (units = ceil(H / blocks); blocks past
+// ceil(H / units) own no unit but take part in the barriers); 0 takes one
+// block per SM (at most H). Queries the device (cooperative launch support,
+// SM count, opt-in shared memory, occupancy) and raises the kernel's dynamic
+// shared memory limit; under FASTSEQ_CUDA_HOST_EMULATION it plans for an
+// emulated device of kEmulatedSMs SMs with sm_90's 227 KB and cooperative
+// launches. Returns an error only when a device query fails.
+cudaError_t recurrence_persistent_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
+                                       bool backward, RecurrencePersistentPlan* plan);
+
+struct RecurrencePersistentFwd {
+  const void* gi;  // S [T, B, G*H], strides (ld_t, ld_b, 1)
+  int64_t ld_t, ld_b;
+  const void* w_hh;        // S [G*H, H] contiguous
+  const void* bias;        // C [G*H] (b_hh) or nullptr
+  const int64_t* lengths;  // [B] or nullptr
+  int64_t T, B, H;
+  void* h_state;  // C [2, B, H]: the state after step t in h_state[t & 1]; the caller puts h0 in h_state[1]
+  void* c_state;  // C [B, H] (LSTM; nullptr for the GRU): c0 on entry, updated in place
+  void* hs;       // S [T, B, H] contiguous out
+  void* cs;       // S [T, B, H] contiguous out (LSTM) or nullptr
+  void* gates;    // S [T, B, 4H] contiguous out, or nullptr
+  RecurrencePersistentPlan plan;  // from recurrence_persistent_plan (blocks > 0)
+};
+cudaError_t gru_forward_persistent(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
+cudaError_t lstm_forward_persistent(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
+
+struct RecurrencePersistentBwd {
+  const void* grad_hs;  // S [T, B, H] contiguous
+  const void* grad_cs;  // S [T, B, H] contiguous (LSTM) or nullptr
+  const void* gates;    // S [T, B, 4H] contiguous (the forward's saved gates)
+  const void* hs;       // S [T, B, H] contiguous (GRU: the previous states)
+  const void* cs;       // S [T, B, H] contiguous (LSTM) or nullptr
+  const void* h0;       // C [B, H] contiguous (GRU: the previous state at t = 0)
+  const void* c0;       // C [B, H] contiguous (LSTM) or nullptr
+  const void* w_hh;     // S [G*H, H] contiguous
+  const int64_t* lengths;
+  int64_t T, B, H;
+  void* dh;    // C [B, H], zeros on entry; grad h0 on exit
+  void* dc;    // C [B, H], zeros on entry; grad c0 on exit (LSTM) or nullptr
+  void* dg;    // C [T, B, G*H] out: the gradient of h W_hh^T (GRU: dgh = (dr, dz, dn r); LSTM: dg)
+  void* dg_s;  // S [T, B, G*H] out: grad_gi in the storage dtype (GRU: always; LSTM: or nullptr)
+  RecurrencePersistentPlan plan;  // from recurrence_persistent_plan(..., backward = true, ...)
+};
+cudaError_t gru_backward_persistent(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
+cudaError_t lstm_backward_persistent(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
+
+#ifdef FASTSEQ_CUDA_HOST_EMULATION
+// Tests only: the grid barriers the emulated cooperative launches completed.
+int64_t emulated_grid_syncs();
+#endif
+
 // ================================================================= attention
 //
 // energy[b,t,j] = v^T tanh(q[b,t] + K[b,j]); softmax over valid j; context =

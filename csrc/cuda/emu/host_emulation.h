@@ -16,6 +16,25 @@
 // blocks, blockDim.x a multiple of 32 when shuffles are used). It says
 // nothing about timing, occupancy, register use or memory coalescing, and it
 // does not detect races that a real GPU would expose.
+//
+// Cooperative launches (launch_cooperative, the stand-in of
+// cudaLaunchCooperativeKernel): ALL blocks run at once, every thread of every
+// block a std::thread (gridDim.x * blockDim.x of them), each block with its
+// own block barrier, warps and dynamic shared memory; grid_sync() (the
+// stand-in of cooperative_groups::this_grid().sync()) is a real barrier of all
+// gridDim.x * blockDim.x threads, and every completed grid barrier adds one
+// to grid_sync_count(). So a kernel that reads, after a grid barrier, what
+// other blocks wrote before it sees their writes, and one that omits the
+// barrier races, as on the GPU. Kernels launched this way must keep their
+// shared memory in the dynamic allocation (FASTSEQ_DYNAMIC_SMEM): a static
+// __shared__ variable (a function-local static here) would be shared by the
+// concurrently running blocks.
+//
+// FASTSEQ_CUDA_EMU_GRID_SYNC=off (read at each cooperative launch; tests
+// only): the blocks of a cooperative launch run one after the other and
+// grid_sync() does nothing, i.e. the launch behaves as if the kernel had no
+// grid barrier, deterministically: a block runs all its steps before the next
+// block starts. The tests use it to show that they detect a missing barrier.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -26,8 +45,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -87,9 +109,33 @@ struct Block {
 
 inline thread_local Dim t_threadIdx, t_blockIdx, t_blockDim, t_gridDim;
 inline thread_local Block* t_block = nullptr;
-inline unsigned char* g_dynamic_smem = nullptr;
+inline thread_local unsigned char* t_dynamic_smem = nullptr;
 
-inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
+inline unsigned char* dynamic_smem() { return t_dynamic_smem; }
+
+// The grid of a cooperative launch: a barrier of all its threads (none when
+// the barrier is switched off, see the header comment).
+struct Grid {
+  explicit Grid(std::ptrdiff_t threads, bool sync) : bar(threads), sync(sync) {}
+  Barrier bar;
+  const bool sync;
+};
+
+inline thread_local Grid* t_grid = nullptr;
+inline std::atomic<long long> g_grid_syncs{0};
+
+// Completed grid barriers since the library was loaded (all launches).
+inline long long grid_sync_count() { return g_grid_syncs.load(); }
+
+inline void grid_sync() {
+  if (t_grid == nullptr) {  // on the GPU: undefined behaviour outside a cooperative launch
+    std::fprintf(stderr, "fastseq_emu: grid_sync() outside a cooperative launch\n");
+    std::abort();
+  }
+  if (!t_grid->sync) return;
+  t_grid->bar.arrive_and_wait();
+  if (t_threadIdx.x == 0 && t_blockIdx.x == 0) ++g_grid_syncs;
+}
 
 inline void syncthreads() { t_block->bar.arrive_and_wait(); }
 
@@ -106,11 +152,15 @@ T shfl_xor(T x, int off) {
   return y;
 }
 
+// One block's shared memory: `bytes` of 16-byte aligned storage.
+inline std::vector<std::max_align_t> smem_buffer(size_t bytes) {
+  return std::vector<std::max_align_t>((bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t) + 1);
+}
+
 template <typename... P, typename... A>
 void launch(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
   if (grid == 0 || block <= 0) return;
-  std::vector<std::max_align_t> smem((smem_bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t) + 1);
-  g_dynamic_smem = reinterpret_cast<unsigned char*>(smem.data());
+  std::vector<std::max_align_t> smem = smem_buffer(smem_bytes);
   const unsigned int nthreads = static_cast<unsigned int>(block);
   for (unsigned int b = 0; b < grid; ++b) {
     Block blk(nthreads);
@@ -123,12 +173,50 @@ void launch(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...
         t_blockDim.x = nthreads;
         t_gridDim.x = grid;
         t_block = &blk;
+        t_dynamic_smem = reinterpret_cast<unsigned char*>(smem.data());
+        t_grid = nullptr;
         kernel(args...);
       });
     }
     for (auto& th : threads) th.join();
   }
-  g_dynamic_smem = nullptr;
+}
+
+// The stand-in of cudaLaunchCooperativeKernel (see the header comment).
+template <typename... P, typename... A>
+void launch_cooperative(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
+  if (grid == 0 || block <= 0) return;
+  const char* env = std::getenv("FASTSEQ_CUDA_EMU_GRID_SYNC");
+  const bool sync = env == nullptr || std::strcmp(env, "off") != 0;
+  const unsigned int nthreads = static_cast<unsigned int>(block);
+  Grid grd(static_cast<std::ptrdiff_t>(grid) * nthreads, sync);
+  std::vector<std::unique_ptr<Block>> blocks;
+  std::vector<std::vector<std::max_align_t>> smem;
+  for (unsigned int b = 0; b < grid; ++b) {
+    blocks.emplace_back(std::make_unique<Block>(nthreads));
+    smem.emplace_back(smem_buffer(smem_bytes));
+  }
+  std::vector<std::thread> threads;
+  const auto join = [&]() {
+    for (auto& th : threads) th.join();
+    threads.clear();
+  };
+  for (unsigned int b = 0; b < grid; ++b) {
+    for (unsigned int t = 0; t < nthreads; ++t) {
+      threads.emplace_back([&, t, b]() {
+        t_threadIdx.x = t;
+        t_blockIdx.x = b;
+        t_blockDim.x = nthreads;
+        t_gridDim.x = grid;
+        t_block = blocks[b].get();
+        t_dynamic_smem = reinterpret_cast<unsigned char*>(smem[b].data());
+        t_grid = &grd;
+        kernel(args...);
+      });
+    }
+    if (!sync) join();  // no grid barrier: the blocks in turn
+  }
+  join();
 }
 
 }  // namespace fastseq_emu
