@@ -1,7 +1,9 @@
 """Decoding: greedy search, beam search with length penalty, and sampling.
 
 All three encode the source once (:meth:`Seq2Seq.encode`: encoder states,
-key projections, mask) and then only run decoder steps. Beam search expands
+key projections, mask) and then only run decoder steps; with
+``FASTSEQ_CUDA_GRAPHS=1`` on a GPU each step is a replayed CUDA graph
+(:class:`fastseq.backend.graphs.StepGraph`: one graph launch per token). Beam search expands
 that memory to ``B * beam`` rows once; beams of one sentence share their source,
 so reordering hypotheses reorders decoder states only, never keys or values.
 """
@@ -12,6 +14,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
+from fastseq.backend.graphs import StepGraph
 from fastseq.ops import StepWeights
 from fastseq.seq2seq.model import Memory, Seq2Seq
 
@@ -52,8 +55,9 @@ def _decode(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_i
     prev = torch.full((B,), bos_id, dtype=torch.long, device=src.device)
     state = memory.init_state
     out, done = [], torch.zeros(B, dtype=torch.bool, device=src.device)
+    step = StepGraph(lambda p, s: _step_log_probs(model, p, s, memory, weights, temperature))
     for _ in range(_max_steps(src_lengths, max_len)):
-        log_probs, state = _step_log_probs(model, prev, state, memory, weights, temperature)
+        log_probs, state = step(prev, state)
         prev = choose(log_probs)
         out.append(prev)
         done |= prev == eos_id
@@ -140,8 +144,9 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, e
     lengths = torch.zeros(B * K, dtype=torch.long, device=device)
     history = torch.empty((B * K, 0), dtype=torch.long, device=device)
     base = (torch.arange(B, device=device) * K).unsqueeze(1)  # [B, 1]
+    step = StepGraph(lambda p, s: _step_log_probs(model, p, s, memory, weights))
     for _ in range(_max_steps(src_lengths, max_len)):
-        log_probs, state = _step_log_probs(model, prev, state, memory, weights)
+        log_probs, state = step(prev, state)
         V = log_probs.shape[-1]
         # A finished hypothesis only extends with eos, at no cost.
         frozen = torch.full_like(log_probs[0], float("-inf"))
