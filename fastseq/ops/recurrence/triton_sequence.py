@@ -540,6 +540,7 @@ class Plan(NamedTuple):
     BLOCK_H: int
     BLOCK_K: int
     num_warps: int
+    num_stages: int
     n_b: int
     n_h: int
 
@@ -553,16 +554,26 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _blocks(B: int, interpreted: bool) -> Tuple[int, int, int, int]:
-    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps). Interpreter: 16 everywhere (the ``tl.dot``
-    minimum; small numpy emulation, multi-tile paths exercised). GPU: the row tile
-    covers the batch up to 64 rows; the hidden tile is 32 units (16 at 64 rows, to keep
-    the G fp32 accumulators and the W_hh tiles in registers; no spills at B in {8, 64},
-    H in {512, 1024}, tests/test_ops_triton_sequence.py)."""
+def _blocks(B: int, interpreted: bool) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages). Interpreter: 16 everywhere (the
+    ``tl.dot`` minimum; small numpy emulation, multi-tile paths exercised). GPU: the row
+    tile covers the batch up to 32 rows, the hidden tile is 32 units (16 at 32 rows), and
+    the K loop is not software-pipelined (``num_stages=1``: with Triton's default 3
+    stages the cp.async buffers and the G fp32 accumulators spill at 255 registers).
+    The launch also passes ``maxnreg=255`` (:data:`MAX_REGISTERS`)."""
     if interpreted:
-        return 16, 16, 16, 1
-    block_b = pow2(B, 16, 64)
-    return block_b, (16 if block_b == 64 else 32), 32, 4
+        return 16, 16, 16, 1, 1
+    block_b = pow2(B, 16, 32)
+    return block_b, (16 if block_b == 32 else 32), 32, 4, 1
+
+
+#: ``maxnreg`` of every GPU launch. Without it ptxas aims at several CTAs per SM and
+#: spills a few loop-invariant values (8-24 bytes at 64-168 registers); these kernels
+#: run at most one program per SM by design (:func:`plan`), so occupancy buys nothing
+#: and the whole register file is theirs. With it and ``num_stages=1`` no kernel spills
+#: at B in {8, 64}, H in {512, 1024}, fp32 and bf16, both variants (Triton 3.6 and 3.9,
+#: sm_90a; tests/test_ops_triton_sequence.py checks it).
+MAX_REGISTERS = 255
 
 
 def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] = None) -> Plan:
@@ -578,7 +589,7 @@ def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] 
         barrier would deadlock there).
     """
     interpreted = interpreter_on()
-    bb, bh, bk, nw = _blocks(B, interpreted)
+    bb, bh, bk, nw, ns = _blocks(B, interpreted)
     n_b = triton.cdiv(B, bb)
     tiles = triton.cdiv(H, bh)
     if programs_per_rows is not None:
@@ -591,7 +602,7 @@ def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] 
                                           else torch.cuda.current_device()) // n_b))
     else:
         n_h = 1
-    return Plan(bb, bh, bk, nw, n_b, n_h)
+    return Plan(bb, bh, bk, nw, ns, n_b, n_h)
 
 
 def fits(B: int, H: int, G: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -622,8 +633,11 @@ def fits(B: int, H: int, G: int, dtype: torch.dtype, device: torch.device) -> bo
 
 
 def _kw(p: Plan) -> dict:
-    return dict(BLOCK_B=p.BLOCK_B, BLOCK_H=p.BLOCK_H, BLOCK_K=p.BLOCK_K, PRECISION=precision(),
-                num_warps=p.num_warps)
+    kw = dict(BLOCK_B=p.BLOCK_B, BLOCK_H=p.BLOCK_H, BLOCK_K=p.BLOCK_K, PRECISION=precision(),
+              num_warps=p.num_warps, num_stages=p.num_stages)
+    if not interpreter_on():
+        kw["maxnreg"] = MAX_REGISTERS
+    return kw
 
 
 def _sync(p: Plan, like: Tensor) -> Optional[Tensor]:
