@@ -17,7 +17,7 @@ row block (``n_h = 1``, the intra-program barrier) and once with the grid barrie
 launched specialisation is compiled by Triton for sm_90a; then ptxas ``-v`` on each
 one's PTX (:func:`kernels.resources`). Prints ``{"triton", "ptxas", "kernels":
 [{"kernel", "grid_sync", "constexprs", "regs", "spill_stores", "spill_loads",
-"used_by", ...}], "errors"}``.
+"ptx_release", "ptx_acquire", "used_by", ...}], "errors"}``.
 
 ``host``: microseconds per call of each forward (gates saved) and backward (the
 weight-gradient product left out, as in :mod:`host_probe`), for both variants,
@@ -125,8 +125,9 @@ def compile_mode(cfg):
                                 row["used_by"] = []
                                 Path(dump, ck.hash[:16] + ".ptx").write_text(ck.asm["ptx"])
                                 Path(dump, ck.hash[:16] + ".cubin").write_bytes(ck.asm["cubin"])
-                                row["ptx_atom_release"] = "atom.release.gpu" in ck.asm["ptx"] or \
-                                    "atom.global.gpu.release" in ck.asm["ptx"] or ".release." in ck.asm["ptx"]
+                                ptx = ck.asm["ptx"]  # the grid barrier: release arrival, acquire poll
+                                row["ptx_release"] = ".gpu.release." in ptx or ".release.gpu." in ptx
+                                row["ptx_acquire"] = ".gpu.acquire." in ptx or ".acquire.gpu." in ptx
                             row["used_by"].append(label)
     path, flags = kernels.ptxas_tool(90)
     for h, row in rows.items():
