@@ -52,8 +52,17 @@ every step ``t`` in order,
 
 ``W_hh`` is read from global memory (L2: ``3H x H`` fp32 is 12 MiB at H = 1024,
 well inside an H100/H200's 50 MiB L2) at every step, not kept in registers: a
-program's slice is ``G * BLOCK_H * H`` elements (196 KiB fp32 for the GRU at
+program's slice is ``G * BLOCK_H * H`` elements (192 KiB fp32 for the GRU at
 ``BLOCK_H = 16``, H = 1024), past the register file of the 4 warps that hold it.
+
+Tiles on a GPU (:func:`_blocks`): ``BLOCK_B = 16 or 32`` rows, ``BLOCK_H = 32 or
+16`` units, ``BLOCK_K = 32``, 4 warps, no software pipelining of the K loop
+(``num_stages=1``) and ``maxnreg=255`` (:data:`MAX_REGISTERS`): with those no
+kernel spills (sm_90a, Triton 3.6 and 3.9, B in {8, 64}, H in {512, 1024}, fp32
+and bf16). Prediction, not measured (no GPU yet): without the pipelining each K
+chunk waits for its L2 loads, so a step costs about ``H / BLOCK_K`` L2 round trips
+per hidden tile a program owns; a larger ``BLOCK_K`` or a pipelined loop that
+fits the registers is the first thing to tune on a GPU.
 
 Backward: the same grid and barriers, ``t = T-1 .. 0``. Program ``(b, p)``, for
 each of its tiles, forms the gradient reaching ``h_t``: ``grad_hs[t] + direct
