@@ -1,0 +1,853 @@
+"""Whole-sequence Triton kernels for the GRU and LSTM recurrences: one launch per call.
+
+Same signatures, semantics and outputs as the per-step kernels of
+:mod:`fastseq.ops.recurrence.triton` (dense time-major layout, optional
+``lengths``, saved ``gates`` in the same layout, so either backward consumes
+either forward's gates); the gate formulas are that module's ``@triton.jit``
+functions (:func:`~fastseq.ops.recurrence.triton.gru_gates` and the others).
+What changes is the host cost: the per-step kernels launch once per time step
+(20-30 us of Python per step, ``bench/NOTES.md`` "v0.4"); these run the time
+loop inside the kernel, so a forward or a backward is one launch (plus, for the
+grid-barrier variant, one ``torch.zeros`` of the barrier counters).
+
+Kernel design
+-------------
+Grid ``(n_b, n_h)``, ``n_b = cdiv(B, BLOCK_B)`` row blocks, ``n_h`` programs per
+row block. Program ``(b, p)`` owns rows ``[b*BLOCK_B, (b+1)*BLOCK_B)`` and the
+hidden tiles ``p, p + n_h, p + 2 n_h, ...`` (``BLOCK_H`` units each) and, for
+every step ``t`` in order,
+
+1. for each of its hidden tiles ``j``: the recurrent product ``h_{t-1} W_hh^T``
+   for the tile (``tl.dot`` over ``K = H`` in ``BLOCK_K`` chunks, one fp32
+   accumulator per gate), the gates, the ``lengths`` mask, and the stores of
+   ``hs[t]`` (``cs[t]``), ``gates[t]`` when saving, and the fp32 state ``h_t``
+   (``c_t``) into a ping-pong buffer ``state[t % 2]`` (``h0`` is copied into
+   ``state[1]`` first). The state is fp32 for every input dtype (the per-step
+   kernels do the same for half inputs).
+2. a barrier among the ``n_h`` programs of its row block (rows are independent,
+   so only those programs share ``h_t``) before step ``t + 1`` reads it:
+
+   * ``n_h == 1`` (``GRID_SYNC`` false): the program itself wrote every tile of
+     its rows' ``h_t``; ``tl.debug_barrier()`` (``bar.sync``, which orders the
+     CTA's global-memory accesses) is the whole barrier. This variant runs under
+     Triton's interpreter (CI) and, on a GPU, when one program per row block is
+     chosen.
+   * ``n_h > 1`` (``GRID_SYNC`` true): a counter per row block (int32, zeroed by
+     the host per call). Each program ends step ``t`` with ``bar.sync``, one
+     ``atomic_add(+1, sem="release", scope="gpu")`` and spins on
+     ``atomic_add(0, sem="acquire")`` until the counter reaches
+     ``(t + 2) * n_h`` (the ``h0`` copy is arrival 1), then ``bar.sync`` again
+     (the cooperative-groups grid-sync pattern; Triton executes a scalar atomic
+     once per program). Loads of buffers other programs write during the launch
+     (the state; the backward's ``dG_{t+1}``) use ``cache_modifier=".cg"`` (L2,
+     not the SM's non-coherent L1). **Co-residency**: a program spins until all
+     ``n_h`` programs of its row block have arrived, so they must all be resident
+     at once; the host caps the grid at the device's SM count
+     (``multi_processor_count``: ``n_b * n_h <= SMs``), and every program fits one
+     SM alone, so all programs are resident once the GPU has no other work that
+     never finishes (a concurrent persistent kernel, or an MPS client limited to
+     fewer SMs than reported, could deadlock it). The interpreter runs programs
+     one after another, so this variant deadlocks there; it is compiled on CPU
+     (the stub driver), not run.
+
+``W_hh`` is read from global memory (L2: ``3H x H`` fp32 is 12 MiB at H = 1024,
+well inside an H100/H200's 50 MiB L2) at every step, not kept in registers: a
+program's slice is ``G * BLOCK_H * H`` elements (192 KiB fp32 for the GRU at
+``BLOCK_H = 16``, H = 1024), past the register file of the 4 warps that hold it.
+
+Tiles on a GPU (:func:`_blocks`): ``BLOCK_B = 16 or 32`` rows, ``BLOCK_H = 32 or
+16`` units, ``BLOCK_K = 32``, 4 warps, no software pipelining of the K loop
+(``num_stages=1``) and ``maxnreg=255`` (:data:`MAX_REGISTERS`): with those no
+kernel spills (sm_90a, Triton 3.6 and 3.9, B in {8, 64}, H in {512, 1024}, fp32
+and bf16). Prediction, not measured (no GPU yet): without the pipelining each K
+chunk waits for its L2 loads, so a step costs about ``H / BLOCK_K`` L2 round trips
+per hidden tile a program owns; a larger ``BLOCK_K`` or a pipelined loop that
+fits the registers is the first thing to tune on a GPU.
+
+Backward: the same grid and barriers, ``t = T-1 .. 0``. Program ``(b, p)``, for
+each of its tiles, forms the gradient reaching ``h_t``: ``grad_hs[t] + direct
+term left by step t+1 (fp32 [B, H] buffer, tile-local) + dG_{t+1}[b, :] @
+W_hh[:, j]`` (``tl.dot`` over ``G*H``; ``dG_{t+1}`` was written by all programs of
+the row block before the last barrier), applies the pointwise gate backward and
+writes ``dgi[t]``, ``dG_t`` (fp32 ``[T, B, G*H]``, kept for the weight gradients;
+GRU ``(dr, dz, dn * r)``, LSTM ``(di, df, dg, do)``) and the direct terms for
+step ``t - 1``. After the last barrier, ``dh0 = direct term + dG_0 @ W_hh`` (and
+``dc0``) in the same launch. The weight gradients are one torch product after the
+kernel, as in the per-step backward::
+
+    dW_hh = dG.reshape(T*B, G*H)^T @ [h0; hs[:-1]].reshape(T*B, H)    (fp32)
+    db_hh = dG.sum((0, 1))
+
+Precision: as the per-step kernels (loads cast to fp32, fp32 products and
+accumulation, ``tl.dot`` with ``input_precision="ieee"`` unless TF32 is opted in).
+Element offsets: a step's base offset is formed in int64 (``t * B * G * H`` may
+pass int32 for long sequences); within a step, int32 as the per-step kernels.
+
+Host functions: :func:`gru_recurrence_forward`, :func:`gru_recurrence_backward`,
+:func:`lstm_recurrence_forward`, :func:`lstm_recurrence_backward` (the per-step
+module's signatures, plus a keyword-only ``programs_per_rows`` to force ``n_h``),
+:func:`fits` (when these kernels apply) and :func:`plan` (the grid a call uses).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastseq.backend import alloc, limits as backend_limits
+from fastseq.backend.selection import interpreter_on
+from fastseq.ops.launches import counted
+from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward, lstm_gates, lstm_gates_backward
+from fastseq.ops.triton_utils import contiguous_or_none, load_row, load_tile, pow2, precision, store_tile
+
+__all__ = [
+    "gru_recurrence_forward", "gru_recurrence_backward", "lstm_recurrence_forward", "lstm_recurrence_backward",
+    "fits", "plan", "Plan",
+]
+
+
+# ------------------------------------------------------------------ jit helpers
+
+
+@triton.jit
+def _step_barrier(sync_ptr, row_block, arrivals, GRID_SYNC: tl.constexpr):
+    """Barrier among the programs of row block ``row_block`` (see the module docstring).
+
+    ``arrivals``: the value of the row block's counter ``sync_ptr[row_block]`` that
+    means every program has arrived (the number of barriers so far, this one
+    included, times ``n_h``)."""
+    tl.debug_barrier()
+    if GRID_SYNC:
+        counter = sync_ptr + row_block
+        tl.atomic_add(counter, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        while seen < arrivals:
+            seen = tl.atomic_add(counter, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _load_shared(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.constexpr):
+    """fp32 tile ``ptr[offs_r * stride_r + offs_c]`` of a buffer other programs write in this
+    launch: read from L2 (``.cg``) when programs synchronise through the grid barrier."""
+    ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :]
+    m = mask_r[:, None] & mask_c[None, :]
+    if GRID_SYNC:
+        x = tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg")
+    else:
+        x = tl.load(ptrs, mask=m, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _w_t(w_ptr, gate, offs_k, offs_j, H, mask_k, mask_j):
+    """``[BLOCK_K, BLOCK_H]`` fp32 tile of gate ``gate``'s ``W^T``: (k, j) -> W[gate*H + j, k]."""
+    return load_tile(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
+
+
+@triton.jit
+def _carry(
+    dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, GH,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, GRID_SYNC: tl.constexpr,
+):
+    """``dG[b, :] @ W_hh[:, j]`` for one tile: dG ``[B, GH]`` fp32 (written by the row
+    block's programs), W_hh ``[GH, H]``; fp32."""
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for m0 in range(0, GH, BLOCK_K):
+        offs_m = m0 + tl.arange(0, BLOCK_K)
+        mask_m = offs_m < GH
+        a = _load_shared(dg_ptr, offs_b, offs_m, GH, mask_b, mask_m, GRID_SYNC)
+        w = load_tile(w_ptr, offs_m, offs_j, H, 1, mask_m, mask_j)
+        acc += tl.dot(a, w, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _copy_initial(src_ptr, dst_ptr, offs_b, mask_b, H, tile0, tile_step, BLOCK_H: tl.constexpr):
+    """The program's tiles of ``src [B, H]`` (any dtype) into ``dst [B, H]`` (fp32)."""
+    for j0 in range(tile0, H, tile_step):
+        offs_j = j0 + tl.arange(0, BLOCK_H)
+        mask_j = offs_j < H
+        x = load_tile(src_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+        store_tile(dst_ptr, x, offs_b, offs_j, H, mask_b, mask_j)
+
+
+# ------------------------------------------------------------------ GRU kernels
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
+        "GRID_SYNC": lambda a: a["sync_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T", "B"])
+def _gru_seq_fwd_kernel(
+    gi_ptr,  # [T, B, 3H] input projection (r, z, n)
+    h0_ptr,  # [B, H]
+    w_ptr,  # [3H, H] W_hh
+    b_ptr,  # [3H] b_hh or None
+    len_ptr,  # [B] int64 lengths or None
+    hs_ptr,  # [T, B, H] out
+    state_ptr,  # [2, B, H] fp32 scratch: h_t at state[t % 2], h0 at state[1]
+    gates_ptr,  # [T, B, 4H] out: (r, z, n, hn) or None
+    sync_ptr,  # [n_b] int32 zeros: barrier counters (n_h > 1), or None
+    T, B, H,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    n_h = tl.num_programs(1)
+    tile0 = tl.program_id(1) * BLOCK_H
+    tile_step = n_h * BLOCK_H
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)[:, None]
+    BH = B * H
+    BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
+    _copy_initial(h0_ptr, state_ptr + BH, offs_b, mask_b, H, tile0, tile_step, BLOCK_H)
+    _step_barrier(sync_ptr, pid_b, n_h, GRID_SYNC)
+    for t in range(0, T):
+        h_in = state_ptr + ((t + 1) % 2) * BH
+        h_out = state_ptr + (t % 2) * BH
+        gi_t = gi_ptr + t * (3 * BH64)
+        for j0 in range(tile0, H, tile_step):
+            offs_j = j0 + tl.arange(0, BLOCK_H)
+            mask_j = offs_j < H
+            acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < H
+                h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
+                acc_r += tl.dot(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+                acc_z += tl.dot(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+                acc_n += tl.dot(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+            if HAS_BIAS:
+                acc_r += load_row(b_ptr, offs_j, mask_j)
+                acc_z += load_row(b_ptr + H, offs_j, mask_j)
+                acc_n += load_row(b_ptr + 2 * H, offs_j, mask_j)
+            x_r = load_tile(gi_t, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
+            x_z = load_tile(gi_t + H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
+            x_n = load_tile(gi_t + 2 * H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
+            h_prev = _load_shared(h_in, offs_b, offs_j, H, mask_b, mask_j, GRID_SYNC)
+            r, z, n, h_new = gru_gates(x_r, x_z, x_n, acc_r, acc_z, acc_n, h_prev)
+            if HAS_LENGTHS:
+                h_new = tl.where(lens > t, h_new, h_prev)
+            store_tile(hs_ptr + t * BH64, h_new, offs_b, offs_j, H, mask_b, mask_j)
+            store_tile(h_out, h_new, offs_b, offs_j, H, mask_b, mask_j)
+            if SAVE_GATES:
+                g_t = gates_ptr + t * (4 * BH64)
+                store_tile(g_t, r, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(g_t + H, z, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(g_t + 2 * H, n, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(g_t + 3 * H, acc_n, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        _step_barrier(sync_ptr, pid_b, (t + 2) * n_h, GRID_SYNC)
+
+
+@triton.heuristics(
+    {
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "GRID_SYNC": lambda a: a["sync_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T", "B"])
+def _gru_seq_bwd_kernel(
+    grad_h_ptr,  # [T, B, H] grad_hs
+    gates_ptr,  # [T, B, 4H] (r, z, n, hn)
+    hs_ptr,  # [T, B, H]
+    h0_ptr,  # [B, H]
+    w_ptr,  # [3H, H] W_hh
+    len_ptr,  # [B] int64 lengths or None
+    dgi_ptr,  # [T, B, 3H] out: (dr, dz, dn)
+    dg_ptr,  # [T, B, 3H] fp32 out: dG = (dr, dz, dn * r)
+    dh_ptr,  # [B, H] fp32 scratch: direct term into h_{t-1} (tile-local)
+    dh0_ptr,  # [B, H] out
+    sync_ptr,  # [n_b] int32 zeros, or None
+    T, B, H,
+    HAS_LENGTHS: tl.constexpr, GRID_SYNC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    n_h = tl.num_programs(1)
+    tile0 = tl.program_id(1) * BLOCK_H
+    tile_step = n_h * BLOCK_H
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)[:, None]
+    BH = B * H
+    BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
+    for s in range(0, T):
+        t = T - 1 - s
+        dg_t = dg_ptr + t * (3 * BH64)
+        dgi_t = dgi_ptr + t * (3 * BH64)
+        g_t = gates_ptr + t * (4 * BH64)
+        for j0 in range(tile0, H, tile_step):
+            offs_j = j0 + tl.arange(0, BLOCK_H)
+            mask_j = offs_j < H
+            dh = load_tile(grad_h_ptr + t * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
+            if s > 0:
+                dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+                dh += _carry(dg_t + 3 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
+                             BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+            r = load_tile(g_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            z = load_tile(g_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            n = load_tile(g_t + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            hn = load_tile(g_t + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            if t > 0:
+                h_prev = load_tile(hs_ptr + (t - 1) * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
+            else:
+                h_prev = load_tile(h0_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+            dr, dz, dn, dh_direct = gru_gates_backward(dh, r, z, n, hn, h_prev)
+            dn_h = dn * r
+            if HAS_LENGTHS:
+                valid = lens > t
+                dr = tl.where(valid, dr, 0.0)
+                dz = tl.where(valid, dz, 0.0)
+                dn = tl.where(valid, dn, 0.0)
+                # Select after the product: a padded step's saved r may be NaN/Inf.
+                dn_h = tl.where(valid, dn_h, 0.0)
+                dh_direct = tl.where(valid, dh_direct, dh)
+            store_tile(dgi_t, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
+            store_tile(dgi_t + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
+            store_tile(dgi_t + 2 * H, dn, offs_b, offs_j, 3 * H, mask_b, mask_j)
+            store_tile(dg_t, dr, offs_b, offs_j, 3 * H, mask_b, mask_j)
+            store_tile(dg_t + H, dz, offs_b, offs_j, 3 * H, mask_b, mask_j)
+            store_tile(dg_t + 2 * H, dn_h, offs_b, offs_j, 3 * H, mask_b, mask_j)
+            store_tile(dh_ptr, dh_direct, offs_b, offs_j, H, mask_b, mask_j)
+        _step_barrier(sync_ptr, pid_b, (s + 1) * n_h, GRID_SYNC)
+    # dh0 = direct term + dG_0 @ W_hh.
+    for j0 in range(tile0, H, tile_step):
+        offs_j = j0 + tl.arange(0, BLOCK_H)
+        mask_j = offs_j < H
+        dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+        dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
+                     BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+        store_tile(dh0_ptr, dh, offs_b, offs_j, H, mask_b, mask_j)
+
+
+# ------------------------------------------------------------------ LSTM kernels
+
+
+@triton.heuristics(
+    {
+        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
+        "GRID_SYNC": lambda a: a["sync_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T", "B"])
+def _lstm_seq_fwd_kernel(
+    gi_ptr,  # [T, B, 4H] input projection (i, f, g, o)
+    h0_ptr,  # [B, H]
+    c0_ptr,  # [B, H]
+    w_ptr,  # [4H, H] W_hh
+    b_ptr,  # [4H] b_hh or None
+    len_ptr,  # [B] int64 lengths or None
+    hs_ptr,  # [T, B, H] out
+    cs_ptr,  # [T, B, H] out
+    state_ptr,  # [2, 2, B, H] fp32 scratch: (h_t, c_t) at state[t % 2], (h0, c0) at state[1]
+    gates_ptr,  # [T, B, 4H] out: activated (i, f, g, o) or None
+    sync_ptr,  # [n_b] int32 zeros, or None
+    T, B, H,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    n_h = tl.num_programs(1)
+    tile0 = tl.program_id(1) * BLOCK_H
+    tile_step = n_h * BLOCK_H
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)[:, None]
+    BH = B * H
+    BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
+    _copy_initial(h0_ptr, state_ptr + 2 * BH, offs_b, mask_b, H, tile0, tile_step, BLOCK_H)
+    _copy_initial(c0_ptr, state_ptr + 3 * BH, offs_b, mask_b, H, tile0, tile_step, BLOCK_H)
+    _step_barrier(sync_ptr, pid_b, n_h, GRID_SYNC)
+    for t in range(0, T):
+        h_in = state_ptr + ((t + 1) % 2) * (2 * BH)
+        h_out = state_ptr + (t % 2) * (2 * BH)
+        gi_t = gi_ptr + t * (4 * BH64)
+        for j0 in range(tile0, H, tile_step):
+            offs_j = j0 + tl.arange(0, BLOCK_H)
+            mask_j = offs_j < H
+            acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            for k0 in range(0, H, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < H
+                h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
+                acc_i += tl.dot(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+                acc_f += tl.dot(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+                acc_g += tl.dot(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+                acc_o += tl.dot(h, _w_t(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+            if HAS_BIAS:
+                acc_i += load_row(b_ptr, offs_j, mask_j)
+                acc_f += load_row(b_ptr + H, offs_j, mask_j)
+                acc_g += load_row(b_ptr + 2 * H, offs_j, mask_j)
+                acc_o += load_row(b_ptr + 3 * H, offs_j, mask_j)
+            h_prev = _load_shared(h_in, offs_b, offs_j, H, mask_b, mask_j, GRID_SYNC)
+            c_prev = load_tile(h_in + BH, offs_b, offs_j, H, 1, mask_b, mask_j)  # c: tile-local
+            i, f, g, o, c_new, h_new = lstm_gates(
+                acc_i + load_tile(gi_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
+                acc_f + load_tile(gi_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
+                acc_g + load_tile(gi_t + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
+                acc_o + load_tile(gi_t + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
+                c_prev,
+            )
+            if HAS_LENGTHS:
+                valid = lens > t
+                h_new = tl.where(valid, h_new, h_prev)
+                c_new = tl.where(valid, c_new, c_prev)
+            store_tile(hs_ptr + t * BH64, h_new, offs_b, offs_j, H, mask_b, mask_j)
+            store_tile(cs_ptr + t * BH64, c_new, offs_b, offs_j, H, mask_b, mask_j)
+            store_tile(h_out, h_new, offs_b, offs_j, H, mask_b, mask_j)
+            store_tile(h_out + BH, c_new, offs_b, offs_j, H, mask_b, mask_j)
+            if SAVE_GATES:
+                g_t = gates_ptr + t * (4 * BH64)
+                store_tile(g_t, i, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(g_t + H, f, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(g_t + 2 * H, g, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(g_t + 3 * H, o, offs_b, offs_j, 4 * H, mask_b, mask_j)
+        _step_barrier(sync_ptr, pid_b, (t + 2) * n_h, GRID_SYNC)
+
+
+@triton.heuristics(
+    {
+        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
+        "HAS_GRAD_C": lambda a: a["grad_c_ptr"] is not None,
+        "STORE_DGI": lambda a: a["dgi_ptr"] is not None,
+        "GRID_SYNC": lambda a: a["sync_ptr"] is not None,
+    }
+)
+@triton.jit(do_not_specialize=["T", "B"])
+def _lstm_seq_bwd_kernel(
+    grad_h_ptr,  # [T, B, H] grad_hs
+    grad_c_ptr,  # [T, B, H] grad_cs or None
+    gates_ptr,  # [T, B, 4H] activated (i, f, g, o)
+    cs_ptr,  # [T, B, H]
+    c0_ptr,  # [B, H]
+    w_ptr,  # [4H, H] W_hh
+    len_ptr,  # [B] int64 lengths or None
+    dgi_ptr,  # [T, B, 4H] out in the input dtype, or None (then dgi is dG)
+    dg_ptr,  # [T, B, 4H] fp32 out: dG = (di, df, dg, do)
+    dh_ptr,  # [B, H] fp32 scratch: direct term into h_{t-1} (tile-local)
+    dc_ptr,  # [B, H] fp32 scratch: gradient into c_{t-1} (tile-local)
+    dh0_ptr,  # [B, H] out
+    dc0_ptr,  # [B, H] out
+    sync_ptr,  # [n_b] int32 zeros, or None
+    T, B, H,
+    HAS_LENGTHS: tl.constexpr, HAS_GRAD_C: tl.constexpr, STORE_DGI: tl.constexpr, GRID_SYNC: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    n_h = tl.num_programs(1)
+    tile0 = tl.program_id(1) * BLOCK_H
+    tile_step = n_h * BLOCK_H
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    if HAS_LENGTHS:
+        lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)[:, None]
+    BH = B * H
+    BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
+    for s in range(0, T):
+        t = T - 1 - s
+        dg_t = dg_ptr + t * (4 * BH64)
+        g_t = gates_ptr + t * (4 * BH64)
+        for j0 in range(tile0, H, tile_step):
+            offs_j = j0 + tl.arange(0, BLOCK_H)
+            mask_j = offs_j < H
+            dh = load_tile(grad_h_ptr + t * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
+            if HAS_GRAD_C:
+                dc = load_tile(grad_c_ptr + t * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
+            else:
+                dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            if s > 0:
+                dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+                dh += _carry(dg_t + 4 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
+                             BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+                dc += load_tile(dc_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+            i = load_tile(g_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            f = load_tile(g_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            g = load_tile(g_t + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            o = load_tile(g_t + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
+            c = load_tile(cs_ptr + t * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
+            if t > 0:
+                c_prev = load_tile(cs_ptr + (t - 1) * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
+            else:
+                c_prev = load_tile(c0_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+            d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(dh, dc, i, f, g, o, c, c_prev)
+            # h_{t-1} gets its gradient only through the matmul, unless the row did not update.
+            dh_direct = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+            if HAS_LENGTHS:
+                valid = lens > t
+                d_i = tl.where(valid, d_i, 0.0)
+                d_f = tl.where(valid, d_f, 0.0)
+                d_g = tl.where(valid, d_g, 0.0)
+                d_o = tl.where(valid, d_o, 0.0)
+                dh_direct = tl.where(valid, dh_direct, dh)
+                dc_prev = tl.where(valid, dc_prev, dc)
+            store_tile(dg_t, d_i, offs_b, offs_j, 4 * H, mask_b, mask_j)
+            store_tile(dg_t + H, d_f, offs_b, offs_j, 4 * H, mask_b, mask_j)
+            store_tile(dg_t + 2 * H, d_g, offs_b, offs_j, 4 * H, mask_b, mask_j)
+            store_tile(dg_t + 3 * H, d_o, offs_b, offs_j, 4 * H, mask_b, mask_j)
+            if STORE_DGI:
+                dgi_t = dgi_ptr + t * (4 * BH64)
+                store_tile(dgi_t, d_i, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(dgi_t + H, d_f, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(dgi_t + 2 * H, d_g, offs_b, offs_j, 4 * H, mask_b, mask_j)
+                store_tile(dgi_t + 3 * H, d_o, offs_b, offs_j, 4 * H, mask_b, mask_j)
+            store_tile(dh_ptr, dh_direct, offs_b, offs_j, H, mask_b, mask_j)
+            store_tile(dc_ptr, dc_prev, offs_b, offs_j, H, mask_b, mask_j)
+        _step_barrier(sync_ptr, pid_b, (s + 1) * n_h, GRID_SYNC)
+    # dh0 = direct term + dG_0 @ W_hh; dc0 = what step 0 left.
+    for j0 in range(tile0, H, tile_step):
+        offs_j = j0 + tl.arange(0, BLOCK_H)
+        mask_j = offs_j < H
+        dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+        dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
+                     BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+        store_tile(dh0_ptr, dh, offs_b, offs_j, H, mask_b, mask_j)
+        dc = load_tile(dc_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+        store_tile(dc0_ptr, dc, offs_b, offs_j, H, mask_b, mask_j)
+
+
+# ------------------------------------------------------------------ host side
+
+
+# Every launch is recorded while fastseq.ops.launches.count() is open.
+_gru_seq_fwd_kernel = counted(_gru_seq_fwd_kernel)
+_gru_seq_bwd_kernel = counted(_gru_seq_bwd_kernel)
+_lstm_seq_fwd_kernel = counted(_lstm_seq_fwd_kernel)
+_lstm_seq_bwd_kernel = counted(_lstm_seq_bwd_kernel)
+
+
+class Plan(NamedTuple):
+    """How one call runs: tiles, warps, and the grid ``(n_b, n_h)``; ``grid_sync``
+    is ``n_h > 1`` (the grid-barrier variant)."""
+
+    BLOCK_B: int
+    BLOCK_H: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+    n_b: int
+    n_h: int
+
+    @property
+    def grid_sync(self) -> bool:
+        return self.n_h > 1
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _blocks(B: int, interpreted: bool) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_H, BLOCK_K, num_warps, num_stages). Interpreter: 16 everywhere (the
+    ``tl.dot`` minimum; small numpy emulation, multi-tile paths exercised). GPU: the row
+    tile covers the batch up to 32 rows, the hidden tile is 32 units (16 at 32 rows), and
+    the K loop is not software-pipelined (``num_stages=1``: with Triton's default 3
+    stages the cp.async buffers and the G fp32 accumulators spill at 255 registers).
+    The launch also passes ``maxnreg=255`` (:data:`MAX_REGISTERS`)."""
+    if interpreted:
+        return 16, 16, 16, 1, 1
+    block_b = pow2(B, 16, 32)
+    return block_b, (16 if block_b == 32 else 32), 32, 4, 1
+
+
+#: ``maxnreg`` of every GPU launch. Without it ptxas aims at several CTAs per SM and
+#: spills a few loop-invariant values (8-24 bytes at 64-168 registers); these kernels
+#: run at most one program per SM by design (:func:`plan`), so occupancy buys nothing
+#: and the whole register file is theirs. With it and ``num_stages=1`` no kernel spills
+#: at B in {8, 64}, H in {512, 1024}, fp32 and bf16, both variants (Triton 3.6 and 3.9,
+#: sm_90a; tests/test_ops_triton_sequence.py checks it).
+MAX_REGISTERS = 255
+
+
+def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] = None) -> Plan:
+    """The grid and tiles of a call with a ``[B, H]`` state on ``device``.
+
+    ``n_h`` (programs per row block): ``programs_per_rows`` if given, else on CUDA
+    ``min(cdiv(H, BLOCK_H), SMs // n_b)`` (at least 1) -- every program co-resident,
+    one per SM at most, as the grid barrier needs -- and 1 elsewhere (the interpreter
+    runs programs one after another).
+
+    Raises:
+        ValueError: ``programs_per_rows`` < 1, or > 1 under the interpreter (the grid
+        barrier would deadlock there).
+    """
+    interpreted = interpreter_on()
+    bb, bh, bk, nw, ns = _blocks(B, interpreted)
+    n_b = triton.cdiv(B, bb)
+    tiles = triton.cdiv(H, bh)
+    if programs_per_rows is not None:
+        if programs_per_rows < 1 or (programs_per_rows > 1 and interpreted):
+            raise ValueError(f"programs_per_rows={programs_per_rows}: must be >= 1, and 1 under the Triton "
+                             "interpreter (the grid barrier needs co-resident programs)")
+        n_h = min(int(programs_per_rows), tiles)
+    elif device.type == "cuda" and not interpreted:
+        n_h = max(1, min(tiles, _sm_count(device.index if device.index is not None
+                                          else torch.cuda.current_device()) // n_b))
+    else:
+        n_h = 1
+    return Plan(bb, bh, bk, nw, ns, n_b, n_h)
+
+
+def fits(B: int, H: int, G: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the sequence kernels take a call: ``G`` = 3 (GRU) or 4 (LSTM), ``[B, H]``
+    state of ``dtype`` on ``device``.
+
+    True when: the dtype is float32, float16 or bfloat16; the device is CUDA, or CPU
+    under the Triton interpreter; a step's ``[B, 4H]``/``[B, G*H]`` tensors, the
+    ``[2, 2, B, H]`` state and ``W_hh [G*H, H]`` are within int32 element offsets (a
+    step's base offset is int64, so T does not enter); and the grid's row blocks fit
+    grid axis 0. The grid barrier's co-residency (``n_b * n_h <= SMs``) holds by
+    construction (:func:`plan`), so it is no condition here; with more row blocks
+    than SMs the plan falls back to ``n_h = 1`` (no grid barrier), which is correct
+    but runs each row block's whole hidden size on one SM.
+
+    Not a speed predicate: where the sequence kernel beats the per-step kernels on a
+    GPU is not measured yet (no GPU in the session that wrote it).
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    device = torch.device(device)
+    if device.type != "cuda" and not (device.type == "cpu" and interpreter_on()):
+        return False
+    n = max(B * 4 * H, 4 * B * H, G * H * H)
+    if n > backend_limits.MAX_INDEX:
+        return False
+    return triton.cdiv(B, _blocks(B, interpreter_on())[0]) <= backend_limits.MAX_GRID_X
+
+
+def _kw(p: Plan) -> dict:
+    kw = dict(BLOCK_B=p.BLOCK_B, BLOCK_H=p.BLOCK_H, BLOCK_K=p.BLOCK_K, PRECISION=precision(),
+              num_warps=p.num_warps, num_stages=p.num_stages)
+    if not interpreter_on():
+        kw["maxnreg"] = MAX_REGISTERS
+    return kw
+
+
+def _sync(p: Plan, like: Tensor) -> Optional[Tensor]:
+    """The grid barrier's counters (one per row block, zeroed), or None without it."""
+    return torch.zeros(p.n_b, dtype=torch.int32, device=like.device) if p.grid_sync else None
+
+
+def _prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    return lengths.to(device=like.device, dtype=torch.int64).contiguous()
+
+
+def _weight_grads(dg: Tensor, h0: Tensor, hs: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
+    """dW_hh = dG^T [h0; hs[:-1]] and db_hh = sum dG (``[0]`` without a bias): one fp32
+    product over all (step, row) pairs; dG ``[T, B, G*H]`` fp32."""
+    T, B, GH = dg.shape
+    H = hs.shape[2]
+    h_prev = torch.cat([h0.unsqueeze(0).float(), hs[:-1].float()], dim=0).reshape(T * B, H)
+    dg2 = dg.reshape(T * B, GH)
+    dw = dg2.t() @ h_prev
+    db = dg2.sum(dim=0).to(w_hh.dtype) if has_bias else w_hh.new_empty((0,))
+    return dw.to(w_hh.dtype), db
+
+
+def _empty_backward(dgi_shape, h0, w_hh, hs, has_bias, n_state):
+    """Backward for a zero-sized problem (no kernel launches)."""
+    dgi = torch.zeros(dgi_shape, device=hs.device, dtype=hs.dtype)
+    states = [torch.zeros_like(h0) for _ in range(n_state)]
+    dw = torch.zeros_like(w_hh)
+    db = w_hh.new_zeros((w_hh.shape[0],)) if has_bias else w_hh.new_empty((0,))
+    return (dgi, *states, dw, db)
+
+
+def gru_recurrence_forward(
+    gi: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],
+    lengths: Optional[Tensor],
+    save_gates: bool,
+    *,
+    programs_per_rows: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """GRU recurrence, all steps in one launch.
+
+    Args:
+        gi: ``[T, B, 3H]`` input projection (r, z, n); h0: ``[B, H]``;
+        w_hh: ``[3H, H]``; b_hh: ``[3H]`` or None; lengths: int ``[B]`` or None.
+        save_gates: also return what the backward needs.
+        programs_per_rows: force ``n_h`` (:func:`plan`); None chooses.
+
+    Returns:
+        hs ``[T, B, H]``; gates ``[T, B, 4H]`` = (r, z, n, hn) or an empty ``[0]``
+        (the layout of :func:`fastseq.ops.recurrence.triton.gru_recurrence_forward`).
+    """
+    T, B, _ = gi.shape
+    H = h0.shape[1]
+    hs = alloc.empty((T, B, H), gi)
+    gates = alloc.empty((T, B, 4 * H) if save_gates else (0,), gi)
+    if T == 0 or B == 0 or H == 0:
+        return hs, gates
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    p = plan(B, H, gi.device, programs_per_rows)
+    state = alloc.empty((2, B, H), gi, torch.float32)
+    _gru_seq_fwd_kernel[(p.n_b, p.n_h)](
+        gi, h0, w, b, _prep_lengths(lengths, gi), hs, state, gates if save_gates else None, _sync(p, gi),
+        T, B, H, **_kw(p),
+    )
+    return hs, gates
+
+
+def gru_recurrence_backward(
+    grad_hs: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    hs: Tensor,
+    gates: Tensor,
+    lengths: Optional[Tensor],
+    has_bias: bool,
+    *,
+    programs_per_rows: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`gru_recurrence_forward` (one launch for all steps, then the
+    weight-gradient product).
+
+    Args:
+        grad_hs: ``[T, B, H]`` gradient w.r.t. ``hs`` (includes that of h_n);
+        h0 ``[B, H]``, w_hh ``[3H, H]``, hs ``[T, B, H]``, gates ``[T, B, 4H]`` as
+        saved by either GRU forward; lengths int ``[B]`` or None.
+
+    Returns:
+        dgi ``[T, B, 3H]``, dh0 ``[B, H]``, dw_hh ``[3H, H]``, db_hh ``[3H]`` (``[0]`` without a bias).
+
+    Raises:
+        ValueError: ``gates`` was not saved (``save_gates=False``).
+    """
+    T, B, H = hs.shape
+    if T == 0 or B == 0 or H == 0:
+        return _empty_backward((T, B, 3 * H), h0, w_hh, hs, has_bias, 1)
+    if gates.dim() != 3:
+        raise ValueError("gru_recurrence_backward needs the gates saved by gru_recurrence_forward(save_gates=True)")
+    grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
+    p = plan(B, H, hs.device, programs_per_rows)
+    dgi = alloc.empty((T, B, 3 * H), hs)
+    dg = alloc.empty((T, B, 3 * H), hs, torch.float32)
+    dh_buf = alloc.empty((B, H), hs, torch.float32)
+    dh0 = alloc.empty((B, H), h0)
+    _gru_seq_bwd_kernel[(p.n_b, p.n_h)](
+        grad_hs, gates, hs, h0, w, _prep_lengths(lengths, hs), dgi, dg, dh_buf, dh0, _sync(p, hs),
+        T, B, H, **_kw(p),
+    )
+    dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
+    return dgi, dh0, dw, db
+
+
+def lstm_recurrence_forward(
+    gi: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    b_hh: Optional[Tensor],
+    lengths: Optional[Tensor],
+    save_gates: bool,
+    *,
+    programs_per_rows: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """LSTM recurrence, all steps in one launch.
+
+    Args:
+        gi: ``[T, B, 4H]`` input projection (i, f, g, o); h0, c0: ``[B, H]``;
+        w_hh: ``[4H, H]``; b_hh: ``[4H]`` or None; lengths: int ``[B]`` or None.
+        programs_per_rows: force ``n_h`` (:func:`plan`); None chooses.
+
+    Returns:
+        hs, cs ``[T, B, H]``; gates ``[T, B, 4H]`` activated (i, f, g, o) or ``[0]``.
+    """
+    T, B, _ = gi.shape
+    H = h0.shape[1]
+    hs = alloc.empty((T, B, H), gi)
+    cs = alloc.empty((T, B, H), gi)
+    gates = alloc.empty((T, B, 4 * H) if save_gates else (0,), gi)
+    if T == 0 or B == 0 or H == 0:
+        return hs, cs, gates
+    gi, h0, c0, w, b = gi.contiguous(), h0.contiguous(), c0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    p = plan(B, H, gi.device, programs_per_rows)
+    state = alloc.empty((2, 2, B, H), gi, torch.float32)
+    _lstm_seq_fwd_kernel[(p.n_b, p.n_h)](
+        gi, h0, c0, w, b, _prep_lengths(lengths, gi), hs, cs, state, gates if save_gates else None,
+        _sync(p, gi), T, B, H, **_kw(p),
+    )
+    return hs, cs, gates
+
+
+def lstm_recurrence_backward(
+    grad_hs: Tensor,
+    grad_cs: Optional[Tensor],
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    hs: Tensor,
+    cs: Tensor,
+    gates: Tensor,
+    lengths: Optional[Tensor],
+    has_bias: bool,
+    *,
+    programs_per_rows: Optional[int] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of :func:`lstm_recurrence_forward` (one launch for all steps, then the
+    weight-gradient product).
+
+    Args:
+        grad_hs, grad_cs: ``[T, B, H]`` gradients w.r.t. ``hs`` and ``cs``
+        (``grad_cs`` may be None: zeros); the rest as saved by either LSTM forward.
+
+    Returns:
+        dgi ``[T, B, 4H]``, dh0 ``[B, H]``, dc0 ``[B, H]``, dw_hh ``[4H, H]``,
+        db_hh ``[4H]`` (``[0]`` without a bias).
+
+    Raises:
+        ValueError: ``gates`` was not saved (``save_gates=False``).
+    """
+    T, B, H = hs.shape
+    if T == 0 or B == 0 or H == 0:
+        return _empty_backward((T, B, 4 * H), h0, w_hh, hs, has_bias, 2)
+    if gates.dim() != 3:
+        raise ValueError("lstm_recurrence_backward needs the gates saved by lstm_recurrence_forward(save_gates=True)")
+    grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
+    hs, grad_cs = hs.contiguous(), contiguous_or_none(grad_cs)
+    p = plan(B, H, hs.device, programs_per_rows)
+    dg = alloc.empty((T, B, 4 * H), hs, torch.float32)
+    # float32: dgi is dG itself; otherwise a separate copy in the input dtype.
+    dgi = dg if hs.dtype == torch.float32 else alloc.empty((T, B, 4 * H), hs)
+    dh_buf = alloc.empty((B, H), hs, torch.float32)
+    dc_buf = alloc.empty((B, H), hs, torch.float32)
+    dh0 = alloc.empty((B, H), h0)
+    dc0 = alloc.empty((B, H), c0)
+    _lstm_seq_bwd_kernel[(p.n_b, p.n_h)](
+        grad_hs, grad_cs, gates, cs, c0, w, _prep_lengths(lengths, hs),
+        None if dgi is dg else dgi, dg, dh_buf, dc_buf, dh0, dc0, _sync(p, hs),
+        T, B, H, **_kw(p),
+    )
+    dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
+    return dgi, dh0, dc0, dw, db
