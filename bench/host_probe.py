@@ -80,12 +80,12 @@ def measure(cfg: dict, device: str) -> dict:
     from fastseq.ops.recurrence import triton as rnn
 
     # The weight-gradient product after the backward's step loop is not a launch.
-    weight_grads = rnn._weight_grads
-    rnn._weight_grads = lambda dg, h0, hs, w_hh, has_bias: (w_hh, w_hh.new_empty((0,)))
+    weight_grads = rnn.weight_grads
+    rnn.weight_grads = lambda dg, h0, hs, w_hh, has_bias: (w_hh, w_hh.new_empty((0,)))
     try:
         cases = _Cases(cfg, device).run()
     finally:
-        rnn._weight_grads = weight_grads
+        rnn.weight_grads = weight_grads
     import triton
 
     launcher = ("Triton's CudaDriver and C launcher on a stand-in libcuda.so.1 (cuLaunchKernelEx a no-op)"

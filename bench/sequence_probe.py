@@ -149,8 +149,8 @@ def host_mode(cfg):
 
     B, H, T, rounds = cfg["B"], cfg["H"], cfg["T"], cfg["rounds"]
     # The weight-gradient product after the kernels is no launch overhead (host_probe does the same).
-    saved = ts._weight_grads, per_step._weight_grads
-    ts._weight_grads = per_step._weight_grads = lambda dg, h0, hs, w_hh, has_bias: (w_hh, w_hh.new_empty((0,)))
+    saved = ts.weight_grads, per_step.weight_grads
+    ts.weight_grads = per_step.weight_grads = lambda dg, h0, hs, w_hh, has_bias: (w_hh, w_hh.new_empty((0,)))
     g = torch.Generator().manual_seed(1)
     cases = []
     try:
@@ -196,7 +196,7 @@ def host_mode(cfg):
                               f"{min(us):.1f} us/call = {min(us) / T:.2f} us/step, median "
                               f"{statistics.median(us) / T:.2f} us/step", file=sys.stderr, flush=True)
     finally:
-        ts._weight_grads, per_step._weight_grads = saved
+        ts.weight_grads, per_step.weight_grads = saved
     return {"triton": triton.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "launcher": "Triton's CudaDriver and C launcher on a stand-in libcuda.so.1 (cuLaunchKernelEx a no-op)",
             "cfg": cfg, "cases": cases}

@@ -222,3 +222,23 @@ def test_sequence_kernels_compile_without_spills(python, tmp_path):
     assert not spilling, spilling
     for r in rows:
         assert r["ptx_release"] == r["ptx_acquire"] == r["grid_sync"], (r["kernel"], r["constexprs"])
+
+
+def test_registry_runs_the_sequence_kernels_when_asked(monkeypatch):
+    """FASTSEQ_TRITON_SEQUENCE=1: fastseq.ops.gru on the Triton backend is one launch per
+    call (the sequence kernel); unset, one per step (the per-step kernels)."""
+    import fastseq
+    from fastseq import ops
+    from fastseq.ops import launches
+
+    gi, h0, w = (torch.randn(*s).to(DEVICE) for s in ((4, 3, 24), (3, 8), (24, 8)))
+    with fastseq.backend("triton"):
+        monkeypatch.delenv("FASTSEQ_TRITON_SEQUENCE", raising=False)
+        with launches.count() as per_step:
+            want = ops.gru(gi, h0, w, None)
+        monkeypatch.setenv("FASTSEQ_TRITON_SEQUENCE", "1")
+        with launches.count() as sequence:
+            got = ops.gru(gi, h0, w, None)
+    assert per_step == {"_gru_fwd_step_kernel": 4}
+    assert sequence == {"_gru_seq_fwd_kernel": 1}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

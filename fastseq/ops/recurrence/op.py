@@ -24,6 +24,7 @@ once, :mod:`.directions`) have the same three.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -53,22 +54,44 @@ def _triton():
     return kernels
 
 
+def sequence_kernels_on() -> bool:
+    """``FASTSEQ_TRITON_SEQUENCE=1``: dense recurrences on the Triton backend run as one
+    launch per call (:mod:`.triton_sequence`, the time loop inside the kernel) where
+    they fit, instead of one bound launch per step (:mod:`.triton`). Off by default
+    until a GPU has measured which is faster (bench/NOTES.md v0.7)."""
+    return os.environ.get("FASTSEQ_TRITON_SEQUENCE", "0") == "1"
+
+
+def _triton_dense(name: str, gates: int, h0_arg: int) -> Implementation:
+    """The Triton implementation of dense op function ``name``: :mod:`.triton`'s per-step
+    form, or :mod:`.triton_sequence`'s when :func:`sequence_kernels_on` and it fits
+    (``h0`` is argument ``h0_arg``)."""
+    def load():
+        from fastseq.ops.recurrence import triton_sequence
+
+        per_step, sequence = getattr(_triton(), name), getattr(triton_sequence, name)
+
+        def run(*args):
+            h0 = args[h0_arg]
+            if sequence_kernels_on() and triton_sequence.fits(h0.shape[0], h0.shape[1], gates, h0.dtype, h0.device):
+                return sequence(*args)
+            return per_step(*args)
+        return run, _triton().limits
+    return Implementation(load=load)
+
+
 registry.register(GRU_FORWARD, "reference", naive.gru_recurrence_forward)
 registry.register(GRU_FORWARD, "cpp", cpp.gru_recurrence_forward)
-registry.register(GRU_FORWARD, "triton", Implementation(
-    load=lambda: (_triton().gru_recurrence_forward, _triton().limits)))
+registry.register(GRU_FORWARD, "triton", _triton_dense("gru_recurrence_forward", 3, 1))
 registry.register(GRU_BACKWARD, "reference", naive.gru_recurrence_backward)
 registry.register(GRU_BACKWARD, "cpp", cpp.gru_recurrence_backward)
-registry.register(GRU_BACKWARD, "triton", Implementation(
-    load=lambda: (_triton().gru_recurrence_backward, _triton().limits)))
+registry.register(GRU_BACKWARD, "triton", _triton_dense("gru_recurrence_backward", 3, 1))
 registry.register(LSTM_FORWARD, "reference", naive.lstm_recurrence_forward)
 registry.register(LSTM_FORWARD, "cpp", cpp.lstm_recurrence_forward)
-registry.register(LSTM_FORWARD, "triton", Implementation(
-    load=lambda: (_triton().lstm_recurrence_forward, _triton().limits)))
+registry.register(LSTM_FORWARD, "triton", _triton_dense("lstm_recurrence_forward", 4, 1))
 registry.register(LSTM_BACKWARD, "reference", naive.lstm_recurrence_backward)
 registry.register(LSTM_BACKWARD, "cpp", cpp.lstm_recurrence_backward)
-registry.register(LSTM_BACKWARD, "triton", Implementation(
-    load=lambda: (_triton().lstm_recurrence_backward, _triton().limits)))
+registry.register(LSTM_BACKWARD, "triton", _triton_dense("lstm_recurrence_backward", 4, 2))
 
 
 GRU_PACKED, GRU_PACKED_BACKWARD = "gru_packed_recurrence", "gru_packed_recurrence_backward"

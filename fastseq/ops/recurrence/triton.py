@@ -558,7 +558,7 @@ def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
                                        f"has {n} elements")
 
 
-def _prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+def prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     if lengths is None:
         return None
     return lengths.to(device=like.device, dtype=torch.int64).contiguous()
@@ -582,7 +582,7 @@ def _weight_grads_rows(dg: Tensor, h_prev: Tensor, w_hh: Tensor, has_bias: bool)
     return dw.to(w_hh.dtype), db
 
 
-def _weight_grads(dg: Tensor, h0: Tensor, hs: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
+def weight_grads(dg: Tensor, h0: Tensor, hs: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
     """:func:`_weight_grads_rows` of a time-major recurrence: dG ``[T, B, G*H]``, h_prev = [h0; hs[:-1]]."""
     T, B, GH = dg.shape
     H = hs.shape[2]
@@ -590,7 +590,7 @@ def _weight_grads(dg: Tensor, h0: Tensor, hs: Tensor, w_hh: Tensor, has_bias: bo
     return _weight_grads_rows(dg.reshape(T * B, GH), h_prev.reshape(T * B, H), w_hh, has_bias)
 
 
-def _empty_backward(dgi_shape, h0, w_hh, hs, has_bias, n_state):
+def empty_backward(dgi_shape, h0, w_hh, hs, has_bias, n_state):
     """Backward for a zero-sized problem (no kernel launches)."""
     dgi = torch.zeros(dgi_shape, device=hs.device, dtype=hs.dtype)
     states = [torch.zeros_like(h0) for _ in range(n_state)]
@@ -624,7 +624,7 @@ def gru_recurrence_forward(
     if T == 0 or B == 0 or H == 0:
         return hs, gates
     gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
-    lens = _prep_lengths(lengths, gi)
+    lens = prep_lengths(lengths, gi)
     grid, kw = _launch_args(B, H)
     launch_steps(
         _gru_fwd_step_kernel, grid, range(T),
@@ -656,11 +656,11 @@ def gru_recurrence_backward(
     """
     T, B, H = hs.shape
     if T == 0 or B == 0 or H == 0:
-        return _empty_backward((T, B, 3 * H), h0, w_hh, hs, has_bias, 1)
+        return empty_backward((T, B, 3 * H), h0, w_hh, hs, has_bias, 1)
     if gates.dim() != 3:
         raise ValueError("gru_recurrence_backward needs the gates saved by gru_recurrence_forward(save_gates=True)")
     grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
-    lens = _prep_lengths(lengths, hs)
+    lens = prep_lengths(lengths, hs)
     grid, kw = _launch_args(B, H)
     dgi = alloc.empty((T, B, 3 * H), hs)
     dg = alloc.empty((T, B, 3 * H), hs, torch.float32)
@@ -672,7 +672,7 @@ def gru_recurrence_backward(
     )
     dh0 = alloc.empty((B, H), h0)
     _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf, None, dh0, None, B, H, 3 * H, HAS_C=False, **kw)
-    dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
+    dw, db = weight_grads(dg, h0, hs, w_hh, has_bias)
     return dgi, dh0, dw, db
 
 
@@ -702,7 +702,7 @@ def lstm_recurrence_forward(
     if T == 0 or B == 0 or H == 0:
         return hs, cs, gates
     gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
-    lens = _prep_lengths(lengths, gi)
+    lens = prep_lengths(lengths, gi)
     grid, kw = _launch_args(B, H)
     launch_steps(
         _lstm_fwd_step_kernel, grid, range(T),
@@ -737,12 +737,12 @@ def lstm_recurrence_backward(
     """
     T, B, H = hs.shape
     if T == 0 or B == 0 or H == 0:
-        return _empty_backward((T, B, 4 * H), h0, w_hh, hs, has_bias, 2)
+        return empty_backward((T, B, 4 * H), h0, w_hh, hs, has_bias, 2)
     if gates.dim() != 3:
         raise ValueError("lstm_recurrence_backward needs the gates saved by lstm_recurrence_forward(save_gates=True)")
     grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
     hs, grad_cs = hs.contiguous(), contiguous_or_none(grad_cs)
-    lens = _prep_lengths(lengths, hs)
+    lens = prep_lengths(lengths, hs)
     grid, kw = _launch_args(B, H)
     dg = alloc.empty((T, B, 4 * H), hs, torch.float32)
     # float32: dgi is dG itself; otherwise a separate copy in the input dtype.
@@ -758,7 +758,7 @@ def lstm_recurrence_backward(
     dh0 = alloc.empty((B, H), h0)
     dc0 = alloc.empty((B, H), c0)
     _rnn_bwd_final_kernel[grid](dg[0], w, dh_buf, dc_buf, dh0, dc0, B, H, 4 * H, HAS_C=True, **kw)
-    dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
+    dw, db = weight_grads(dg, h0, hs, w_hh, has_bias)
     return dgi, dh0, dc0, dw, db
 
 
@@ -873,7 +873,7 @@ def gru_packed_recurrence_backward(
     N, H = hs.shape
     B = h0.shape[0]
     if N == 0 or B == 0 or H == 0:
-        return _empty_backward((N, 3 * H), h0, w_hh, hs, has_bias, 1)
+        return empty_backward((N, 3 * H), h0, w_hh, hs, has_bias, 1)
     if gates.dim() != 2:
         raise ValueError("gru_packed_recurrence_backward needs the gates saved by "
                          "gru_packed_recurrence_forward(save_gates=True)")
@@ -935,7 +935,7 @@ def lstm_packed_recurrence_backward(
     N, H = hs.shape
     B = h0.shape[0]
     if N == 0 or B == 0 or H == 0:
-        return _empty_backward((N, 4 * H), h0, w_hh, hs, has_bias, 2)
+        return empty_backward((N, 4 * H), h0, w_hh, hs, has_bias, 2)
     if gates.dim() != 2:
         raise ValueError("lstm_packed_recurrence_backward needs the gates saved by "
                          "lstm_packed_recurrence_forward(save_gates=True)")
@@ -1033,7 +1033,7 @@ def gru_bidirectional_recurrence_backward(
     db_hh ``[2, 3H]`` (``[0]`` without a bias)."""
     N, (_, B, H) = hs.shape[0], h0.shape
     if N == 0 or B == 0 or H == 0:
-        dgi, dh0, dw, db = _empty_backward((N, 6 * H), h0, w_hh, hs, has_bias, 1)
+        dgi, dh0, dw, db = empty_backward((N, 6 * H), h0, w_hh, hs, has_bias, 1)
         return dgi, dh0, dw, (w_hh.new_zeros(w_hh.shape[:2]) if has_bias else db)
     if gates.dim() != 3:
         raise ValueError("gru_bidirectional_recurrence_backward needs the gates saved by "
@@ -1092,7 +1092,7 @@ def lstm_bidirectional_recurrence_backward(
     ``[2, 4H]`` (``[0]`` without a bias)."""
     N, (_, B, H) = hs.shape[0], h0.shape
     if N == 0 or B == 0 or H == 0:
-        dgi, dh0, dc0, dw, db = _empty_backward((N, 8 * H), h0, w_hh, hs, has_bias, 2)
+        dgi, dh0, dc0, dw, db = empty_backward((N, 8 * H), h0, w_hh, hs, has_bias, 2)
         return dgi, dh0, dc0, dw, (w_hh.new_zeros(w_hh.shape[:2]) if has_bias else db)
     if gates.dim() != 3:
         raise ValueError("lstm_bidirectional_recurrence_backward needs the gates saved by "

@@ -102,7 +102,10 @@ from fastseq.backend import alloc, limits as backend_limits
 from fastseq.backend.selection import interpreter_on
 from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward, lstm_gates, lstm_gates_backward
-from fastseq.ops.triton_utils import contiguous_or_none, load_row, load_tile, pow2, precision, store_tile
+from fastseq.ops.recurrence.triton import empty_backward, prep_lengths, weight_grads
+from fastseq.ops.triton_utils import (
+    contiguous_or_none, dot_acc, load_row, load_tile, load_tile_native, pow2, precision, store_tile,
+)
 
 __all__ = [
     "gru_recurrence_forward", "gru_recurrence_backward", "lstm_recurrence_forward", "lstm_recurrence_backward",
@@ -145,8 +148,8 @@ def _load_shared(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.co
 
 @triton.jit
 def _w_t(w_ptr, gate, offs_k, offs_j, H, mask_k, mask_j):
-    """``[BLOCK_K, BLOCK_H]`` fp32 tile of gate ``gate``'s ``W^T``: (k, j) -> W[gate*H + j, k]."""
-    return load_tile(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
+    """``[BLOCK_K, BLOCK_H]`` tile of gate ``gate``'s ``W^T`` in W's dtype: (k, j) -> W[gate*H + j, k]."""
+    return load_tile_native(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
 
 
 @triton.jit
@@ -162,8 +165,8 @@ def _carry(
         offs_m = m0 + tl.arange(0, BLOCK_K)
         mask_m = offs_m < GH
         a = _load_shared(dg_ptr, offs_b, offs_m, GH, mask_b, mask_m, GRID_SYNC)
-        w = load_tile(w_ptr, offs_m, offs_j, H, 1, mask_m, mask_j)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+        w = load_tile_native(w_ptr, offs_m, offs_j, H, 1, mask_m, mask_j)
+        acc = dot_acc(a, w, acc, PRECISION)
     return acc
 
 
@@ -230,9 +233,9 @@ def _gru_seq_fwd_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < H
                 h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
-                acc_r += tl.dot(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-                acc_z += tl.dot(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-                acc_n += tl.dot(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+                acc_r = dot_acc(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
+                acc_z = dot_acc(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
+                acc_n = dot_acc(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
             if HAS_BIAS:
                 acc_r += load_row(b_ptr, offs_j, mask_j)
                 acc_z += load_row(b_ptr + H, offs_j, mask_j)
@@ -395,10 +398,10 @@ def _lstm_seq_fwd_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < H
                 h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
-                acc_i += tl.dot(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-                acc_f += tl.dot(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-                acc_g += tl.dot(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
-                acc_o += tl.dot(h, _w_t(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), input_precision=PRECISION)
+                acc_i = dot_acc(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
+                acc_f = dot_acc(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
+                acc_g = dot_acc(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
+                acc_o = dot_acc(h, _w_t(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
             if HAS_BIAS:
                 acc_i += load_row(b_ptr, offs_j, mask_j)
                 acc_f += load_row(b_ptr + H, offs_j, mask_j)
@@ -654,33 +657,6 @@ def _sync(p: Plan, like: Tensor) -> Optional[Tensor]:
     return torch.zeros(p.n_b, dtype=torch.int32, device=like.device) if p.grid_sync else None
 
 
-def _prep_lengths(lengths: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    if lengths is None:
-        return None
-    return lengths.to(device=like.device, dtype=torch.int64).contiguous()
-
-
-def _weight_grads(dg: Tensor, h0: Tensor, hs: Tensor, w_hh: Tensor, has_bias: bool) -> Tuple[Tensor, Tensor]:
-    """dW_hh = dG^T [h0; hs[:-1]] and db_hh = sum dG (``[0]`` without a bias): one fp32
-    product over all (step, row) pairs; dG ``[T, B, G*H]`` fp32."""
-    T, B, GH = dg.shape
-    H = hs.shape[2]
-    h_prev = torch.cat([h0.unsqueeze(0).float(), hs[:-1].float()], dim=0).reshape(T * B, H)
-    dg2 = dg.reshape(T * B, GH)
-    dw = dg2.t() @ h_prev
-    db = dg2.sum(dim=0).to(w_hh.dtype) if has_bias else w_hh.new_empty((0,))
-    return dw.to(w_hh.dtype), db
-
-
-def _empty_backward(dgi_shape, h0, w_hh, hs, has_bias, n_state):
-    """Backward for a zero-sized problem (no kernel launches)."""
-    dgi = torch.zeros(dgi_shape, device=hs.device, dtype=hs.dtype)
-    states = [torch.zeros_like(h0) for _ in range(n_state)]
-    dw = torch.zeros_like(w_hh)
-    db = w_hh.new_zeros((w_hh.shape[0],)) if has_bias else w_hh.new_empty((0,))
-    return (dgi, *states, dw, db)
-
-
 def gru_recurrence_forward(
     gi: Tensor,
     h0: Tensor,
@@ -713,7 +689,7 @@ def gru_recurrence_forward(
     p = plan(B, H, gi.device, programs_per_rows)
     state = alloc.empty((2, B, H), gi, torch.float32)
     _gru_seq_fwd_kernel[(p.n_b, p.n_h)](
-        gi, h0, w, b, _prep_lengths(lengths, gi), hs, state, gates if save_gates else None, _sync(p, gi),
+        gi, h0, w, b, prep_lengths(lengths, gi), hs, state, gates if save_gates else None, _sync(p, gi),
         T, B, H, **_kw(p),
     )
     return hs, gates
@@ -746,7 +722,7 @@ def gru_recurrence_backward(
     """
     T, B, H = hs.shape
     if T == 0 or B == 0 or H == 0:
-        return _empty_backward((T, B, 3 * H), h0, w_hh, hs, has_bias, 1)
+        return empty_backward((T, B, 3 * H), h0, w_hh, hs, has_bias, 1)
     if gates.dim() != 3:
         raise ValueError("gru_recurrence_backward needs the gates saved by gru_recurrence_forward(save_gates=True)")
     grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
@@ -756,10 +732,10 @@ def gru_recurrence_backward(
     dh_buf = alloc.empty((B, H), hs, torch.float32)
     dh0 = alloc.empty((B, H), h0)
     _gru_seq_bwd_kernel[(p.n_b, p.n_h)](
-        grad_hs, gates, hs, h0, w, _prep_lengths(lengths, hs), dgi, dg, dh_buf, dh0, _sync(p, hs),
+        grad_hs, gates, hs, h0, w, prep_lengths(lengths, hs), dgi, dg, dh_buf, dh0, _sync(p, hs),
         T, B, H, **_kw(p),
     )
-    dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
+    dw, db = weight_grads(dg, h0, hs, w_hh, has_bias)
     return dgi, dh0, dw, db
 
 
@@ -795,7 +771,7 @@ def lstm_recurrence_forward(
     p = plan(B, H, gi.device, programs_per_rows)
     state = alloc.empty((2, 2, B, H), gi, torch.float32)
     _lstm_seq_fwd_kernel[(p.n_b, p.n_h)](
-        gi, h0, c0, w, b, _prep_lengths(lengths, gi), hs, cs, state, gates if save_gates else None,
+        gi, h0, c0, w, b, prep_lengths(lengths, gi), hs, cs, state, gates if save_gates else None,
         _sync(p, gi), T, B, H, **_kw(p),
     )
     return hs, cs, gates
@@ -831,7 +807,7 @@ def lstm_recurrence_backward(
     """
     T, B, H = hs.shape
     if T == 0 or B == 0 or H == 0:
-        return _empty_backward((T, B, 4 * H), h0, w_hh, hs, has_bias, 2)
+        return empty_backward((T, B, 4 * H), h0, w_hh, hs, has_bias, 2)
     if gates.dim() != 3:
         raise ValueError("lstm_recurrence_backward needs the gates saved by lstm_recurrence_forward(save_gates=True)")
     grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
@@ -845,9 +821,9 @@ def lstm_recurrence_backward(
     dh0 = alloc.empty((B, H), h0)
     dc0 = alloc.empty((B, H), c0)
     _lstm_seq_bwd_kernel[(p.n_b, p.n_h)](
-        grad_hs, grad_cs, gates, cs, c0, w, _prep_lengths(lengths, hs),
+        grad_hs, grad_cs, gates, cs, c0, w, prep_lengths(lengths, hs),
         None if dgi is dg else dgi, dg, dh_buf, dc_buf, dh0, dc0, _sync(p, hs),
         T, B, H, **_kw(p),
     )
-    dw, db = _weight_grads(dg, h0, hs, w_hh, has_bias)
+    dw, db = weight_grads(dg, h0, hs, w_hh, has_bias)
     return dgi, dh0, dc0, dw, db
