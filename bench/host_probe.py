@@ -223,7 +223,7 @@ class _Cases:
 
         def run():
             for t in range(T):
-                launch(gi, state, w, b, None, hs, gates, None, t, B, H, T, T * B, 3 * H, H, **flags)
+                launch(gi, state, h0, w, b, None, hs, gates, None, t, B, H, T, T * B, 3 * H, H, **flags)
         self.case(f"host-gru-fwd-{size}", "triton-jit-path", dt, run,
                   "the GRU step kernel launched through Triton's full launch path at every step, arguments "
                   "prepared beforehand (the per-step cost before the step loops were bound once)", per_call=T)

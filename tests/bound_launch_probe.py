@@ -67,7 +67,7 @@ def main():
         h0 = torch.randn(B, H, dtype=dt)
         hs, gates = torch.empty(T, B, H, dtype=dt), torch.empty(T, B, 4 * H, dtype=dt)
         grid, kw = rnn._launch_args(B, H)
-        args = [gi, rnn._initial_state(h0), w, b, None, hs, gates, None, 0, B, H, T, T * B, 3 * H, H]
+        args = [gi, rnn._initial_state(h0), h0, w, b, None, hs, gates, None, 0, B, H, T, T * B, 3 * H, H]
         flags = dict(HAS_BIAS=True, HAS_LENGTHS=False, SAVE_GATES=True, PACKED=False, **kw)
         out.append(_compare(f"gru-fwd-{dt}", rnn._gru_fwd_step_kernel, grid, list(range(T)), args, flags))
         lens = torch.tensor([5, 1, 3, 2, 5, 4])

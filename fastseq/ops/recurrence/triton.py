@@ -33,7 +33,10 @@ The running state is carried in an fp32 ping-pong buffer ``[2, B, H]`` (step
 ``s`` reads slot ``(s+1) % 2`` and writes slot ``s % 2``; both start as h0), so
 no launch reads what it writes and half-precision inputs do not round the state
 at every step (the reference works the same way); ``hs``/``cs`` are written in
-the input dtype.
+the input dtype. The product's operand ``h_{t-1}`` is read from ``hs`` (the
+previous step's rows, or h0): for half inputs that is exactly the fp32 state
+rounded to the input dtype, which the tensor-core product needs anyway, at half
+the bytes of reading the fp32 state once per hidden tile.
 
 Backward: one launch per step, ``t = T-1 .. 0``, same grid, bound the same way.
 Notation: ``dG_t`` ``[B, G*H]`` (fp32, kept for all steps) is the pre-activation
@@ -233,6 +236,7 @@ def _carry_dot(
 def _gru_fwd_step_kernel(
     gi_ptr,  # [N, D*3H] input projections of all steps (dense: N = T*B, row t*B + b), row stride stride_x
     state_ptr,  # [D, 2, B, H] fp32 state: step s reads slot (s+1) % 2, writes slot s % 2 (both start as h0)
+    h0_ptr,  # [D, B, H] h0: with hs, the product's operand (h_{t-1} in the input dtype)
     w_ptr,  # [D, 3H, H] W_hh
     b_ptr,  # [D, 3H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
@@ -245,7 +249,7 @@ def _gru_fwd_step_kernel(
     PRECISION: tl.constexpr,
 ):
     d = tl.program_id(2)  # direction (grid axis 2: both directions of a bidirectional layer at once)
-    off, n, _, _, _, _ = _step(steps_ptr, d, s, B, S, PACKED)
+    off, n, p_off, n_prev, _, _ = _step(steps_ptr, d, s, B, S, PACKED)
     if tl.program_id(0) * BLOCK_B >= n:  # a packed step with fewer rows than the grid covers
         return
     offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
@@ -260,7 +264,8 @@ def _gru_fwd_step_kernel(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        h = load_tile(h_ptr, offs_b, offs_k, H, 1, mask_b, mask_k)
+        h = _load_prev(hs_ptr + p_off * stride_y + d * H, stride_y, h0_ptr + d * B * H, H, offs_b, offs_k,
+                       mask_b, mask_k, n_prev)
         acc_r = dot_acc(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
         acc_z = dot_acc(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
         acc_n = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
@@ -353,6 +358,7 @@ def _lstm_fwd_step_kernel(
     gi_ptr,  # [N, D*4H] input projections of all steps, row stride stride_x
     state_ptr,  # [D, 2, B, H] fp32 h state (ping-pong as the GRU's; both slots start as h0)
     cstate_ptr,  # [D, 2, B, H] fp32 c state (likewise, c0)
+    h0_ptr,  # [D, B, H] h0: with hs, the product's operand (h_{t-1} in the input dtype)
     w_ptr,  # [D, 4H, H] W_hh
     b_ptr,  # [D, 4H] b_hh or None
     len_ptr,  # [B] int64 lengths or None
@@ -366,7 +372,7 @@ def _lstm_fwd_step_kernel(
     PRECISION: tl.constexpr,
 ):
     d = tl.program_id(2)  # direction
-    off, n, _, _, _, _ = _step(steps_ptr, d, s, B, S, PACKED)
+    off, n, p_off, n_prev, _, _ = _step(steps_ptr, d, s, B, S, PACKED)
     if tl.program_id(0) * BLOCK_B >= n:
         return
     offs_b, offs_j, mask_b, mask_j = tile_offsets(n, H, BLOCK_B, BLOCK_H)
@@ -383,7 +389,8 @@ def _lstm_fwd_step_kernel(
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < H
-        h = load_tile(h_ptr, offs_b, offs_k, H, 1, mask_b, mask_k)
+        h = _load_prev(hs_ptr + p_off * stride_y + d * H, stride_y, h0_ptr + d * B * H, H, offs_b, offs_k,
+                       mask_b, mask_k, n_prev)
         acc_i = dot_acc(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
         acc_f = dot_acc(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
         acc_g = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
@@ -628,7 +635,7 @@ def gru_recurrence_forward(
     grid, kw = _launch_args(B, H)
     launch_steps(
         _gru_fwd_step_kernel, grid, range(T),
-        [gi, _initial_state(h0), w, b, lens, hs, gates if save_gates else None, None,
+        [gi, _initial_state(h0), h0, w, b, lens, hs, gates if save_gates else None, None,
          0, B, H, T, T * B, 3 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=lens is not None, SAVE_GATES=save_gates, PACKED=False, **kw,
     )
@@ -706,7 +713,7 @@ def lstm_recurrence_forward(
     grid, kw = _launch_args(B, H)
     launch_steps(
         _lstm_fwd_step_kernel, grid, range(T),
-        [gi, _initial_state(h0), _initial_state(c0), w, b, lens, hs, cs, gates if save_gates else None, None,
+        [gi, _initial_state(h0), _initial_state(c0), h0, w, b, lens, hs, cs, gates if save_gates else None, None,
          0, B, H, T, T * B, 4 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=lens is not None, SAVE_GATES=save_gates, PACKED=False, **kw,
     )
@@ -856,7 +863,7 @@ def gru_packed_recurrence_forward(
     S = len(plan.steps)
     launch_steps(
         _gru_fwd_step_kernel, grid, range(S),
-        [gi, _initial_state(h0), w, b, None, hs, gates if save_gates else None, plan.table(gi.device),
+        [gi, _initial_state(h0), h0, w, b, None, hs, gates if save_gates else None, plan.table(gi.device),
          0, B, H, S, N, 3 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
     )
@@ -918,7 +925,7 @@ def lstm_packed_recurrence_forward(
     S = len(plan.steps)
     launch_steps(
         _lstm_fwd_step_kernel, grid, range(S),
-        [gi, _initial_state(h0), _initial_state(c0), w, b, None, hs, cs, gates if save_gates else None,
+        [gi, _initial_state(h0), _initial_state(c0), h0, w, b, None, hs, cs, gates if save_gates else None,
          plan.table(gi.device), 0, B, H, S, N, 4 * H, H],
         HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
     )
@@ -1018,7 +1025,7 @@ def gru_bidirectional_recurrence_forward(
     S = batch_sizes.shape[0]
     launch_steps(
         _gru_fwd_step_kernel, grid + (2,), range(S),
-        [gi, _initial_state(h0), w, b, None, hs, gates if save_gates else None, tables,
+        [gi, _initial_state(h0), h0, w, b, None, hs, gates if save_gates else None, tables,
          0, B, H, S, N, 6 * H, 2 * H],
         HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
     )
@@ -1076,7 +1083,7 @@ def lstm_bidirectional_recurrence_forward(
     S = batch_sizes.shape[0]
     launch_steps(
         _lstm_fwd_step_kernel, grid + (2,), range(S),
-        [gi, _initial_state(h0), _initial_state(c0), w, b, None, hs, cs, gates if save_gates else None, tables,
+        [gi, _initial_state(h0), _initial_state(c0), h0, w, b, None, hs, cs, gates if save_gates else None, tables,
          0, B, H, S, N, 8 * H, 2 * H],
         HAS_BIAS=b is not None, HAS_LENGTHS=False, SAVE_GATES=save_gates, PACKED=True, **kw,
     )
