@@ -137,27 +137,36 @@ def pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-# Streaming multiprocessors of the GPUs fastseq is tuned for (H100/H200 SXM: 132).
+# The machine the tile choice is modelled on (H100/H200 SXM): SMs, and the L2 read
+# bandwidth of the whole GPU and of one 4-8-warp CTA (32 B/clock at 1.98 GHz: half the
+# SM's 64 B/clock port, for a CTA without deep pipelining). Assumptions until a GPU
+# calibrates them (bench/NOTES.md v0.7).
 TARGET_SMS = 132
+L2_BYTES_PER_S = 5.5e12
+L2_BYTES_PER_S_PER_CTA = 32 * 1.98e9
 
 
 def pick_blocks(B: int, H: int) -> Blocks:
     """Tile sizes for a ``[B, H]`` state (the one place they are chosen; no autotuning yet).
 
     Under the interpreter everything is 16, which keeps the numpy emulation small
-    and exercises the multi-tile and masking paths. On a GPU:
+    and exercises the multi-tile and masking paths. On a GPU the kernels tiled this
+    way (a step of the recurrence, the decoder cell) stream ``W [G*H, H]`` and the
+    state from L2 once per step: every row tile re-reads W and every hidden tile
+    re-reads the state rows. The tiles minimise the modelled L2 time of one step,
 
-    * ``BLOCK_B`` is B rounded up to a power of two, at most 32: B <= 8 does not pay
-      for 16 padded rows in its loads, stores and registers (``tl.dot`` takes M >= 1
-      on NVIDIA GPUs);
-    * the hidden tile, then the row tile (not below 16), shrink until the grid has
-      :data:`TARGET_SMS` programs, one per SM, where the size allows (B = 64, H = 512:
-      128 programs of 16 x 16);
-    * 8 warps for tiles of 32 x 64 and more (their 3-4 fp32 accumulators and the
-      operand tiles do not fit 4 warps' registers without spilling).
+        (cdiv(B, BLOCK_B) * G*H*H + cdiv(H, BLOCK_H) * B*H) * 2 bytes
+        / min(L2_BYTES_PER_S, programs * L2_BYTES_PER_S_PER_CTA)
 
-    Remembered per (B, H): choosing costs ~17 us of Python (triton's helpers), a
-    cache hit ~0.3 us, and a decoder asks at every step.
+    (G = 4, half-precision bytes; the same choice serves the GRU), over ``BLOCK_B``
+    a power of two up to B (at most 64: B <= 8 pays no padded rows; ``tl.dot`` takes
+    M >= 1 on NVIDIA GPUs) and ``BLOCK_H`` in {16, 32, 64}, with at most 4096
+    accumulator elements per gate; 8 warps from 2048. Ties go to more programs.
+    Filling all 132 SMs with 16 x 16 tiles would re-read W_hh once per 16 rows: at
+    B = 64, H = 1024 that is 4x the bytes of 64-row tiles (bench/NOTES.md v0.7).
+
+    Remembered per (B, H): choosing costs ~17 us of Python, a cache hit ~0.3 us,
+    and a decoder asks at every step.
     """
     return _pick_blocks(int(B), int(H), interpreter_on())
 
@@ -166,21 +175,23 @@ def pick_blocks(B: int, H: int) -> Blocks:
 def _pick_blocks(B: int, H: int, interpreted: bool) -> Blocks:
     if interpreted:
         return Blocks(16, 16, 16, 1)
-    block_b = pow2(B, 1, 32)
-    block_h = pow2(H, 16, 64)
-
-    def programs() -> int:
-        return -(-B // block_b) * -(-H // block_h)
-
-    while programs() < TARGET_SMS:
-        if block_h > 16:
-            block_h //= 2
-        elif block_b > 16:
-            block_b //= 2
-        else:
+    best = None
+    block_b = 1
+    while True:
+        for block_h in (16, 32, 64):
+            if block_b * block_h > 4096:
+                continue
+            n_b, n_h = -(-B // block_b), -(-H // block_h)
+            programs = n_b * n_h
+            seconds = (n_b * 4 * H * H + n_h * B * H) * 2 / min(L2_BYTES_PER_S, programs * L2_BYTES_PER_S_PER_CTA)
+            key = (seconds, -programs)
+            if best is None or key < best[0]:
+                best = (key, block_b, block_h)
+        if block_b >= min(B, 64):
             break
-    block_k = pow2(H, 16, 32)
-    return Blocks(block_b, block_h, block_k, 8 if block_b * block_h >= 32 * 64 else 4)
+        block_b *= 2
+    _, block_b, block_h = best
+    return Blocks(block_b, block_h, pow2(H, 16, 32), 8 if block_b * block_h >= 2048 else 4)
 
 
 def _hooked(hook: Any) -> bool:
