@@ -132,9 +132,20 @@ class Blocks(NamedTuple):
     num_warps: int
 
 
+def next_pow2(n: int) -> int:
+    """The power of two at or above ``n`` (>= 1), in plain Python: ``triton.next_power_of_2``
+    and ``triton.cdiv`` are ConstexprFunctions that cost ~3 us per call from the host."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``, in plain Python (see :func:`next_pow2`)."""
+    return -(-a // b)
+
+
 def pow2(n: int, lo: int, hi: int) -> int:
     """The power of two at or above ``n``, clamped to ``[lo, hi]``."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, next_pow2(n)))
 
 
 # The machine the tile choice is modelled on (H100/H200 SXM): SMs, and the L2 read
@@ -278,7 +289,7 @@ def hidden_tile_limits(B: int, H: int, n: int, what: str) -> Optional[limits.Uns
         return limits.Unsupported(
             "int32-index", f"{what}, past the Triton kernels' int32 offsets (at most {limits.MAX_INDEX})"
         )
-    tiles = triton.cdiv(H, pick_blocks(B, H).BLOCK_H)
+    tiles = cdiv(H, pick_blocks(B, H).BLOCK_H)
     if tiles > limits.MAX_GRID_YZ:
         return limits.Unsupported(
             "grid", f"H={H}: {tiles} hidden tiles on grid axis 1, past the limit {limits.MAX_GRID_YZ}"

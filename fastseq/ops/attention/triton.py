@@ -63,7 +63,7 @@ from fastseq.backend import alloc, limits as backend_limits
 from fastseq.backend.selection import interpreter_on
 from fastseq.ops.attention.naive import attention_score_grad
 from fastseq.ops.launches import counted
-from fastseq.ops.triton_utils import fast_tanh_ok, precision, tanh_fast
+from fastseq.ops.triton_utils import cdiv, fast_tanh_ok, next_pow2, precision, tanh_fast
 
 __all__ = ["additive_attention_forward", "additive_attention_backward", "limits"]
 
@@ -105,13 +105,6 @@ def _valid_positions(mask_ptr, len_ptr, b, offs_s, S, stride_mb,
     return valid
 
 
-@triton.heuristics(
-    {
-        "HAS_MASK": lambda a: a["mask_ptr"] is not None,
-        "HAS_LENGTHS": lambda a: a["len_ptr"] is not None,
-        "USE_DOT": lambda a: a["BLOCK_T"] >= 16,
-    }
-)
 @triton.jit
 def _attention_fwd_kernel(
     q_ptr,  # [B, T, A] (last dim contiguous)
@@ -253,7 +246,7 @@ class _Blocks(NamedTuple):
 
 
 def _p2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(n)
 
 
 def _fwd_blocks(T: int, S: int, A: int, D: int) -> _Blocks:
@@ -309,7 +302,7 @@ def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     max_grid, max_index = backend_limits.MAX_GRID_YZ, backend_limits.MAX_INDEX
     if B > max_grid:
         return backend_limits.Unsupported("grid", f"B={B} batch rows on grid axis 1, past the limit {max_grid}")
-    n_s = triton.cdiv(S, _bwd_blocks(T, S, A).BLOCK_S)
+    n_s = cdiv(S, _bwd_blocks(T, S, A).BLOCK_S)
     if n_s > max_grid:
         return backend_limits.Unsupported(
             "grid", f"S={S}: {n_s} source tiles on grid axis 2, past the limit {max_grid}"
@@ -359,11 +352,12 @@ def additive_attention_forward(
     scores = weights if weights.dtype == torch.float32 else torch.empty(
         (B, T, S), device=values.device, dtype=torch.float32)
     blk = _fwd_blocks(T, S, A, D)
-    _fwd[(triton.cdiv(T, blk.BLOCK_T), B)](
+    _fwd[(cdiv(T, blk.BLOCK_T), B)](
         q, k, v, e, m, lens, context, weights, scores,
         T, S, A, D,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         0 if m is None else m.stride(0),
+        HAS_MASK=m is not None, HAS_LENGTHS=lens is not None, USE_DOT=blk.BLOCK_T >= 16,
         SCRATCH=scores is not weights, FAST=fast_tanh_ok(values.dtype),
         BLOCK_T=blk.BLOCK_T, BLOCK_S=blk.BLOCK_S, BLOCK_A=blk.BLOCK_A, BLOCK_D=blk.BLOCK_D,
         PRECISION=precision(), num_warps=blk.num_warps,
@@ -387,7 +381,7 @@ def additive_attention_backward(
     de, dvalues = attention_score_grad(grad_context, grad_weights, values, weights)
     de = de.float().contiguous()
     blk = _bwd_blocks(T, S, A)
-    n_s = triton.cdiv(S, blk.BLOCK_S)
+    n_s = cdiv(S, blk.BLOCK_S)
     dk = alloc.empty(proj_keys.shape, proj_keys)
     if B == 0 or T == 0 or S == 0 or A == 0:
         dk.zero_()
@@ -396,7 +390,7 @@ def additive_attention_backward(
     dq = alloc.empty((B, T, A), query) if n_s == 1 else alloc.empty((n_s, B, T, A), query, torch.float32)
     dv = alloc.empty((n_s, B, A), query, torch.float32)
     q, k = _last_contiguous(query), _last_contiguous(proj_keys)
-    _energy_bwd[(triton.cdiv(A, blk.BLOCK_A), B, n_s)](
+    _energy_bwd[(cdiv(A, blk.BLOCK_A), B, n_s)](
         q, k, energy.contiguous(), de, dk, dq, dv,
         B, T, S, A, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         FAST=fast_tanh_ok(query.dtype),

@@ -30,19 +30,13 @@ from fastseq.backend import alloc, limits as backend_limits
 from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward
 from fastseq.ops.triton_utils import (
-    contiguous_or_none, dot_acc, hidden_tile_limits, load_row, load_tile, load_tile_native, pick_blocks, precision,
+    cdiv, contiguous_or_none, dot_acc, hidden_tile_limits, load_row, load_tile, load_tile_native, pick_blocks, precision,
     rows_contiguous, store_tile, tile_offsets,
 )
 
 __all__ = ["gru_context_cell_forward", "gru_context_cell_backward", "limits"]
 
 
-@triton.heuristics(
-    {
-        "SAVE_GATES": lambda a: a["gates_ptr"] is not None,
-        "HAS_BIAS": lambda a: a["b_ptr"] is not None,
-    }
-)
 @triton.jit
 def _gru_context_cell_fwd_kernel(
     gi_ptr,  # [B, 3H] (row stride stride_gi)
@@ -151,11 +145,12 @@ def gru_context_cell_forward(
     gi, gh, h = rows_contiguous(gi), rows_contiguous(gh), rows_contiguous(h)
     c, w = context.contiguous(), w_ic.contiguous()
     blk = pick_blocks(B, H)
-    grid = (triton.cdiv(B, blk.BLOCK_B), triton.cdiv(H, blk.BLOCK_H))
+    grid = (cdiv(B, blk.BLOCK_B), cdiv(H, blk.BLOCK_H))
+    b = contiguous_or_none(b_hh)
     _fwd[grid](
-        gi, c, w, gh, contiguous_or_none(b_hh), h, out, gates if save_gates else None,
+        gi, c, w, gh, b, h, out, gates if save_gates else None,
         B, H, D, gi.stride(0), gh.stride(0), h.stride(0),
-        BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, BLOCK_K=blk.BLOCK_K,
+        SAVE_GATES=save_gates, HAS_BIAS=b is not None, BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, BLOCK_K=blk.BLOCK_K,
         PRECISION=precision(), num_warps=blk.num_warps,
     )
     return out, gates
@@ -172,7 +167,7 @@ def gru_context_cell_backward(
     if B and H:
         h = rows_contiguous(h)
         blk = pick_blocks(B, H)
-        grid = (triton.cdiv(B, blk.BLOCK_B), triton.cdiv(H, blk.BLOCK_H))
+        grid = (cdiv(B, blk.BLOCK_B), cdiv(H, blk.BLOCK_H))
         _bwd[grid](grad_h.contiguous(), gates.contiguous(), h, dgi, dgh, dhp, B, H, h.stride(0),
                    BLOCK_B=blk.BLOCK_B, BLOCK_H=blk.BLOCK_H, num_warps=blk.num_warps)
     dctx = (dgi @ w_ic.to(dgi.dtype)).to(context.dtype)

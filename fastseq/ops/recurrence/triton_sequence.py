@@ -104,7 +104,7 @@ from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward, lstm_gates, lstm_gates_backward
 from fastseq.ops.recurrence.triton import empty_backward, prep_lengths, weight_grads
 from fastseq.ops.triton_utils import (
-    contiguous_or_none, dot_acc, load_row, load_tile, load_tile_native, pow2, precision, store_tile,
+    cdiv, contiguous_or_none, dot_acc, load_row, load_tile, load_tile_native, pow2, precision, store_tile,
 )
 
 __all__ = [
@@ -602,8 +602,8 @@ def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] 
     """
     interpreted = interpreter_on()
     bb, bh, bk, nw, ns = _blocks(B, interpreted)
-    n_b = triton.cdiv(B, bb)
-    tiles = triton.cdiv(H, bh)
+    n_b = cdiv(B, bb)
+    tiles = cdiv(H, bh)
     if programs_per_rows is not None:
         if programs_per_rows < 1 or (programs_per_rows > 1 and interpreted):
             raise ValueError(f"programs_per_rows={programs_per_rows}: must be >= 1, and 1 under the Triton "
@@ -641,7 +641,7 @@ def fits(B: int, H: int, G: int, dtype: torch.dtype, device: torch.device) -> bo
     n = max(B * 4 * H, 4 * B * H, G * H * H)
     if n > backend_limits.MAX_INDEX:
         return False
-    return triton.cdiv(B, _blocks(B, interpreter_on())[0]) <= backend_limits.MAX_GRID_X
+    return cdiv(B, _blocks(B, interpreter_on())[0]) <= backend_limits.MAX_GRID_X
 
 
 def _kw(p: Plan) -> dict:
