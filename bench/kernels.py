@@ -713,7 +713,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.out:
         out = Path(args.out)
         if args.out.endswith(("/", os.sep)) or out.is_dir():
-            out = out / f"kernels-{result['arch']}-triton{triton.__version__}-{time.strftime('%Y-%m-%d')}.json"
+            arch = result["arch"].replace("_", "")
+            out = out / f"kernels-{arch}-triton{triton.__version__}-{time.strftime('%Y-%m-%d')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
         print(f"wrote {out}")
