@@ -2,6 +2,17 @@
 
     python -m fastseq.bench.kernels --out kernels.json            # the full grid
     python -m fastseq.bench.kernels --out k.json --grid tiny      # a few kernels (CI, the dry GPU check)
+    python -m fastseq.bench.kernels --grid ci --mode stub --out bench/results/   # the suites' sizes
+
+``--grid ci`` is every launch of the benchmark suites' GPU grids (:func:`suite_jobs`);
+tests/test_kernel_resources.py runs it (no GPU needed) and asserts no spills, tensor
+cores in the half-precision kernels' products and none in IEEE float32. From a
+checkout whose installed ``fastseq.bench`` is another one, or with another Python
+(e.g. the Triton 3.6 one)::
+
+    PY=/tmp/venv36/bin/python; PYTHONPATH=$PWD $PY bench/gpu_check.py run $PWD fastseq.bench.kernels \
+        --grid ci --mode stub --out bench/results/     # -> kernels-sm90a-triton3.6.0-<date>.json
+    PYTHONPATH=$PWD $PY -m pytest -q tests/test_kernel_resources.py   # the same assertions
 
 The kernels are not compiled from hand-written constexprs: the real launch functions
 (``fastseq/ops/<op>/triton.py``) are called for a grid of sizes and dtypes, so every
@@ -25,15 +36,26 @@ Resources per compiled kernel:
   ``regs``);
 * ``shared``: the dynamic shared memory Triton launches the kernel with;
   ``num_warps``, ``num_stages``;
+* ``sass``: static instruction counts in the cubin's SASS (``cuobjdump -sass``,
+  :func:`sass_counts`): the tensor-core ``HMMA`` (mma.sync), ``HGMMA`` (Hopper's
+  wgmma), ``IMMA``..., and ``FFMA``, ``MUFU``, ``LDL``/``STL`` (local memory);
+  ``mma``: ``{"tensor_cores": bool, "instructions": {"HMMA.16816.F32.BF16": n, ...}}``
+  (the modifiers name the shape and operand types);
+* ``n_dots``, ``dot_dtypes``: the kernel's ``tl.dot`` calls and their operand and
+  accumulator types from its Triton IR (``["bf16*bf16->f32"]``; ``f32*f32->f32`` when
+  half operands were cast to fp32 first) (:func:`dot_dtypes`); ``job_dtypes``: the
+  dtypes of the jobs that launched it;
 * on a GPU: ``driver_regs``, ``driver_local_bytes`` (``cuFuncGetAttribute``).
 
 Sizes (``--grid full``): B in {8, 64, 256}, H in {512, 1024}, float32 and bfloat16,
 for the GRU and LSTM recurrences (forward with and without saved gates, backward),
-the decoder cell (D = 2H) and, at B = 64, packed input (lengths), the attention
-(one query and 32; A = H, D = 2H, S = 32) and float32 with TF32 opted in.
+the decoder cell (D = 2H) and, at B = 64, lengths and packed input (both directions),
+the attention (one query and 32; A = H, D = 2H, S = 32) and float32 with TF32
+opted in. ``--grid ci``: :func:`suite_jobs` (about 200 jobs, about 210 kernels).
 
 Output: ``{"triton", "torch", "arch", "ptxas", "mode", "grid", "jobs": [...],
-"kernels": [rows], "errors": [...]}``; a table on stdout.
+"kernels": [rows], "errors": [...], "n_kernels", "n_spilling", "n_with_dot",
+"n_tensor_cores"}``; a table on stdout.
 """
 from __future__ import annotations
 
@@ -62,8 +84,21 @@ MODULES = ("fastseq.ops.recurrence.triton", "fastseq.ops.attention.triton", "fas
 # ------------------------------------------------------------------ the grid
 
 
+GRIDS = ("tiny", "quick", "ci", "full")
+
+
 def jobs(grid: str) -> List[Dict[str, Any]]:
-    """The calls to make: one dict per (op, sizes, dtype, variant)."""
+    """The calls to make: one dict per (op, sizes, dtype, variant).
+
+    Recurrence jobs (``op`` gru/lstm): ``saves`` (forward without/with the gates the
+    backward needs; default both), ``bwd``, ``steps`` (time steps, default 2: the
+    first and a later one), ``dense`` (the dense op, default True; ``lengths``: with
+    per-row lengths), ``packed`` (the packed op: ``fwd``/``rev`` on ragged lengths,
+    ``full-rev`` reversed on a full batch, which is how a dense bidirectional layer
+    runs its reverse direction).
+    """
+    if grid == "ci":
+        return suite_jobs()
     out: List[Dict[str, Any]] = []
     if grid == "tiny":  # the host suite's tiny cases exactly: one Triton cache fill serves both
         for kind in ("gru", "lstm"):
@@ -81,7 +116,8 @@ def jobs(grid: str) -> List[Dict[str, Any]]:
         if grid == "full":
             for H in Hs:
                 for kind in ("gru", "lstm"):
-                    out.append(dict(op=kind, B=64, H=H, dtype=dtype, bwd=True, lengths=True))
+                    out.append(dict(op=kind, B=64, H=H, dtype=dtype, bwd=True, lengths=True,
+                                    packed=["fwd", "rev"]))
                 for T in (1, 32):
                     out.append(dict(op="attention", B=64, T=T, S=32, A=H, D=2 * H, dtype=dtype, bwd=True))
     if grid == "full":
@@ -92,9 +128,100 @@ def jobs(grid: str) -> List[Dict[str, Any]]:
     return out
 
 
+def suite_jobs(grids=("quick", "full"), dtypes=("float32", "bfloat16"),
+               tf32_controls: bool = True) -> List[Dict[str, Any]]:
+    """Every Triton launch the benchmark suites make on a GPU, as jobs (``--grid ci``).
+
+    The ``layer``, ``cell``, ``attention`` and ``decoder_step`` suites' ``grids``
+    (``quick``: the first GPU check; ``full``: ``fastseq bench`` on a GPU), read from
+    the suites' own ``grid()`` functions, each in every one of ``dtypes``. Cases that
+    launch one op at the same sizes are merged into one job (a layer's ``fwd`` and
+    ``fwdbwd`` modes, its T = 32 and T = 128 runs, uni- and bidirectional: the
+    recurrence kernels specialise on neither T nor the step).
+
+    How the cases launch the kernels (fastseq.nn.rnn, fastseq.nn.cell, fastseq.seq2seq.model):
+
+    * layer ``(kind, mode, B, H, T, bi, packed)``: dense input -> the dense op, and for a
+      bidirectional layer the packed op reversed on a full batch (its reverse
+      direction); packed input -> the packed op on ragged lengths (also reversed if
+      bidirectional). ``fwd`` runs without the saved gates, ``fwdbwd`` with them and
+      the backward;
+    * cell ``(kind, mode, B, H)``: the dense recurrence op for one step;
+    * attention ``(mode, B, T, S, A, D)``: with a mask;
+    * decoder_step ``(mode, B, S, T)``: ``attention_gru_step`` per target token: the
+      attention with one query and a mask (A = attn_size, D = 2 enc_hidden_size) and
+      the GRU context cell (H = dec_hidden_size, D = 2 enc_hidden_size) of the
+      ``multi30k-gpu`` model, the one the suite times on a GPU.
+
+    ``tf32_controls``: also the ``full`` grid's four float32 jobs with TF32 opted in
+    (labels ending ``-tf32``), where tensor cores are expected in float32: a positive
+    control for the SASS count.
+    """
+    import torch
+
+    from .core import Context, Grid, seq2seq_model
+    from .suites import attention, cell, decoder_step, layer
+
+    merged: Dict[tuple, Dict[str, Any]] = {}
+
+    def add(job: Dict[str, Any]) -> None:
+        key = tuple((k, job[k]) for k in ("op", "B", "T", "S", "A", "H", "D", "steps", "dtype") if k in job)
+        m = merged.get(key)
+        if m is None:
+            merged[key] = dict(job, saves=list(job.get("saves", [])), packed=list(job.get("packed", [])))
+            return
+        m["saves"] = sorted(set(m["saves"]) | set(job.get("saves", [])))
+        m["packed"] = sorted(set(m["packed"]) | set(job.get("packed", [])))
+        m["bwd"] = m["bwd"] or job["bwd"]
+        m["dense"] = m.get("dense", True) or job.get("dense", True)
+
+    for name in grids:
+        ctx = Context(device=torch.device("cuda"), dtypes=[], grid=Grid(name), verbose=False)
+        cfg = seq2seq_model(ctx)
+        for dtype in dtypes:
+            for kind, mode, B, H, T, bi, packed in layer.grid(ctx):
+                bwd = mode == "fwdbwd"
+                if packed:
+                    variants = dict(dense=False, packed=["fwd", "rev"] if bi else ["fwd"])
+                else:
+                    variants = dict(dense=True, packed=["full-rev"] if bi else [])
+                add(dict(op=kind, B=B, H=H, dtype=dtype, bwd=bwd, saves=[bwd], steps=min(T, 2), **variants))
+            for kind, mode, B, H in cell.grid(ctx):
+                bwd = mode == "fwdbwd"
+                add(dict(op=kind[:-len("cell")], B=B, H=H, dtype=dtype, bwd=bwd, saves=[bwd], steps=1, dense=True))
+            for mode, B, T, S, A, D in attention.grid(ctx):
+                add(dict(op="attention", B=B, T=T, S=S, A=A, D=D, dtype=dtype, bwd=mode == "fwdbwd"))
+            for mode, B, S, T in decoder_step.grid(ctx):
+                bwd, D = mode == "fwdbwd", 2 * cfg.enc_hidden_size
+                add(dict(op="attention", B=B, T=1, S=S, A=cfg.attn_size, D=D, dtype=dtype, bwd=bwd))
+                add(dict(op="cell", B=B, H=cfg.dec_hidden_size, D=D, dtype=dtype, bwd=bwd, saves=[bwd]))
+    out = []
+    for job in merged.values():
+        for k in ("packed", "saves"):
+            if not job[k]:
+                del job[k]
+        out.append(job)
+    if tf32_controls:  # float32 with TF32 opted in (no suite's fastseq run): their dots must use tensor cores
+        for op in ("gru", "lstm"):
+            out.append(dict(op=op, B=64, H=512, dtype="float32", bwd=True, tf32=True))
+        out.append(dict(op="cell", B=64, H=512, D=1024, dtype="float32", bwd=True, tf32=True))
+        out.append(dict(op="attention", B=64, T=32, S=32, A=512, D=1024, dtype="float32", bwd=True, tf32=True))
+    return out
+
+
 def label(job: Dict[str, Any]) -> str:
-    parts = [job["op"]] + [f"{k}{job[k]}" for k in ("B", "T", "S", "A", "H", "D") if k in job] + [job["dtype"]]
+    """``lstm-B256-H1024-bfloat16``, plus the variants that differ from the defaults."""
+    parts = [job["op"]] + [f"{k}{job[k]}" for k in ("B", "T", "S", "A", "H", "D") if k in job]
+    if job.get("steps", 2) != 2:
+        parts.append(f"steps{job['steps']}")
+    parts.append(job["dtype"])
     parts += [k for k in ("lengths", "tf32") if job.get(k)]
+    if job.get("dense") is False:
+        parts.append("nodense")
+    if job.get("packed"):
+        parts.append("packed:" + ",".join(job["packed"]))
+    if not job.get("bwd"):
+        parts.append("fwdonly")
     return "-".join(parts)
 
 
@@ -117,10 +244,12 @@ def _run_job(job: Dict[str, Any], device: str) -> None:
     op, B = job["op"], job["B"]
     saves = job.get("saves", [False, True])  # forward without and with the gates the backward needs
     if op in ("gru", "lstm"):
-        H, T, G = job["H"], 2, 3 if op == "gru" else 4  # T = 2: the backward's first and later steps
+        H, T, G = job["H"], job.get("steps", 2), 3 if op == "gru" else 4  # T = 2: first and later steps
         gi, h0, c0, w, b = rnd(T, B, G * H), rnd(B, H), rnd(B, H), rnd(G * H, H, scale=H ** -0.5), rnd(G * H)
-        lens = torch.tensor([T] + [1] * (B - 1)) if job.get("lengths") else None
         for save in saves:
+            if not job.get("dense", True):
+                break
+            lens = torch.tensor([T] + [1] * (B - 1)) if job.get("lengths") else None
             if op == "gru":
                 hs, gates = rnn.gru_recurrence_forward(gi, h0, w, b, lens, save)
                 if save and job.get("bwd"):
@@ -129,6 +258,26 @@ def _run_job(job: Dict[str, Any], device: str) -> None:
                 hs, cs, gates = rnn.lstm_recurrence_forward(gi, h0, c0, w, b, lens, save)
                 if save and job.get("bwd"):
                     rnn.lstm_recurrence_backward(rnd(T, B, H), None, h0, c0, w, hs, cs, gates, lens, True)
+        for variant in job.get("packed", []):
+            # ragged: lengths T, T-1, ..., 1, 1, ... (the reverse direction's later steps
+            # start rows from h0); full-rev: every row T steps (a dense bidirectional layer)
+            if variant == "full-rev":
+                lengths = torch.full((B,), T)
+            else:
+                lengths = torch.tensor([max(1, T - i) for i in range(B)])
+            bs = torch.tensor([int((lengths > t).sum()) for t in range(T)], dtype=torch.int64)
+            N, rev = int(bs.sum()), variant != "fwd"
+            pgi = rnd(N, G * H)
+            for save in saves:
+                if op == "gru":
+                    hs, gates = rnn.gru_packed_recurrence_forward(pgi, h0, w, b, bs, rev, save)
+                    if save and job.get("bwd"):
+                        rnn.gru_packed_recurrence_backward(rnd(N, H), h0, w, hs, gates, bs, rev, True)
+                else:
+                    hs, cs, gates = rnn.lstm_packed_recurrence_forward(pgi, h0, c0, w, b, bs, rev, save)
+                    if save and job.get("bwd"):
+                        rnn.lstm_packed_recurrence_backward(rnd(N, H), None, h0, c0, w, hs, cs, gates, bs, rev,
+                                                            True)
     elif op == "cell":
         H, D = job["H"], job["D"]
         gi, ctx, w_ic = rnd(B, 3 * H), rnd(B, D), rnd(3 * H, D, scale=D ** -0.5)
@@ -198,13 +347,32 @@ def _describe(name: str, fn, ck) -> Dict[str, Any]:
         if "divisibility" in text:
             spec.append(arg(key))
     md = ck.metadata
+    dots = dot_dtypes(ck.asm.get("ttir", ""))
     return {
         "kernel": name, "hash": ck.hash[:16],
         "constexprs": {k: v for k, v in consts.items() if k.isupper()},
         "none_args": sorted(k for k, v in consts.items() if v is None),
         "pointer_dtypes": pointers, "divisible_by_16": sorted(spec),
         "num_warps": md.num_warps, "num_stages": md.num_stages, "shared": md.shared,
+        "n_dots": sum(dots.values()), "dot_dtypes": sorted(dots),
     }
+
+
+_DOT = re.compile(r"= tt\.dot (?P<attrs>[^:]*): tensor<(?:\d+x)+(?P<a>\w+)> \* tensor<(?:\d+x)+(?P<b>\w+)> "
+                  r"-> tensor<(?:\d+x)+(?P<c>\w+)>")
+
+
+def dot_dtypes(ttir: str) -> Dict[str, int]:
+    """The ``tl.dot`` calls of a kernel, from its Triton IR (``ttir``, before any lowering):
+    ``{"bf16*bf16->f32": n, ...}``, the operand and accumulator element types, with
+    ``(tf32)``-style suffixes where the IR names an input precision. A dot whose
+    operands were cast to fp32 in the kernel shows as ``f32*f32->f32``."""
+    out: Dict[str, int] = {}
+    for m in _DOT.finditer(ttir):
+        prec = re.search(r"inputPrecision = (\w+)", m.group("attrs"))
+        key = f"{m.group('a')}*{m.group('b')}->{m.group('c')}" + (f" ({prec.group(1)})" if prec else "")
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def worker(job_list: List[Dict[str, Any]], device: str, dump: Optional[str],
@@ -310,7 +478,42 @@ def resources(ptx: Path, cubin: Path, ptxas: str, flags: List[str], arch: str) -
             out["cubin"] = dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, m.groups())))
     except Exception as exc:  # noqa: BLE001 - the cross-check is optional
         out["cubin"] = f"unavailable: {type(exc).__name__}: {exc}"
+        return out
+    proc = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 or "Function" not in proc.stdout:
+        out["sass_error"] = (proc.stderr or proc.stdout)[-500:] or f"cuobjdump -sass: rc {proc.returncode}"
+        return out
+    out["sass"], mma = sass_counts(proc.stdout)
+    out["mma"] = {"tensor_cores": bool(mma), "instructions": mma}
     return out
+
+
+SASS_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL")
+MMA_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA")  # tensor-core matrix instructions
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)",
+                        re.MULTILINE)
+
+
+def sass_counts(sass: str):
+    """Static instruction counts of a kernel's SASS (``cuobjdump -sass`` text).
+
+    Returns ``(counts, mma)``: ``counts`` maps each opcode of :data:`SASS_OPS` to how
+    many instructions in the code have it as base opcode (``HMMA.16816.F32.BF16`` counts
+    as ``HMMA``; ``HFMA2.MMA``, a half FMA, is not a tensor-core instruction); ``mma``
+    maps each tensor-core instruction (:data:`MMA_OPS`) with its modifiers, which
+    name the shape and the operand types (e.g. ``HGMMA.64x64x16.F32.BF16``), to its count.
+    Sites in the code, not executed instructions: a loop body counts once.
+    """
+    counts = {op: 0 for op in SASS_OPS}
+    mma: Dict[str, int] = {}
+    for m in _SASS_LINE.finditer(sass):
+        full = m.group(1)
+        base = full.split(".")[0]
+        if base in counts:
+            counts[base] += 1
+        if base in MMA_OPS:
+            mma[full] = mma.get(full, 0) + 1
+    return counts, mma
 
 
 # ------------------------------------------------------------------ driver
@@ -392,7 +595,7 @@ def _dtypes(pointers: Dict[str, str]) -> str:
 
 def table(rows: List[Dict[str, Any]]) -> str:
     head = (f"{'kernel':30s} {'dtypes':22s} {'BLOCK_*':14s} {'flags':28s} {'w':>2s} {'regs':>4s} {'spill st/ld':>11s} "
-            f"{'stack':>5s} {'smem':>6s}  sizes")
+            f"{'stack':>5s} {'smem':>6s} {'dots':12s} {'mma':>5s}  sizes")
     lines = [head, "-" * len(head)]
     for r in rows:
         c = r["constexprs"]
@@ -403,15 +606,22 @@ def table(rows: List[Dict[str, Any]]) -> str:
         dtype = _dtypes(r["pointer_dtypes"])
         spill = f"{r.get('spill_stores')}/{r.get('spill_loads')}"
         sizes = ",".join(sorted({u.split('-float')[0].split('-bfloat')[0] for u in r["used_by"]}))[:70]
+        dots = ",".join(d.split("->")[0] for d in r.get("dot_dtypes", [])) or "-"
+        sass = r.get("sass") or {}
+        mma = "?" if not sass else str(sum(sass.get(op, 0) for op in MMA_OPS))
         lines.append(f"{r['kernel'][:30]:30s} {dtype[:22]:22s} {blocks:14s} {flags[:28]:28s} {r['num_warps']:>2d} "
-                     f"{str(r.get('regs')):>4s} {spill:>11s} {str(r.get('stack_frame')):>5s} {r['shared']:>6d}  {sizes}")
+                     f"{str(r.get('regs')):>4s} {spill:>11s} {str(r.get('stack_frame')):>5s} {r['shared']:>6d} "
+                     f"{dots[:12]:12s} {mma:>5s}  {sizes}")
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastseq.bench.kernels", description=__doc__.splitlines()[0])
-    p.add_argument("--out", help="JSON output file")
-    p.add_argument("--grid", choices=("tiny", "quick", "full"), default="full")
+    p.add_argument("--out", help="JSON output file; a folder (existing, or ending in /): "
+                                 "FOLDER/kernels-sm90a-triton<version>-<date>.json")
+    p.add_argument("--grid", choices=GRIDS, default="full",
+                   help="ci: every launch of the benchmark suites' GPU grids (suite_jobs), float32 and bfloat16")
+    p.add_argument("--list", action="store_true", help="print the grid's jobs and exit")
     p.add_argument("--mode", choices=("auto", "stub", "cuda"), default="auto",
                    help="stub: compile on the stub driver (no GPU); cuda: launch on the GPU; "
                         "auto: stub, then cuda when a GPU is present")
@@ -427,6 +637,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.worker is not None:  # a stub worker process
         stubdriver.activate(args.arch)
         print(json.dumps(worker(json.loads(args.worker), "cpu", args.dump)))
+        return 0
+
+    if args.list:
+        for job in jobs(args.grid):
+            print(label(job))
         return 0
 
     import torch
@@ -474,24 +689,35 @@ def main(argv: Optional[List[str]] = None) -> int:
                 merged[h].update(r)
         out_rows = sorted(merged.values(), key=lambda r: (r["kernel"], str(r["pointer_dtypes"]),
                                                           sorted(r["constexprs"].items(), key=str)))
+        dtype_of = {label(j): j["dtype"] for j in job_list}
         for r in out_rows:
+            r["job_dtypes"] = sorted({dtype_of[u] for u in r["used_by"] if u in dtype_of})
             cub = r.get("cubin")
             if isinstance(cub, dict) and r.get("regs") is not None and cub["REG"] != r["regs"]:
                 r["regs_mismatch"] = f"ptxas re-run {r['regs']} != cubin {cub['REG']}"
         result["kernels"] = out_rows
         result["n_kernels"] = len(out_rows)
         result["n_spilling"] = sum(1 for r in out_rows if (r.get("spill_stores") or 0) > 0)
+        result["n_with_dot"] = sum(1 for r in out_rows if r.get("n_dots"))
+        result["n_tensor_cores"] = sum(1 for r in out_rows if (r.get("mma") or {}).get("tensor_cores"))
         result["wall_s"] = round(time.time() - t0, 1)
     finally:
         shutil.rmtree(dump, ignore_errors=True)
     print(table(result.get("kernels", [])))
-    print(f"{result.get('n_kernels', 0)} kernels, {result.get('n_spilling', 0)} spilling; Triton {triton.__version__}, "
+    print(f"{result.get('n_kernels', 0)} kernels, {result.get('n_spilling', 0)} spilling, "
+          f"{result.get('n_tensor_cores', 0)} of the {result.get('n_with_dot', 0)} with a tl.dot on tensor cores; "
+          f"Triton {triton.__version__}, "
           f"ptxas {result.get('ptxas', {}).get('version')}, {result.get('wall_s')} s; errors: {len(result['errors'])}")
     for e in result["errors"]:
         print("!!", e)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        out = Path(args.out)
+        if args.out.endswith(("/", os.sep)) or out.is_dir():
+            arch = result["arch"].replace("_", "")
+            out = out / f"kernels-{arch}-triton{triton.__version__}-{time.strftime('%Y-%m-%d')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
     return 0 if result.get("kernels") else 1
 
 
