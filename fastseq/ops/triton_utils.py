@@ -172,7 +172,10 @@ def pick_blocks(B: int, H: int) -> Blocks:
     (G = 4, half-precision bytes; the same choice serves the GRU), over ``BLOCK_B``
     a power of two up to B (at most 64: B <= 8 pays no padded rows; ``tl.dot`` takes
     M >= 1 on NVIDIA GPUs) and ``BLOCK_H`` in {16, 32, 64}, with at most 4096
-    accumulator elements per gate; 8 warps from 2048. Ties go to more programs.
+    accumulator elements per gate; ties go to more programs. Always 8 warps: with 4,
+    ptxas 13.4 (Triton 3.9) caps some of these kernels at 56-80 registers and spills
+    12-20 bytes (fp32 LSTM forward at 32 x 16, bf16 at 2 x 16); with 8 none spills
+    (tests/test_kernel_resources.py checks every suite size).
     Filling all 132 SMs with 16 x 16 tiles would re-read W_hh once per 16 rows: at
     B = 64, H = 1024 that is 4x the bytes of 64-row tiles (bench/NOTES.md v0.7).
 
@@ -202,7 +205,7 @@ def _pick_blocks(B: int, H: int, interpreted: bool) -> Blocks:
             break
         block_b *= 2
     _, block_b, block_h = best
-    return Blocks(block_b, block_h, pow2(H, 16, 32), 8 if block_b * block_h >= 2048 else 4)
+    return Blocks(block_b, block_h, pow2(H, 16, 32), 8)
 
 
 def _hooked(hook: Any) -> bool:

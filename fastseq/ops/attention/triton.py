@@ -25,8 +25,10 @@ Grid ``(cdiv(T, BLOCK_T), B)``. A program owns ``BLOCK_T`` queries of one row
 3. context: for each ``BLOCK_D`` slice of ``D``, ``sum_j p_j V_j`` over the source
    tiles, reading ``p`` back (``[BLOCK_T, S]`` fp32 per slice: no ``A`` factor).
 
-``p @ V`` uses ``tl.dot`` when ``BLOCK_T >= 16`` (the multi-query form), and a
-broadcast-and-sum otherwise (one decoder step has ``T = 1``). The program
+``p @ V`` uses ``tl.dot`` when ``BLOCK_T >= 16`` (the multi-query form; for half
+values on tensor cores, the fp32 weights rounded to the values' dtype for the
+product, :func:`fastseq.ops.triton_utils.dot_acc`), and a broadcast-and-sum
+otherwise (one decoder step has ``T = 1``). The program
 reads its own stores back (passes 2 and 3), with a CTA barrier in between.
 
 Backward
@@ -63,7 +65,7 @@ from fastseq.backend import alloc, limits as backend_limits
 from fastseq.backend.selection import interpreter_on
 from fastseq.ops.attention.naive import attention_score_grad
 from fastseq.ops.launches import counted
-from fastseq.ops.triton_utils import cdiv, fast_tanh_ok, next_pow2, precision, tanh_fast
+from fastseq.ops.triton_utils import cdiv, dot_acc, fast_tanh_ok, next_pow2, precision, tanh_fast
 
 __all__ = ["additive_attention_forward", "additive_attention_backward", "limits"]
 
@@ -172,11 +174,11 @@ def _attention_fwd_kernel(
             p = tl.load(sc_rows + offs_s[None, :], mask=mask_t[:, None] & (offs_s < S)[None, :],
                         other=0.0).to(tl.float32)
             vals = tl.load(v_row + offs_s[:, None] * stride_vs + offs_d[None, :],
-                           mask=valid[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            if USE_DOT:
-                acc += tl.dot(p, vals, input_precision=PRECISION)
+                           mask=valid[:, None] & mask_d[None, :], other=0.0)
+            if USE_DOT:  # half values: the weights rounded to their dtype, on tensor cores (dot_acc)
+                acc = dot_acc(p, vals, acc, PRECISION)
             else:
-                acc += tl.sum(p[:, :, None] * vals[None, :, :], axis=1)
+                acc += tl.sum(p[:, :, None] * vals.to(tl.float32)[None, :, :], axis=1)
         ctx_ptrs = ctx_ptr + (b * T + offs_t[:, None]) * D + offs_d[None, :]
         tl.store(ctx_ptrs, acc.to(ctx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
