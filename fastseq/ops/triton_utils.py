@@ -171,11 +171,13 @@ def pick_blocks(B: int, H: int) -> Blocks:
 
     (G = 4, half-precision bytes; the same choice serves the GRU), over ``BLOCK_B``
     a power of two up to B (at most 64: B <= 8 pays no padded rows; ``tl.dot`` takes
-    M >= 1 on NVIDIA GPUs) and ``BLOCK_H`` in {16, 32, 64}, with at most 4096
-    accumulator elements per gate; ties go to more programs. Always 8 warps: with 4,
-    ptxas 13.4 (Triton 3.9) caps some of these kernels at 56-80 registers and spills
-    12-20 bytes (fp32 LSTM forward at 32 x 16, bf16 at 2 x 16); with 8 none spills
-    (tests/test_kernel_resources.py checks every suite size).
+    M >= 1 on NVIDIA GPUs) and ``BLOCK_H`` in {16, 32, 64}, with at most 1024
+    accumulator elements per gate; ties go to more programs. Warps: 8, except 4 for
+    one-row tiles. Both limits come from ptxas's spills (tests/test_kernel_resources.py
+    checks every suite size under Triton 3.9 and 3.6): with 4 warps ptxas 13.4 spills
+    12-20 bytes in the fp32 LSTM forward at 32 x 16 and the bf16 one at 2 x 16; with
+    8, ptxas 12.8 spills 4 bytes in the fp32 GRU forward at 1 x 16 and 12 at 64 x 32,
+    and the fp32 LSTM forward at 64 x 32 needs more than 255 registers with 4.
     Filling all 132 SMs with 16 x 16 tiles would re-read W_hh once per 16 rows: at
     B = 64, H = 1024 that is 4x the bytes of 64-row tiles (bench/NOTES.md v0.7).
 
@@ -193,7 +195,7 @@ def _pick_blocks(B: int, H: int, interpreted: bool) -> Blocks:
     block_b = 1
     while True:
         for block_h in (16, 32, 64):
-            if block_b * block_h > 4096:
+            if block_b * block_h > 1024:
                 continue
             n_b, n_h = -(-B // block_b), -(-H // block_h)
             programs = n_b * n_h
@@ -205,7 +207,7 @@ def _pick_blocks(B: int, H: int, interpreted: bool) -> Blocks:
             break
         block_b *= 2
     _, block_b, block_h = best
-    return Blocks(block_b, block_h, pow2(H, 16, 32), 8)
+    return Blocks(block_b, block_h, pow2(H, 16, 32), 4 if block_b == 1 else 8)
 
 
 def _hooked(hook: Any) -> bool:
