@@ -61,3 +61,28 @@ def test_bad_arguments_are_refused(capsys):
     assert "invalid choice: 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--rounds: expected >= 1, got 0"):
         main(["bench", "--rounds", "0", "--grid", "tiny", "--suite", "cell"])
+
+
+def test_step_model_uses_the_tiles_pick_blocks_chooses_and_they_minimise_its_l2_term():
+    """bench/step_model.py (bench/NOTES.md v0.7's table): positive times, the GPU tile
+    choice, and no other candidate tile with a smaller modelled L2 time."""
+    from fastseq.bench import step_model
+    from fastseq.ops import triton_utils as tu
+
+    for kind in ("gru", "lstm"):
+        for B, H in ((1, 256), (16, 768), (64, 1024), (256, 512)):
+            m = step_model.step(kind, B, H)
+            blk = tu.gpu_blocks(B, H)
+            assert (m["BLOCK_B"], m["BLOCK_H"]) == (blk.BLOCK_B, blk.BLOCK_H)
+            assert 0 < m["l2_s"] < m["step_s"]
+
+            def l2(bb, bh):  # pick_blocks' objective (G = 4, 2-byte elements)
+                nb, nh = -(-B // bb), -(-H // bh)
+                return (nb * 4 * H * H + nh * B * H) * 2 / min(tu.L2_BYTES_PER_S, nb * nh * tu.L2_BYTES_PER_S_PER_CTA)
+
+            chosen = l2(blk.BLOCK_B, blk.BLOCK_H)
+            for bb in (1, 2, 4, 8, 16, 32, 64):
+                for bh in (16, 32, 64):
+                    if bb <= max(1, min(B, 64)) and bb * bh <= 1024:
+                        assert chosen <= l2(bb, bh) * (1 + 1e-12), (B, H, bb, bh)
+    assert len(step_model.table()) == 14

@@ -187,6 +187,12 @@ def pick_blocks(B: int, H: int) -> Blocks:
     return _pick_blocks(int(B), int(H), interpreter_on())
 
 
+def gpu_blocks(B: int, H: int) -> Blocks:
+    """:func:`pick_blocks`' choice on a GPU, whether or not the interpreter is on here
+    (bench/step_model.py models the tiles a GPU run would use)."""
+    return _pick_blocks(int(B), int(H), False)
+
+
 @functools.lru_cache(maxsize=4096)
 def _pick_blocks(B: int, H: int, interpreted: bool) -> Blocks:
     if interpreted:
