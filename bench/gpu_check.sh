@@ -21,7 +21,8 @@
 #              compiled on the stub driver (parallel workers), then launched on the GPU;
 #              registers, spills, shared memory -> kernels.json                          [~40-90 s]
 #   test_gpu   tests/test_gpu.py -> junit_gpu.xml                                        [~60-90 s]
-#   parity     test_rnn_parity, test_ops_triton, test_attention_ops, test_decoder_step
+#   parity     test_rnn_parity, test_ops_triton, test_attention_ops, test_decoder_step,
+#              test_attention_triton, test_ops_triton_sequence (not slow)
 #              on CUDA, float32 and bfloat16 (xdist when present) -> junit_parity.xml    [~60-120 s]
 #   parity_notf32  only if a float32 layer parity test failed: test_rnn_parity again with
 #              cuDNN/cuBLAS TF32 off (a pytest plugin), to tell TF32 from a kernel bug   [~30 s]
@@ -175,8 +176,9 @@ if $PY -c "import xdist" 2>/dev/null; then XD="-n $(( NPROC < 8 ? NPROC : 8 ))";
 
 if [ "$MODE" = gpu ]; then
   stage test_gpu 150 $PYT tests/test_gpu.py --junitxml="$OUT/junit_gpu.xml"
-  stage parity 150 $PYT $XD tests/test_rnn_parity.py tests/test_ops_triton.py tests/test_attention_ops.py \
-    tests/test_decoder_step.py --junitxml="$OUT/junit_parity.xml"
+  stage parity 180 $PYT $XD tests/test_rnn_parity.py tests/test_ops_triton.py tests/test_attention_ops.py \
+    tests/test_decoder_step.py tests/test_attention_triton.py tests/test_ops_triton_sequence.py \
+    -m "not slow" --junitxml="$OUT/junit_parity.xml"
 else  # test_gpu skips itself without a device; the parity subset on the CPU backends, small cases
   stage test_gpu 60 $PYT tests/test_gpu.py --junitxml="$OUT/junit_gpu.xml"
   stage parity 60 $PYT tests/test_rnn_parity.py -k "(reference or cpp) and (test_cell_matches_torch or L1-biFalse-bfFalse-B3)" \
