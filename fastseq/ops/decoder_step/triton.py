@@ -30,8 +30,8 @@ from fastseq.backend import alloc, limits as backend_limits
 from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward
 from fastseq.ops.triton_utils import (
-    cdiv, contiguous_or_none, dot_acc, hidden_tile_limits, load_row, load_tile, load_tile_native, pick_blocks, precision,
-    rows_contiguous, store_tile, tile_offsets,
+    cdiv, contiguous_or_none, dot_acc, hidden_tile_limits, load_row, load_tile, load_tile_native, pick_blocks,
+    precision, rows_contiguous, store_tile, tile_offsets,
 )
 
 __all__ = ["gru_context_cell_forward", "gru_context_cell_backward", "limits"]
