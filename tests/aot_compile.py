@@ -49,7 +49,7 @@ def _signature(fn, dtype):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            sig[p.name] = {"len_ptr": "*i64", "mask_ptr": "*u8"}.get(p.name, "*" + dtype)
+            sig[p.name] = {"len_ptr": "*i64", "mask_ptr": "*u8", "steps_ptr": "*i64"}.get(p.name, "*" + dtype)
         else:
             sig[p.name] = "i32"
     return sig

@@ -13,7 +13,8 @@ from fastseq.ops import recurrence as rnn
 
 OPS = ("gru_recurrence", "gru_recurrence_backward", "lstm_recurrence", "lstm_recurrence_backward",
        "gru_packed_recurrence", "gru_packed_recurrence_backward", "lstm_packed_recurrence",
-       "lstm_packed_recurrence_backward",
+       "lstm_packed_recurrence_backward", "gru_bidirectional_recurrence", "gru_bidirectional_recurrence_backward",
+       "lstm_bidirectional_recurrence", "lstm_bidirectional_recurrence_backward",
        "additive_attention", "additive_attention_backward", "gru_context_cell", "gru_context_cell_backward")
 
 

@@ -793,7 +793,9 @@ def fuses_directions(t: Tensor, B: int, H: int, gates: int, T: int) -> bool:
     """Whether the backend that runs a recurrence on ``t`` (same device and dtype) runs
     both directions of a bidirectional layer in one launch per step (Triton); the other
     backends compose one-direction ops, and a bidirectional layer is cheaper calling
-    those itself (no column copies of gi)."""
+    those itself (no column copies of gi). False inside a torch.compile trace."""
+    if torch.compiler.is_compiling():  # traces keep the one-direction custom ops
+        return False
     name = GRU_BIDIR if gates == 3 else LSTM_BIDIR
     return registry.choose(name, t, lambda: {"N": B * T, "B": B, "H": H, "G": gates, "T": T}) == "triton"
 

@@ -630,7 +630,7 @@ def gru_recurrence_forward(
     gates = alloc.empty((T, B, 4 * H) if save_gates else (0,), gi)
     if T == 0 or B == 0 or H == 0:
         return hs, gates
-    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     lens = prep_lengths(lengths, gi)
     grid, kw = _launch_args(B, H)
     launch_steps(
@@ -708,7 +708,7 @@ def lstm_recurrence_forward(
     gates = alloc.empty((T, B, 4 * H) if save_gates else (0,), gi)
     if T == 0 or B == 0 or H == 0:
         return hs, cs, gates
-    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     lens = prep_lengths(lengths, gi)
     grid, kw = _launch_args(B, H)
     launch_steps(
@@ -857,7 +857,7 @@ def gru_packed_recurrence_forward(
     gates = alloc.empty((N, 4 * H) if save_gates else (0,), gi)
     if N == 0 or B == 0 or H == 0:
         return hs, gates
-    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     grid, kw = _launch_args(B, H)
     plan = _PackedPlan(batch_sizes, reverse)
     S = len(plan.steps)
@@ -919,7 +919,7 @@ def lstm_packed_recurrence_forward(
     gates = alloc.empty((N, 4 * H) if save_gates else (0,), gi)
     if N == 0 or B == 0 or H == 0:
         return hs, cs, gates
-    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     grid, kw = _launch_args(B, H)
     plan = _PackedPlan(batch_sizes, reverse)
     S = len(plan.steps)
@@ -1019,7 +1019,7 @@ def gru_bidirectional_recurrence_forward(
     gates = alloc.empty((2, N, 4 * H) if save_gates else (0,), gi)
     if N == 0 or B == 0 or H == 0:
         return hs, gates
-    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     grid, kw = _launch_args(B, H)
     _, tables = _bidirectional_plans(batch_sizes, gi.device)
     S = batch_sizes.shape[0]
@@ -1077,7 +1077,7 @@ def lstm_bidirectional_recurrence_forward(
     gates = alloc.empty((2, N, 4 * H) if save_gates else (0,), gi)
     if N == 0 or B == 0 or H == 0:
         return hs, cs, gates
-    gi, w, b = gi.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
+    gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
     grid, kw = _launch_args(B, H)
     _, tables = _bidirectional_plans(batch_sizes, gi.device)
     S = batch_sizes.shape[0]
