@@ -357,13 +357,29 @@ def test_bidirectional_equals_both_packed_directions(kind):
     assert torch.equal(hs, torch.cat(parts, dim=1))
 
 
-def test_cpp_bidirectional_composition_matches_reference(cpp_ops):
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_cpp_bidirectional_composition_matches_reference(cpp_ops, kind):
+    """The C++ backend's bidirectional ops (its packed ops composed) against the
+    reference's, forward and every gradient, with a random upstream gradient."""
     from fastseq.ops.recurrence import cpp, directions
 
-    gi, h0, c0, w, b, bs = _make_bidir(4, [7, 6, 2, 2, 1], 9, torch.float64, True, seed=9)
-    got = directions.lstm_forward(cpp.lstm_packed_recurrence_forward)(gi, h0, c0, w, b, bs, True)
-    want = directions.lstm_forward(reference.lstm_packed_recurrence_forward)(gi, h0, c0, w, b, bs, True)
-    for name, a, e in zip(["hs", "cs", "gates"], got, want):
+    G = 3 if kind == "gru" else 4
+    gi, h0, c0, w, b, bs = _make_bidir(G, [7, 6, 2, 2, 1], 9, torch.float64, True, seed=9)
+    states = (h0,) if kind == "gru" else (h0, c0)
+    fwd = getattr(directions, f"{kind}_forward")
+    bwd = getattr(directions, f"{kind}_backward")
+    got = fwd(getattr(cpp, f"{kind}_packed_recurrence_forward"))(gi, *states, w, b, bs, True)
+    want = fwd(getattr(reference, f"{kind}_packed_recurrence_forward"))(gi, *states, w, b, bs, True)
+    for name, a, e in zip(["hs", "cs", "gates"] if kind == "lstm" else ["hs", "gates"], got, want):
+        assert_close(a, e, name=name)
+    g = torch.Generator().manual_seed(10)
+    grads = [torch.randn(want[0].shape, generator=g, dtype=torch.float64) for _ in states]
+    saved = want if kind == "lstm" else (want[0], want[1])
+    got = bwd(getattr(cpp, f"{kind}_packed_recurrence_backward"))(*grads, *states, w, *saved, bs, True)
+    want = bwd(getattr(reference, f"{kind}_packed_recurrence_backward"))(*grads, *states, w, *saved, bs, True)
+    names = ["grad gi"] + [f"grad {s}0" for s in "hc"[:len(states)]] + ["grad w_hh", "grad b_hh"]
+    assert len(got) == len(want) == len(names)
+    for name, a, e in zip(names, got, want):
         assert_close(a, e, name=name)
 
 
@@ -371,6 +387,10 @@ def test_cpp_bidirectional_composition_matches_reference(cpp_ops):
     (dict(h0=torch.zeros(3, 4)), r"h0: expected a 3-D tensor \[2, B, H\]"),
     (dict(gi=torch.zeros(8, 12)), r"gi: expected a 2-D tensor \[N, 2\*3\*H\] = \[N, 24\]"),
     (dict(w_hh=torch.zeros(12, 4)), r"w_hh"),
+    (dict(w_hh=torch.zeros(2, 12, 4, dtype=torch.float64)), r"w_hh: expected dtype torch.float32 \(that of gi\)"),
+    (dict(gi=torch.zeros(8, 24, dtype=torch.int64)), r"gi: expected a floating-point dtype"),
+    (dict(h0=torch.zeros(2, 3, 4, device="meta")), r"h0: expected device cpu \(that of gi\), got meta"),
+    (dict(batch_sizes=torch.tensor([3, 2, 2, 2])), r"batch_sizes: expected a sum of N = 8"),
 ])
 def test_bidirectional_bad_shapes_raise_clearly(bad, match):
     args = dict(gi=torch.zeros(8, 24), h0=torch.zeros(2, 3, 4), w_hh=torch.zeros(2, 12, 4), b_hh=None,
