@@ -376,11 +376,12 @@ cudaError_t plan_lstm(int64_t B, int64_t H, int64_t blocks, bool backward, Recur
 
 // ---------------------------------------------------------------- launching
 
-template <typename S, int G>
-cudaError_t forward_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
+// One cooperative launch of ``kernel`` over ``a.plan.blocks`` blocks (the forward's
+// and the backward's argument structs alike).
+template <typename Args>
+cudaError_t launch_persistent(void (*kernel)(Args), const Args& a, cudaStream_t stream) {
   if (a.T <= 0 || a.B <= 0 || a.H <= 0) return cudaSuccess;
   if (a.plan.blocks <= 0 || a.plan.units <= 0 || a.plan.batch_tile <= 0) return cudaErrorInvalidValue;
-  const auto kernel = recurrence_persistent_fwd_kernel<S, G>;
   const unsigned int grid = static_cast<unsigned int>(a.plan.blocks);
   const size_t smem = static_cast<size_t>(a.plan.smem_bytes);
 #if FASTSEQ_PERSISTENT_EMULATED
@@ -388,7 +389,7 @@ cudaError_t forward_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) 
   ::fastseq_emu::launch_cooperative(grid, kThreads, smem, kernel, a);
   return cudaSuccess;
 #else
-  RecurrencePersistentFwd args = a;
+  Args args = a;
   void* argv[] = {&args};
   return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), argv,
                                      smem, stream);
@@ -396,22 +397,13 @@ cudaError_t forward_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) 
 }
 
 template <typename S, int G>
+cudaError_t forward_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
+  return launch_persistent(recurrence_persistent_fwd_kernel<S, G>, a, stream);
+}
+
+template <typename S, int G>
 cudaError_t backward_impl(const RecurrencePersistentBwd& a, cudaStream_t stream) {
-  if (a.T <= 0 || a.B <= 0 || a.H <= 0) return cudaSuccess;
-  if (a.plan.blocks <= 0 || a.plan.units <= 0 || a.plan.batch_tile <= 0) return cudaErrorInvalidValue;
-  const auto kernel = recurrence_persistent_bwd_kernel<S, G>;
-  const unsigned int grid = static_cast<unsigned int>(a.plan.blocks);
-  const size_t smem = static_cast<size_t>(a.plan.smem_bytes);
-#if FASTSEQ_PERSISTENT_EMULATED
-  (void)stream;
-  ::fastseq_emu::launch_cooperative(grid, kThreads, smem, kernel, a);
-  return cudaSuccess;
-#else
-  RecurrencePersistentBwd args = a;
-  void* argv[] = {&args};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kThreads), argv,
-                                     smem, stream);
-#endif
+  return launch_persistent(recurrence_persistent_bwd_kernel<S, G>, a, stream);
 }
 
 template <typename S>
