@@ -102,7 +102,7 @@ __all__ = [
     "gru_packed_recurrence_forward", "gru_packed_recurrence_backward", "lstm_packed_recurrence_forward",
     "lstm_packed_recurrence_backward", "gru_bidirectional_recurrence_forward", "gru_bidirectional_recurrence_backward",
     "lstm_bidirectional_recurrence_forward", "lstm_bidirectional_recurrence_backward", "limits", "gru_gates",
-    "gru_gates_backward", "lstm_gates", "lstm_gates_backward",
+    "gru_gates_backward", "lstm_gates", "lstm_gates_backward", "w_hh_t_tile",
 ]
 
 
@@ -207,7 +207,7 @@ def _load_prev(ptr, stride, init_ptr, H, offs_b, offs_c, mask_b, mask_c, n_prev)
 
 
 @triton.jit
-def _w_t_tile(w_ptr, gate, offs_k, offs_j, H, mask_k, mask_j):
+def w_hh_t_tile(w_ptr, gate, offs_k, offs_j, H, mask_k, mask_j):
     """``[BLOCK_K, BLOCK_H]`` tile of gate ``gate``'s ``W^T`` in W's dtype: (k, j) -> W[gate*H + j, k]."""
     return load_tile_native(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
 
@@ -266,9 +266,9 @@ def _gru_fwd_step_kernel(
         mask_k = offs_k < H
         h = _load_prev(hs_ptr + p_off * stride_y + d * H, stride_y, h0_ptr + d * B * H, H, offs_b, offs_k,
                        mask_b, mask_k, n_prev)
-        acc_r = dot_acc(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
-        acc_z = dot_acc(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
-        acc_n = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
+        acc_r = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
+        acc_z = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
+        acc_n = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
     if HAS_BIAS:
         b_ptr += d * 3 * H
         acc_r += load_row(b_ptr, offs_j, mask_j)
@@ -391,10 +391,10 @@ def _lstm_fwd_step_kernel(
         mask_k = offs_k < H
         h = _load_prev(hs_ptr + p_off * stride_y + d * H, stride_y, h0_ptr + d * B * H, H, offs_b, offs_k,
                        mask_b, mask_k, n_prev)
-        acc_i = dot_acc(h, _w_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
-        acc_f = dot_acc(h, _w_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
-        acc_g = dot_acc(h, _w_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
-        acc_o = dot_acc(h, _w_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
+        acc_i = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
+        acc_f = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
+        acc_g = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
+        acc_o = dot_acc(h, w_hh_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
     if HAS_BIAS:
         b_ptr += d * 4 * H
         acc_i += load_row(b_ptr, offs_j, mask_j)

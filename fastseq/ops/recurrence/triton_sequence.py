@@ -102,7 +102,7 @@ from fastseq.backend import alloc, limits as backend_limits
 from fastseq.backend.selection import interpreter_on
 from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward, lstm_gates, lstm_gates_backward
-from fastseq.ops.recurrence.triton import empty_backward, prep_lengths, weight_grads
+from fastseq.ops.recurrence.triton import empty_backward, prep_lengths, w_hh_t_tile, weight_grads
 from fastseq.ops.triton_utils import (
     cdiv, contiguous_or_none, dot_acc, load_row, load_tile, load_tile_native, pow2, precision, store_tile,
 )
@@ -144,12 +144,6 @@ def _load_shared(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.co
     else:
         x = tl.load(ptrs, mask=m, other=0.0)
     return x.to(tl.float32)
-
-
-@triton.jit
-def _w_t(w_ptr, gate, offs_k, offs_j, H, mask_k, mask_j):
-    """``[BLOCK_K, BLOCK_H]`` tile of gate ``gate``'s ``W^T`` in W's dtype: (k, j) -> W[gate*H + j, k]."""
-    return load_tile_native(w_ptr + gate * H * H, offs_k, offs_j, 1, H, mask_k, mask_j)
 
 
 @triton.jit
@@ -233,9 +227,9 @@ def _gru_seq_fwd_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < H
                 h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
-                acc_r = dot_acc(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
-                acc_z = dot_acc(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
-                acc_n = dot_acc(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
+                acc_r = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
+                acc_z = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
+                acc_n = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
             if HAS_BIAS:
                 acc_r += load_row(b_ptr, offs_j, mask_j)
                 acc_z += load_row(b_ptr + H, offs_j, mask_j)
@@ -398,10 +392,10 @@ def _lstm_seq_fwd_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < H
                 h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
-                acc_i = dot_acc(h, _w_t(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
-                acc_f = dot_acc(h, _w_t(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
-                acc_g = dot_acc(h, _w_t(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
-                acc_o = dot_acc(h, _w_t(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
+                acc_i = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
+                acc_f = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
+                acc_g = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
+                acc_o = dot_acc(h, w_hh_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
             if HAS_BIAS:
                 acc_i += load_row(b_ptr, offs_j, mask_j)
                 acc_f += load_row(b_ptr + H, offs_j, mask_j)
