@@ -1,8 +1,10 @@
-"""The ``fastseq`` command: train, preprocess, translate, evaluate, info, bench.
+"""The ``fastseq`` command: train, preprocess, translate, generate, evaluate, info, bench.
 
     fastseq train --config fastseq/configs/multi30k-cpu.yaml --out runs/m30k
     echo "Ein Hund läuft." | fastseq translate --checkpoint runs/m30k/best.pt
     fastseq evaluate --checkpoint runs/m30k/best.pt --split test
+    fastseq train --config shakespeare-char-cpu --out runs/shakespeare    # language model
+    fastseq generate runs/shakespeare/best.pt --prompt "ROMEO:" --temperature 0.8
     fastseq info
     fastseq bench --quick
 """
@@ -48,12 +50,27 @@ def _load_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
-def _train_config(args: argparse.Namespace):
-    """Seq2SeqConfig from --config, then the flags, then --set KEY=VALUE (YAML values;
-    dotted keys such as model.dropout reach into the config's sections)."""
-    import yaml
+TASKS = ("translation", "lm")  # the config key ``task``: which model job a config trains
 
-    from fastseq.seq2seq.task import Seq2SeqConfig
+
+def _config_class(task: Any):
+    """The config class of ``task`` (the config key, default "translation")."""
+    if task == "lm":
+        from fastseq.lm.task import LMTrainConfig
+
+        return LMTrainConfig
+    if task == "translation":
+        from fastseq.seq2seq.task import Seq2SeqConfig
+
+        return Seq2SeqConfig
+    raise ValueError(f"config key 'task': expected one of {TASKS}, got {task!r}")
+
+
+def _train_config(args: argparse.Namespace):
+    """The job's config (Seq2SeqConfig, or LMTrainConfig for ``task: lm``) from --config,
+    then the flags, then --set KEY=VALUE (YAML values; dotted keys such as model.dropout
+    reach into the config's sections)."""
+    import yaml
 
     values = _load_yaml(args.config) if args.config else {}
     for key in ("corpus", "out", "data_dir", "epochs", "max_steps", "max_minutes", "device", "seed",
@@ -72,14 +89,17 @@ def _train_config(args: argparse.Namespace):
                              f"({_yaml_error(exc)})")
     if getattr(args, "no_progress", False):
         values["progress"] = False
-    return Seq2SeqConfig.from_dict(values)  # a ValueError becomes one line in main()
+    return _config_class(values.get("task", "translation")).from_dict(values)  # ValueError: one line
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fastseq.seq2seq.task import train
     from fastseq.training.faults import TrainingError, TrainingInterrupted
 
     cfg = _train_config(args)
+    if cfg.TASK == "lm":
+        from fastseq.lm.task import train
+    else:
+        from fastseq.seq2seq.task import train
     try:
         result = train(cfg, resume=args.resume)
     except TrainingInterrupted as exc:
@@ -89,9 +109,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"fastseq train: {exc}")
     if not result:  # torchrun: ranks other than 0 report nothing
         return 0
+    procs = f" x {result['world_size']} processes" if result["world_size"] > 1 else ""
+    if cfg.TASK == "lm":
+        m = cfg.model
+        print(
+            f"fastseq train: {cfg.corpus} ({result['vocabulary']}-level, vocab {result['vocab_size']}), "
+            f"{m.num_layers}-layer {m.rnn_type.upper()} {m.hidden_size}, {result['parameters'] / 1e6:.2f}M "
+            f"parameters, {result['steps']} steps / {result['epochs']} epochs in "
+            f"{result['wall_time_s'] / 60:.1f} min on {result['device']}{procs} ({result['precision']}), "
+            f"{result['tokens_per_s']:.0f} tok/s; best val loss {result['val_loss']:.4f} nats/token, "
+            f"{result['val_bpc']:.4f} bits/char, ppl {result['val_ppl']:.2f} (step {result['best_step']}); "
+            f"checkpoint {cfg.out}/best.pt" + (f", sample {cfg.out}/sample.txt" if "sample" in result else "")
+        )
+        return 0
     test = (f"test BLEU {result['test_bleu']:.2f} chrF {result['test_chrf']:.2f} (beam {cfg.beam_size})"
             if "test_bleu" in result else "no test split")
-    procs = f" x {result['world_size']} processes" if result["world_size"] > 1 else ""
     bleu = f"{result['val_bleu']:.2f}" if result["val_bleu"] >= 0 else "n/a"
     print(
         f"fastseq train: {cfg.corpus} {cfg.src_lang}->{cfg.tgt_lang}, {result['steps']} steps / "
@@ -106,6 +138,9 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     from fastseq.seq2seq.task import prepare_data
 
     cfg = _train_config(args)
+    if cfg.TASK != "translation":
+        raise ValueError(f"preprocess: a {cfg.TASK!r} config has nothing to preprocess "
+                         "(train reads its text directly)")
     shards, src_tok, tgt_tok = prepare_data(cfg)
     meta = shards.meta
     print(f"fastseq preprocess: {meta['num_pairs']} pairs in {shards.num_shards} shard(s) under "
@@ -145,10 +180,19 @@ def _read_stdin_lines() -> List[str]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fastseq.training.checkpoint import load_checkpoint
+
+    if load_checkpoint(args.checkpoint)["format"] == "fastseq.lm":
+        from fastseq.lm.task import evaluate
+
+        split = args.split or "val"
+        print(json.dumps(evaluate(args.checkpoint, corpus=args.corpus or "", split=split, device=args.device)))
+        return 0
     from fastseq.data.corpus import load_corpus
     from fastseq.seq2seq.metrics import corpus_scores
     from fastseq.seq2seq.translate import Translator
 
+    args.corpus, args.split = args.corpus or "multi30k", args.split or "test"
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     corpus = load_corpus(args.corpus, args.src_lang, args.tgt_lang)
     if args.split not in corpus.splits:
@@ -161,6 +205,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps({"corpus": args.corpus, "split": args.split, "method": args.method,
                       "beam_size": args.beam_size if args.method == "beam" else None,
                       "sentences": len(pairs), **{k: round(v, 2) for k, v in scores.items()}}))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fastseq.lm.generate import TextGenerator
+
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("--prompt and --prompt-file: give one, not both")
+    if args.prompt_file is not None:
+        from fastseq.data.lines import read_text
+
+        prompt = read_text(args.prompt_file)
+    else:
+        prompt = args.prompt or ""
+    if not args.greedy and not args.temperature > 0:
+        raise ValueError(f"--temperature: expected > 0, got {args.temperature} (--greedy takes the "
+                         "most probable token)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p: expected a value in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k: expected >= 0 (0: no limit), got {args.top_k}")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--num-samples", args.num_samples)):
+        if value < 1:
+            raise ValueError(f"{flag}: expected >= 1, got {value}")
+    gen = TextGenerator.from_checkpoint(args.checkpoint, device=args.device)
+    gen.encode_prompt(prompt)  # a prompt outside the vocabulary fails before anything is printed
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, greedy_decoding=args.greedy, seed=args.seed, stop=args.stop or ())
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if args.num_samples == 1:  # streamed as it is made
+        write(prompt)
+        gen.generate(prompt, on_text=write, **kw)
+        write("\n")
+        return 0
+    for i, text in enumerate(gen.generate(prompt, num_samples=args.num_samples, **kw)):
+        write(f"{'' if i == 0 else chr(10)}=== sample {i + 1} (seed {args.seed + i}) ===\n{prompt}{text}\n")
     return 0
 
 
@@ -216,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def config_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--config", help="YAML file of Seq2SeqConfig keys (the model's under "
-                                        "'model:'), or a bundled name (multi30k-cpu, "
-                                        "multi30k-gpu, tatoeba-deu-eng-cpu)")
-        q.add_argument("--corpus", help="'multi30k' or a directory of {split}.{lang}[.gz] files")
+        q.add_argument("--config", help="YAML file of config keys (the model's under 'model:'; "
+                                        "'task: lm' for a language model), or a bundled name "
+                                        "(multi30k-cpu, multi30k-gpu, tatoeba-deu-eng-cpu, "
+                                        "shakespeare-char-cpu, shakespeare-char-gpu)")
+        q.add_argument("--corpus", help="translation: 'multi30k' or a directory of {split}.{lang}[.gz] "
+                                        "files; language model: 'tinyshakespeare' or text file(s)")
         q.add_argument("--out", help="output directory for checkpoints, logs and metrics")
         q.add_argument("--data-dir", dest="data_dir", help="preprocessed shards (default OUT/data)")
         q.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -227,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or --set model.dropout=0.2")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("train", help="train a seq2seq model (YAML config and/or flags); under "
-                                     "torchrun, DistributedDataParallel over the processes")
+    p = sub.add_parser("train", help="train a translation model or (task: lm) a language model "
+                                     "(YAML config and/or flags); under torchrun, "
+                                     "DistributedDataParallel over the processes")
     config_args(p)
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many updates")
@@ -263,13 +350,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(func=_cmd_translate)
 
-    p = sub.add_parser("evaluate", help="BLEU and chrF (sacrebleu) on a corpus split")
+    p = sub.add_parser("evaluate", help="translation: BLEU and chrF (sacrebleu) on a corpus split; "
+                                        "language model: loss, bits per character, perplexity")
     decoding_args(p, sampling=False)
-    p.add_argument("--corpus", default="multi30k")
+    p.add_argument("--corpus", help="translation: 'multi30k' (default) or a directory; language "
+                                    "model: text file(s) to evaluate whole (default: the checkpoint's "
+                                    "own corpus, --split)")
     p.add_argument("--src-lang", dest="src_lang", default="de")
     p.add_argument("--tgt-lang", dest="tgt_lang", default="en")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--split", choices=["train", "val", "test"],
+                   help="translation: default test; language model: train or val (default)")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("generate", help="sample text from a language model checkpoint (streamed)")
+    p.add_argument("checkpoint", help="best.pt or last.pt of a language model (fastseq train, task: lm)")
+    p.add_argument("--prompt", help="text to continue (default: start on a new line)")
+    p.add_argument("--prompt-file", dest="prompt_file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=0, help="sample from the k most probable (0: all)")
+    p.add_argument("--top-p", dest="top_p", type=float, default=1.0,
+                   help="nucleus: sample from the smallest set with probability >= p (1: all)")
+    p.add_argument("--greedy", action="store_true", help="take the most probable token (no sampling)")
+    p.add_argument("--num-samples", dest="num_samples", type=int, default=1,
+                   help="samples decoded together as one batch (printed when done; 1: streamed)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="end a sample where TEXT appears (repeatable); the end-of-sequence token always does")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("info", help="versions, device, and which backends work here")
     p.set_defaults(func=_cmd_info)

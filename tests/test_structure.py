@@ -115,7 +115,8 @@ def test_the_checker_finds_a_cycle():
 
 
 # What each layer may import from fastseq besides itself (data flows one way:
-# backend <- ops <- nn <- models; data and training are shared by the models; fileio
+# backend <- ops <- nn <- models (seq2seq, lm); data, training and sampling are shared
+# by the models; fileio
 # is the bottom; the top-level package and the CLI may import anything).
 ALLOWED = {
     "fastseq.fileio": (),
@@ -124,8 +125,11 @@ ALLOWED = {
     "fastseq.nn": ("fastseq.backend", "fastseq.ops"),
     "fastseq.data": ("fastseq.fileio",),
     "fastseq.training": ("fastseq.fileio",),
-    "fastseq.seq2seq": ("fastseq.fileio", "fastseq.data", "fastseq.training", "fastseq.backend", "fastseq.ops",
-                        "fastseq.nn"),
+    "fastseq.sampling": (),
+    "fastseq.seq2seq": ("fastseq.fileio", "fastseq.data", "fastseq.training", "fastseq.sampling",
+                        "fastseq.backend", "fastseq.ops", "fastseq.nn"),
+    "fastseq.lm": ("fastseq.fileio", "fastseq.data", "fastseq.training", "fastseq.sampling",
+                   "fastseq.backend", "fastseq.ops", "fastseq.nn"),
 }
 TOP = ("fastseq", "fastseq.cli", "fastseq.__main__")
 # The benchmark suite sits above everything, beside the CLI.

@@ -2,6 +2,7 @@
 
 Every reader here splits on ``"\\n"`` only and strips surrounding whitespace from each line:
 
+* :func:`read_text`: a whole file as it is (no splitting, no stripping: a language model's corpus);
 * :func:`read_lines`, :func:`read_parallel`: a whole file (or two aligned files) in memory;
 * :func:`iter_lines`, :func:`iter_parallel`: streamed in blocks of ``LINE_BLOCK`` lines, for
   files of any size;
@@ -31,11 +32,10 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 Pair = tuple[str, str]
 
-def read_lines(path: PathLike) -> list[str]:
-    """Read a UTF-8 text file (gzip-compressed if its name ends in ``.gz``), one string per line.
 
-    Lines are split on ``"\\n"`` only and stripped of surrounding whitespace; a final newline does
-    not produce an extra empty line.
+def read_text(path: PathLike) -> str:
+    """The whole of a UTF-8 text file (gzip-compressed if its name ends in ``.gz``), unchanged:
+    no line splitting, no stripping.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -50,10 +50,24 @@ def read_lines(path: PathLike) -> list[str]:
         except (EOFError, gzip.BadGzipFile, zlib.error) as err:
             raise ValueError(_gzip_message(path, 1, err)) from None
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line_number = data.count(b"\n", 0, err.start) + 1
         raise ValueError(f"{path}: invalid UTF-8 on line {line_number} ({err.reason})") from err
+
+
+def read_lines(path: PathLike) -> list[str]:
+    """Read a UTF-8 text file (gzip-compressed if its name ends in ``.gz``), one string per line.
+
+    Lines are split on ``"\\n"`` only and stripped of surrounding whitespace; a final newline does
+    not produce an extra empty line.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not valid UTF-8 (the message names the file and the line number),
+            or a gzip file is truncated or corrupted.
+    """
+    text = read_text(path)
     text = text.removesuffix("\n")
     return [line.strip() for line in text.split("\n")] if text else []
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fastseq.backend.graphs import StepGraph
 from fastseq.ops import StepWeights
+from fastseq.sampling import filter_logits
 from fastseq.seq2seq.model import Memory, Seq2Seq
 
 
@@ -85,7 +86,8 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int,
 def sample(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_id: int,
            max_len: Optional[int] = None, temperature: float = 1.0, top_k: int = 0,
            generator: Optional[torch.Generator] = None) -> List[List[int]]:
-    """Ancestral sampling from ``softmax(logits / temperature)``, optionally top-k.
+    """Ancestral sampling from ``softmax(logits / temperature)``, optionally top-k
+    (:func:`fastseq.sampling.filter_logits`: exactly k tokens, ties by token id).
 
     Returns:
         B token-id lists, without bos/eos.
@@ -99,10 +101,8 @@ def sample(model: Seq2Seq, src: Tensor, src_lengths: Tensor, bos_id: int, eos_id
         raise ValueError(f"top_k: expected >= 0 (0 = no limit), got {top_k}")
 
     def choose(log_probs: Tensor) -> Tensor:
-        if top_k:
-            kth = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1).values[:, -1:]
-            log_probs = log_probs.masked_fill(log_probs < kth, float("-inf"))
-        return torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
+        probs = torch.softmax(filter_logits(log_probs, top_k=top_k), dim=-1)  # temperature: in log_probs
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
     return _decode(model, src, src_lengths, bos_id, eos_id, max_len, choose, temperature)
 

@@ -60,6 +60,7 @@ class Seq2SeqConfig(TrainConfig):
     as the ``model`` section. A YAML config file holds these keys."""
 
     BEST_METRICS: ClassVar[Tuple[str, ...]] = ("val_bleu", "val_loss")
+    TASK: ClassVar[str] = "translation"
 
     out: str = "runs/multi30k"
     best_metric: str = "val_bleu"     # val_bleu (greedy) | val_loss

@@ -48,6 +48,7 @@ class TrainConfig:
     """
 
     BEST_METRICS: ClassVar[Tuple[str, ...]] = ("val_loss",)
+    TASK: ClassVar[str] = ""  # the model job a subclass configures ("translation", "lm"): key ``task``
 
     out: str = "runs/run"             # checkpoints, logs, metrics.json
     # optimisation
@@ -87,13 +88,18 @@ class TrainConfig:
             ValueError: an unknown key (the message lists the valid ones), or a
                 value of the wrong type or range.
         """
+        values = dict(values)
+        task = values.pop("task", cls.TASK)
+        if task != cls.TASK:
+            raise ValueError(f"config key 'task': this is a {cls.TASK!r} config, got {task!r}")
         cfg = cls(**_parse(cls, nest(values), ""))
         cfg.validate()
         return cfg
 
     def to_dict(self) -> Dict[str, Any]:
-        """The config as plain data (sections as nested dicts), as stored in checkpoints."""
-        return asdict(self)
+        """The config as plain data (sections as nested dicts; ``task`` first when the
+        class names one), as stored in checkpoints; :meth:`from_dict` reads it back."""
+        return {**({"task": self.TASK} if self.TASK else {}), **asdict(self)}
 
     def validate(self) -> None:
         """Raise ValueError for values out of range, before any work starts.
