@@ -39,7 +39,10 @@ if __package__:
 else:  # run as a script (the host suite does): bench/ is sys.path[0]
     import stubdriver
 
-OPS = ("gru-fwd", "gru-bwd", "lstm-fwd", "lstm-bwd", "attention-fwd", "cell-fwd", "bare")
+OPS = ("gru-fwd", "gru-bwd", "lstm-fwd", "lstm-bwd", "attention-fwd", "cell-fwd", "decode", "bare")
+#: Sizes of the ``decode`` case, its own and small: the step's matrix products and the
+#: backward's reductions run on the CPU here, so only small sizes leave the host path.
+DECODE_SIZES = dict(B=2, T=32, H=16, S=4, A=16, D=16)
 
 
 def _timer(fn: Callable[[], object], rounds: int, launches_per_call: int,
@@ -136,6 +139,8 @@ class _Cases:
     def run(self) -> List[Dict]:
         for dname in self.cfg["dtypes"]:
             self.dtype_cases(getattr(self.torch, dname))
+            if "decode" in self.ops and dname == "float32":
+                self.decode(getattr(self.torch, dname))
         if "bare" in self.ops:
             self.bare()
         return self.out
@@ -207,6 +212,91 @@ class _Cases:
                       self.loop(lambda: cell.gru_context_cell_forward(gi, ctx, w_ic, gh, bh, h, False), self.calls),
                       f"one decoder-cell forward call (no gates saved) = 1 launch; {self.calls} calls per round",
                       per_call=self.calls)
+
+    def decode(self, dt) -> None:
+        """The teacher-forced decoder on the Triton kernels: T calls of ``attention_gru_step``
+        (impl ``step-loop``) vs one ``attention_gru_decode`` (impl ``decode-op``), forward
+        (inputs requiring grad) and backward; figures per decoder step (2 Triton launches
+        and one matrix product forward, 2 launches backward), sizes :data:`DECODE_SIZES`
+        (``cfg["decode"]``). On CPU tensors the ops' backend selection is pointed at Triton
+        (it only picks Triton there under the interpreter); the matrix products and the
+        backward's torch reductions run on the CPU, so part of each figure is arithmetic."""
+        torch = self.torch
+        import fastseq
+        from fastseq import ops
+        from fastseq.backend import selection
+        from fastseq.ops import StepWeights
+
+        c = dict(DECODE_SIZES, **self.cfg.get("decode", {}))
+        B, T, H, S, A, D = (c[k] for k in ("B", "T", "H", "S", "A", "D"))
+        if self.stub:
+            selection._SELECTED[("triton", "cpu", dt, False)] = "triton"
+            torch.set_flush_denormal(True)  # the kernels write nothing: outputs hold whatever memory held
+        g = torch.Generator().manual_seed(2)
+
+        def leaf(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(self.device, dt).requires_grad_(True)
+
+        gi, h0, keys, values = leaf(B, T, 3 * H), leaf(B, H), leaf(B, S, A), leaf(B, S, D)
+        sw = StepWeights(leaf(A + 3 * H, H, scale=H ** -0.5), leaf(3 * H), leaf(A, scale=A ** -0.5),
+                         leaf(3 * H, D, scale=D ** -0.5))
+        mask = (torch.arange(S)[None, :] < torch.tensor([max(1, S - b) for b in range(B)])[:, None]).to(self.device)
+        leaves = [gi, h0, keys, values, *sw]
+        gs, gc = torch.randn(B, T, H).to(self.device, dt), torch.randn(B, T, D).to(self.device, dt)
+
+        def loop():
+            h, st, cs = h0, [], []
+            for gi_t in gi.unbind(1):
+                h, ctx, _ = ops.attention_gru_step(gi_t, h, keys, values, sw, mask)
+                st.append(h)
+                cs.append(ctx)
+            return torch.stack(st, 1), torch.stack(cs, 1)
+
+        def one_op():
+            s, ctx, _ = ops.attention_gru_decode(gi, h0, keys, values, sw, mask)
+            return s, ctx
+
+        size = f"B{B}-T{T}-H{H}-S{S}-A{A}-D{D}"
+        from fastseq.ops import launches
+
+        with fastseq.backend("triton"):
+            for impl, f in (("step-loop", loop), ("decode-op", one_op)):
+                def fwd():
+                    return f()
+
+                def bwd_timed():
+                    s, ctx = f()
+                    if self.sync:
+                        self.sync()
+                    t0 = time.perf_counter()
+                    torch.autograd.grad([s, ctx], leaves, [gs, gc])
+                    if self.sync:
+                        self.sync()
+                    return time.perf_counter() - t0
+
+                with launches.count() as n:
+                    before = stubdriver.launches() if self.stub else 0
+                    s, ctx = fwd()
+                    torch.autograd.grad([s, ctx], leaves, [gs, gc])
+                    reached = stubdriver.launches() - before if self.stub else None
+                count = sum(n.values())
+                if count != 4 * T or (self.stub and reached != count):
+                    raise RuntimeError(f"decode {impl}: {4 * T} launches expected, counted {count}, "
+                                       f"reached the driver {reached}")
+                us = _timer(fwd, self.rounds, T, self.sync)
+                self.out.append({"case": f"host-decode-fwd-{size}", "impl": f"fastseq-triton-{impl}",
+                                 "dtype": str(dt).replace("torch.", ""), "launches": 2 * T, "us": us,
+                                 "note": f"host time per decoder step, {self.how}: one teacher-forced forward "
+                                         "(inputs require grad; 2 launches + 1 matrix product per step) / T"})
+                bwd_timed()
+                us = [bwd_timed() * 1e6 / T for _ in range(self.rounds)]
+                self.out.append({"case": f"host-decode-bwd-{size}", "impl": f"fastseq-triton-{impl}",
+                                 "dtype": str(dt).replace("torch.", ""), "launches": 2 * T, "us": us,
+                                 "note": f"host time per decoder step, {self.how}: the backward of the "
+                                         "teacher-forced decoder (2 launches + torch ops per step) / T"})
+                for rec in self.out[-2:]:
+                    print(f"[host] {rec['case']} {impl}: median {statistics.median(rec['us']):.2f} us/step",
+                          file=sys.stderr, flush=True)
 
     def prebound(self, rnn, gi, h0, w, b, B, H, T, dt, size) -> None:
         """The GRU forward's T launches each through Triton's whole launch path (``kernel[grid](...)``:

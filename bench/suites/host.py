@@ -16,6 +16,11 @@ run's dtypes):
   weight-gradient product after the loop is left out);
 * ``attention-fwd``: the decoder step's attention (one query, a mask), 1 launch;
 * ``cell-fwd``: the decoder's fused GRU cell, 1 launch;
+* ``decode-fwd``, ``decode-bwd``: the teacher-forced decoder on the Triton kernels, T calls
+  of ``attention_gru_step`` (impl ``fastseq-triton-step-loop``) vs one
+  ``attention_gru_decode`` (impl ``fastseq-triton-decode-op``), per decoder step, at
+  the probe's own small sizes (``host_probe.DECODE_SIZES``: its matrix products run
+  on the CPU); float32 only;
 * ``bare-3arg``: a 3-argument kernel (pointer, int, constexpr), for reference
   (impl ``bare-triton-launch``);
 * the GRU forward's step kernel launched through Triton's full launch path at every

@@ -14,7 +14,10 @@ target steps with one matrix product before the decoding loop. Each step is
 then :func:`fastseq.ops.attention_gru_step`: three kernel launches (one GEMM
 for the attention query and the GRU's hidden projection together, the fused
 additive attention, and one kernel for the context projection and the GRU
-gates), differentiated exactly by autograd.
+gates), differentiated exactly by autograd. In training (teacher forcing) the
+T steps run as one op, :func:`fastseq.ops.attention_gru_decode` (the same
+launches, with no custom-op call or autograd node per step); search calls
+:meth:`Decoder.step`.
 """
 from __future__ import annotations
 
@@ -188,15 +191,11 @@ class Decoder(nn.Module):
         """Teacher-forced decoding: tgt_in ``[B, T]`` (bos + tokens) -> logits ``[B, T, V]``."""
         emb, gi_emb = self.embed_inputs(tgt_in)
         sw = self.step_weights()
-        state = memory.init_state
-        states, contexts = [], []
-        # unbind, not gi_emb[:, t]: the backward of T slices would zero-fill and add a
-        # [B, T, 3H] gradient once per step (O(T^2)); unbind's backward is one stack.
-        for gi_t in gi_emb.unbind(1):
-            state, context, _ = self.step(gi_t, state, memory, sw)
-            states.append(state)
-            contexts.append(context)
-        return self.logits(torch.stack(states, 1), torch.stack(contexts, 1), emb)
+        dt = sw.w_cat.dtype
+        # The T steps of :meth:`step` in one op (same math, one autograd node).
+        states, contexts, _ = ops.attention_gru_decode(
+            gi_emb.to(dt), memory.init_state.to(dt), memory.proj_keys.to(dt), memory.values.to(dt), sw, memory.mask)
+        return self.logits(states, contexts, emb)
 
 
 class Seq2Seq(nn.Module):

@@ -1,0 +1,150 @@
+"""Host time per teacher-forced decoder step: T calls of ``attention_gru_step`` vs one
+``attention_gru_decode`` (bench/NOTES.md v0.7, "the teacher-forced decoder loop as one op").
+
+Run in this process on CPU tensors, at sizes where a step's arithmetic is small
+next to the host's time, on the ``cpp`` and ``reference`` backends::
+
+    OMP_NUM_THREADS=1 python -m fastseq.bench.decode_probe [--out FILE] [--rounds N]
+
+(or ``python bench/decode_probe.py`` from the repository root). Cases, per backend and
+size: ``fwd`` -- the training forward (inputs require grad), ``bwd`` -- the backward of
+a fixed cotangent on states and contexts, ``fwd-nograd`` -- the forward under
+``torch.no_grad`` (search-like: neither form dispatches per step there). Each figure
+is the median over rounds of (wall time of one call) / T, in microseconds; the
+``small`` size has some arithmetic in it (a few µs per step on one core), the ``tiny``
+size almost none, so ``tiny`` is the host cost.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+SIZES = {
+    "small": dict(B=8, T=32, H=64, S=16, A=64, D=128),
+    "tiny": dict(B=1, T=32, H=4, S=2, A=4, D=4),
+}
+
+
+def _inputs(B, T, H, S, A, D, seed=0):
+    from fastseq.ops import StepWeights
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).requires_grad_(True)
+
+    gi, h0, keys, values = rnd(B, T, 3 * H), rnd(B, H), rnd(B, S, A), rnd(B, S, D)
+    w = [rnd(A, H, scale=H ** -0.5), rnd(3 * H, H, scale=H ** -0.5), rnd(3 * H), rnd(A, scale=A ** -0.5),
+         rnd(3 * H, D, scale=D ** -0.5)]
+    mask = torch.arange(S)[None, :] < torch.tensor([S] + [max(1, S - b) for b in range(1, B)])[:, None]
+    return gi, h0, keys, values, w, mask, StepWeights
+
+
+def _step_loop(gi, h0, keys, values, sw, mask):
+    from fastseq import ops
+
+    h, states, contexts = h0, [], []
+    for gi_t in gi.unbind(1):
+        h, c, _ = ops.attention_gru_step(gi_t, h, keys, values, sw, mask)
+        states.append(h)
+        contexts.append(c)
+    return torch.stack(states, 1), torch.stack(contexts, 1)
+
+
+def _decode_op(gi, h0, keys, values, sw, mask):
+    from fastseq import ops
+
+    s, c, _ = ops.attention_gru_decode(gi, h0, keys, values, sw, mask)
+    return s, c
+
+
+IMPLS = {"step-loop": _step_loop, "decode-op": _decode_op}
+
+
+def _median_us(fn: Callable[[], float], rounds: int) -> List[float]:
+    fn()
+    fn()
+    return [fn() for _ in range(rounds)]
+
+
+def measure(backend: str, size: str, impl: str, rounds: int) -> List[Dict]:
+    import fastseq
+
+    cfg = SIZES[size]
+    T = cfg["T"]
+    gi, h0, keys, values, w, mask, StepWeights = _inputs(**cfg)
+    f = IMPLS[impl]
+    out = []
+    with fastseq.backend(backend):
+        sw = StepWeights.build(*w)  # built once, as Decoder.forward does per batch
+        sw = StepWeights(*(t.detach().requires_grad_(True) for t in sw))
+        leaves = [gi, h0, keys, values, *sw]
+        gs = torch.randn(cfg["B"], T, cfg["H"])
+        gc = torch.randn(cfg["B"], T, cfg["D"])
+
+        def fwd():
+            t0 = time.perf_counter()
+            f(gi, h0, keys, values, sw, mask)
+            return (time.perf_counter() - t0) * 1e6 / T
+
+        def bwd():
+            s, c = f(gi, h0, keys, values, sw, mask)
+            t0 = time.perf_counter()
+            torch.autograd.grad([s, c], leaves, [gs, gc])
+            return (time.perf_counter() - t0) * 1e6 / T
+
+        def fwd_nograd():
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                f(gi, h0, keys, values, sw, mask)
+                return (time.perf_counter() - t0) * 1e6 / T
+
+        for case, fn in (("fwd", fwd), ("bwd", bwd), ("fwd-nograd", fwd_nograd)):
+            us = _median_us(fn, rounds)
+            out.append({"backend": backend, "size": size, **cfg, "impl": impl, "case": case,
+                        "median_us_per_step": statistics.median(us), "min_us_per_step": min(us),
+                        "max_us_per_step": max(us), "rounds": rounds})
+            print(f"[decode] {backend:9s} {size:5s} {impl:9s} {case:10s} median {out[-1]['median_us_per_step']:8.2f} "
+                  f"us/step (min {min(us):.2f})", file=sys.stderr, flush=True)
+    return out
+
+
+def main(argv=None) -> Dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None, help="write the JSON here")
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--backends", default="cpp,reference")
+    args = p.parse_args(argv)
+    results = []
+    for backend in args.backends.split(","):
+        for size in SIZES:
+            for impl in IMPLS:
+                results.extend(measure(backend, size, impl, args.rounds))
+    doc = {
+        "what": "host time per teacher-forced decoder step: T x attention_gru_step vs one attention_gru_decode",
+        "command": "OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/decode_probe.py " + " ".join(argv or sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        "cpu": platform.processor() or platform.machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "note": "CPU tensors, this process; median over rounds of (wall time of one call) / T; the machine's "
+                "2 cores were shared with other sessions",
+        "results": results,
+    }
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(doc, fh, indent=1)
+    return doc
+
+
+if __name__ == "__main__":
+    main()
