@@ -8,6 +8,8 @@
 * ``train_step``: a whole seq2seq training step against the same model on eager torch.nn
   modules and torch.compile of it.
 * ``decode``: greedy and beam search against the eager model.
+* ``lm``: the language model's training step (characters/s) and token-by-token generation
+  (tokens/s) against the same model on torch.nn.
 * ``host``: host (Python) time per launched step of the Triton kernels, with Triton's launch
   path driven by a stub driver, so launch overhead is measured without a GPU.
 """
@@ -15,7 +17,7 @@ import importlib
 from types import ModuleType
 
 #: Suite names in the order a full run goes through them.
-NAMES = ("layer", "cell", "attention", "decoder_step", "train_step", "decode", "host")
+NAMES = ("layer", "cell", "attention", "decoder_step", "train_step", "decode", "lm", "host")
 
 
 def load(name: str) -> ModuleType:

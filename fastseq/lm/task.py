@@ -74,7 +74,7 @@ class LMTrainConfig(TrainConfig):
     batch_size: int = 64              # contiguous streams per process
     bptt: int = 128                   # tokens per chunk (backpropagation length)
     # evaluation
-    eval_streams: int = 8             # the validation text as this many contiguous streams
+    eval_streams: int = 64            # the validation text as this many contiguous streams
     sample_tokens: int = 500          # tokens of the sample written at the end (0: none)
     sample_temperature: float = 0.8
     # the model (fastseq.lm.model.LMArchitecture; the vocabulary size from the corpus)
