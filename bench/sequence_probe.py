@@ -9,6 +9,9 @@ Run as a script in a process started with :func:`stubdriver.subprocess_env` (no 
                                      "dtypes": ["float32", "bfloat16"]}'
     python bench/sequence_probe.py '{"mode": "host", "B": 64, "H": 512, "T": 128,
                                      "dtypes": ["float32"], "rounds": 20}'
+    python bench/sequence_probe.py '{"mode": "compile", "resident": true, "ignore_fits": true,
+                                     "B": [16, 64], "H": [512, 768, 1024],
+                                     "dtypes": ["bfloat16", "float32"]}'
 
 ``compile``: calls the real host functions (forward with and without saved gates,
 backward; GRU and LSTM; T = 2) for each size and dtype, once with one program per
@@ -17,7 +20,12 @@ row block (``n_h = 1``, the intra-program barrier) and once with the grid barrie
 launched specialisation is compiled by Triton for sm_90a; then ptxas ``-v`` on each
 one's PTX (:func:`kernels.resources`). Prints ``{"triton", "ptxas", "kernels":
 [{"kernel", "grid_sync", "constexprs", "regs", "spill_stores", "spill_loads",
-"ptx_release", "ptx_acquire", "used_by", ...}], "errors"}``.
+"ptx_release", "ptx_acquire", "used_by", ...}], "errors"}``. ``"resident": true``: the
+W_RESIDENT variant instead (``w_resident=True``, one hidden tile per program), with
+``time_loop`` per kernel (where W_hh is loaded, staged and read relative to the time
+loop, from the TTGIR: :func:`time_loop_placement`); ``"ignore_fits": true`` compiles it
+also where the plan would not pick it; ``"backward": false`` compiles forwards only;
+``"cases": [[B, H, dtype], ...]`` replaces the ``B`` x ``H`` x ``dtypes`` product.
 
 ``host``: microseconds per call of each forward (gates saved) and backward (the
 weight-gradient product left out, as in :mod:`host_probe`), for both variants,
@@ -109,7 +117,7 @@ def time_loop_placement(ttgir: str):
             continue
         end = next((j for j in range(i + 1, len(lines))
                     if re.match(r"^ {4}\}(?! (?:do|else))", lines[j])), len(lines))
-        if any("tt.dot" in lines[k] or "warp_group_dot" in lines[k] for k in range(i, end)):
+        if any(re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", lines[k]) for k in range(i, end)):
             loop = (i, end)
             break
     out = {"loop_found": loop is not None}
@@ -122,7 +130,7 @@ def time_loop_placement(ttgir: str):
         where = "in_loop" if loop and loop[0] < i < loop[1] else "before"
         out[f"w_{op}_{where}"] = out.get(f"w_{op}_{where}", 0) + 1
     if loop:
-        out["dots_in_loop"] = sum(("tt.dot " in lines[k] or "warp_group_dot" in lines[k]) for k in range(*loop))
+        out["dots_in_loop"] = sum(bool(re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", lines[k])) for k in range(*loop))
     out["hoisted"] = bool(out.get("w_load_before")) and not out.get("w_load_in_loop") \
         and not out.get("w_local_alloc_in_loop")
     return out
@@ -138,13 +146,15 @@ def compile_mode(cfg):
     dump = tempfile.mkdtemp(prefix="fastseq-seq-")
     rows, errors = {}, []
     g = torch.Generator().manual_seed(0)
-    for dname in cfg["dtypes"]:
+    # "cases": [[B, H, dtype], ...] instead of the product of "B", "H" and "dtypes"
+    cases = cfg.get("cases") or [(B, H, d) for d in cfg["dtypes"] for B in cfg["B"] for H in cfg["H"]]
+    for B, H, dname in cases:
         dt = getattr(torch, dname)
 
-        def rnd(*shape, scale=1.0):
+        def rnd(*shape, scale=1.0, dt=dt):
             return (torch.randn(*shape, generator=g) * scale).to(dt)
-        for B in cfg["B"]:
-            for H in cfg["H"]:
+        if True:
+            if True:
                 for n_h in _variants(B, H, cfg.get("resident", False)):
                     for kind in ("gru", "lstm"):
                         label = f"{kind}-B{B}-H{H}-{dname}-{'resident' if n_h == 'resident' else f'nh{n_h}'}"
@@ -251,10 +261,10 @@ def main(cfg):
 
         blocks = tuple(cfg["blocks"])
         ts._blocks = lambda B, interpreted: blocks
-    if cfg.get("resident_smem"):  # experiments: compile W_RESIDENT past the plan's shared-memory budget
+    if cfg.get("ignore_fits"):  # compile W_RESIDENT where the plan would not pick it (resident_fits)
         from fastseq.ops.recurrence import triton_sequence as ts
 
-        ts.RESIDENT_SMEM_BYTES = int(cfg["resident_smem"])
+        ts.resident_fits = lambda *args, **kw: True
     if cfg.get("kw"):  # experiments: extra launch options (e.g. maxnreg) for every call
         from fastseq.ops.recurrence import triton_sequence as ts
 

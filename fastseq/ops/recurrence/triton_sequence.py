@@ -55,6 +55,40 @@ well inside an H100/H200's 50 MiB L2) at every step, not kept in registers: a
 program's slice is ``G * BLOCK_H * H`` elements (192 KiB fp32 for the GRU at
 ``BLOCK_H = 16``, H = 1024), past the register file of the 4 warps that hold it.
 
+**W_RESIDENT** (constexpr; :attr:`Plan.w_resident`): each program owns exactly one
+hidden tile (``n_h = cdiv(H, BLOCK_H)``, ``BLOCK_H = 16`` on a GPU) and loads its
+``W_hh`` slice with the whole K extent ``KP = next_pow2(H)`` once, before the time
+loop, then carries it through all T steps: no W_hh traffic from L2 per step.
+
+* Forward: the four gates' rows stacked, ``W [4 * BLOCK_H, KP]`` (the GRU's three
+  padded to four, zero), and one product per step, transposed so W is the left
+  operand: ``W @ h_{t-1}^T -> [64, BLOCK_B]``, split into the gates
+  (:func:`_resident_gates`). ``h_{t-1}`` is read from ``hs[t-1]`` (``h0``) in the input
+  dtype, the values the product rounds the fp32 state to. On sm_90a (Triton 3.9 and
+  3.6) this is a warpgroup MMA (``HGMMA.64x8x16`` bf16 at 16 rows) whose operands both
+  come from shared memory: Triton hoists W's staging (``local_alloc``) out of the time
+  loop, so W stays in shared memory (128 KiB bf16 at H = 1024) for the whole launch and
+  is read from there by each step's wgmma (by both warpgroups: they split N); ``h^T``
+  is staged every step. W never returns to registers (Triton does not make it the
+  wgmma's register operand). 8 warps: with 4, the W prologue and the loop spill.
+* Backward: per gate ``[KP, BLOCK_H]`` tiles of ``W_hh[g*H + m, j]`` carried the same
+  way, ``dG_{t+1}`` rows of each gate times its tile (:func:`_resident_carry`). Its
+  ``16 x 16`` products leave most warps nothing to split (``mma.sync``, warps repeating
+  the product): it spills on sm_90a (1-1.3 KB at H = 1024), so the plan never picks it
+  for a backward; it runs when forced (``w_resident=True``) and under the interpreter.
+* Chosen (:func:`plan`) on CUDA for a forward when :func:`resident_fits`: ``n_b *
+  cdiv(H, 16) <= SMs`` and the shared-memory stagings within what compiles without
+  spills (:data:`RESIDENT_W_BYTES`, :data:`RESIDENT_OPERAND_BYTES`), half weights only:
+  under Triton 3.9 up to H = 1024 at B <= 16 and H = 512 at B <= 32; under Triton 3.6
+  (the GPU image) only up to H = 512: its ptxas spills inside the time loop at
+  KP = 1024. fp32 (IEEE product, no tensor cores) only when forced. Under the interpreter
+  only when forced: one program per row block then owns all of H (``BLOCK_H = KP``).
+* **Prediction, not measured** (bench/NOTES.md "Prediction: the W-resident persistent
+  kernel", ``python -m fastseq.bench.step_model``): 2.1-3.0 us per step where chosen,
+  2.9 us at LSTM B = 16, H = 768 against cuDNN's 1.96 us: the W reads from shared memory
+  every step and the state broadcast to every program replace the L2 re-reads of W_hh.
+  3.6 spills at 3.9's sizes beyond H = 512 (**Not** selected there).
+
 Tiles on a GPU (:func:`_blocks`): ``BLOCK_B = 16 or 32`` rows, ``BLOCK_H = 32 or
 16`` units, ``BLOCK_K = 32``, 4 warps, no software pipelining of the K loop
 (``num_stages=1``) and ``maxnreg=255`` (:data:`MAX_REGISTERS`): with those no
@@ -108,6 +142,8 @@ from fastseq.ops.triton_utils import (
     store_tile,
 )
 
+_TRITON_AT_LEAST_3_9 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+
 __all__ = [
     "gru_recurrence_forward", "gru_recurrence_backward", "lstm_recurrence_forward", "lstm_recurrence_backward",
     "fits", "plan", "Plan",
@@ -135,16 +171,22 @@ def _step_barrier(sync_ptr, row_block, arrivals, GRID_SYNC: tl.constexpr):
 
 
 @triton.jit
-def _load_shared(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.constexpr):
-    """fp32 tile ``ptr[offs_r * stride_r + offs_c]`` of a buffer other programs write in this
-    launch: read from L2 (``.cg``) when programs synchronise through the grid barrier."""
+def _load_shared_native(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.constexpr):
+    """Tile ``ptr[offs_r * stride_r + offs_c]`` in the pointer's dtype of a buffer other programs
+    write in this launch: read from L2 (``.cg``) when programs synchronise through the grid barrier."""
     ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :]
     m = mask_r[:, None] & mask_c[None, :]
     if GRID_SYNC:
         x = tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg")
     else:
         x = tl.load(ptrs, mask=m, other=0.0)
-    return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_shared(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.constexpr):
+    """:func:`_load_shared_native` in fp32."""
+    return _load_shared_native(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC).to(tl.float32)
 
 
 @triton.jit
@@ -177,37 +219,41 @@ def _copy_initial(src_ptr, dst_ptr, offs_b, mask_b, H, tile0, tile_step, BLOCK_H
 
 @triton.jit
 def _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC: tl.constexpr):
-    """W_RESIDENT forward: the product's operand ``h_{t-1}`` rows ``[BLOCK_B, KP]`` read from
-    ``hs[t-1]`` (``h0`` at t = 0) in the input dtype, as the per-step kernels do: the values
-    :func:`dot_acc` rounds the fp32 state to, half the bytes from L2 and in shared memory
-    for half inputs (fp32: the state itself)."""
+    """W_RESIDENT forward: the product's operand, ``h_{t-1}`` rows as ``[KP, BLOCK_B]``
+    (transposed), read from ``hs[t-1]`` (``h0`` at t = 0) in the input dtype, as the
+    per-step kernels do: the values :func:`dot_acc` would round the fp32 state to, half
+    the bytes from L2 and in shared memory for half inputs (fp32: the state itself)."""
     if t > 0:
-        h = _load_shared(hs_ptr + (t - 1) * BH64, offs_b, offs_kp, H, mask_b, mask_kp, GRID_SYNC)
+        h = _load_shared_native(hs_ptr + (t - 1) * BH64, offs_b, offs_kp, H, mask_b, mask_kp, GRID_SYNC)
     else:
-        h = _load_shared(h0_ptr, offs_b, offs_kp, H, mask_b, mask_kp, GRID_SYNC)
-    return h
+        h = _load_shared_native(h0_ptr, offs_b, offs_kp, H, mask_b, mask_kp, GRID_SYNC)
+    return tl.trans(h)
 
 
 @triton.jit
 def _resident_w_gates(w_ptr, offs_kp, mask_kp, tile0, H, G: tl.constexpr, BLOCK_H: tl.constexpr):
-    """W_RESIDENT forward: the hidden tile at ``tile0``'s ``W_hh^T`` slices of all gates side by
-    side, ``[KP, 4 * BLOCK_H]``: ``(k, g * BLOCK_H + u) -> W_hh[g*H + tile0 + u, k]`` (zero past H,
-    and for ``g >= G``: the GRU's three gates are padded to four), in W's dtype; loaded once,
-    before the time loop. One product per step for all gates: ``tl.dot``'s N is ``4 * BLOCK_H``,
-    so the warps split the gates' columns instead of repeating one ``16 x 16`` product."""
+    """W_RESIDENT forward: the hidden tile at ``tile0``'s ``W_hh`` rows of all gates stacked,
+    ``[4 * BLOCK_H, KP]``: ``(g * BLOCK_H + u, k) -> W_hh[g*H + tile0 + u, k]`` (zero past H, and
+    for ``g >= G``: the GRU's three gates are padded to four), in W's dtype; loaded once,
+    before the time loop."""
     offs_c = tl.arange(0, 4 * BLOCK_H)
     gate = offs_c // BLOCK_H
     offs_j = tile0 + offs_c % BLOCK_H
-    return w_hh_t_tile(w_ptr, 0, offs_kp, gate * H + offs_j, H, mask_kp, (gate < G) & (offs_j < H))
+    return load_tile_native(w_ptr, gate * H + offs_j, offs_kp, H, 1, (gate < G) & (offs_j < H), mask_kp)
 
 
 @triton.jit
-def _resident_gates(h, w, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-    """W_RESIDENT forward: ``h [BLOCK_B, KP] @ w`` (:func:`_resident_w_gates`) split into the four
-    gates' ``[BLOCK_B, BLOCK_H]`` fp32 products (the fourth is zero for the GRU)."""
-    acc = dot_acc(h, w, tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=tl.float32), PRECISION)
-    # columns g * BLOCK_H + u, g = 2 * g_hi + g_lo -> [rows, u, g_hi, g_lo]
-    acc = tl.permute(tl.reshape(acc, (BLOCK_B, 2, 2, BLOCK_H)), (0, 3, 1, 2))
+def _resident_gates(w, h_t, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """W_RESIDENT forward: the four gates' ``[BLOCK_B, BLOCK_H]`` fp32 products (the fourth is
+    zero for the GRU) as one product per step, transposed: ``w [4 * BLOCK_H, KP]``
+    (:func:`_resident_w_gates`) ``@ h_t [KP, BLOCK_B]`` (:func:`_resident_operand`). W is
+    the left operand, M = 64 rows: on Hopper a warpgroup MMA (wgmma), whose left operand
+    may come from registers and whose right one, the state, is staged once in shared
+    memory for the warpgroup (as the right operand of ``mma.sync`` the state would be
+    read by every warp)."""
+    acc = dot_acc(w, h_t, tl.zeros((4 * BLOCK_H, BLOCK_B), dtype=tl.float32), PRECISION)
+    # rows g * BLOCK_H + u, g = 2 * g_hi + g_lo -> [batch rows, u, g_hi, g_lo]
+    acc = tl.permute(tl.reshape(acc, (2, 2, BLOCK_H, BLOCK_B)), (3, 2, 0, 1))
     even, odd = tl.split(acc)  # g_lo = 0: gates 0, 2; g_lo = 1: gates 1, 3
     g0, g2 = tl.split(even)
     g1, g3 = tl.split(odd)
@@ -291,7 +337,7 @@ def _gru_seq_fwd_kernel(
             mask_j = offs_j < H
             if W_RESIDENT:
                 h = _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC)
-                acc_r, acc_z, acc_n, _ = _resident_gates(h, w_res, BLOCK_B, BLOCK_H, PRECISION)
+                acc_r, acc_z, acc_n, _ = _resident_gates(w_res, h, BLOCK_B, BLOCK_H, PRECISION)
             else:
                 acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -485,7 +531,7 @@ def _lstm_seq_fwd_kernel(
             mask_j = offs_j < H
             if W_RESIDENT:
                 h = _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC)
-                acc_i, acc_f, acc_g, acc_o = _resident_gates(h, w_res, BLOCK_B, BLOCK_H, PRECISION)
+                acc_i, acc_f, acc_g, acc_o = _resident_gates(w_res, h, BLOCK_B, BLOCK_H, PRECISION)
             else:
                 acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
                 acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -725,12 +771,21 @@ MAX_REGISTERS = 255
 #: W_RESIDENT on a GPU: rows x units of a program's tile, and its warps.
 RESIDENT_BLOCK_H = 16
 RESIDENT_WARPS = 8
-#: Shared memory a W_RESIDENT forward program may use (bytes): Triton stages the
-#: carried ``W_hh`` slice (``[KP, 4 * BLOCK_H]``, W's dtype) in shared memory once,
-#: before the time loop, and the product's ``[BLOCK_B, KP]`` operand at every step
-#: (bench/NOTES.md "Prediction: the W-resident persistent kernel"); an H100/H200 gives a
-#: block at most 227 KiB.
-RESIDENT_SMEM_BYTES = 200 * 1024
+#: W_RESIDENT's limits on a GPU, from its sm_90a compiles (bench/NOTES.md "Prediction: the
+#: W-resident persistent kernel"): the carried W slice ``4 * BLOCK_H * KP`` and the per-step
+#: product operand ``BLOCK_B * KP`` (both staged in shared memory; elements of W's dtype,
+#: bytes). Within both the forward compiles without spills; past them it spills inside the
+#: time loop or needs more shared memory than a block has. Triton 3.9 (ptxas 13.4): a
+#: 128 KiB slice (bf16 KP = 1024 at 16 rows; fp32 KP = 512 at 16 rows) is clean, a 32 x
+#: 1024 bf16 operand spills 8-36 B. Triton 3.6 (ptxas 12.8, the GPU image's): the same
+#: 128 KiB slices spill 88-348 B (bf16) and 3.4 KB (fp32), all inside the time loop, so
+#: older Tritons get 64 KiB (bf16 KP = 512).
+def resident_limits(triton_at_least_3_9: bool) -> Tuple[int, int]:
+    """(:data:`RESIDENT_W_BYTES`, :data:`RESIDENT_OPERAND_BYTES`) under Triton >= 3.9 or an older one."""
+    return (128 if triton_at_least_3_9 else 64) * 1024, 32 * 1024
+
+
+RESIDENT_W_BYTES, RESIDENT_OPERAND_BYTES = resident_limits(_TRITON_AT_LEAST_3_9)
 
 
 def _resident_blocks(B: int, H: int, interpreted: bool) -> Tuple[int, int, int, int, int]:
@@ -743,16 +798,22 @@ def _resident_blocks(B: int, H: int, interpreted: bool) -> Tuple[int, int, int, 
 
 
 def resident_fits(B: int, H: int, G: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the W_RESIDENT variant can run a call on a GPU (``device`` CUDA, or
-    elsewhere as the modelled H100/H200): every program owns exactly one hidden tile
-    (``n_b * cdiv(H, BLOCK_H) <= SMs``, all co-resident) and the forward's shared memory,
-    the W slice ``4 * KP * BLOCK_H`` plus the operand ``BLOCK_B * KP`` elements of
-    ``dtype`` (``KP = next_pow2(H)``; ``G`` does not enter: the GRU's slice is padded to
-    four gates), is at most :data:`RESIDENT_SMEM_BYTES`."""
+    """Whether the plan picks the W_RESIDENT variant for a forward on a GPU (``device``
+    CUDA, or elsewhere as the modelled H100/H200): half weights (bf16/fp16: a tensor-core
+    product; fp32's IEEE product is FMA-bound, and spills under Triton 3.6 even at
+    H = 256; it runs when forced), every program owns exactly one hidden
+    tile (``n_b * cdiv(H, BLOCK_H) <= SMs``, all co-resident), the W slice ``4 * BLOCK_H *
+    KP`` is within :data:`RESIDENT_W_BYTES` and the product operand ``BLOCK_B * KP`` within
+    :data:`RESIDENT_OPERAND_BYTES` (``KP = next_pow2(H)``, elements of ``dtype``; ``G``
+    does not enter: the GRU's slice is padded to four gates). Triton 3.9: H <= 1024 at
+    B <= 16 and H <= 512 at B <= 32. Older Tritons: H <= 512 at B <= 32. (Compiled in
+    bf16; fp16 by the same rule.)"""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
     bb, bh = _resident_blocks(B, H, False)[:2]
     elem, kp = torch.empty((), dtype=dtype).element_size(), next_pow2(H)
     return (cdiv(B, bb) * cdiv(H, bh) <= _sms(torch.device(device))
-            and (4 * bh + bb) * kp * elem <= RESIDENT_SMEM_BYTES)
+            and 4 * bh * kp * elem <= RESIDENT_W_BYTES and bb * kp * elem <= RESIDENT_OPERAND_BYTES)
 
 
 def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] = None, *,
