@@ -86,8 +86,8 @@ loop, then carries it through all T steps: no W_hh traffic from L2 per step.
 * **Prediction, not measured** (bench/NOTES.md "Prediction: the W-resident persistent
   kernel", ``python -m fastseq.bench.step_model``): 2.1-3.0 us per step where chosen,
   2.9 us at LSTM B = 16, H = 768 against cuDNN's 1.96 us: the W reads from shared memory
-  every step and the state broadcast to every program replace the L2 re-reads of W_hh.
-  3.6 spills at 3.9's sizes beyond H = 512 (**Not** selected there).
+  every step and the state broadcast to every program replace the L2 re-reads of W_hh
+  (and under Triton 3.6 that size is not picked: it spills).
 
 Tiles on a GPU (:func:`_blocks`): ``BLOCK_B = 16 or 32`` rows, ``BLOCK_H = 32 or
 16`` units, ``BLOCK_K = 32``, 4 warps, no software pipelining of the K loop
