@@ -97,15 +97,16 @@ def resident_step(kind: str, B: int, H: int, elem: int = 2, w_in_registers: bool
     for name, new in (("triton3.9", True), ("triton3.6", False)):
         w_max, op_max = resident_limits(new)
         picked[name] = ctas <= 132 and 64 * kp * elem <= w_max and bb * kp * elem <= op_max
-    return {"BLOCK_B": bb, "KP": kp, "ctas": ctas, "picked": picked, "w_slice_bytes": 64 * kp * elem, "smem_bytes": smem_bytes,
-            "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s, "gates_s": GATES_S,
-            "step_s": step_s}
+    return {"BLOCK_B": bb, "KP": kp, "ctas": ctas, "picked": picked, "w_slice_bytes": 64 * kp * elem,
+            "smem_bytes": smem_bytes, "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s,
+            "gates_s": GATES_S, "step_s": step_s}
 
 
 def resident_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024))) -> List[str]:
     """The NOTES table of :func:`resident_step` (bf16), as compiled and with W as a register operand."""
-    lines = ["| layer | B | H | picked (3.9 / 3.6) | CTAs (rows × KP) | barrier µs | L2 µs | smem KB, µs | MMA µs | gates µs "
-             "| **step µs** | W in registers: smem µs, step µs | ÷ cuDNN's 1.96 µs (as compiled / W in registers) |",
+    lines = ["| layer | B | H | picked (3.9 / 3.6) | CTAs (rows × KP) | barrier µs | L2 µs | smem KB, µs | MMA µs "
+             "| gates µs | **step µs** | W in registers: smem µs, step µs "
+             "| ÷ cuDNN's 1.96 µs (as compiled / W in registers) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
