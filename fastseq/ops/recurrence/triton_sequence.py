@@ -285,6 +285,26 @@ def _resident_carry(
     return _resident_dot(a, w, BLOCK_B, BLOCK_H, PRECISION)
 
 
+@triton.jit
+def _resident_carry_gates(
+    dg_ptr, v0, v1, v2, v3, offs_b, mask_b, offs_kp, mask_kp, H,
+    G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    GRID_SYNC: tl.constexpr,
+):
+    """W_RESIDENT backward: :func:`_carry` with the carried tiles, the sum of each gate's
+    :func:`_resident_carry` over ``G`` gates (``v3`` unused when ``G`` is 3)."""
+    acc = _resident_carry(dg_ptr, 0, v0, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    acc += _resident_carry(dg_ptr, 1, v1, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                           BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    acc += _resident_carry(dg_ptr, 2, v2, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                           BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    if G == 4:
+        acc += _resident_carry(dg_ptr, 3, v3, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                               BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    return acc
+
+
 # ------------------------------------------------------------------ GRU kernels
 
 
@@ -423,12 +443,8 @@ def _gru_seq_bwd_kernel(
             if s > 0:
                 dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
                 if W_RESIDENT:
-                    dh += _resident_carry(dg_t + 3 * BH, 0, v_r, offs_b, mask_b, offs_kp, mask_kp, H, 3 * H,
-                                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-                    dh += _resident_carry(dg_t + 3 * BH, 1, v_z, offs_b, mask_b, offs_kp, mask_kp, H, 3 * H,
-                                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-                    dh += _resident_carry(dg_t + 3 * BH, 2, v_n, offs_b, mask_b, offs_kp, mask_kp, H, 3 * H,
-                                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+                    dh += _resident_carry_gates(dg_t + 3 * BH, v_r, v_z, v_n, v_n, offs_b, mask_b, offs_kp, mask_kp, H,
+                                                3, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
                 else:
                     dh += _carry(dg_t + 3 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
                                  BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
@@ -464,12 +480,8 @@ def _gru_seq_bwd_kernel(
         mask_j = offs_j < H
         dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
         if W_RESIDENT:
-            dh += _resident_carry(dg_ptr, 0, v_r, offs_b, mask_b, offs_kp, mask_kp, H, 3 * H,
-                                  BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-            dh += _resident_carry(dg_ptr, 1, v_z, offs_b, mask_b, offs_kp, mask_kp, H, 3 * H,
-                                  BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-            dh += _resident_carry(dg_ptr, 2, v_n, offs_b, mask_b, offs_kp, mask_kp, H, 3 * H,
-                                  BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+            dh += _resident_carry_gates(dg_ptr, v_r, v_z, v_n, v_n, offs_b, mask_b, offs_kp, mask_kp, H,
+                                        3, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
         else:
             dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
@@ -637,14 +649,8 @@ def _lstm_seq_bwd_kernel(
             if s > 0:
                 dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
                 if W_RESIDENT:
-                    dh += _resident_carry(dg_t + 4 * BH, 0, v_i, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-                    dh += _resident_carry(dg_t + 4 * BH, 1, v_f, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-                    dh += _resident_carry(dg_t + 4 * BH, 2, v_g, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-                    dh += _resident_carry(dg_t + 4 * BH, 3, v_o, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+                    dh += _resident_carry_gates(dg_t + 4 * BH, v_i, v_f, v_g, v_o, offs_b, mask_b, offs_kp, mask_kp, H,
+                                                4, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
                 else:
                     dh += _carry(dg_t + 4 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
                                  BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
@@ -688,14 +694,8 @@ def _lstm_seq_bwd_kernel(
         mask_j = offs_j < H
         dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
         if W_RESIDENT:
-            dh += _resident_carry(dg_ptr, 0, v_i, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                  BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-            dh += _resident_carry(dg_ptr, 1, v_f, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                  BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-            dh += _resident_carry(dg_ptr, 2, v_g, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                  BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-            dh += _resident_carry(dg_ptr, 3, v_o, offs_b, mask_b, offs_kp, mask_kp, H, 4 * H,
-                                  BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+            dh += _resident_carry_gates(dg_ptr, v_i, v_f, v_g, v_o, offs_b, mask_b, offs_kp, mask_kp, H,
+                                        4, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
         else:
             dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
                          BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
