@@ -74,8 +74,9 @@ loop, then carries it through all T steps: no W_hh traffic from L2 per step.
 * Backward: per gate ``[KP, BLOCK_H]`` tiles of ``W_hh[g*H + m, j]`` carried the same
   way, ``dG_{t+1}`` rows of each gate times its tile (:func:`_resident_carry`). Its
   ``16 x 16`` products leave most warps nothing to split (``mma.sync``, warps repeating
-  the product): it spills on sm_90a (1-1.3 KB at H = 1024), so the plan never picks it
-  for a backward; it runs when forced (``w_resident=True``) and under the interpreter.
+  the product): on sm_90a it compiles clean only at B = 16, H = 512 in bf16 and spills
+  elsewhere (44 B to 2 KB), so the plan never picks it for a backward; it runs when
+  forced (``w_resident=True``) and under the interpreter.
 * Chosen (:func:`plan`) on CUDA for a forward when :func:`resident_fits`: ``n_b *
   cdiv(H, 16) <= SMs`` and the shared-memory stagings within what compiles without
   spills (:data:`RESIDENT_W_BYTES`, :data:`RESIDENT_OPERAND_BYTES`), half weights only:
@@ -976,7 +977,7 @@ def gru_recurrence_backward(
     if gates.dim() != 3:
         raise ValueError("gru_recurrence_backward needs the gates saved by gru_recurrence_forward(save_gates=True)")
     grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
-    # W_RESIDENT only when asked: its per-gate 16-unit products spill (bench/NOTES.md).
+    # W_RESIDENT only when asked: its backward spills at most sizes (bench/NOTES.md).
     p = plan(B, H, hs.device, programs_per_rows, G=3, dtype=w.dtype, w_resident=bool(w_resident))
     dgi = alloc.empty((T, B, 3 * H), hs)
     dg = alloc.empty((T, B, 3 * H), hs, torch.float32)
@@ -1066,7 +1067,7 @@ def lstm_recurrence_backward(
         raise ValueError("lstm_recurrence_backward needs the gates saved by lstm_recurrence_forward(save_gates=True)")
     grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
     hs, grad_cs = hs.contiguous(), contiguous_or_none(grad_cs)
-    # W_RESIDENT only when asked: its per-gate 16-unit products spill (bench/NOTES.md).
+    # W_RESIDENT only when asked: its backward spills at most sizes (bench/NOTES.md).
     p = plan(B, H, hs.device, programs_per_rows, G=4, dtype=w.dtype, w_resident=bool(w_resident))
     dg = alloc.empty((T, B, 4 * H), hs, torch.float32)
     # float32: dgi is dG itself; otherwise a separate copy in the input dtype.
