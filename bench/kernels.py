@@ -485,7 +485,32 @@ def resources(ptx: Path, cubin: Path, ptxas: str, flags: List[str], arch: str) -
         return out
     out["sass"], mma = sass_counts(proc.stdout)
     out["mma"] = {"tensor_cores": bool(mma), "instructions": mma}
+    out["sass_mma_loop"] = sass_mma_loop(proc.stdout)
     return out
+
+
+_SASS_ADDR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)([^;]*);", re.MULTILINE)
+LOOP_OPS = ("HMMA", "HGMMA", "LDL", "STL", "LDG", "STG", "LDS", "STS", "LDSM", "BAR")
+
+
+def sass_mma_loop(sass: str) -> Optional[Dict[str, int]]:
+    """Static counts of :data:`LOOP_OPS` inside the outermost loop of the SASS that holds a
+    tensor-core instruction (a loop: a backward ``BRA``; the whole-sequence kernels' time
+    loop): whether spills (``LDL``/``STL``) or global loads sit in the loop or before it.
+    None without such a loop."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_ADDR.findall(sass)]
+    loops = []
+    for addr, op, rest in ins:
+        m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    best = None
+    for lo, hi in loops:
+        if any(lo <= a <= hi and op in MMA_OPS for a, op, _ in ins) and (best is None or hi - lo > best[1] - best[0]):
+            best = (lo, hi)
+    if best is None:
+        return None
+    return {op: sum(1 for a, o, _ in ins if best[0] <= a <= best[1] and o == op) for op in LOOP_OPS}
 
 
 SASS_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL")

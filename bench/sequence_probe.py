@@ -9,6 +9,9 @@ Run as a script in a process started with :func:`stubdriver.subprocess_env` (no 
                                      "dtypes": ["float32", "bfloat16"]}'
     python bench/sequence_probe.py '{"mode": "host", "B": 64, "H": 512, "T": 128,
                                      "dtypes": ["float32"], "rounds": 20}'
+    python bench/sequence_probe.py '{"mode": "compile", "resident": true, "ignore_fits": true,
+                                     "B": [16, 64], "H": [512, 768, 1024],
+                                     "dtypes": ["bfloat16", "float32"]}'
 
 ``compile``: calls the real host functions (forward with and without saved gates,
 backward; GRU and LSTM; T = 2) for each size and dtype, once with one program per
@@ -17,7 +20,12 @@ row block (``n_h = 1``, the intra-program barrier) and once with the grid barrie
 launched specialisation is compiled by Triton for sm_90a; then ptxas ``-v`` on each
 one's PTX (:func:`kernels.resources`). Prints ``{"triton", "ptxas", "kernels":
 [{"kernel", "grid_sync", "constexprs", "regs", "spill_stores", "spill_loads",
-"ptx_release", "ptx_acquire", "used_by", ...}], "errors"}``.
+"ptx_release", "ptx_acquire", "used_by", ...}], "errors"}``. ``"resident": true``: the
+W_RESIDENT variant instead (``w_resident=True``, one hidden tile per program), with
+``time_loop`` per kernel (where W_hh is loaded, staged and read relative to the time
+loop, from the TTGIR: :func:`time_loop_placement`); ``"ignore_fits": true`` compiles it
+also where the plan would not pick it; ``"backward": false`` compiles forwards only;
+``"cases": [[B, H, dtype], ...]`` replaces the ``B`` x ``H`` x ``dtypes`` product.
 
 ``host``: microseconds per call of each forward (gates saved) and backward (the
 weight-gradient product left out, as in :mod:`host_probe`), for both variants,
@@ -57,36 +65,75 @@ def _jits():
 
 
 def _calls(kind, B, H, T, dt, n_h, rnd):
-    """(forward, backward) closures of one configuration (``n_h``: programs per row block)."""
+    """(forward, backward) closures of one configuration (``n_h``: programs per row block;
+    ``"resident"``: the W_RESIDENT variant, one hidden tile per program)."""
     from fastseq.ops.recurrence import triton_sequence as ts
 
     G = 3 if kind == "gru" else 4
     gi, h0, c0, w, b = rnd(T, B, G * H), rnd(B, H), rnd(B, H), rnd(G * H, H, scale=H ** -0.5), rnd(G * H)
     grad = rnd(T, B, H)
+    kw = dict(w_resident=True) if n_h == "resident" else dict(programs_per_rows=n_h, w_resident=False)
     if kind == "gru":
         def fwd(save=True):
-            return ts.gru_recurrence_forward(gi, h0, w, b, None, save, programs_per_rows=n_h)
+            return ts.gru_recurrence_forward(gi, h0, w, b, None, save, **kw)
         hs, gates = fwd()
 
         def bwd():
-            return ts.gru_recurrence_backward(grad, h0, w, hs, gates, None, True, programs_per_rows=n_h)
+            return ts.gru_recurrence_backward(grad, h0, w, hs, gates, None, True, **kw)
     else:
         def fwd(save=True):
-            return ts.lstm_recurrence_forward(gi, h0, c0, w, b, None, save, programs_per_rows=n_h)
+            return ts.lstm_recurrence_forward(gi, h0, c0, w, b, None, save, **kw)
         hs, cs, gates = fwd()
 
         def bwd():
-            return ts.lstm_recurrence_backward(grad, None, h0, c0, w, hs, cs, gates, None, True,
-                                               programs_per_rows=n_h)
+            return ts.lstm_recurrence_backward(grad, None, h0, c0, w, hs, cs, gates, None, True, **kw)
     return fwd, bwd
 
 
-def _variants(B, H):
+def _variants(B, H, resident=False):
     from fastseq.ops.recurrence import triton_sequence as ts
 
+    if resident:
+        return ["resident"]
     p = ts.plan(B, H, __import__("torch").device("cpu"), 1)
     tiles = -(-H // p.BLOCK_H)
     return [1, max(2, min(tiles, SMS // p.n_b))]
+
+
+def time_loop_placement(ttgir: str):
+    """Where the W_RESIDENT kernels' ``W_hh`` operand lives, from the TTGIR: counts of its
+    global loads (``tt.load``), shared-memory stagings (``ttg.local_alloc``) and reads
+    (``ttg.local_load``) before and inside the time loop (the kernel's outermost
+    ``scf.for``/``scf.while`` that contains a ``tt.dot``), and the dots inside it. The
+    resident tiles are the values the kernels name ``w_res`` (forward) and ``v_*``
+    (backward). ``hoisted``: W is loaded and staged before the loop, never inside it."""
+    import re
+
+    lines = ttgir.splitlines()
+    loop = None
+    for i, ln in enumerate(lines):
+        m = re.match(r"^(\s*)(?:%\S+ = )?scf\.(?:for|while)\b", ln)
+        if not m or len(m.group(1)) != 4:
+            continue
+        end = next((j for j in range(i + 1, len(lines))
+                    if re.match(r"^ {4}\}(?! (?:do|else))", lines[j])), len(lines))
+        if any(re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", lines[k]) for k in range(i, end)):
+            loop = (i, end)
+            break
+    out = {"loop_found": loop is not None}
+    rx = re.compile(r"^\s*%(w_res|v_[ifgorzn])\w* = (tt\.load|ttg\.local_alloc|ttg\.local_load)\b")
+    for i, ln in enumerate(lines):
+        m = rx.match(ln)
+        if not m:
+            continue
+        op = m.group(2).split(".")[-1]
+        where = "in_loop" if loop and loop[0] < i < loop[1] else "before"
+        out[f"w_{op}_{where}"] = out.get(f"w_{op}_{where}", 0) + 1
+    if loop:
+        out["dots_in_loop"] = sum(bool(re.search(r"= (tt\.dot|ttng\.warp_group_dot) ", lines[k])) for k in range(*loop))
+    out["hoisted"] = bool(out.get("w_load_before")) and not out.get("w_load_in_loop") \
+        and not out.get("w_local_alloc_in_loop")
+    return out
 
 
 def compile_mode(cfg):
@@ -99,22 +146,25 @@ def compile_mode(cfg):
     dump = tempfile.mkdtemp(prefix="fastseq-seq-")
     rows, errors = {}, []
     g = torch.Generator().manual_seed(0)
-    for dname in cfg["dtypes"]:
+    # "cases": [[B, H, dtype], ...] instead of the product of "B", "H" and "dtypes"
+    cases = cfg.get("cases") or [(B, H, d) for d in cfg["dtypes"] for B in cfg["B"] for H in cfg["H"]]
+    for B, H, dname in cases:
         dt = getattr(torch, dname)
 
-        def rnd(*shape, scale=1.0):
+        def rnd(*shape, scale=1.0, dt=dt):
             return (torch.randn(*shape, generator=g) * scale).to(dt)
-        for B in cfg["B"]:
-            for H in cfg["H"]:
-                for n_h in _variants(B, H):
+        if True:
+            if True:
+                for n_h in _variants(B, H, cfg.get("resident", False)):
                     for kind in ("gru", "lstm"):
-                        label = f"{kind}-B{B}-H{H}-{dname}-nh{n_h}"
+                        label = f"{kind}-B{B}-H{H}-{dname}-{'resident' if n_h == 'resident' else f'nh{n_h}'}"
                         for fn in fns.values():
                             fn.device_caches.clear()
                         try:
                             fwd, bwd = _calls(kind, B, H, 2, dt, n_h, rnd)
                             fwd(False)
-                            bwd()
+                            if cfg.get("backward", True):
+                                bwd()
                         except Exception as exc:  # noqa: BLE001 - reported
                             errors.append(f"{label}: {type(exc).__name__}: {str(exc)[:600]}")
                         for name, fn, ck in kernels._compiled(fns):
@@ -122,6 +172,8 @@ def compile_mode(cfg):
                             if row is None:
                                 row = rows[ck.hash] = kernels._describe(name, fn, ck)
                                 row["grid_sync"] = bool(row["constexprs"].get("GRID_SYNC"))
+                                row["w_resident"] = bool(row["constexprs"].get("W_RESIDENT"))
+                                row["time_loop"] = time_loop_placement(ck.asm["ttgir"])
                                 row["used_by"] = []
                                 Path(dump, ck.hash[:16] + ".ptx").write_text(ck.asm["ptx"])
                                 Path(dump, ck.hash[:16] + ".cubin").write_bytes(ck.asm["cubin"])
@@ -209,6 +261,10 @@ def main(cfg):
 
         blocks = tuple(cfg["blocks"])
         ts._blocks = lambda B, interpreted: blocks
+    if cfg.get("ignore_fits"):  # compile W_RESIDENT where the plan would not pick it (resident_fits)
+        from fastseq.ops.recurrence import triton_sequence as ts
+
+        ts.resident_fits = lambda *args, **kw: True
     if cfg.get("kw"):  # experiments: extra launch options (e.g. maxnreg) for every call
         from fastseq.ops.recurrence import triton_sequence as ts
 

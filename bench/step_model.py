@@ -9,6 +9,15 @@ once. Tensor-core work is negligible at these sizes, so a step is its L2 bytes
 over ``min(L2 bandwidth, CTAs x per-CTA bandwidth)`` (the constants of
 :mod:`fastseq.ops.triton_utils`, whose ``pick_blocks`` minimises this term) plus
 a dependent-launch gap and the gate math after the last product (assumptions).
+
+    python -m fastseq.bench.step_model            # also the W-resident persistent kernel's table
+
+:func:`resident_step`: the W_RESIDENT whole-sequence kernel
+(fastseq/ops/recurrence/triton_sequence.py, bench/NOTES.md "Prediction: the
+W-resident persistent kernel"): no launch and no W_hh from L2 per step; instead a
+grid barrier, the previous state's rows from L2 to every program, the product's
+shared-memory traffic (as the sm_90a compile lays it out), tensor-core time and the
+same gate math.
 """
 from __future__ import annotations
 
@@ -18,6 +27,13 @@ from fastseq.ops.triton_utils import L2_BYTES_PER_S, L2_BYTES_PER_S_PER_CTA, gpu
 
 LAUNCH_GAP_S = 1.0e-6  # between dependent kernels in one stream (assumption)
 GATES_S = 0.4e-6  # gate math and stores after the last product (assumption)
+
+# The W-resident persistent kernel (assumptions until a GPU measures them):
+BARRIER_S = 0.7e-6  # per-row-block atomic barrier among <= 132 CTAs: release add + acquire poll via L2
+CLOCK_HZ = 1.98e9  # H200 SM boost clock
+SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth of one SM (32 banks x 4 B)
+TENSOR_FLOPS_PER_SM = 989e12 / 132  # dense bf16 wgmma peak per SM (H100/H200 SXM)
+CUDNN_LSTM_B16_H768_S = 1.96e-6  # FlashRNN's nn.LSTM (cuDNN) bf16 forward, B 16, H 768, T 1024, H100
 
 
 def step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
@@ -36,6 +52,76 @@ def step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
             "step_s": l2_s + LAUNCH_GAP_S + GATES_S}
 
 
+def resident_step(kind: str, B: int, H: int, elem: int = 2, w_in_registers: bool = False) -> Dict[str, float]:
+    """The modelled forward step of the W_RESIDENT sequence kernel, every term in seconds.
+
+    Tiles as :func:`fastseq.ops.recurrence.triton_sequence.plan` picks them on a GPU:
+    ``BLOCK_B = pow2(B, 16, 32)`` rows, ``BLOCK_H = 16`` units, one hidden tile per
+    program (``ctas = cdiv(B, BLOCK_B) * cdiv(H, 16)``), 8 warps, ``KP = next_pow2(H)``.
+    The product is ``W [64, KP] @ h^T [KP, BLOCK_B]`` (four gates x 16 units; the GRU's
+    padded to four), a wgmma whose operands both sit in shared memory (the sm_90a TTGIR
+    under Triton 3.9: W staged once before the time loop, ``h^T`` staged every step; the
+    two warpgroups split N, so each reads all of W).
+
+    * ``barrier_s``: :data:`BARRIER_S` (no launch gap);
+    * ``l2_s``: each program's ``BLOCK_B x H`` rows of ``h_{t-1}`` (``elem`` bytes) and its
+      tile's gi / state / outputs, over ``min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)``
+      per program (the constants of the v0.7 model);
+    * ``smem_s``: W read by each warpgroup (``2 x 64 x KP``; 0 with ``w_in_registers``,
+      the wgmma register operand that Triton does not emit here), ``h^T`` stored and read
+      once (``2 x BLOCK_B x KP``), elements of ``elem`` bytes, over
+      :data:`SMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ`;
+    * ``mma_s``: ``2 x 64 x BLOCK_B x KP`` FLOP at :data:`TENSOR_FLOPS_PER_SM` (overlaps
+      the shared-memory reads: the product costs ``max(smem_s, mma_s)``);
+    * ``gates_s``: :data:`GATES_S`.
+
+    ``picked``: whether the plan chooses the variant at these sizes (half weights) under
+    Triton 3.9 and 3.6 (``triton_sequence.resident_fits``' limits, from the compiles).
+    """
+    G = 3 if kind == "gru" else 4
+    bb = max(16, min(32, 1 << (max(B, 1) - 1).bit_length()))
+    kp = max(16, 1 << (H - 1).bit_length())
+    ctas = -(-B // bb) * -(-H // 16)
+    h_rows = bb * H * elem
+    tile = bb * 16 * (G * elem + 2 * 4 + 2 * 4 + 2 * elem)  # gi; h, c fp32 in and out; hs, cs
+    per_cta_bw = min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)
+    l2_s = (h_rows + tile) / per_cta_bw
+    w_smem = 0 if w_in_registers else 2 * 64 * kp * elem
+    smem_bytes = w_smem + 2 * bb * kp * elem
+    smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
+    mma_s = 2 * 64 * bb * kp / TENSOR_FLOPS_PER_SM
+    step_s = BARRIER_S + l2_s + max(smem_s, mma_s) + GATES_S
+    from fastseq.ops.recurrence.triton_sequence import resident_limits
+
+    picked = {}
+    for name, new in (("triton3.9", True), ("triton3.6", False)):
+        w_max, op_max = resident_limits(new)
+        picked[name] = ctas <= 132 and 64 * kp * elem <= w_max and bb * kp * elem <= op_max
+    return {"BLOCK_B": bb, "KP": kp, "ctas": ctas, "picked": picked, "w_slice_bytes": 64 * kp * elem,
+            "smem_bytes": smem_bytes, "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s,
+            "gates_s": GATES_S, "step_s": step_s}
+
+
+def resident_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024))) -> List[str]:
+    """The NOTES table of :func:`resident_step` (bf16), as compiled and with W as a register operand."""
+    lines = ["| layer | B | H | picked (3.9 / 3.6) | CTAs (rows × KP) | barrier µs | L2 µs | smem KB, µs | MMA µs "
+             "| gates µs | **step µs** | W in registers: smem µs, step µs "
+             "| ÷ cuDNN's 1.96 µs (as compiled / W in registers) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("gru", "lstm"):
+        for B, H in sizes:
+            m, r = resident_step(kind, B, H), resident_step(kind, B, H, w_in_registers=True)
+            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_S:.2f}× / {r['step_s'] / CUDNN_LSTM_B16_H768_S:.2f}×**"
+                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            yn = " / ".join("yes" if m["picked"][v] else "no" for v in ("triton3.9", "triton3.6"))
+            lines.append(f"| {kind.upper()} | {B} | {H} | {yn} | {m['ctas']} ({m['BLOCK_B']} × {m['KP']}) | "
+                         f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} | {m['smem_bytes'] / 1024:.0f}, "
+                         f"{m['smem_s'] * 1e6:.2f} | {m['mma_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
+                         f"**{m['step_s'] * 1e6:.2f}** | {r['smem_s'] * 1e6:.2f}, {r['step_s'] * 1e6:.2f} | "
+                         f"{vs} |")
+    return lines
+
+
 def table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)), T: int = 128) -> List[str]:
     lines = ["| layer | B | H | tile (rows × units), warps | CTAs | L2 MB (W_hh + state + rest) | L2 µs | step µs "
              f"| T = {T} forward, ms |", "|---|---|---|---|---|---|---|---|---|"]
@@ -52,3 +138,5 @@ def table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 10
 
 if __name__ == "__main__":
     print("\n".join(table()))
+    print()
+    print("\n".join(resident_table()))

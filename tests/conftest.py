@@ -92,3 +92,29 @@ def gemm(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def checkout_bench():
+    """The ``fastseq.bench`` package of this checkout. bench/ is installed as ``fastseq.bench``;
+    a checkout run through PYTHONPATH, whose installed ``fastseq.bench`` maps elsewhere
+    (or nowhere), gets this checkout's bench/ as that package, as bench/gpu_check.py does."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import fastseq
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    try:
+        import fastseq.bench as pkg
+
+        if Path(pkg.__path__[0]).resolve() != bench:
+            raise ImportError(f"fastseq.bench is {pkg.__path__[0]}, not {bench}")
+    except ImportError:
+        spec = importlib.util.spec_from_file_location("fastseq.bench", bench / "__init__.py",
+                                                      submodule_search_locations=[str(bench)])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules["fastseq.bench"] = pkg
+        spec.loader.exec_module(pkg)
+        fastseq.bench = pkg
+    return pkg

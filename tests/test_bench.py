@@ -4,6 +4,7 @@ for fastseq and at least one baseline under the same case string; no suite repor
 import json
 
 import pytest
+from conftest import checkout_bench
 
 from fastseq.bench import suites
 from fastseq.cli import main
@@ -66,6 +67,7 @@ def test_bad_arguments_are_refused(capsys):
 def test_step_model_uses_the_tiles_pick_blocks_chooses_and_they_minimise_its_l2_term():
     """bench/step_model.py (bench/NOTES.md v0.7's table): positive times, the GPU tile
     choice, and no other candidate tile with a smaller modelled L2 time."""
+    checkout_bench()
     from fastseq.bench import step_model
     from fastseq.ops import triton_utils as tu
 
@@ -86,3 +88,30 @@ def test_step_model_uses_the_tiles_pick_blocks_chooses_and_they_minimise_its_l2_
                     if bb <= max(1, min(B, 64)) and bb * bh <= 1024:
                         assert chosen <= l2(bb, bh) * (1 + 1e-12), (B, H, bb, bh)
     assert len(step_model.table()) == 14
+
+
+def test_resident_step_model_is_the_sum_of_its_terms_on_the_plans_tiles():
+    """bench/step_model.py's W-resident prediction (bench/NOTES.md): the tiles the sequence
+    plan picks on a GPU, every term positive, the step their sum (the product's shared
+    memory and tensor time overlap), W as a register operand strictly cheaper."""
+    import torch
+
+    checkout_bench()
+    from fastseq.bench import step_model
+    from fastseq.ops.recurrence import triton_sequence as ts
+
+    for kind, G in (("gru", 3), ("lstm", 4)):
+        for B, H in ((16, 512), (16, 768), (64, 512), (64, 1024)):
+            m = step_model.resident_step(kind, B, H)
+            assert m["picked"]["triton3.9" if ts._TRITON_AT_LEAST_3_9 else "triton3.6"] == \
+                ts.resident_fits(B, H, G, torch.bfloat16, torch.device("cpu"))
+            bb, bh = ts._resident_blocks(B, H, False)[:2]
+            kp, ctas = 1 << (H - 1).bit_length(), -(-B // bb) * -(-H // bh)
+            assert (m["BLOCK_B"], bh, m["KP"], m["ctas"]) == (bb, 16, kp, ctas)
+            terms = [m[k] for k in ("barrier_s", "l2_s", "smem_s", "mma_s", "gates_s")]
+            assert all(x > 0 for x in terms)
+            product = max(m["smem_s"], m["mma_s"])
+            assert m["step_s"] == pytest.approx(m["barrier_s"] + m["l2_s"] + product + m["gates_s"])
+            r = step_model.resident_step(kind, B, H, w_in_registers=True)
+            assert r["smem_s"] < m["smem_s"] and r["step_s"] < m["step_s"]
+    assert len(step_model.resident_table()) == 14

@@ -25,7 +25,6 @@ from 196 jobs). The assertions are parametrized per job
 Under another Triton, run this file with that Python, e.g.
 ``PYTHONPATH=$PWD /tmp/venv36/bin/python -m pytest -q tests/test_kernel_resources.py``.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -34,6 +33,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import checkout_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -41,23 +41,8 @@ HALF = ("bf16", "fp16")
 
 
 def _bench_kernels():
-    """``fastseq.bench.kernels`` of this checkout. bench/ is installed as ``fastseq.bench``;
-    a checkout run through PYTHONPATH, whose installed ``fastseq.bench`` maps elsewhere
-    (or nowhere), gets this checkout's bench/ as that package, as bench/gpu_check.py does."""
-    import fastseq
-
-    try:
-        import fastseq.bench as pkg
-
-        if Path(pkg.__path__[0]).resolve() != BENCH:
-            raise ImportError(f"fastseq.bench is {pkg.__path__[0]}, not {BENCH}")
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("fastseq.bench", BENCH / "__init__.py",
-                                                      submodule_search_locations=[str(BENCH)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["fastseq.bench"] = pkg
-        spec.loader.exec_module(pkg)
-        fastseq.bench = pkg
+    """``fastseq.bench.kernels`` of this checkout (:func:`conftest.checkout_bench`)."""
+    checkout_bench()
     from fastseq.bench import kernels
 
     return kernels

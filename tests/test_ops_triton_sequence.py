@@ -92,6 +92,79 @@ def test_lstm_sequence_kernels(dtype, T, B, H, bias, lengths):
             assert_close(a, e, dtype, f"{name} (grad_cs {'given' if gc is not None else 'None'})")
 
 
+
+# W_RESIDENT (each program keeps its W_hh slice on chip for all steps): under the
+# interpreter one program per row block owns the whole hidden size (BLOCK_H = KP =
+# next_pow2(H)); rows over two row tiles, H not a power of two, one row.
+RESIDENT_SHAPES = [(3, 2, 16), (5, 17, 20), (4, 1, 33)]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's one-program W_RESIDENT case")
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+@pytest.mark.parametrize("T,B,H", RESIDENT_SHAPES)
+@pytest.mark.parametrize("bias,lengths", CASES)
+def test_w_resident_sequence_kernels(kind, T, B, H, bias, lengths, monkeypatch):
+    """The W_RESIDENT variant (forward and backward) against the reference, float32, every
+    output and gradient; each launch checked to be that variant."""
+    from fastseq.ops.recurrence import triton_sequence as seq
+
+    used = []
+    kw = seq._kw
+    monkeypatch.setattr(seq, "_kw", lambda p: used.append((p.w_resident, p.KP, p.n_h, p.BLOCK_H)) or kw(p))
+    G, dtype = (3 if kind == "gru" else 4), torch.float32
+    gi, h0, c0, w, b, lens = _make(G, T, B, H, dtype, bias, lengths, seed=T * 100 + B * 10 + H + 11)
+    g = torch.Generator().manual_seed(3)
+    grad_h = torch.randn(T, B, H, generator=g).to(DEVICE, dtype)
+    grad_c = torch.randn(T, B, H, generator=g).to(DEVICE, dtype)
+    if kind == "gru":
+        hs, gates = seq.gru_recurrence_forward(gi, h0, w, b, lens, True, w_resident=True)
+        hs_r, gates_r = reference.gru_recurrence_forward(gi, h0, w, b, lens, True)
+        outs = [("hs", hs, hs_r), ("gates", gates, gates_r)]
+        got = seq.gru_recurrence_backward(grad_h, h0, w, hs_r, gates_r, lens, bias, w_resident=True)
+        want = reference.gru_recurrence_backward(grad_h, h0, w, hs_r, gates_r, lens, bias)
+        names = ["grad gi", "grad h0", "grad w_hh", "grad b_hh"]
+    else:
+        hs, cs, gates = seq.lstm_recurrence_forward(gi, h0, c0, w, b, lens, True, w_resident=True)
+        hs_r, cs_r, gates_r = reference.lstm_recurrence_forward(gi, h0, c0, w, b, lens, True)
+        outs = [("hs", hs, hs_r), ("cs", cs, cs_r), ("gates", gates, gates_r)]
+        got = seq.lstm_recurrence_backward(grad_h, grad_c, h0, c0, w, hs_r, cs_r, gates_r, lens, bias,
+                                           w_resident=True)
+        want = reference.lstm_recurrence_backward(grad_h, grad_c, h0, c0, w, hs_r, cs_r, gates_r, lens, bias)
+        names = ["grad gi", "grad h0", "grad c0", "grad w_hh", "grad b_hh"]
+    for name, a, e in outs:
+        assert_close(a, e, dtype, name)
+    assert len(got) == len(want) == len(names)
+    for name, a, e in zip(names, got, want):
+        assert_close(a, e, dtype, name)
+    kp = max(16, 1 << (H - 1).bit_length())
+    assert used == [(True, kp, 1, kp)] * 2, used
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's plan")
+def test_w_resident_plan():
+    """Forced under the interpreter (one program, the tile covers H); chosen on a GPU only
+    where every program owns one hidden tile and the forward's shared memory fits (the
+    stub/CPU plan models 132 SMs); refused with a programs_per_rows other than that."""
+    from fastseq.ops.recurrence import triton_sequence as seq
+
+    cpu = torch.device("cpu")
+    p = seq.plan(17, 33, cpu, w_resident=True)
+    assert (p.w_resident, p.n_b, p.n_h, p.BLOCK_H, p.KP, p.grid_sync) == (True, 2, 1, 64, 64, False)
+    assert not seq.plan(17, 33, cpu).w_resident  # never chosen under the interpreter
+    with pytest.raises(ValueError, match="programs_per_rows"):
+        seq.plan(4, 64, cpu, programs_per_rows=2, w_resident=True)
+    bf16, f32 = torch.bfloat16, torch.float32
+    # 64 * KP * elem <= 128 KiB (Triton 3.9) or 64 KiB, BLOCK_B * KP * elem <= 32 KiB, n_b * cdiv(H, 16) <= 132
+    new = seq.RESIDENT_W_BYTES == 128 * 1024
+    assert seq.RESIDENT_W_BYTES == (128 if seq._TRITON_AT_LEAST_3_9 else 64) * 1024
+    assert seq.resident_fits(16, 512, 4, bf16, cpu) and seq.resident_fits(64, 512, 3, bf16, cpu)
+    assert seq.resident_fits(16, 1024, 4, bf16, cpu) == seq.resident_fits(16, 768, 3, bf16, cpu) == new
+    assert seq.resident_fits(64, 512, 4, torch.float16, cpu)
+    assert not seq.resident_fits(16, 256, 4, f32, cpu)  # fp32: only when forced
+    assert not seq.resident_fits(64, 1024, 4, bf16, cpu)  # 32 x 1024 operand: spills
+    assert not seq.resident_fits(16, 2048, 4, bf16, cpu)  # KP = 2048: 256 KiB of W
+    assert not seq.resident_fits(128, 1024, 4, bf16, cpu)  # 4 row blocks x 64 tiles > 132 SMs
+
 def test_per_step_and_sequence_gates_interchange():
     """The sequence forward's gates feed the per-step backward and the other way round."""
     from fastseq.ops.recurrence import triton as per_step
@@ -179,13 +252,9 @@ def _pythons():
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("python", _pythons())
-def test_sequence_kernels_compile_without_spills(python, tmp_path):
-    """Both variants (one program per row block; the grid barrier) of the four kernels, as the
-    host functions launch them, compile for sm_90a with no spills at B in {8, 64}, H in
-    {512, 1024}, float32 and bfloat16; the grid-barrier variant's PTX has the release
-    arrival and the acquire poll, the other has neither."""
+def _probe(python, cfg):
+    """bench/sequence_probe.py's output for ``cfg`` under ``python`` on the stub driver
+    (skips where the stub driver cannot be built)."""
     code = (
         "import json, subprocess, sys\n"
         "from bench import stubdriver\n"
@@ -196,7 +265,7 @@ def test_sequence_kernels_compile_without_spills(python, tmp_path):
         "env = stubdriver.subprocess_env(lib)\n"
         f"env['PYTHONPATH'] = {str(ROOT)!r}\n"
         "env.setdefault('TRITON_DEFAULT_FP_FUSION', '1')\n"
-        "cfg = json.dumps({'mode': 'compile', 'B': [8, 64], 'H': [512, 1024], 'dtypes': ['float32', 'bfloat16']})\n"
+        f"cfg = {json.dumps(cfg)!r}\n"
         f"p = subprocess.run([sys.executable, {str(ROOT / 'bench' / 'sequence_probe.py')!r}, cfg], env=env,\n"
         "                   capture_output=True, text=True, timeout=1500)\n"
         "sys.stderr.write(p.stderr[-3000:])\n"
@@ -210,6 +279,17 @@ def test_sequence_kernels_compile_without_spills(python, tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in res:
         pytest.skip(f"stub driver cannot be built here: {res['skip']}")
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", _pythons())
+def test_sequence_kernels_compile_without_spills(python, tmp_path):
+    """Both variants (one program per row block; the grid barrier) of the four kernels, as the
+    host functions launch them, compile for sm_90a with no spills at B in {8, 64}, H in
+    {512, 1024}, float32 and bfloat16; the grid-barrier variant's PTX has the release
+    arrival and the acquire poll, the other has neither."""
+    res = _probe(python, {"mode": "compile", "B": [8, 64], "H": [512, 1024], "dtypes": ["float32", "bfloat16"]})
     assert "error" not in res, res["error"]
     assert res["errors"] == []
     rows = res["kernels"]
@@ -222,6 +302,39 @@ def test_sequence_kernels_compile_without_spills(python, tmp_path):
     assert not spilling, spilling
     for r in rows:
         assert r["ptx_release"] == r["ptx_acquire"] == r["grid_sync"], (r["kernel"], r["constexprs"])
+        assert not r["w_resident"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", _pythons())
+def test_w_resident_forward_compiles(python):
+    """The W_RESIDENT forward kernels where the plan picks them on an H100/H200 (132 SMs:
+    the grid barrier among one program per hidden tile; resident_fits) compile for sm_90a
+    with no spills (bfloat16: B in {16, 64} at H = 512, and B = 16 at H = 1024 under Triton
+    3.9), every product on tensor cores (wgmma), and W_hh loaded and staged in shared
+    memory once, before the time loop (the TTGIR), read there by the loop's one product
+    per step."""
+    from fastseq.ops.recurrence import triton_sequence as seq
+
+    cases = [[16, 512, "bfloat16"], [64, 512, "bfloat16"]]
+    if python == sys.executable and seq._TRITON_AT_LEAST_3_9:  # the size only 3.9's limits admit
+        cases += [[16, 1024, "bfloat16"]]
+    res = _probe(python, {"mode": "compile", "resident": True, "backward": False, "cases": cases})
+    assert "error" not in res, res["error"]
+    assert res["errors"] == []
+    rows = res["kernels"]
+    assert {r["kernel"] for r in rows} == {"_gru_seq_fwd_kernel", "_lstm_seq_fwd_kernel"}
+    assert len(rows) == 2 * 2 * len(cases)  # GRU/LSTM x gates saved or not x sizes
+    for B, H, dtype in cases:
+        assert seq.resident_fits(B, H, 4, getattr(torch, dtype), torch.device("cpu")), (B, H, dtype)
+    for r in rows:
+        what = (r["kernel"], r["used_by"], r["regs"], r["spill_stores"], r["time_loop"])
+        assert r["w_resident"] and r["grid_sync"], what
+        assert r["spill_stores"] == r["spill_loads"] == 0 and not r.get("ptxas_error"), what
+        assert any(k.startswith("HGMMA") for k in r["mma"]["instructions"]), what
+        loop = r["time_loop"]
+        assert loop["hoisted"] and loop["w_load_before"] == loop["w_local_alloc_before"] == 1, what
+        assert loop["dots_in_loop"] == 1 and loop.get("w_load_in_loop", 0) == 0, what
 
 
 def test_registry_runs_the_sequence_kernels_when_asked(monkeypatch):

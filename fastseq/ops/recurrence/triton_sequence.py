@@ -55,6 +55,41 @@ well inside an H100/H200's 50 MiB L2) at every step, not kept in registers: a
 program's slice is ``G * BLOCK_H * H`` elements (192 KiB fp32 for the GRU at
 ``BLOCK_H = 16``, H = 1024), past the register file of the 4 warps that hold it.
 
+**W_RESIDENT** (constexpr; :attr:`Plan.w_resident`): each program owns exactly one
+hidden tile (``n_h = cdiv(H, BLOCK_H)``, ``BLOCK_H = 16`` on a GPU) and loads its
+``W_hh`` slice with the whole K extent ``KP = next_pow2(H)`` once, before the time
+loop, then carries it through all T steps: no W_hh traffic from L2 per step.
+
+* Forward: the four gates' rows stacked, ``W [4 * BLOCK_H, KP]`` (the GRU's three
+  padded to four, zero), and one product per step, transposed so W is the left
+  operand: ``W @ h_{t-1}^T -> [64, BLOCK_B]``, split into the gates
+  (:func:`_resident_gates`). ``h_{t-1}`` is read from ``hs[t-1]`` (``h0``) in the input
+  dtype, the values the product rounds the fp32 state to. On sm_90a (Triton 3.9 and
+  3.6) this is a warpgroup MMA (``HGMMA.64x8x16`` bf16 at 16 rows) whose operands both
+  come from shared memory: Triton hoists W's staging (``local_alloc``) out of the time
+  loop, so W stays in shared memory (128 KiB bf16 at H = 1024) for the whole launch and
+  is read from there by each step's wgmma (by both warpgroups: they split N); ``h^T``
+  is staged every step. W never returns to registers (Triton does not make it the
+  wgmma's register operand). 8 warps: with 4, the W prologue and the loop spill.
+* Backward: per gate ``[KP, BLOCK_H]`` tiles of ``W_hh[g*H + m, j]`` carried the same
+  way, ``dG_{t+1}`` rows of each gate times its tile (:func:`_resident_carry`). Its
+  ``16 x 16`` products leave most warps nothing to split (``mma.sync``, warps repeating
+  the product): on sm_90a it compiles clean only at B = 16, H = 512 in bf16 and spills
+  elsewhere (44 B to 2 KB), so the plan never picks it for a backward; it runs when
+  forced (``w_resident=True``) and under the interpreter.
+* Chosen (:func:`plan`) on CUDA for a forward when :func:`resident_fits`: ``n_b *
+  cdiv(H, 16) <= SMs`` and the shared-memory stagings within what compiles without
+  spills (:data:`RESIDENT_W_BYTES`, :data:`RESIDENT_OPERAND_BYTES`), half weights only:
+  under Triton 3.9 up to H = 1024 at B <= 16 and H = 512 at B <= 32; under Triton 3.6
+  (the GPU image) only up to H = 512: its ptxas spills inside the time loop at
+  KP = 1024. fp32 (IEEE product, no tensor cores) only when forced. Under the interpreter
+  only when forced: one program per row block then owns all of H (``BLOCK_H = KP``).
+* **Prediction, not measured** (bench/NOTES.md "Prediction: the W-resident persistent
+  kernel", ``python -m fastseq.bench.step_model``): 2.1-3.0 us per step where chosen,
+  2.9 us at LSTM B = 16, H = 768 against cuDNN's 1.96 us: the W reads from shared memory
+  every step and the state broadcast to every program replace the L2 re-reads of W_hh
+  (and under Triton 3.6 that size is not picked: it spills).
+
 Tiles on a GPU (:func:`_blocks`): ``BLOCK_B = 16 or 32`` rows, ``BLOCK_H = 32 or
 16`` units, ``BLOCK_K = 32``, 4 warps, no software pipelining of the K loop
 (``num_stages=1``) and ``maxnreg=255`` (:data:`MAX_REGISTERS`): with those no
@@ -104,8 +139,11 @@ from fastseq.ops.launches import counted
 from fastseq.ops.recurrence.triton import gru_gates, gru_gates_backward, lstm_gates, lstm_gates_backward
 from fastseq.ops.recurrence.triton import empty_backward, prep_lengths, w_hh_t_tile, weight_grads
 from fastseq.ops.triton_utils import (
-    cdiv, contiguous_or_none, dot_acc, load_row, load_tile, load_tile_native, pow2, precision, store_tile,
+    TARGET_SMS, cdiv, contiguous_or_none, dot_acc, load_row, load_tile, load_tile_native, next_pow2, pow2, precision,
+    store_tile,
 )
+
+_TRITON_AT_LEAST_3_9 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
 
 __all__ = [
     "gru_recurrence_forward", "gru_recurrence_backward", "lstm_recurrence_forward", "lstm_recurrence_backward",
@@ -134,16 +172,22 @@ def _step_barrier(sync_ptr, row_block, arrivals, GRID_SYNC: tl.constexpr):
 
 
 @triton.jit
-def _load_shared(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.constexpr):
-    """fp32 tile ``ptr[offs_r * stride_r + offs_c]`` of a buffer other programs write in this
-    launch: read from L2 (``.cg``) when programs synchronise through the grid barrier."""
+def _load_shared_native(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.constexpr):
+    """Tile ``ptr[offs_r * stride_r + offs_c]`` in the pointer's dtype of a buffer other programs
+    write in this launch: read from L2 (``.cg``) when programs synchronise through the grid barrier."""
     ptrs = ptr + offs_r[:, None] * stride_r + offs_c[None, :]
     m = mask_r[:, None] & mask_c[None, :]
     if GRID_SYNC:
         x = tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg")
     else:
         x = tl.load(ptrs, mask=m, other=0.0)
-    return x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _load_shared(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC: tl.constexpr):
+    """:func:`_load_shared_native` in fp32."""
+    return _load_shared_native(ptr, offs_r, offs_c, stride_r, mask_r, mask_c, GRID_SYNC).to(tl.float32)
 
 
 @triton.jit
@@ -174,6 +218,94 @@ def _copy_initial(src_ptr, dst_ptr, offs_b, mask_b, H, tile0, tile_step, BLOCK_H
         store_tile(dst_ptr, x, offs_b, offs_j, H, mask_b, mask_j)
 
 
+@triton.jit
+def _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC: tl.constexpr):
+    """W_RESIDENT forward: the product's operand, ``h_{t-1}`` rows as ``[KP, BLOCK_B]``
+    (transposed), read from ``hs[t-1]`` (``h0`` at t = 0) in the input dtype, as the
+    per-step kernels do: the values :func:`dot_acc` would round the fp32 state to, half
+    the bytes from L2 and in shared memory for half inputs (fp32: the state itself)."""
+    if t > 0:
+        h = _load_shared_native(hs_ptr + (t - 1) * BH64, offs_b, offs_kp, H, mask_b, mask_kp, GRID_SYNC)
+    else:
+        h = _load_shared_native(h0_ptr, offs_b, offs_kp, H, mask_b, mask_kp, GRID_SYNC)
+    return tl.trans(h)
+
+
+@triton.jit
+def _resident_w_gates(w_ptr, offs_kp, mask_kp, tile0, H, G: tl.constexpr, BLOCK_H: tl.constexpr):
+    """W_RESIDENT forward: the hidden tile at ``tile0``'s ``W_hh`` rows of all gates stacked,
+    ``[4 * BLOCK_H, KP]``: ``(g * BLOCK_H + u, k) -> W_hh[g*H + tile0 + u, k]`` (zero past H, and
+    for ``g >= G``: the GRU's three gates are padded to four), in W's dtype; loaded once,
+    before the time loop."""
+    offs_c = tl.arange(0, 4 * BLOCK_H)
+    gate = offs_c // BLOCK_H
+    offs_j = tile0 + offs_c % BLOCK_H
+    return load_tile_native(w_ptr, gate * H + offs_j, offs_kp, H, 1, (gate < G) & (offs_j < H), mask_kp)
+
+
+@triton.jit
+def _resident_gates(w, h_t, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """W_RESIDENT forward: the four gates' ``[BLOCK_B, BLOCK_H]`` fp32 products (the fourth is
+    zero for the GRU) as one product per step, transposed: ``w [4 * BLOCK_H, KP]``
+    (:func:`_resident_w_gates`) ``@ h_t [KP, BLOCK_B]`` (:func:`_resident_operand`). W is
+    the left operand, M = 64 rows: on Hopper a warpgroup MMA (wgmma), whose left operand
+    may come from registers and whose right one, the state, is staged once in shared
+    memory for the warpgroup (as the right operand of ``mma.sync`` the state would be
+    read by every warp)."""
+    acc = dot_acc(w, h_t, tl.zeros((4 * BLOCK_H, BLOCK_B), dtype=tl.float32), PRECISION)
+    # rows g * BLOCK_H + u, g = 2 * g_hi + g_lo -> [batch rows, u, g_hi, g_lo]
+    acc = tl.permute(tl.reshape(acc, (2, 2, BLOCK_H, BLOCK_B)), (3, 2, 0, 1))
+    even, odd = tl.split(acc)  # g_lo = 0: gates 0, 2; g_lo = 1: gates 1, 3
+    g0, g2 = tl.split(even)
+    g1, g3 = tl.split(odd)
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _resident_dot(h, w, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
+    """W_RESIDENT backward: ``h [BLOCK_B, KP] @ w [KP, BLOCK_H]`` (fp32 result) with a carried tile."""
+    return dot_acc(h, w, tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32), PRECISION)
+
+
+@triton.jit
+def _resident_w(w_ptr, gate, offs_kp, mask_kp, tile0, H, BLOCK_H: tl.constexpr):
+    """W_RESIDENT backward: ``[KP, BLOCK_H]`` tile ``(m, j) -> W_hh[gate*H + m, j]`` of the hidden
+    tile at ``tile0`` (zero past H), in W's dtype; loaded once, before the time loop."""
+    offs_j = tile0 + tl.arange(0, BLOCK_H)
+    return load_tile_native(w_ptr + gate * H * H, offs_kp, offs_j, H, 1, mask_kp, offs_j < H)
+
+
+@triton.jit
+def _resident_carry(
+    dg_ptr, gate, w, offs_b, mask_b, offs_kp, mask_kp, H, GH,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, GRID_SYNC: tl.constexpr,
+):
+    """W_RESIDENT backward: gate ``gate``'s share of :func:`_carry`, ``dG[b, gate*H:(gate+1)*H] @ w``
+    with the carried tile ``w`` (:func:`_resident_w`); fp32."""
+    a = _load_shared(dg_ptr + gate * H, offs_b, offs_kp, GH, mask_b, mask_kp, GRID_SYNC)
+    return _resident_dot(a, w, BLOCK_B, BLOCK_H, PRECISION)
+
+
+@triton.jit
+def _resident_carry_gates(
+    dg_ptr, v0, v1, v2, v3, offs_b, mask_b, offs_kp, mask_kp, H,
+    G: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+    GRID_SYNC: tl.constexpr,
+):
+    """W_RESIDENT backward: :func:`_carry` with the carried tiles, the sum of each gate's
+    :func:`_resident_carry` over ``G`` gates (``v3`` unused when ``G`` is 3)."""
+    acc = _resident_carry(dg_ptr, 0, v0, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                          BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    acc += _resident_carry(dg_ptr, 1, v1, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                           BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    acc += _resident_carry(dg_ptr, 2, v2, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                           BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    if G == 4:
+        acc += _resident_carry(dg_ptr, 3, v3, offs_b, mask_b, offs_kp, mask_kp, H, G * H,
+                               BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+    return acc
+
+
 # ------------------------------------------------------------------ GRU kernels
 
 
@@ -199,7 +331,7 @@ def _gru_seq_fwd_kernel(
     T, B, H,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     n_h = tl.num_programs(1)
@@ -212,24 +344,32 @@ def _gru_seq_fwd_kernel(
     BH = B * H
     BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
     _copy_initial(h0_ptr, state_ptr + BH, offs_b, mask_b, H, tile0, tile_step, BLOCK_H)
+    if W_RESIDENT:  # the program's one hidden tile: its W_hh^T slices, loaded once for all T steps
+        offs_kp = tl.arange(0, KP)
+        mask_kp = offs_kp < H
+        w_res = _resident_w_gates(w_ptr, offs_kp, mask_kp, tile0, H, 3, BLOCK_H)
     _step_barrier(sync_ptr, pid_b, n_h, GRID_SYNC)
     for t in range(0, T):
         h_in = state_ptr + ((t + 1) % 2) * BH
         h_out = state_ptr + (t % 2) * BH
         gi_t = gi_ptr + t * (3 * BH64)
-        for j0 in range(tile0, H, tile_step):
+        for j0 in range(tile0, H, tile_step):  # W_RESIDENT: one tile, j0 = tile0
             offs_j = j0 + tl.arange(0, BLOCK_H)
             mask_j = offs_j < H
-            acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < H
-                h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
-                acc_r = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
-                acc_z = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
-                acc_n = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
+            if W_RESIDENT:
+                h = _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC)
+                acc_r, acc_z, acc_n, _ = _resident_gates(w_res, h, BLOCK_B, BLOCK_H, PRECISION)
+            else:
+                acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < H
+                    h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
+                    acc_r = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
+                    acc_z = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
+                    acc_n = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
             if HAS_BIAS:
                 acc_r += load_row(b_ptr, offs_j, mask_j)
                 acc_z += load_row(b_ptr + H, offs_j, mask_j)
@@ -274,7 +414,7 @@ def _gru_seq_bwd_kernel(
     T, B, H,
     HAS_LENGTHS: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     n_h = tl.num_programs(1)
@@ -286,6 +426,12 @@ def _gru_seq_bwd_kernel(
         lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)[:, None]
     BH = B * H
     BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
+    if W_RESIDENT:  # the program's one hidden tile: its W_hh columns, loaded once for all T steps
+        offs_kp = tl.arange(0, KP)
+        mask_kp = offs_kp < H
+        v_r = _resident_w(w_ptr, 0, offs_kp, mask_kp, tile0, H, BLOCK_H)
+        v_z = _resident_w(w_ptr, 1, offs_kp, mask_kp, tile0, H, BLOCK_H)
+        v_n = _resident_w(w_ptr, 2, offs_kp, mask_kp, tile0, H, BLOCK_H)
     for s in range(0, T):
         t = T - 1 - s
         dg_t = dg_ptr + t * (3 * BH64)
@@ -297,8 +443,12 @@ def _gru_seq_bwd_kernel(
             dh = load_tile(grad_h_ptr + t * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
             if s > 0:
                 dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-                dh += _carry(dg_t + 3 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
-                             BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+                if W_RESIDENT:
+                    dh += _resident_carry_gates(dg_t + 3 * BH, v_r, v_z, v_n, v_n, offs_b, mask_b, offs_kp, mask_kp, H,
+                                                3, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+                else:
+                    dh += _carry(dg_t + 3 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
+                                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
             r = load_tile(g_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
             z = load_tile(g_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
             n = load_tile(g_t + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
@@ -330,8 +480,12 @@ def _gru_seq_bwd_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_H)
         mask_j = offs_j < H
         dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-        dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
-                     BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+        if W_RESIDENT:
+            dh += _resident_carry_gates(dg_ptr, v_r, v_z, v_n, v_n, offs_b, mask_b, offs_kp, mask_kp, H,
+                                        3, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+        else:
+            dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
+                         BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
         store_tile(dh0_ptr, dh, offs_b, offs_j, H, mask_b, mask_j)
 
 
@@ -362,7 +516,7 @@ def _lstm_seq_fwd_kernel(
     T, B, H,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     n_h = tl.num_programs(1)
@@ -376,26 +530,34 @@ def _lstm_seq_fwd_kernel(
     BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
     _copy_initial(h0_ptr, state_ptr + 2 * BH, offs_b, mask_b, H, tile0, tile_step, BLOCK_H)
     _copy_initial(c0_ptr, state_ptr + 3 * BH, offs_b, mask_b, H, tile0, tile_step, BLOCK_H)
+    if W_RESIDENT:  # the program's one hidden tile: its W_hh^T slices, loaded once for all T steps
+        offs_kp = tl.arange(0, KP)
+        mask_kp = offs_kp < H
+        w_res = _resident_w_gates(w_ptr, offs_kp, mask_kp, tile0, H, 4, BLOCK_H)
     _step_barrier(sync_ptr, pid_b, n_h, GRID_SYNC)
     for t in range(0, T):
         h_in = state_ptr + ((t + 1) % 2) * (2 * BH)
         h_out = state_ptr + (t % 2) * (2 * BH)
         gi_t = gi_ptr + t * (4 * BH64)
-        for j0 in range(tile0, H, tile_step):
+        for j0 in range(tile0, H, tile_step):  # W_RESIDENT: one tile, j0 = tile0
             offs_j = j0 + tl.arange(0, BLOCK_H)
             mask_j = offs_j < H
-            acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < H
-                h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
-                acc_i = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
-                acc_f = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
-                acc_g = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
-                acc_o = dot_acc(h, w_hh_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
+            if W_RESIDENT:
+                h = _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC)
+                acc_i, acc_f, acc_g, acc_o = _resident_gates(w_res, h, BLOCK_B, BLOCK_H, PRECISION)
+            else:
+                acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+                for k0 in range(0, H, BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = offs_k < H
+                    h = _load_shared(h_in, offs_b, offs_k, H, mask_b, mask_k, GRID_SYNC)
+                    acc_i = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_i, PRECISION)
+                    acc_f = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
+                    acc_g = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
+                    acc_o = dot_acc(h, w_hh_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
             if HAS_BIAS:
                 acc_i += load_row(b_ptr, offs_j, mask_j)
                 acc_f += load_row(b_ptr + H, offs_j, mask_j)
@@ -454,7 +616,7 @@ def _lstm_seq_bwd_kernel(
     T, B, H,
     HAS_LENGTHS: tl.constexpr, HAS_GRAD_C: tl.constexpr, STORE_DGI: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     n_h = tl.num_programs(1)
@@ -466,6 +628,13 @@ def _lstm_seq_bwd_kernel(
         lens = tl.load(len_ptr + offs_b, mask=mask_b, other=0)[:, None]
     BH = B * H
     BH64 = B.to(tl.int64) * H  # a step's base offset is formed in int64
+    if W_RESIDENT:  # the program's one hidden tile: its W_hh columns, loaded once for all T steps
+        offs_kp = tl.arange(0, KP)
+        mask_kp = offs_kp < H
+        v_i = _resident_w(w_ptr, 0, offs_kp, mask_kp, tile0, H, BLOCK_H)
+        v_f = _resident_w(w_ptr, 1, offs_kp, mask_kp, tile0, H, BLOCK_H)
+        v_g = _resident_w(w_ptr, 2, offs_kp, mask_kp, tile0, H, BLOCK_H)
+        v_o = _resident_w(w_ptr, 3, offs_kp, mask_kp, tile0, H, BLOCK_H)
     for s in range(0, T):
         t = T - 1 - s
         dg_t = dg_ptr + t * (4 * BH64)
@@ -480,8 +649,12 @@ def _lstm_seq_bwd_kernel(
                 dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
             if s > 0:
                 dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-                dh += _carry(dg_t + 4 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
-                             BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+                if W_RESIDENT:
+                    dh += _resident_carry_gates(dg_t + 4 * BH, v_i, v_f, v_g, v_o, offs_b, mask_b, offs_kp, mask_kp, H,
+                                                4, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+                else:
+                    dh += _carry(dg_t + 4 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
+                                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
                 dc += load_tile(dc_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
             i = load_tile(g_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
             f = load_tile(g_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
@@ -521,8 +694,12 @@ def _lstm_seq_bwd_kernel(
         offs_j = j0 + tl.arange(0, BLOCK_H)
         mask_j = offs_j < H
         dh = load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-        dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
-                     BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+        if W_RESIDENT:
+            dh += _resident_carry_gates(dg_ptr, v_i, v_f, v_g, v_o, offs_b, mask_b, offs_kp, mask_kp, H,
+                                        4, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+        else:
+            dh += _carry(dg_ptr, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
+                         BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
         store_tile(dh0_ptr, dh, offs_b, offs_j, H, mask_b, mask_j)
         dc = load_tile(dc_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
         store_tile(dc0_ptr, dc, offs_b, offs_j, H, mask_b, mask_j)
@@ -540,7 +717,9 @@ _lstm_seq_bwd_kernel = counted(_lstm_seq_bwd_kernel)
 
 class Plan(NamedTuple):
     """How one call runs: tiles, warps, and the grid ``(n_b, n_h)``; ``grid_sync``
-    is ``n_h > 1`` (the grid-barrier variant)."""
+    is ``n_h > 1`` (the grid-barrier variant). ``w_resident``: the W_RESIDENT variant
+    (each program owns exactly one hidden tile and keeps its ``W_hh`` slice, K extent
+    ``KP = next_pow2(H)``, on chip for all T steps); ``KP`` is 1 without it."""
 
     BLOCK_B: int
     BLOCK_H: int
@@ -549,6 +728,8 @@ class Plan(NamedTuple):
     num_stages: int
     n_b: int
     n_h: int
+    w_resident: bool = False
+    KP: int = 1
 
     @property
     def grid_sync(self) -> bool:
@@ -558,6 +739,13 @@ class Plan(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    """SMs of ``device``; off CUDA (the stub driver's compile runs) the modelled H100/H200's."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return TARGET_SMS
 
 
 def _blocks(B: int, interpreted: bool) -> Tuple[int, int, int, int, int]:
@@ -581,31 +769,97 @@ def _blocks(B: int, interpreted: bool) -> Tuple[int, int, int, int, int]:
 #: sm_90a; tests/test_ops_triton_sequence.py checks it).
 MAX_REGISTERS = 255
 
+#: W_RESIDENT on a GPU: rows x units of a program's tile, and its warps.
+RESIDENT_BLOCK_H = 16
+RESIDENT_WARPS = 8
+#: W_RESIDENT's limits on a GPU, from its sm_90a compiles (bench/NOTES.md "Prediction: the
+#: W-resident persistent kernel"): the carried W slice ``4 * BLOCK_H * KP`` and the per-step
+#: product operand ``BLOCK_B * KP`` (both staged in shared memory; elements of W's dtype,
+#: bytes). Within both the forward compiles without spills; past them it spills inside the
+#: time loop or needs more shared memory than a block has. Triton 3.9 (ptxas 13.4): a
+#: 128 KiB slice (bf16 KP = 1024 at 16 rows; fp32 KP = 512 at 16 rows) is clean, a 32 x
+#: 1024 bf16 operand spills 8-36 B. Triton 3.6 (ptxas 12.8, the GPU image's): the same
+#: 128 KiB slices spill 88-348 B (bf16) and 3.4 KB (fp32), all inside the time loop, so
+#: older Tritons get 64 KiB (bf16 KP = 512).
+def resident_limits(triton_at_least_3_9: bool) -> Tuple[int, int]:
+    """(:data:`RESIDENT_W_BYTES`, :data:`RESIDENT_OPERAND_BYTES`) under Triton >= 3.9 or an older one."""
+    return (128 if triton_at_least_3_9 else 64) * 1024, 32 * 1024
 
-def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] = None) -> Plan:
+
+RESIDENT_W_BYTES, RESIDENT_OPERAND_BYTES = resident_limits(_TRITON_AT_LEAST_3_9)
+
+
+def _resident_blocks(B: int, H: int, interpreted: bool) -> Tuple[int, int, int, int, int]:
+    """W_RESIDENT tiles. Interpreter: one program per row block owns all of H
+    (``BLOCK_H = next_pow2(H)``, 16 rows). GPU: :func:`_blocks`' rows,
+    :data:`RESIDENT_BLOCK_H` units, :data:`RESIDENT_WARPS` warps."""
+    if interpreted:
+        return 16, max(16, next_pow2(H)), 16, 1, 1
+    return _blocks(B, False)[0], RESIDENT_BLOCK_H, 32, RESIDENT_WARPS, 1
+
+
+def resident_fits(B: int, H: int, G: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the plan picks the W_RESIDENT variant for a forward on a GPU (``device``
+    CUDA, or elsewhere as the modelled H100/H200): half weights (bf16/fp16: a tensor-core
+    product; fp32's IEEE product is FMA-bound, and spills under Triton 3.6 even at
+    H = 256; it runs when forced), every program owns exactly one hidden
+    tile (``n_b * cdiv(H, BLOCK_H) <= SMs``, all co-resident), the W slice ``4 * BLOCK_H *
+    KP`` is within :data:`RESIDENT_W_BYTES` and the product operand ``BLOCK_B * KP`` within
+    :data:`RESIDENT_OPERAND_BYTES` (``KP = next_pow2(H)``, elements of ``dtype``; ``G``
+    does not enter: the GRU's slice is padded to four gates). Triton 3.9: H <= 1024 at
+    B <= 16 and H <= 512 at B <= 32. Older Tritons: H <= 512 at B <= 32. (Compiled in
+    bf16; fp16 by the same rule.)"""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    bb, bh = _resident_blocks(B, H, False)[:2]
+    elem, kp = torch.empty((), dtype=dtype).element_size(), next_pow2(H)
+    return (cdiv(B, bb) * cdiv(H, bh) <= _sms(torch.device(device))
+            and 4 * bh * kp * elem <= RESIDENT_W_BYTES and bb * kp * elem <= RESIDENT_OPERAND_BYTES)
+
+
+def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] = None, *,
+         G: int = 4, dtype: torch.dtype = torch.float32, w_resident: Optional[bool] = None) -> Plan:
     """The grid and tiles of a call with a ``[B, H]`` state on ``device``.
 
-    ``n_h`` (programs per row block): ``programs_per_rows`` if given, else on CUDA
-    ``min(cdiv(H, BLOCK_H), SMs // n_b)`` (at least 1) -- every program co-resident,
+    ``w_resident`` (the W_RESIDENT variant): forced by True/False; None chooses it on
+    CUDA when :func:`resident_fits` (``G`` gates, W's ``dtype``), never under the
+    interpreter. With it, ``n_h = cdiv(H, BLOCK_H)`` (one hidden tile per program; 1
+    under the interpreter, where the tile covers H).
+
+    Otherwise ``n_h`` (programs per row block): ``programs_per_rows`` if given, else on
+    CUDA ``min(cdiv(H, BLOCK_H), SMs // n_b)`` (at least 1) -- every program co-resident,
     one per SM at most, as the grid barrier needs -- and 1 elsewhere (the interpreter
     runs programs one after another).
 
     Raises:
         ValueError: ``programs_per_rows`` < 1, or > 1 under the interpreter (the grid
-        barrier would deadlock there).
+        barrier would deadlock there); ``w_resident=True`` with a ``programs_per_rows``
+        other than one tile per program, or on a GPU where it does not fit
+        (:func:`resident_fits`).
     """
     interpreted = interpreter_on()
+    if programs_per_rows is not None and (programs_per_rows < 1 or (programs_per_rows > 1 and interpreted)):
+        raise ValueError(f"programs_per_rows={programs_per_rows}: must be >= 1, and 1 under the Triton "
+                         "interpreter (the grid barrier needs co-resident programs)")
+    if w_resident is None:
+        w_resident = (device.type == "cuda" and not interpreted and programs_per_rows is None
+                      and resident_fits(B, H, G, dtype, device))
+    if w_resident:
+        bb, bh, bk, nw, ns = _resident_blocks(B, H, interpreted)
+        n_b, n_h = cdiv(B, bb), cdiv(H, bh)
+        if not interpreted and not resident_fits(B, H, G, dtype, device):
+            raise ValueError(f"w_resident=True: B={B}, H={H}, G={G}, {dtype} does not fit (resident_fits)")
+        if programs_per_rows is not None and programs_per_rows != n_h:
+            raise ValueError(f"w_resident=True needs one hidden tile per program: programs_per_rows={n_h}, "
+                             f"not {programs_per_rows}")
+        return Plan(bb, bh, bk, nw, ns, n_b, n_h, True, max(16, next_pow2(H)))
     bb, bh, bk, nw, ns = _blocks(B, interpreted)
     n_b = cdiv(B, bb)
     tiles = cdiv(H, bh)
     if programs_per_rows is not None:
-        if programs_per_rows < 1 or (programs_per_rows > 1 and interpreted):
-            raise ValueError(f"programs_per_rows={programs_per_rows}: must be >= 1, and 1 under the Triton "
-                             "interpreter (the grid barrier needs co-resident programs)")
         n_h = min(int(programs_per_rows), tiles)
     elif device.type == "cuda" and not interpreted:
-        n_h = max(1, min(tiles, _sm_count(device.index if device.index is not None
-                                          else torch.cuda.current_device()) // n_b))
+        n_h = max(1, min(tiles, _sms(device) // n_b))
     else:
         n_h = 1
     return Plan(bb, bh, bk, nw, ns, n_b, n_h)
@@ -640,7 +894,7 @@ def fits(B: int, H: int, G: int, dtype: torch.dtype, device: torch.device) -> bo
 
 def _kw(p: Plan) -> dict:
     kw = dict(BLOCK_B=p.BLOCK_B, BLOCK_H=p.BLOCK_H, BLOCK_K=p.BLOCK_K, PRECISION=precision(),
-              num_warps=p.num_warps, num_stages=p.num_stages)
+              W_RESIDENT=p.w_resident, KP=p.KP, num_warps=p.num_warps, num_stages=p.num_stages)
     if not interpreter_on():
         kw["maxnreg"] = MAX_REGISTERS
     return kw
@@ -660,6 +914,7 @@ def gru_recurrence_forward(
     save_gates: bool,
     *,
     programs_per_rows: Optional[int] = None,
+    w_resident: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor]:
     """GRU recurrence, all steps in one launch.
 
@@ -668,6 +923,7 @@ def gru_recurrence_forward(
         w_hh: ``[3H, H]``; b_hh: ``[3H]`` or None; lengths: int ``[B]`` or None.
         save_gates: also return what the backward needs.
         programs_per_rows: force ``n_h`` (:func:`plan`); None chooses.
+        w_resident: force the W_RESIDENT variant on or off (:func:`plan`); None chooses.
 
     Returns:
         hs ``[T, B, H]``; gates ``[T, B, 4H]`` = (r, z, n, hn) or an empty ``[0]``
@@ -680,7 +936,7 @@ def gru_recurrence_forward(
     if T == 0 or B == 0 or H == 0:
         return hs, gates
     gi, h0, w, b = gi.contiguous(), h0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
-    p = plan(B, H, gi.device, programs_per_rows)
+    p = plan(B, H, gi.device, programs_per_rows, G=3, dtype=w.dtype, w_resident=w_resident)
     state = alloc.empty((2, B, H), gi, torch.float32)
     _gru_seq_fwd_kernel[(p.n_b, p.n_h)](
         gi, h0, w, b, prep_lengths(lengths, gi), hs, state, gates if save_gates else None, _sync(p, gi),
@@ -699,6 +955,7 @@ def gru_recurrence_backward(
     has_bias: bool,
     *,
     programs_per_rows: Optional[int] = None,
+    w_resident: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`gru_recurrence_forward` (one launch for all steps, then the
     weight-gradient product).
@@ -720,7 +977,8 @@ def gru_recurrence_backward(
     if gates.dim() != 3:
         raise ValueError("gru_recurrence_backward needs the gates saved by gru_recurrence_forward(save_gates=True)")
     grad_hs, h0, w, hs, gates = (x.contiguous() for x in (grad_hs, h0, w_hh, hs, gates))
-    p = plan(B, H, hs.device, programs_per_rows)
+    # W_RESIDENT only when asked: its backward spills at most sizes (bench/NOTES.md).
+    p = plan(B, H, hs.device, programs_per_rows, G=3, dtype=w.dtype, w_resident=bool(w_resident))
     dgi = alloc.empty((T, B, 3 * H), hs)
     dg = alloc.empty((T, B, 3 * H), hs, torch.float32)
     dh_buf = alloc.empty((B, H), hs, torch.float32)
@@ -743,6 +1001,7 @@ def lstm_recurrence_forward(
     save_gates: bool,
     *,
     programs_per_rows: Optional[int] = None,
+    w_resident: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """LSTM recurrence, all steps in one launch.
 
@@ -750,6 +1009,7 @@ def lstm_recurrence_forward(
         gi: ``[T, B, 4H]`` input projection (i, f, g, o); h0, c0: ``[B, H]``;
         w_hh: ``[4H, H]``; b_hh: ``[4H]`` or None; lengths: int ``[B]`` or None.
         programs_per_rows: force ``n_h`` (:func:`plan`); None chooses.
+        w_resident: force the W_RESIDENT variant on or off (:func:`plan`); None chooses.
 
     Returns:
         hs, cs ``[T, B, H]``; gates ``[T, B, 4H]`` activated (i, f, g, o) or ``[0]``.
@@ -762,7 +1022,7 @@ def lstm_recurrence_forward(
     if T == 0 or B == 0 or H == 0:
         return hs, cs, gates
     gi, h0, c0, w, b = gi.contiguous(), h0.contiguous(), c0.contiguous(), w_hh.contiguous(), contiguous_or_none(b_hh)
-    p = plan(B, H, gi.device, programs_per_rows)
+    p = plan(B, H, gi.device, programs_per_rows, G=4, dtype=w.dtype, w_resident=w_resident)
     state = alloc.empty((2, 2, B, H), gi, torch.float32)
     _lstm_seq_fwd_kernel[(p.n_b, p.n_h)](
         gi, h0, c0, w, b, prep_lengths(lengths, gi), hs, cs, state, gates if save_gates else None,
@@ -784,6 +1044,7 @@ def lstm_recurrence_backward(
     has_bias: bool,
     *,
     programs_per_rows: Optional[int] = None,
+    w_resident: Optional[bool] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of :func:`lstm_recurrence_forward` (one launch for all steps, then the
     weight-gradient product).
@@ -806,7 +1067,8 @@ def lstm_recurrence_backward(
         raise ValueError("lstm_recurrence_backward needs the gates saved by lstm_recurrence_forward(save_gates=True)")
     grad_hs, h0, c0, w, cs, gates = (x.contiguous() for x in (grad_hs, h0, c0, w_hh, cs, gates))
     hs, grad_cs = hs.contiguous(), contiguous_or_none(grad_cs)
-    p = plan(B, H, hs.device, programs_per_rows)
+    # W_RESIDENT only when asked: its backward spills at most sizes (bench/NOTES.md).
+    p = plan(B, H, hs.device, programs_per_rows, G=4, dtype=w.dtype, w_resident=bool(w_resident))
     dg = alloc.empty((T, B, 4 * H), hs, torch.float32)
     # float32: dgi is dG itself; otherwise a separate copy in the input dtype.
     dgi = dg if hs.dtype == torch.float32 else alloc.empty((T, B, 4 * H), hs)
