@@ -364,3 +364,35 @@ def test_cli_generate_refuses_a_translation_checkpoint(tmp_path, capsys):
     save_checkpoint(tmp_path / "mt.pt", {"model": {}}, format="fastseq.seq2seq")
     code, out, err = _cli(capsys, "generate", str(tmp_path / "mt.pt"))
     assert "is not a fastseq.lm checkpoint (it is a fastseq.seq2seq checkpoint)" in str(code) + err
+
+
+def test_bf16_autocast_training_carries_a_float32_state(tmp_path):
+    cfg = _config(tmp_path, precision="bf16", max_steps=6, eval_every=6, sample_tokens=5)
+    result = train(cfg)
+    assert result["precision"] == "bf16" and math.isfinite(result["val_loss"])
+    from fastseq.training.checkpoint import load_checkpoint
+
+    (h, c), = load_checkpoint(tmp_path / "run" / "last.pt")["task_state"]
+    assert h.dtype == c.dtype == torch.float32 and h.shape == (1, 4, 32)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_their_own_streams(tmp_path):
+    """torchrun --nproc_per_node 2 (DDP, gloo): each rank carries the state of its own
+    streams (saved per rank in last.pt); the run trains and evaluates."""
+    import subprocess
+    import sys
+
+    cfg = _config(tmp_path, max_steps=6, eval_every=6, sample_tokens=0)
+    (tmp_path / "lm.yaml").write_text(json.dumps(cfg.to_dict()))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "fastseq", "train", "--config", str(tmp_path / "lm.yaml")],
+                   check=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    from fastseq.training.checkpoint import load_checkpoint
+
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last["world_size"] == 2 and last["step"] == 6
+    (h0, _), (h1, _) = last["task_state"]
+    assert h0.shape == h1.shape == (1, 4, 32) and not torch.equal(h0, h1)  # different streams
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and math.isfinite(metrics["val_loss"])
