@@ -28,7 +28,7 @@
 #              cuDNN/cuBLAS TF32 off (a pytest plugin), to tell TF32 from a kernel bug   [~30 s]
 #   bench      fastseq bench --quick --device cuda --suite layer host                    [~90-150 s]
 #   bench_step the same for cell attention decoder_step                                 [~30-60 s]
-#   bench_more the same for train_step decode, if time is left; the three runs' results
+#   bench_more the same for train_step decode lm, if time is left; the three runs' results
 #              merged -> bench.json, bench.md                                            [~30-60 s]
 #   summary    summary.json (always: trap EXIT)
 #
@@ -206,7 +206,7 @@ fi
 stage bench 200 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite layer host --out "$W/bench" --tag gpucheck-1
 stage bench_step 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite cell attention decoder_step --out "$W/bench" \
   --tag gpucheck-2
-stage bench_more 120 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode --out "$W/bench" \
+stage bench_more 120 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode lm --out "$W/bench" \
   --tag gpucheck-3
 $PY "$HELPER" merge-bench "$REPO" "$OUT" "$W"/bench/*.json || echo "!! merge-bench failed"
 exit 0
