@@ -130,7 +130,6 @@ def decode_backward(
     registry's choice.
     """
     B, T, H = states.shape
-    A = energy.shape[0]
     d_keys, d_values = torch.zeros_like(proj_keys), torch.zeros_like(values)
     d_energy, d_w_ic = torch.zeros_like(energy), torch.zeros_like(w_ic)
     d_b = w_ic.new_zeros((3 * H,)) if has_bias else w_ic.new_empty((0,))
@@ -294,9 +293,7 @@ def attention_gru_decode(
             source or a length > S (each message names the argument, the expected
             and the actual value).
     """
-    if not isinstance(weights, StepWeights):
-        raise validation.ArgumentTypeError(
-            f"weights: expected a StepWeights (StepWeights.build(...)), got {type(weights).__name__}")
+    step_op.check_step_weights(weights)
     for name, t in (("gi_emb", gi_emb), ("h0", h0), ("proj_keys", proj_keys), ("values", values),
                     ("weights.w_cat", weights.w_cat), ("weights.energy", weights.energy),
                     ("weights.w_ic", weights.w_ic)):
@@ -305,13 +302,7 @@ def attention_gru_decode(
     w_cat, b_hh, energy, w_ic = weights
     if energy.dim() == 2 and energy.shape[0] == 1:
         energy = energy.reshape(-1)
-    if energy.dim() != 1:
-        raise RuntimeError(f"weights.energy: expected a 1-D tensor [A], got shape {tuple(energy.shape)}")
-    A = energy.shape[0]
-    if w_cat.dim() != 2 or w_cat.shape[0] != A + 3 * w_cat.shape[1]:
-        raise RuntimeError(f"weights.w_cat: expected a 2-D tensor (A + 3*H, H) with A = {A} "
-                           f"(from weights.energy), got shape {tuple(w_cat.shape)}")
-    H = w_cat.shape[1]
+    A, H = step_op.step_sizes(w_cat, energy)
     if gi_emb.dim() != 3 or gi_emb.shape[2] != 3 * H:
         raise RuntimeError(f"gi_emb: expected a 3-D tensor (B, T, 3*H) = (B, T, {3 * H}) "
                            f"(H from weights.w_cat), got shape {tuple(gi_emb.shape)}")

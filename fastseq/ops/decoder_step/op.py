@@ -39,7 +39,7 @@ from fastseq.ops import validation
 from fastseq.ops.attention import additive_attention
 from fastseq.ops.decoder_step import cpp, naive
 
-__all__ = ["StepWeights", "attention_gru_step", "gru_context_cell", "gru_context_cell_op",
+__all__ = ["StepWeights", "attention_gru_step", "check_step_weights", "step_sizes", "gru_context_cell", "gru_context_cell_op",
            "gru_context_cell_backward_op"]
 
 FORWARD, BACKWARD = "gru_context_cell", "gru_context_cell_backward"
@@ -200,6 +200,28 @@ class StepWeights(NamedTuple):
         return out
 
 
+def check_step_weights(weights) -> None:
+    """Raise ArgumentTypeError unless ``weights`` is a :class:`StepWeights`."""
+    if not isinstance(weights, StepWeights):
+        raise validation.ArgumentTypeError(
+            f"weights: expected a StepWeights (StepWeights.build(...)), got {type(weights).__name__}")
+
+
+def step_sizes(w_cat: Tensor, energy: Tensor) -> Tuple[int, int]:
+    """(A, H) of the stacked weights ``w_cat`` ``[A + 3H, H]`` and ``energy`` ``[A]``.
+
+    Raises:
+        RuntimeError: ``energy`` is not 1-D, or ``w_cat`` is not ``(A + 3*H, H)``.
+    """
+    if energy.dim() != 1:
+        raise RuntimeError(f"weights.energy: expected a 1-D tensor [A], got shape {tuple(energy.shape)}")
+    A = energy.shape[0]
+    if w_cat.dim() != 2 or w_cat.shape[0] != A + 3 * w_cat.shape[1]:
+        raise RuntimeError(f"weights.w_cat: expected a 2-D tensor (A + 3*H, H) with A = {A} "
+                           f"(from weights.energy), got shape {tuple(w_cat.shape)}")
+    return A, w_cat.shape[1]
+
+
 def attention_gru_step(
     gi: Tensor,
     h: Tensor,
@@ -225,19 +247,12 @@ def attention_gru_step(
         :class:`StepWeights`, or an argument is not a tensor.
         ValueError / RuntimeError: as :func:`additive_attention` and :func:`gru_context_cell`.
     """
-    if not isinstance(weights, StepWeights):
-        raise validation.ArgumentTypeError(
-            f"weights: expected a StepWeights (StepWeights.build(...)), got {type(weights).__name__}")
+    check_step_weights(weights)
     validation.tensor("h", h)
-    w_cat, energy = weights.w_cat, weights.energy
-    if energy.dim() != 1:
-        raise RuntimeError(f"weights.energy: expected a 1-D tensor [A], got shape {tuple(energy.shape)}")
-    A = energy.shape[0]
+    w_cat = weights.w_cat
+    A, _ = step_sizes(w_cat, weights.energy)
     if h.dim() != 2:
         raise RuntimeError(f"h: expected a 2-D tensor [B, H], got shape {tuple(h.shape)}")
-    if w_cat.dim() != 2 or w_cat.shape[0] != A + 3 * w_cat.shape[1]:
-        raise RuntimeError(f"weights.w_cat: expected a 2-D tensor (A + 3*H, H) with A = {A} "
-                           f"(from weights.energy), got shape {tuple(w_cat.shape)}")
     if h.shape[1] != w_cat.shape[1]:
         raise RuntimeError(f"h: expected shape (B, H) = ({h.shape[0]}, {w_cat.shape[1]}) "
                            f"(H from weights.w_cat), got {tuple(h.shape)}")
