@@ -38,6 +38,13 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p: expected a value in (0, 1] (1 = no limit), got {top_p!r}")
 
 
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        what = (f"shape {tuple(logits.shape)}, dtype {logits.dtype}" if isinstance(logits, Tensor)
+                else type(logits).__name__)
+        raise ValueError(f"logits: expected a 2-D floating-point tensor [N, V], got {what}")
+
+
 def greedy(logits: Tensor) -> Tensor:
     """``[N, V]`` -> ``[N]`` int64: the most probable token of each row (the lowest id on ties)."""
     return logits.argmax(dim=-1)
@@ -56,9 +63,10 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_
         ``[N, V]`` float32; every row keeps at least its most probable token.
 
     Raises:
-        ValueError: as :func:`check_sampling`.
+        ValueError: as :func:`check_sampling`; ``logits`` is not a 2-D floating-point tensor.
     """
     check_sampling(temperature, top_k, top_p)
+    _check_logits(logits)
     scores = logits.float() / temperature
     V = scores.shape[-1]
     if (top_k == 0 or top_k >= V) and top_p >= 1:
@@ -88,8 +96,10 @@ def draw(logits: Tensor, generators: Optional[Sequence[Optional[torch.Generator]
             uniform number per call, on the logits' device.
 
     Raises:
-        ValueError: ``generators`` does not have one entry per row.
+        ValueError: ``logits`` is not a 2-D floating-point tensor; ``generators`` does not
+            have one entry per row.
     """
+    _check_logits(logits)
     N = logits.shape[0]
     if generators is None:
         generators = [None] * N

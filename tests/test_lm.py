@@ -396,3 +396,14 @@ def test_torchrun_two_processes_train_their_own_streams(tmp_path):
     assert h0.shape == h1.shape == (1, 4, 32) and not torch.equal(h0, h1)  # different streams
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and math.isfinite(metrics["val_loss"])
+
+
+def test_sampling_and_streams_reject_bad_tensors():
+    with pytest.raises(ValueError, match=r"logits: expected a 2-D floating-point tensor \[N, V\], got shape \(5,\)"):
+        filter_logits(torch.randn(5), top_k=2)
+    with pytest.raises(ValueError, match="logits: expected a 2-D floating-point tensor"):
+        draw(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="generators: expected one per row"):
+        draw(torch.randn(2, 3), [None])
+    with pytest.raises(ValueError, match=r"ids: expected a 1-D integer tensor .* dtype torch.float32"):
+        StreamBatches(torch.zeros(100), batch_size=2, bptt=4)

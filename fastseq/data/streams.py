@@ -53,13 +53,14 @@ class StreamBatches:
         seed: with the epoch, picks the epoch's start offset.
 
     Raises:
-        ValueError: ``ids`` is not 1-D, ``batch_size``/``bptt``/``world_size`` < 1, or
+        ValueError: ``ids`` is not a 1-D integer tensor, ``batch_size``/``bptt``/``world_size`` < 1, or
             the text is too short for one chunk of every stream (the message gives both sizes).
     """
 
     def __init__(self, ids: Tensor, batch_size: int, bptt: int, world_size: int = 1, seed: int = 0):
-        if ids.dim() != 1:
-            raise ValueError(f"ids: expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
+        if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex():
+            raise ValueError(f"ids: expected a 1-D integer tensor of token ids, got shape "
+                             f"{tuple(ids.shape)}, dtype {ids.dtype}")
         for name, value in (("batch_size", batch_size), ("bptt", bptt), ("world_size", world_size)):
             if value < 1:
                 raise ValueError(f"{name}: expected >= 1, got {value}")

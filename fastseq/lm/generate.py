@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
 
 from fastseq.data.vocab import Vocabulary, vocabulary_from_dict
 from fastseq.lm.model import CHECKPOINT_FORMAT, LanguageModel, LMConfig
