@@ -176,6 +176,9 @@ struct RecurrencePersistentPlan {
   int64_t batch_tile = 0;        // rows of h_{t-1} staged in shared memory at a time
   int64_t smem_bytes = 0;        // dynamic shared memory per block
   const char* reason = nullptr;  // why blocks == 0 (a static string)
+  // The tensor-core forward only (recurrence_persistent_mma_plan; 0 otherwise):
+  int64_t m_tiles = 0;           // 16-row tiles of the block's W_hh slice (G * units rows)
+  int64_t k_tiles_per_warp = 0;  // 16-column tiles of W_hh each warp holds in registers
 };
 
 // Sizes the launch for `gates` = 3 (GRU) or 4 (LSTM) on the current device.
@@ -202,9 +205,37 @@ struct RecurrencePersistentFwd {
   void* cs;       // S [T, B, H] contiguous out (LSTM) or nullptr
   void* gates;    // S [T, B, 4H] contiguous out, or nullptr
   RecurrencePersistentPlan plan;  // from recurrence_persistent_plan (blocks > 0)
+  // The tensor-core forward only: the product's operand h_{t-1} in the storage
+  // dtype, S [2, rows_op, ld_op] zeros but for h0 in [1, :B, :H] (the kernel
+  // writes h_t into [t & 1, :B, :H]); rows_op = B and ld_op = H rounded up to 16.
+  void* h_op = nullptr;
+  int64_t ld_op = 0, rows_op = 0;
 };
 cudaError_t gru_forward_persistent(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
 cudaError_t lstm_forward_persistent(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
+
+// The tensor-core persistent forward (persistent_mma_kernels.cu): the contract
+// of gru/lstm_forward_persistent for float16 / bfloat16, with W_hh held in
+// REGISTERS across the T steps as warp-level MMA operands (nvcuda::wmma,
+// 16 x 16 x 16 tiles: HMMA on sm_80 and later) instead of shared memory, and
+// the product h_{t-1} W_hh^T formed on tensor cores from h_{t-1} rounded to the
+// storage dtype (h_op) with float32 accumulation, as cuDNN's half-precision
+// recurrences and fastseq's Triton kernels do; the state is still carried in
+// float32. Block k owns `units` hidden units (all G gates: G * units <= 16 *
+// m_tiles rows of W_hh) and its 8 warps split K = H in k_tiles_per_warp tiles
+// each; per step every warp forms its partial products for all B rows
+// (16 at a time) from h_op (global memory, L2), the partial sums meet in
+// shared memory, and the block applies the gates of its units; then a grid
+// barrier. Applies when: float16 / bfloat16, W_hh in that dtype, the device is
+// sm_80 or later and launches cooperatively, G * units <= 32 (units = ceil(H /
+// blocks); blocks defaults to the fewest that satisfy it, i.e. the fewest
+// blocks that read h_{t-1} each step) with blocks <= the SM count, H <= 1024,
+// and the partial sums (8 * 16 * m_tiles * rows_op floats) fit the opt-in shared
+// memory. Otherwise plan->blocks = 0 with the reason.
+cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
+                                           RecurrencePersistentPlan* plan);
+cudaError_t gru_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
+cudaError_t lstm_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
 
 struct RecurrencePersistentBwd {
   const void* grad_hs;  // S [T, B, H] contiguous
@@ -229,6 +260,8 @@ cudaError_t lstm_backward_persistent(DType dtype, const RecurrencePersistentBwd&
 #ifdef FASTSEQ_CUDA_HOST_EMULATION
 // Tests only: the grid barriers the emulated cooperative launches completed.
 int64_t emulated_grid_syncs();
+// Tests only: the warp-level MMAs (16 x 16 x 16) the emulated kernels executed.
+int64_t emulated_mma_count();
 #endif
 
 // ================================================================= attention

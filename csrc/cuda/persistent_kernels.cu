@@ -39,15 +39,7 @@
 // fastseq_emu::launch_cooperative and the barrier fastseq_emu::grid_sync():
 // every block runs concurrently as threads and the barrier is real
 // (emu/host_emulation.h).
-#include "common.cuh"
-#include "gates.cuh"
-
-#if !(defined(FASTSEQ_CUDA_HOST_EMULATION) && !defined(__CUDACC__))
-#include <cooperative_groups.h>
-#define FASTSEQ_PERSISTENT_EMULATED 0
-#else
-#define FASTSEQ_PERSISTENT_EMULATED 1
-#endif
+#include "persistent_common.cuh"
 
 namespace fastseq {
 namespace cuda {
@@ -55,22 +47,14 @@ namespace {
 
 using detail::acc_t;
 using detail::from_acc;
+using detail::grid_sync;
 using detail::ld;
+#if FASTSEQ_PERSISTENT_EMULATED
+using detail::kEmulatedSMs;
+using detail::kSm90SmemOptin;
+#endif
 
 constexpr int kThreads = 256;
-#if FASTSEQ_PERSISTENT_EMULATED
-// The emulated device: sm_90's opt-in shared memory per block (H100 / H200), 8 SMs.
-constexpr int64_t kSm90SmemOptin = 227 * 1024;
-constexpr int64_t kEmulatedSMs = 8;
-#endif
-
-__device__ __forceinline__ void grid_sync() {
-#if FASTSEQ_PERSISTENT_EMULATED
-  ::fastseq_emu::grid_sync();
-#else
-  cooperative_groups::this_grid().sync();
-#endif
-}
 
 __host__ __device__ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
@@ -100,18 +84,10 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_fwd_kernel(Rec
     w_s[(g * J + jj) * H + k] = w[(g * H + j0 + jj) * H + k];
   }
 
-  const S* gi = static_cast<const S*>(a.gi);
-  const C* bias = static_cast<const C*>(a.bias);
   C* h_state = static_cast<C*>(a.h_state);
-  C* c_state = static_cast<C*>(a.c_state);
-  S* hs = static_cast<S*>(a.hs);
-  S* cs = static_cast<S*>(a.cs);
-  S* gates = static_cast<S*>(a.gates);
-
   for (int64_t t = 0; t < T; ++t) {
     const C* h_prev = h_state + ((t + 1) & 1) * B * H;  // the state after step t-1 (h0 at t = 0)
     C* h_next = h_state + (t & 1) * B * H;
-    const S* x_t = gi + t * a.ld_t;
     for (int64_t b0 = 0; nj > 0 && b0 < B; b0 += Bt) {
       const int64_t nb = B - b0 < Bt ? B - b0 : Bt;
       __syncthreads();  // the previous tile's (and, first, the W_hh slice's) readers and writers are done
@@ -132,44 +108,7 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_fwd_kernel(Rec
 #pragma unroll
           for (int g = 0; g < G; ++g) acc[g] += ld(w_s + (g * J + jj) * H + k) * hk;
         }
-        if (bias != nullptr) {
-#pragma unroll
-          for (int g = 0; g < G; ++g) acc[g] += bias[g * H + j];
-        }
-        const C hp = hrow[j];
-        const S* x = x_t + b * a.ld_b;
-        const bool valid = a.lengths == nullptr || a.lengths[b] > t;
-        const int64_t o = (t * B + b) * H + j;  // element (t, b, j) of hs / cs
-        S* gg = gates != nullptr ? gates + (t * B + b) * 4 * H : nullptr;
-        if constexpr (G == 3) {
-          const detail::GruGates<C> y =
-              detail::gru_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j), acc[0], acc[1], acc[2], hp);
-          const C h_new = valid ? y.h : hp;
-          h_next[b * H + j] = h_new;
-          hs[o] = from_acc<S>(h_new);
-          if (gg != nullptr) {
-            gg[j] = from_acc<S>(y.r);
-            gg[H + j] = from_acc<S>(y.z);
-            gg[2 * H + j] = from_acc<S>(y.n);
-            gg[3 * H + j] = from_acc<S>(acc[2]);
-          }
-        } else {
-          const C cp = c_state[b * H + j];
-          const detail::LstmGates<C> y = detail::lstm_gate_forward(
-              ld(x + j), ld(x + H + j), ld(x + 2 * H + j), ld(x + 3 * H + j), acc[0], acc[1], acc[2], acc[3], cp);
-          const C h_new = valid ? y.h : hp;
-          const C c_new = valid ? y.c : cp;
-          h_next[b * H + j] = h_new;
-          c_state[b * H + j] = c_new;
-          hs[o] = from_acc<S>(h_new);
-          cs[o] = from_acc<S>(c_new);
-          if (gg != nullptr) {
-            gg[j] = from_acc<S>(y.i);
-            gg[H + j] = from_acc<S>(y.f);
-            gg[2 * H + j] = from_acc<S>(y.g);
-            gg[3 * H + j] = from_acc<S>(y.o);
-          }
-        }
+        detail::persistent_forward_element<S, G>(a, t, b, j, acc, hrow[j], h_next, nullptr);
       }
     }
     if (t + 1 < T) grid_sync();  // every block's h_{t} written before any block reads it

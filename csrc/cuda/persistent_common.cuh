@@ -1,0 +1,93 @@
+// What the persistent (whole-sequence, cooperative-launch) recurrence kernels
+// share: the grid barrier, the emulated device they plan for under the host
+// emulation, and the forward's per-element step epilogue (the gate formulas of
+// gates.cuh applied to one (row, unit) pair, the lengths mask and the writes
+// of the step's outputs and state). Used by persistent_kernels.cu (W_hh in
+// shared memory, FMA products) and persistent_mma_kernels.cu (W_hh in
+// registers, tensor-core products); kernels.h has their contracts.
+#pragma once
+
+#include "common.cuh"
+#include "gates.cuh"
+
+#if !(defined(FASTSEQ_CUDA_HOST_EMULATION) && !defined(__CUDACC__))
+#include <cooperative_groups.h>
+#define FASTSEQ_PERSISTENT_EMULATED 0
+#else
+#define FASTSEQ_PERSISTENT_EMULATED 1
+#endif
+
+namespace fastseq {
+namespace cuda {
+namespace detail {
+
+#if FASTSEQ_PERSISTENT_EMULATED
+// The emulated device: sm_90's opt-in shared memory per block (H100 / H200), 8 SMs.
+constexpr int64_t kSm90SmemOptin = 227 * 1024;
+constexpr int64_t kEmulatedSMs = 8;
+#endif
+
+// The barrier of all blocks of a cooperative launch (emulated: a real barrier of
+// all the launch's threads, emu/host_emulation.h).
+FASTSEQ_DEVICE void grid_sync() {
+#if FASTSEQ_PERSISTENT_EMULATED
+  ::fastseq_emu::grid_sync();
+#else
+  cooperative_groups::this_grid().sync();
+#endif
+}
+
+// One (row b, unit j) element of forward step t, after its recurrent products
+// acc[g] = (h_{t-1} W_hh^T)[b, g*H + j] (no bias yet): adds b_hh, applies the
+// gates, masks by lengths (a finished row keeps its state hp), writes hs[t]
+// (cs[t]), the saved gates, the float state (h_next; the LSTM's c_state in
+// place) and, when h_op_next is not null, the state in the storage dtype at
+// h_op_next[b * ld_op + j] (the tensor-core kernel's product operand).
+template <typename S, int G>
+FASTSEQ_DEVICE void persistent_forward_element(const RecurrencePersistentFwd& a, int64_t t, int64_t b, int64_t j,
+                                               acc_t<S>* acc, acc_t<S> hp, acc_t<S>* h_next, S* h_op_next) {
+  using C = acc_t<S>;
+  const int64_t B = a.B, H = a.H;
+  const C* bias = static_cast<const C*>(a.bias);
+  if (bias != nullptr) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[g] += bias[g * H + j];
+  }
+  const S* x = static_cast<const S*>(a.gi) + t * a.ld_t + b * a.ld_b;
+  const bool valid = a.lengths == nullptr || a.lengths[b] > t;
+  const int64_t o = (t * B + b) * H + j;  // element (t, b, j) of hs / cs
+  S* gg = a.gates != nullptr ? static_cast<S*>(a.gates) + (t * B + b) * 4 * H : nullptr;
+  C h_new;
+  if constexpr (G == 3) {
+    const GruGates<C> y = gru_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j), acc[0], acc[1], acc[2], hp);
+    h_new = valid ? y.h : hp;
+    if (gg != nullptr) {
+      gg[j] = from_acc<S>(y.r);
+      gg[H + j] = from_acc<S>(y.z);
+      gg[2 * H + j] = from_acc<S>(y.n);
+      gg[3 * H + j] = from_acc<S>(acc[2]);
+    }
+  } else {
+    C* c_state = static_cast<C*>(a.c_state);
+    const C cp = c_state[b * H + j];
+    const LstmGates<C> y = lstm_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j), ld(x + 3 * H + j), acc[0],
+                                             acc[1], acc[2], acc[3], cp);
+    h_new = valid ? y.h : hp;
+    const C c_new = valid ? y.c : cp;
+    c_state[b * H + j] = c_new;
+    static_cast<S*>(a.cs)[o] = from_acc<S>(c_new);
+    if (gg != nullptr) {
+      gg[j] = from_acc<S>(y.i);
+      gg[H + j] = from_acc<S>(y.f);
+      gg[2 * H + j] = from_acc<S>(y.g);
+      gg[3 * H + j] = from_acc<S>(y.o);
+    }
+  }
+  h_next[b * H + j] = h_new;
+  static_cast<S*>(a.hs)[o] = from_acc<S>(h_new);
+  if (h_op_next != nullptr) h_op_next[b * a.ld_op + j] = from_acc<S>(h_new);
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace fastseq
