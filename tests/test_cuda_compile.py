@@ -158,6 +158,62 @@ def test_persistent_kernels_do_not_spill(tmp_path):
     print(f"ptxas sm_90: registers {min(regs)}..{max(regs)}, no spills")
 
 
+def _cuobjdump() -> Optional[str]:
+    """cuobjdump from PATH, the CUDA toolkit, or the copy Triton ships; None if none is found."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    nvcc = _nvcc()
+    if nvcc and (Path(os.path.realpath(nvcc)).parent / "cuobjdump").is_file():
+        return str(Path(os.path.realpath(nvcc)).parent / "cuobjdump")
+    try:
+        import triton
+    except ImportError:
+        return None
+    cand = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(cand) if cand.is_file() else None
+
+
+def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
+    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 24 kernels (GRU / LSTM, float16 /
+    bfloat16, 1-2 W tiles of 16 rows, 2 / 4 / 8 k-tiles per warp) hold W_hh in registers
+    without spilling (no stack frame, no spill bytes, <= 255 registers); and, where a cuobjdump
+    is found, each kernel's SASS has tensor-core MMAs (HMMA.16816.F32, .BF16 for bfloat16)
+    and no local-memory load or store (LDL / STL)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (not on PATH, nor in $CUDA_HOME/bin or /usr/local/cuda/bin)")
+    path = CUDA_DIR / "persistent_mma_kernels.cu"
+    obj = tmp_path / "persistent_mma.o"
+    cmd = [nvcc, "-c", "-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90", *TORCH_NVCC_DEFINES,
+           "-Xcompiler", "-fPIC", "-Xptxas", "-v", str(path), "-o", str(obj)]
+    proc = _run(cmd, tmp_path)
+    assert proc.returncode == 0, "nvcc failed\n" + _report(cmd, proc)
+    info = proc.stdout + proc.stderr
+    entries = re.findall(r"Compiling entry function '([^']+)'", info)
+    assert len(entries) == 24, f"expected 24 kernels, got {len(entries)}\n{info}"
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
+    assert len(frames) == len(regs) == 24, info
+    assert all(f == ("0", "0", "0") for f in frames), "stack frame or spills\n" + info
+    assert max(regs) <= 255, info
+    print(f"ptxas sm_90: 24 kernels, registers {min(regs)}..{max(regs)}, no spills")
+    tool = _cuobjdump()
+    if tool is None:
+        print("no cuobjdump found: SASS not checked")
+        return
+    sass = _run([tool, "-sass", str(obj)], tmp_path)
+    assert sass.returncode == 0, sass.stderr
+    funcs = re.split(r"\n\s+Function : ", sass.stdout)[1:]
+    assert len(funcs) == 24, f"cuobjdump listed {len(funcs)} functions"
+    for f in funcs:
+        name, body = f.split("\n", 1)
+        want = "HMMA.16816.F32.BF16" if "bfloat16" in name else "HMMA.16816.F32 "
+        assert want in body, f"{name}: no {want.strip()} in its SASS"
+        assert not re.search(r"\s(LDL|STL)[\s.]", body), f"{name}: local-memory traffic in its SASS"
+    print("SASS: every kernel has HMMA.16816.F32 tensor-core MMAs, no LDL / STL")
+
+
 def test_bindings_syntax(tmp_path):
     """Syntax-only compile of bindings.cpp (see the module docstring for what it covers)."""
     torch = pytest.importorskip("torch")
@@ -365,6 +421,7 @@ def test_emulated_persistent_forward(emu, cell, dt_name, monkeypatch):
     dt = getattr(torch, dt_name)
     gen = torch.Generator().manual_seed(5)
     monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_MMA", "0")  # the shared-memory kernel (the next test: MMA)
     half = dt_name in ("float16", "bfloat16")  # the same code as float32 but the conversions: fewer cases
     grids = [(1, 7), (3, 7), (6, 7), (8, 5), (1, 80)] if not half else [(3, 7), (8, 5)]
     lengths_cases = (torch.tensor([3, 5, 1, 4, 2, 5]), torch.tensor([5, 1, 5, 0, 2, 2], dtype=torch.int32), None)
@@ -382,6 +439,90 @@ def test_emulated_persistent_forward(emu, cell, dt_name, monkeypatch):
                     got = _persistent_forward(emu, cell, case, save)
                     assert emu.emulated_grid_syncs() - before == T - 1, f"{tag}: grid barriers crossed"
                     _all_close(got, _reference_forward(cell, case, save), dt_name, f"persistent forward {tag}")
+
+
+# (blocks or None for the default, H, B): one block; three; blocks that own no unit; two 16-row
+# batch tiles and two 16-row W tiles (units 7: 21 / 28 rows); 24 blocks with two k-tiles per warp
+# (H = 136: 9 k-tiles over 8 warps), 23 of them owning units.
+_MMA_GRIDS = ((None, 7, 6), (3, 7, 6), (8, 5, 6), (5, 33, 20), (24, 136, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_persistent_mma_forward(emu, cell, dt_name, monkeypatch):
+    """The tensor-core persistent forward (csrc/cuda/persistent_mma_kernels.cu: W_hh in
+    registers as wmma fragments, the emulation's stand-in of nvcuda::wmma) against the
+    reference, at the grids of _MMA_GRIDS, lengths with 0 and 1 or none, bias or not,
+    save_gates both, T = 5 and 1. Every launch must cross T - 1 grid barriers and run exactly
+    T * blocks * k_tiles * m_tiles * ceil(B / 16) warp MMAs (so the plan's tiles are the
+    ones described in kernels.h, and no launch fell back to the shared-memory kernel)."""
+    import torch
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(11)
+    G = 3 if cell == "gru" else 4
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+    for k, (blocks, H, B) in enumerate(_MMA_GRIDS):
+        if blocks is None:
+            monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", raising=False)
+        else:
+            monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", str(blocks))
+        units = -(-H // blocks) if blocks else min(H, 32 // G)
+        n_blocks = blocks or -(-H // units)
+        lengths_cases = (torch.tensor([3, 5, 1, 4, 2, 5, 0, 2, 4, 4, 1, 3, 5, 5, 2, 1, 3, 4, 5, 2][:B]), None)
+        for T in ((5, 1) if H < 100 else (3,)):
+            for i, lengths in enumerate(lengths_cases):
+                bias = (i + k) % 2 == 0
+                case = _persistent_case(cell, dt, gen, T, B, H, bias, lengths)
+                for save in ((True, False) if H < 100 else (True,)):
+                    tag = (f"{cell} {dt_name} blocks={blocks} H={H} B={B} T={T} bias={bias} "
+                           f"lengths={lengths is not None} save={save}")
+                    syncs, mmas = emu.emulated_grid_syncs(), emu.emulated_mma_count()
+                    got = _persistent_forward(emu, cell, case, save)
+                    assert emu.emulated_grid_syncs() - syncs == T - 1, f"{tag}: grid barriers crossed"
+                    want_mmas = T * n_blocks * (-(-H // 16)) * (-(-G * units // 16)) * (-(-B // 16))
+                    assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
+                    _all_close(got, _reference_forward(cell, case, save), dt_name, f"mma persistent forward {tag}")
+
+
+@pytest.mark.slow
+def test_emulated_persistent_mma_choice(emu, monkeypatch):
+    """Which persistent forward runs, and that the tests can fail: FASTSEQ_CUDA_PERSISTENT_MMA=0,
+    float32 and a block of more than 32 / G units (LSTM, 2 blocks for H = 40) take the
+    shared-memory kernel (no MMA, still correct); a bad value raises naming the variable; without
+    the grid barrier (FASTSEQ_CUDA_EMU_GRID_SYNC=off) a 3-block forward differs from the reference."""
+    import torch
+
+    gen = torch.Generator().manual_seed(12)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    for blocks, H, dt, mma_env in ((3, 7, torch.bfloat16, "0"), (3, 7, torch.float32, None),
+                                   (2, 40, torch.bfloat16, None)):
+        monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", str(blocks))
+        if mma_env is None:
+            monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+        else:
+            monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_MMA", mma_env)
+        case = _persistent_case("lstm", dt, gen, 4, 5, H, True, None)
+        syncs, mmas = emu.emulated_grid_syncs(), emu.emulated_mma_count()
+        got = _persistent_forward(emu, "lstm", case, True)
+        tag = f"blocks={blocks} H={H} {dt} FASTSEQ_CUDA_PERSISTENT_MMA={mma_env}"
+        assert emu.emulated_grid_syncs() - syncs == 3, f"{tag}: not the persistent kernel"
+        assert emu.emulated_mma_count() == mmas, f"{tag}: ran the tensor-core kernel"
+        _all_close(got, _reference_forward("lstm", case, True), str(dt).split(".")[1], tag)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_MMA", "yes")
+    with pytest.raises(RuntimeError, match="FASTSEQ_CUDA_PERSISTENT_MMA"):
+        _persistent_forward(emu, "lstm", case, True)
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA")
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", "3")
+    monkeypatch.setenv("FASTSEQ_CUDA_EMU_GRID_SYNC", "off")
+    case = _persistent_case("gru", torch.bfloat16, gen, 5, 4, 7, True, None)
+    mmas = emu.emulated_mma_count()
+    got = _persistent_forward(emu, "gru", case, True)
+    assert emu.emulated_mma_count() > mmas
+    with pytest.raises(AssertionError):
+        _all_close(got, _reference_forward("gru", case, True), "bfloat16", "without a grid barrier")
 
 
 def _persistent_backward(ops, cell, case, fwd, grads, bias):

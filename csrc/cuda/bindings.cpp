@@ -41,7 +41,13 @@
 //   FASTSEQ_CUDA_PERSISTENT=1: the persistent kernel; a RuntimeError when it
 //     does not apply (tests: no silent fallback).
 //   FASTSEQ_CUDA_PERSISTENT_BLOCKS=N (N > 0): the persistent kernel's grid size
-//     (default: one block per SM, at most H).
+//     (default: one block per SM, at most H; the tensor-core kernel: the fewest
+//     blocks of at most 32 / G units).
+//   FASTSEQ_CUDA_PERSISTENT_MMA=1 (or unset): float16 / bfloat16 forwards use
+//     the tensor-core persistent kernel (persistent_mma_kernels.cu: W_hh in
+//     registers, products on tensor cores from h_{t-1} rounded to the storage
+//     dtype, float32 accumulation and state) where it applies, else the
+//     shared-memory one; 0: the shared-memory one (float32 products).
 // The same choice for the dense backwards (gru_recurrence_backward,
 // lstm_recurrence_backward). The packed ops always run per step.
 //
@@ -355,6 +361,16 @@ int64_t persistent_blocks() {
   return n;
 }
 
+// FASTSEQ_CUDA_PERSISTENT_MMA (see the top of this file): 0 keeps half-precision
+// forwards off the tensor-core persistent kernel.
+bool mma_enabled() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_MMA");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return true;
+  TORCH_CHECK(std::strcmp(v, "0") == 0, "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_MMA: expected 0 or 1, got '", v,
+              "'");
+  return false;
+}
+
 // The persistent kernel's plan for this call, or a plan with blocks = 0 when
 // the per-step loop runs (mode, sizes, dtypes or device); raises when the mode
 // is On and the kernel does not apply.
@@ -372,7 +388,12 @@ RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_
   if (w_hh.scalar_type() != st) {
     plan.reason = "w_hh's dtype differs from the other inputs' (W_hh is kept in their dtype)";
   } else {
-    check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
+    // Half-precision forwards: the tensor-core kernel (W_hh in registers) first.
+    const bool half = st == at::kHalf || st == at::kBFloat16;
+    if (!backward && half && mma_enabled())
+      check_launch(recurrence_persistent_mma_plan(dtype_tag(st), G, B, H, blocks, &plan), op);
+    if (plan.blocks == 0)
+      check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
   }
   TORCH_CHECK(mode != PersistentMode::On || plan.blocks > 0, "fastseq_cpp (CUDA): ", op,
               ": FASTSEQ_CUDA_PERSISTENT=1 but the persistent kernel does not apply: ", plan.reason);
@@ -406,6 +427,18 @@ void persistent_forward(const RecurrencePersistentPlan& plan, const Tensor& x, c
   a.gates = save_gates ? gates.data_ptr() : nullptr;
   a.plan = plan;
   const DType tag = dtype_tag(x.scalar_type());
+  if (plan.m_tiles > 0) {  // the tensor-core kernel: h_{t-1} in the storage dtype, zero-padded to 16s
+    const int64_t rows = (B + 15) / 16 * 16, ld = (H + 15) / 16 * 16;
+    const Tensor h_op = at::zeros({2, rows, ld}, x.options().dtype(w.scalar_type()));
+    h_op.select(0, 1).narrow(0, 0, B).narrow(1, 0, H).copy_(h_init);
+    a.h_op = h_op.data_ptr();
+    a.ld_op = ld;
+    a.rows_op = rows;
+    check_launch(c_init.defined() ? lstm_forward_persistent_mma(tag, a, stream)
+                                  : gru_forward_persistent_mma(tag, a, stream),
+                 op);
+    return;
+  }
   check_launch(c_init.defined() ? lstm_forward_persistent(tag, a, stream) : gru_forward_persistent(tag, a, stream),
                op);
 }
@@ -1186,6 +1219,8 @@ TORCH_LIBRARY(fastseq_cuda_emu, m) {
   fastseq::define_all_ops(m);
   // Tests only: the grid barriers completed by the emulated cooperative launches so far.
   m.def("emulated_grid_syncs() -> int", []() -> int64_t { return fastseq::cuda::emulated_grid_syncs(); });
+  // Tests only: the warp-level 16 x 16 x 16 MMAs the emulated tensor-core kernels executed so far.
+  m.def("emulated_mma_count() -> int", []() -> int64_t { return fastseq::cuda::emulated_mma_count(); });
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {

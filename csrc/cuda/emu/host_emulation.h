@@ -54,6 +54,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 namespace fastseq_emu {
@@ -218,6 +219,104 @@ void launch_cooperative(unsigned int grid, int block, size_t smem_bytes, void (*
   }
   join();
 }
+
+// ------------------------------------------------------------------- wmma
+//
+// The stand-in of the subset of nvcuda::wmma (<mma.h>) that
+// persistent_mma_kernels.cu uses: 16 x 16 x 16 tiles, half / bfloat16 A (row
+// major) and B (column major), float accumulators. On the GPU a fragment is
+// spread over the 32 lanes of a warp in a layout the API does not specify, and
+// every wmma call is warp-collective; the kernels only move fragments between
+// these calls (never read their elements), so here a fragment holds the whole
+// 16 x 16 tile in logical (row, column) order and lane 0 of the warp does the
+// work: loads, products and stores by other lanes do nothing (their fragments
+// stay unused), as if the warp's lanes had done their part of it. A store is
+// seen by the other threads after the next __syncthreads(), as on the GPU.
+// Every mma_sync of lane 0 adds one to mma_count() (tests: the tensor-core path ran).
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "fastseq_emu::wmma: 16 x 16 x 16 tiles only");
+  T x[16 * 16];  // logical (row, column), row major
+};
+
+inline bool lane0() { return t_threadIdx.x % 32 == 0; }
+inline std::atomic<long long> g_mma_count{0};
+
+template <typename T>
+float to_float(T v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(v);
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(v);
+  } else {
+    return static_cast<float>(v);
+  }
+}
+
+template <typename T>
+void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
+  if (!lane0()) return;
+  for (T& e : f.x) e = v;
+}
+
+// A (16 x 16, row major): element (m, k) at p[m * ldm + k].
+template <typename T>
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
+  if (!lane0()) return;
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) f.x[m * 16 + k] = p[m * ldm + k];
+}
+
+// B (16 x 16, column major): element (k, n) at p[k + n * ldm].
+template <typename T>
+void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
+  if (!lane0()) return;
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[k + n * ldm];
+}
+
+// d = a b + c, the products and sums in float (the tensor cores' fp32 accumulation).
+template <typename T>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+              const fragment<matrix_b, 16, 16, 16, T, col_major>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (!lane0()) return;
+  float out[16 * 16];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float s = c.x[m * 16 + n];
+      for (int k = 0; k < 16; ++k) s += to_float(a.x[m * 16 + k]) * to_float(b.x[k * 16 + n]);
+      out[m * 16 + n] = s;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+  ++g_mma_count;
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
+                              layout_t layout) {
+  if (!lane0()) return;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      if (layout == mem_row_major) {
+        p[m * ldm + n] = f.x[m * 16 + n];
+      } else {
+        p[m + n * ldm] = f.x[m * 16 + n];
+      }
+    }
+}
+
+inline long long mma_count() { return g_mma_count.load(); }
+
+}  // namespace wmma
 
 }  // namespace fastseq_emu
 

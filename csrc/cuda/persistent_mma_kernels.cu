@@ -1,0 +1,313 @@
+// The tensor-core persistent forward of the GRU and LSTM recurrences: one
+// cooperative launch runs all T steps of one layer and direction with W_hh held
+// in REGISTERS as warp-level MMA operands (kernels.h, "The tensor-core
+// persistent forward", for the contract and when it applies).
+//
+// Why registers: the per-step product h_{t-1} W_hh^T is tiny (2 B G H^2 FLOP:
+// 38 MFLOP at B 16, H 768, LSTM) and the step is latency-bound. Re-reading W_hh
+// from L2 every step (the per-step kernels) costs 2 us at H = 768, from shared
+// memory (persistent_kernels.cu, and the Triton W-resident kernel, whose two
+// warpgroups each read all of it) ~1.3 us; spread over the register files of
+// ~100 SMs it costs nothing per step: 4.7 MB of bf16 W_hh is 48 KB per SM at
+// 96 blocks, a quarter of an SM's 256 KB of registers. (bench/NOTES.md, v0.9,
+// has the model.)
+//
+// Work split, block k of `blocks` (256 threads, 8 warps):
+//   * it owns the hidden units j in [k * units, (k + 1) * units) and all G
+//     gates of each: the R = G * units rows r = g * units + jj of W_hh
+//     (row g * H + j0 + jj), padded with zero rows to 16 * MT (MT = m_tiles);
+//   * K = H (padded with zeros to a multiple of 16) is split among the warps:
+//     warp w holds the 16 x 16 tiles of its rows for k-tiles
+//     [w * kpw, (w + 1) * kpw) as wmma matrix_a fragments, loaded once (staged
+//     through shared memory to zero the padding) and kept for all T steps;
+//   * per step, for each 16 batch rows, warp w multiplies its tiles by the
+//     matching 16 x 16 tiles of h_{t-1} (matrix_b, column major: h_op rows are
+//     batch rows) straight from global memory (L2), accumulating in float, and
+//     stores its partial sums [16 * MT, 16] to shared memory;
+//   * __syncthreads, then one thread per (row b, unit jj) sums the warps'
+//     partials of its G gates and runs detail::persistent_forward_element (the
+//     gate formulas of gates.cuh; it also writes h_t in the storage dtype to
+//     h_op[t & 1] for the next step's product);
+//   * a grid barrier, then the next step.
+//
+// Why one barrier per step is enough: step t reads h_op[(t-1) & 1] and writes
+// h_op[t & 1] (and h_state[t & 1]); step t+1 writes the buffer step t read
+// only after the barrier that ends step t. The shared partial sums of step
+// t+1 are written after that barrier too, so after every thread of the block
+// read step t's. The LSTM's c_state is per unit (one block).
+//
+// Under FASTSEQ_CUDA_HOST_EMULATION (tests) wmma is emu/host_emulation.h's
+// stand-in and the launch is fastseq_emu::launch_cooperative (a real grid
+// barrier). On devices before sm_80 (no bf16 MMA) the kernels compile empty and
+// the plan refuses them.
+#include "persistent_common.cuh"
+
+#if !FASTSEQ_PERSISTENT_EMULATED
+#include <mma.h>
+#endif
+
+namespace fastseq {
+namespace cuda {
+namespace {
+
+#if FASTSEQ_PERSISTENT_EMULATED
+namespace wmma = ::fastseq_emu::wmma;
+using detail::kSm90SmemOptin;
+// The emulated device of this kernel has more SMs than persistent_kernels.cu's
+// (8), so that the tests reach two k-tiles per warp (H > 128 needs >= 17 blocks
+// of <= 8 LSTM units).
+constexpr int64_t kEmulatedMmaSMs = 32;
+#else
+namespace wmma = nvcuda::wmma;
+#endif
+
+using detail::acc_t;
+using detail::from_acc;
+using detail::grid_sync;
+
+constexpr int kMmaThreads = 256;
+constexpr int kMmaWarps = kMmaThreads / 32;
+constexpr int64_t kMmaMaxRows = 32;      // W_hh rows per block: G * units <= 32 (m_tiles <= 2)
+constexpr int64_t kMmaMaxH = 1024;       // K tiles per warp <= 8
+constexpr int kTile = 16;
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define FASTSEQ_MMA_AVAILABLE 1
+#else
+#define FASTSEQ_MMA_AVAILABLE 0
+#endif
+
+template <typename S, int G, int MT, int KPW>
+__global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_kernel(RecurrencePersistentFwd a) {
+#if FASTSEQ_MMA_AVAILABLE
+  using C = acc_t<S>;  // float
+  const int64_t T = a.T, B = a.B, H = a.H;
+  const int64_t J = a.plan.units;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * J;
+  const int64_t nj = j0 < H ? (H - j0 < J ? H - j0 : J) : 0;  // units of this block
+  const int64_t Kp = a.ld_op, Bp = a.rows_op;                   // H and B rounded up to 16
+  constexpr int64_t MR = MT * kTile;                            // rows of the W_hh slice, padded
+  const int64_t kt = Kp / kTile;
+  const int64_t kpw = a.plan.k_tiles_per_warp;                  // <= KPW
+  const int warp = threadIdx.x / 32, tid = threadIdx.x, nthr = blockDim.x;
+  const int64_t k_first = warp * kpw;
+  const int64_t nk = kt - k_first < 0 ? 0 : (kt - k_first < kpw ? kt - k_first : kpw);
+  const int64_t active_warps = (kt + kpw - 1) / kpw;
+
+  FASTSEQ_DYNAMIC_SMEM(smem);
+
+  // The W_hh slice [MR, Kp], zero-padded, staged in shared memory once and loaded into
+  // this warp's fragments; the shared memory then holds the partial sums.
+  S* w_s = reinterpret_cast<S*>(smem);
+  const S* w = static_cast<const S*>(a.w_hh);
+  for (int64_t idx = tid; idx < MR * Kp; idx += nthr) {
+    const int64_t r = idx / Kp, k = idx - r * Kp;
+    const int64_t g = r / J, jj = r - g * J;
+    const bool in = g < G && jj < nj && k < H;
+    w_s[idx] = in ? w[(g * H + j0 + jj) * H + k] : from_acc<S>(C(0));
+  }
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, S, wmma::row_major> wf[MT][KPW];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int kk = 0; kk < KPW; ++kk) {
+      if (kk < nk) wmma::load_matrix_sync(wf[m][kk], w_s + m * kTile * Kp + (k_first + kk) * kTile, Kp);
+    }
+  }
+  __syncthreads();  // every warp has its fragments: the shared memory is free
+
+  float* red = reinterpret_cast<float*>(smem);  // [active_warps][MR][Bp]
+  C* h_state = static_cast<C*>(a.h_state);
+  S* h_op = static_cast<S*>(a.h_op);
+
+  for (int64_t t = 0; t < T; ++t) {
+    const S* op_prev = h_op + ((t + 1) & 1) * Bp * Kp;  // h_{t-1} (h0 at t = 0), storage dtype
+    S* op_next = h_op + (t & 1) * Bp * Kp;
+    const C* h_prev = h_state + ((t + 1) & 1) * B * H;
+    C* h_next = h_state + (t & 1) * B * H;
+    if (warp < active_warps) {
+      for (int64_t n0 = 0; n0 < Bp; n0 += kTile) {
+        wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[MT];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) wmma::fill_fragment(acc[m], 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < KPW; ++kk) {
+          if (kk < nk) {
+            wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, S, wmma::col_major> hb;
+            wmma::load_matrix_sync(hb, op_prev + n0 * Kp + (k_first + kk) * kTile, Kp);
+#pragma unroll
+            for (int m = 0; m < MT; ++m) wmma::mma_sync(acc[m], wf[m][kk], hb, acc[m]);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+          wmma::store_matrix_sync(red + (warp * MR + m * kTile) * Bp + n0, acc[m], Bp, wmma::mem_row_major);
+      }
+    }
+    __syncthreads();
+    for (int64_t p = tid; p < nj * B; p += nthr) {
+      const int64_t jj = p / B, b = p - jj * B;  // consecutive threads: consecutive rows b of the partials
+      C acc[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        C s = C(0);
+        for (int64_t w8 = 0; w8 < active_warps; ++w8) s += red[(w8 * MR + g * J + jj) * Bp + b];
+        acc[g] = s;
+      }
+      const int64_t j = j0 + jj;
+      detail::persistent_forward_element<S, G>(a, t, b, j, acc, h_prev[b * H + j], h_next, op_next);
+    }
+    if (t + 1 < T) grid_sync();  // every block's h_t written before any block reads it
+  }
+#endif
+}
+
+// The kernel for a plan's (m_tiles, k_tiles_per_warp): KPW is the smallest of 2, 4, 8 that holds it.
+template <typename S, int G>
+auto kernel_for(int64_t m_tiles, int64_t kpw) -> void (*)(RecurrencePersistentFwd) {
+  if (m_tiles == 1) {
+    if (kpw <= 2) return recurrence_persistent_mma_fwd_kernel<S, G, 1, 2>;
+    if (kpw <= 4) return recurrence_persistent_mma_fwd_kernel<S, G, 1, 4>;
+    return recurrence_persistent_mma_fwd_kernel<S, G, 1, 8>;
+  }
+  if (kpw <= 2) return recurrence_persistent_mma_fwd_kernel<S, G, 2, 2>;
+  if (kpw <= 4) return recurrence_persistent_mma_fwd_kernel<S, G, 2, 4>;
+  return recurrence_persistent_mma_fwd_kernel<S, G, 2, 8>;
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename S, int G>
+cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
+  *plan = RecurrencePersistentPlan{};
+  if (B <= 0 || H <= 0) {
+    plan->reason = "empty batch or hidden size";
+    return cudaSuccess;
+  }
+  if (H > kMmaMaxH) {
+    plan->reason = "hidden size above 1024 (the tensor-core kernel holds at most 8 k-tiles of W_hh per warp)";
+    return cudaSuccess;
+  }
+#if FASTSEQ_PERSISTENT_EMULATED
+  const int64_t sms = kEmulatedMmaSMs, smem_optin = kSm90SmemOptin;
+#else
+  int dev = 0, coop = 0, sm_count = 0, optin = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  if (major < 8) {
+    plan->reason = "the device has no bfloat16 tensor cores (compute capability below 8.0)";
+    return cudaSuccess;
+  }
+  if (!coop) {
+    plan->reason = "the device does not support cooperative launches";
+    return cudaSuccess;
+  }
+  const int64_t sms = sm_count, smem_optin = optin;
+#endif
+  const int64_t max_units = kMmaMaxRows / G;
+  int64_t nblk = blocks > 0 ? blocks : cdiv(H, max_units);  // default: the fewest blocks (each reads all of h)
+  const int64_t units = cdiv(H, nblk);
+  if (blocks <= 0) nblk = cdiv(H, units);
+  if (units > max_units) {
+    plan->reason = "more than 32 / G hidden units per block (its W_hh rows would not fit its registers)";
+    return cudaSuccess;
+  }
+  const int64_t m_tiles = cdiv(G * units, kTile);
+  const int64_t kt = cdiv(H, kTile);
+  const int64_t kpw = cdiv(kt, kMmaWarps);
+  const int64_t rows = cdiv(B, kTile) * kTile;
+  const int64_t stage = m_tiles * kTile * kt * kTile * static_cast<int64_t>(sizeof(S));
+  const int64_t partial = cdiv(kt, kpw) * m_tiles * kTile * rows * static_cast<int64_t>(sizeof(float));
+  const int64_t smem = stage > partial ? stage : partial;
+  if (smem > smem_optin) {
+    plan->reason = "the partial sums of the batch do not fit a block's shared memory (batch too large)";
+    return cudaSuccess;
+  }
+#if !FASTSEQ_PERSISTENT_EMULATED
+  const void* kernel = reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw));
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  int per_sm = 0;
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmaThreads, static_cast<size_t>(smem));
+  if (err != cudaSuccess) return err;
+  if (nblk > static_cast<int64_t>(per_sm) * sms) {
+    plan->reason = "more blocks than the device holds at once (cooperative launch)";
+    return cudaSuccess;
+  }
+#else
+  if (nblk > sms) {
+    plan->reason = "more blocks than the device holds at once (cooperative launch)";
+    return cudaSuccess;
+  }
+#endif
+  plan->blocks = nblk;
+  plan->units = units;
+  plan->batch_tile = rows;
+  plan->smem_bytes = smem;
+  plan->m_tiles = m_tiles;
+  plan->k_tiles_per_warp = kpw;
+  return cudaSuccess;
+}
+
+template <typename S, int G>
+cudaError_t launch_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
+  if (a.T <= 0 || a.B <= 0 || a.H <= 0) return cudaSuccess;
+  const RecurrencePersistentPlan& p = a.plan;
+  if (p.blocks <= 0 || p.units <= 0 || p.m_tiles < 1 || p.m_tiles > 2 || p.k_tiles_per_warp < 1 ||
+      p.k_tiles_per_warp > 8 || a.h_op == nullptr || a.ld_op != cdiv(a.H, kTile) * kTile ||
+      a.rows_op != cdiv(a.B, kTile) * kTile)
+    return cudaErrorInvalidValue;
+  auto kernel = kernel_for<S, G>(p.m_tiles, p.k_tiles_per_warp);
+  const unsigned int grid = static_cast<unsigned int>(p.blocks);
+  const size_t smem = static_cast<size_t>(p.smem_bytes);
+#if FASTSEQ_PERSISTENT_EMULATED
+  (void)stream;
+  ::fastseq_emu::launch_cooperative(grid, kMmaThreads, smem, kernel, a);
+  return cudaSuccess;
+#else
+  RecurrencePersistentFwd args = a;
+  void* argv[] = {&args};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kMmaThreads), argv,
+                                     smem, stream);
+#endif
+}
+
+}  // namespace
+
+// Float16 / bfloat16 only (kernels.h): float32 and float64 have no matching MMA here.
+cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
+                                           RecurrencePersistentPlan* plan) {
+  *plan = RecurrencePersistentPlan{};
+  const bool half = dtype == DType::Float16, bf16 = dtype == DType::BFloat16;
+  if (!half && !bf16) {
+    plan->reason = "the tensor-core kernel takes float16 and bfloat16 only";
+    return cudaSuccess;
+  }
+  if (gates == 3) return half ? plan_impl<__half, 3>(B, H, blocks, plan) : plan_impl<__nv_bfloat16, 3>(B, H, blocks, plan);
+  if (gates == 4) return half ? plan_impl<__half, 4>(B, H, blocks, plan) : plan_impl<__nv_bfloat16, 4>(B, H, blocks, plan);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t gru_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream) {
+  if (dtype == DType::Float16) return launch_impl<__half, 3>(a, stream);
+  if (dtype == DType::BFloat16) return launch_impl<__nv_bfloat16, 3>(a, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t lstm_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream) {
+  if (dtype == DType::Float16) return launch_impl<__half, 4>(a, stream);
+  if (dtype == DType::BFloat16) return launch_impl<__nv_bfloat16, 4>(a, stream);
+  return cudaErrorInvalidValue;
+}
+
+#if FASTSEQ_PERSISTENT_EMULATED
+int64_t emulated_mma_count() { return ::fastseq_emu::wmma::mma_count(); }
+#endif
+
+}  // namespace cuda
+}  // namespace fastseq
