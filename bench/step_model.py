@@ -18,6 +18,12 @@ W-resident persistent kernel"): no launch and no W_hh from L2 per step; instead 
 grid barrier, the previous state's rows from L2 to every program, the product's
 shared-memory traffic (as the sm_90a compile lays it out), tensor-core time and the
 same gate math.
+
+:func:`mma_step`: the CUDA tensor-core persistent forward
+(csrc/cuda/persistent_mma_kernels.cu, bench/NOTES.md v0.9): W_hh in registers as
+``mma.sync`` operands, so no W traffic at all per step; a grid barrier, each block's
+copy of ``h_{t-1}`` from L2, the tensor-core product, the partial sums of the warps'
+K slices through shared memory, and the same gate math.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ BARRIER_S = 0.7e-6  # per-row-block atomic barrier among <= 132 CTAs: release ad
 CLOCK_HZ = 1.98e9  # H200 SM boost clock
 SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth of one SM (32 banks x 4 B)
 TENSOR_FLOPS_PER_SM = 989e12 / 132  # dense bf16 wgmma peak per SM (H100/H200 SXM)
+MMA_SYNC_FRACTION = 0.5  # mma.sync (HMMA.16816) reaches this share of the wgmma peak (assumption)
 CUDNN_LSTM_B16_H768_S = 1.96e-6  # FlashRNN's nn.LSTM (cuDNN) bf16 forward, B 16, H 768, T 1024, H100
 
 
@@ -122,6 +129,68 @@ def resident_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768)
     return lines
 
 
+def mma_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
+    """The modelled forward step of the CUDA tensor-core persistent kernel, every term in seconds.
+
+    Blocks as ``recurrence_persistent_mma_plan`` picks them by default: the fewest blocks
+    of at most ``32 // G`` hidden units (``ctas = cdiv(H, cdiv(H, 32 // G))``), ``G·units``
+    W_hh rows padded to ``MR = 16·m_tiles``, 8 warps splitting ``kt = cdiv(H, 16)`` k-tiles
+    (``kpw = cdiv(kt, 8)`` each, ``warps = cdiv(kt, kpw)`` active), ``Bp = cdiv(B, 16)·16``.
+
+    * ``barrier_s``: :data:`BARRIER_S`;
+    * ``l2_s``: each block's read of the whole ``h_{t-1}`` operand (``Bp x Kp``, ``elem``
+      bytes) and its units' gi / fp32 state in and out / hs, cs / next operand, over
+      ``min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)`` (the v0.7 constants);
+    * ``mma_s``: ``2·MR·Bp·Kp`` FLOP at :data:`MMA_SYNC_FRACTION` of
+      :data:`TENSOR_FLOPS_PER_SM`;
+    * ``smem_s``: the partial sums, ``warps·MR·Bp`` fp32 stored and ``warps·G·units·B`` read,
+      over :data:`SMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ` (W costs no shared memory per step);
+    * ``gates_s``: :data:`GATES_S`.
+
+    The terms add up (no overlap assumed between the loads, the product and the
+    reduction of one step: they depend on each other).
+    """
+    G = 3 if kind == "gru" else 4
+    max_units = 32 // G
+    ctas = -(-H // max_units)
+    units = -(-H // ctas)
+    ctas = -(-H // units)
+    m_tiles = -(-(G * units) // 16)
+    mr = 16 * m_tiles
+    kt = -(-H // 16)
+    kpw = -(-kt // 8)
+    warps = -(-kt // kpw)
+    bp, kp = -(-B // 16) * 16, kt * 16
+    h_op = bp * kp * elem
+    tile = B * units * (G * elem + 2 * 4 + 2 * 4 + 2 * elem + elem)
+    per_cta_bw = min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)
+    l2_s = (h_op + tile) / per_cta_bw
+    mma_s = 2 * mr * bp * kp / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
+    smem_bytes = warps * mr * bp * 4 + warps * G * units * B * 4
+    smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
+    step_s = BARRIER_S + l2_s + mma_s + smem_s + GATES_S
+    return {"ctas": ctas, "units": units, "m_tiles": m_tiles, "k_tiles_per_warp": kpw, "warps": warps,
+            "h_op_bytes": h_op, "smem_bytes": smem_bytes, "barrier_s": BARRIER_S, "l2_s": l2_s,
+            "mma_s": mma_s, "smem_s": smem_s, "gates_s": GATES_S, "step_s": step_s}
+
+
+def mma_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)), T: int = 128) -> List[str]:
+    """The NOTES v0.9 table of :func:`mma_step` (bf16)."""
+    lines = ["| layer | B | H | blocks × units (k-tiles per warp) | barrier µs | L2 µs (h operand KB) | MMA µs "
+             f"| partial sums µs | gates µs | **step µs** | T = {T} forward, ms | ÷ cuDNN's 1.96 µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("gru", "lstm"):
+        for B, H in sizes:
+            m = mma_step(kind, B, H)
+            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_S:.2f}×**"
+                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} × {m['units']} ({m['k_tiles_per_warp']}) | "
+                         f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} ({m['h_op_bytes'] / 1024:.0f}) | "
+                         f"{m['mma_s'] * 1e6:.2f} | {m['smem_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
+                         f"**{m['step_s'] * 1e6:.2f}** | {m['step_s'] * T * 1e3:.2f} | {vs} |")
+    return lines
+
+
 def table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)), T: int = 128) -> List[str]:
     lines = ["| layer | B | H | tile (rows × units), warps | CTAs | L2 MB (W_hh + state + rest) | L2 µs | step µs "
              f"| T = {T} forward, ms |", "|---|---|---|---|---|---|---|---|---|"]
@@ -140,3 +209,5 @@ if __name__ == "__main__":
     print("\n".join(table()))
     print()
     print("\n".join(resident_table()))
+    print()
+    print("\n".join(mma_table()))

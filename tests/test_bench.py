@@ -115,3 +115,26 @@ def test_resident_step_model_is_the_sum_of_its_terms_on_the_plans_tiles():
             r = step_model.resident_step(kind, B, H, w_in_registers=True)
             assert r["smem_s"] < m["smem_s"] and r["step_s"] < m["step_s"]
     assert len(step_model.resident_table()) == 14
+
+
+def test_mma_step_model_is_the_sum_of_its_terms_on_the_plans_blocks():
+    """bench/step_model.py's prediction for the CUDA tensor-core persistent kernel
+    (bench/NOTES.md v0.9): the plan's default split (the fewest blocks of at most
+    32 / G units, m-tiles holding G x units rows, 8 warps over the k-tiles), every
+    term positive, the step their sum, and cheaper than the W-in-shared-memory kernel."""
+    checkout_bench()
+    from fastseq.bench import step_model
+
+    for kind, G in (("gru", 3), ("lstm", 4)):
+        for B, H in ((1, 16), (16, 512), (16, 768), (64, 1024), (5, 1000)):
+            m = step_model.mma_step(kind, B, H)
+            assert m["units"] <= 32 // G and m["ctas"] * m["units"] >= H > (m["ctas"] - 1) * m["units"]
+            assert 16 * m["m_tiles"] >= G * m["units"] > 16 * (m["m_tiles"] - 1)
+            kt = -(-H // 16)
+            assert m["warps"] <= 8 and m["warps"] * m["k_tiles_per_warp"] >= kt
+            terms = [m[k] for k in ("barrier_s", "l2_s", "mma_s", "smem_s", "gates_s")]
+            assert all(x > 0 for x in terms)
+            assert m["step_s"] == pytest.approx(sum(terms))
+            if B == 16 and H in (512, 768):
+                assert m["step_s"] < step_model.resident_step(kind, B, H)["step_s"]
+    assert len(step_model.mma_table()) == 14
