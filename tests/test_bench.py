@@ -138,3 +138,39 @@ def test_mma_step_model_is_the_sum_of_its_terms_on_the_plans_blocks():
             if B == 16 and H in (512, 768):
                 assert m["step_s"] < step_model.resident_step(kind, B, H)["step_s"]
     assert len(step_model.mma_table()) == 14
+
+
+def test_ablation_summary_reads_run_logs(tmp_path):
+    """bench/ablation.py: BLEU by update, the cumulative target tokens and training
+    seconds at each evaluation, the first update reaching the threshold, and the
+    config keys in which a run differs from the first."""
+    checkout_bench()
+    from fastseq.bench import ablation
+    from fastseq.training.runlog import TRAIN_FIELDS, CsvLog, eval_fields
+
+    def make(name, lr, bleus):
+        run = tmp_path / name
+        run.mkdir()
+        train = CsvLog(run / "train_log.csv", TRAIN_FIELDS)
+        for step in range(1, 5):  # 1,000 tokens per update at 500 tokens/s: 2 s each
+            train.write(step=step, epoch=step / 4, loss=5.0, lr=lr, tokens=1000, tokens_per_s=500.0, elapsed_s=2.0 * step)
+        train.close()
+        ev = CsvLog(run / "eval_log.csv", eval_fields(("val_loss", "val_bleu")))
+        for step, b in zip((2, 4), bleus):
+            ev.write(step=step, epoch=step / 4, val_loss=3.0, val_bleu=b, lr=lr, elapsed_s=3.0 * step)
+        ev.close()
+        (run / "metrics.json").write_text(json.dumps({"config": {"lr": lr, "out": str(run), "model": {"dropout": 0.2}}}))
+        return run
+
+    a, b = make("a", 0.002, (10.0, 20.0)), make("b", 0.004, (22.0, 26.0))
+    ra, rb = ablation.summarise_run(a, 25.0), ablation.summarise_run(b, 25.0)
+    assert [p["target_tokens"] for p in rb["evaluations"]] == [2000, 4000]
+    assert [p["train_s"] for p in rb["evaluations"]] == [4.0, 8.0]
+    assert ra["first_val_bleu_25"] is None and rb["first_val_bleu_25"]["step"] == 4
+    lines = ablation.table([ra, rb])
+    assert "not reached" in lines[2] and "lr=0.004" in lines[3] and "| 26.0 |" in lines[3]
+    out = tmp_path / "res" / "abl"
+    ablation.main(["--runs", str(a), str(b), "--out", str(out), "--command", "cmd"])
+    assert json.loads(out.with_suffix(".json").read_text())["runs"][1]["updates"] == 4
+    with pytest.raises(FileNotFoundError, match="train_log.csv"):
+        ablation.summarise_run(tmp_path / "res")
