@@ -53,6 +53,7 @@ PAD_ID = 0
 
 CHECKPOINT_FORMAT = "fastseq.seq2seq"  # the ``format`` of this model's checkpoints
 DECODER_FLOWS = ("bahdanau", "luong")  # Architecture.decoder_flow
+INITS = ("torch", "xavier")  # Architecture.init
 
 
 @dataclass(kw_only=True)
@@ -62,6 +63,8 @@ class Architecture:
     ``rnn_type`` is the encoder's ('gru' or 'lstm'); the decoder is a GRU.
     ``decoder_flow`` is 'bahdanau' (:class:`Decoder`, the default) or 'luong'
     (:class:`LuongDecoder`; it has no readout layer, so ``readout_size`` is unused).
+    ``init`` is the parameters' initialisation: 'torch' (each torch.nn module's
+    own default, the default) or 'xavier' (:func:`xavier_init_`, as Joey NMT's).
 
     Raises:
         ValueError: a value out of range (the message starts with the field's name).
@@ -76,12 +79,15 @@ class Architecture:
     readout_size: int = 256
     dropout: float = 0.3
     decoder_flow: str = "bahdanau"
+    init: str = "torch"
 
     def __post_init__(self):
         if self.rnn_type not in ("gru", "lstm"):
             raise ValueError(f"rnn_type: expected 'gru' or 'lstm', got {self.rnn_type!r}")
         if self.decoder_flow not in DECODER_FLOWS:
             raise ValueError(f"decoder_flow: expected 'bahdanau' or 'luong', got {self.decoder_flow!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init: expected 'torch' or 'xavier', got {self.init!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v <= 0):
@@ -345,13 +351,16 @@ class LuongDecoder(DecoderBase):
 
 class Seq2Seq(nn.Module):
     """The whole model: :class:`Encoder` and an attention decoder, :class:`Decoder`
-    or :class:`LuongDecoder` as ``cfg.decoder_flow`` says."""
+    or :class:`LuongDecoder` as ``cfg.decoder_flow`` says; with ``cfg.init ==
+    'xavier'`` the parameters are then re-initialised by :func:`xavier_init_`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = LuongDecoder(cfg) if cfg.decoder_flow == "luong" else Decoder(cfg)
+        if cfg.init == "xavier":
+            xavier_init_(self)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> Memory:
         """Run the encoder and precompute everything the decoder reuses.
@@ -373,6 +382,37 @@ class Seq2Seq(nn.Module):
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """src ``[B, S]``, src_lengths ``[B]``, tgt_in ``[B, T]`` -> logits ``[B, T, V]``."""
         return self.decoder(tgt_in, self.encode(src, src_lengths))
+
+
+@torch.no_grad()
+def xavier_init_(model: nn.Module, embed_std: float = 0.1) -> None:
+    """Joey NMT-style initialisation of ``model``'s parameters, in place:
+
+    * every ``nn.Linear`` weight: ``xavier_uniform_`` (gain 1), i.e.
+      U(-b, b) with b = sqrt(6 / (fan_in + fan_out));
+    * the recurrent layers' and cells' (``nn.RNNBase``/``nn.RNNCellBase``: the
+      encoder's GRU/LSTM, the decoder's GRUCell) input and hidden weight
+      matrices: ``xavier_uniform_`` per gate block (each ``[H, in]`` block of
+      ``W_ih``/``W_hh`` alone, so b = sqrt(6 / (in + H)));
+    * every bias: zero;
+    * embeddings: N(0, ``embed_std``), the padding row zero.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, embed_std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+            for name, p in m.named_parameters(recurse=False):
+                if name.startswith("weight_"):
+                    for block in p.chunk(p.shape[0] // m.hidden_size):  # one per gate
+                        nn.init.xavier_uniform_(block)
+                elif name.startswith("bias_"):
+                    nn.init.zeros_(p)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,
