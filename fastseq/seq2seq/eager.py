@@ -10,25 +10,31 @@ and the eager baseline in the benchmarks. :class:`EagerSeq2Seq` does the same
 for a whole :class:`~fastseq.seq2seq.model.Seq2Seq` (its encoder runs through
 ``torch.nn.GRU/LSTM``'s own forward: cuDNN on GPUs, oneDNN/ATen on CPUs), and
 works with the search functions in :mod:`fastseq.seq2seq.search`.
+
+:class:`EagerLuongDecoder` is the same for a
+:class:`~fastseq.seq2seq.model.LuongDecoder` (``decoder_flow: luong``): per step
+``torch.nn.GRUCell`` on ``[E y_{i-1}; a_{i-1}]``, the eager attention from the
+new state, ``cat``, ``tanh`` and the linear layers. :class:`EagerSeq2Seq` picks
+the one that fits the model's decoder.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from fastseq.seq2seq.model import Decoder, Memory, Seq2Seq
+from fastseq.seq2seq.model import Decoder, LuongDecoder, Memory, Seq2Seq
 
-__all__ = ["EagerDecoder", "EagerSeq2Seq"]
+__all__ = ["EagerDecoder", "EagerLuongDecoder", "EagerSeq2Seq"]
 
 
 class EagerDecoder(nn.Module):
     """Eager torch.nn version of ``decoder`` (shares its parameters)."""
 
-    def __init__(self, decoder: Decoder):
+    def __init__(self, decoder: Union[Decoder, LuongDecoder]):
         super().__init__()
         self.decoder = decoder
 
@@ -44,16 +50,20 @@ class EagerDecoder(nn.Module):
     def logits(self, state: Tensor, context: Tensor, emb: Tensor) -> Tensor:
         return self.decoder.logits(state, context, emb)
 
+    def attend(self, query: Tensor, memory: Memory) -> Tuple[Tensor, Tensor]:
+        """Eager additive attention: query ``[B, H]`` -> (context ``[B, D]``, weights ``[B, S]``)."""
+        att = self.decoder.attention
+        q = att.query_layer(query)
+        energy = att.energy_layer(torch.tanh(q.unsqueeze(1) + memory.proj_keys)).squeeze(2)
+        energy = energy.masked_fill(~memory.mask, float("-inf"))
+        weights = torch.softmax(energy, dim=-1)
+        return torch.bmm(weights.unsqueeze(1), memory.values).squeeze(1), weights
+
     def step(self, emb: Tensor, state: Tensor, memory: Memory,
              weights: Optional[object] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """emb ``[B, E]``, state ``[B, H]`` -> (state, context ``[B, D]``, weights ``[B, S]``)."""
         d = self.decoder
-        att = d.attention
-        q = att.query_layer(state)
-        energy = att.energy_layer(torch.tanh(q.unsqueeze(1) + memory.proj_keys)).squeeze(2)
-        energy = energy.masked_fill(~memory.mask, float("-inf"))
-        weights = torch.softmax(energy, dim=-1)
-        context = torch.bmm(weights.unsqueeze(1), memory.values).squeeze(1)
+        context, weights = self.attend(state, memory)
         # torch.nn.GRUCell's own forward on the decoder's (fastseq) cell parameters.
         state = nn.GRUCell.forward(d.cell, torch.cat([emb, context], dim=-1), state)
         return state, context, weights
@@ -71,6 +81,24 @@ class EagerDecoder(nn.Module):
         return d.logits(torch.stack(states, 1), torch.stack(contexts, 1), emb)
 
 
+class EagerLuongDecoder(EagerDecoder):
+    """Eager torch.nn version of a :class:`LuongDecoder` (shares its parameters);
+    the state is ``[s; a]`` ``[B, 2H]`` as there."""
+
+    def step(self, emb: Tensor, state: Tensor, memory: Memory,
+             weights: Optional[object] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """emb ``[B, E]``, state ``[s_{i-1}; a_{i-1}]`` ``[B, 2H]`` -> (``[s_i; a_i]``,
+        context ``[B, D]``, weights ``[B, S]``)."""
+        d = self.decoder
+        H = d.hidden_size
+        s_prev, a_prev = state[:, :H], state[:, H:]
+        # torch.nn.GRUCell's own forward on the decoder's (fastseq) cell parameters.
+        s = nn.GRUCell.forward(d.cell, torch.cat([emb, a_prev], dim=-1), s_prev)
+        context, weights = self.attend(s, memory)
+        a = torch.tanh(d.att_vector_layer(torch.cat([s, context], dim=-1)))
+        return torch.cat([s, a], dim=-1), context, weights
+
+
 class EagerSeq2Seq(nn.Module):
     """Eager torch.nn version of a whole :class:`Seq2Seq` (shares its parameters)."""
 
@@ -78,7 +106,8 @@ class EagerSeq2Seq(nn.Module):
         super().__init__()
         self.model = model
         self.config = model.config
-        self.decoder = EagerDecoder(model.decoder)
+        eager = EagerLuongDecoder if isinstance(model.decoder, LuongDecoder) else EagerDecoder
+        self.decoder = eager(model.decoder)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> Memory:
         """As :meth:`Seq2Seq.encode`, with the encoder RNN on torch.nn's own kernels."""
@@ -94,7 +123,7 @@ class EagerSeq2Seq(nn.Module):
         final = torch.cat([h_n[-2], h_n[-1]], dim=-1)
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
         proj_keys = m.decoder.attention.key_layer(values)
-        return Memory(values, proj_keys, mask, torch.tanh(m.decoder.bridge(final)))
+        return Memory(values, proj_keys, mask, m.decoder.initial_state(final))
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         return self.decoder(tgt_in, self.encode(src, src_lengths))

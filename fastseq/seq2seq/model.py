@@ -2,10 +2,16 @@
 
 * Encoder: embedding, bidirectional GRU or LSTM (``fastseq.nn.GRU``/``LSTM``)
   over packed, variable-length source batches.
-* Decoder: GRU (Cho et al. 2014) with additive attention. At step i, the
-  attention query is the previous state s_{i-1}; the GRU input is
-  ``[E y_{i-1}; c_i]``; the output layer reads ``tanh(W_r [s_i; c_i; E y_{i-1}])``.
+* Decoder (``decoder_flow: bahdanau``, the default, :class:`Decoder`): GRU
+  (Cho et al. 2014) with additive attention. At step i, the attention query is
+  the previous state s_{i-1}; the GRU input is ``[E y_{i-1}; c_i]``; the output
+  layer reads ``tanh(W_r [s_i; c_i; E y_{i-1}])``.
   The initial state is ``tanh(W_s [h_fwd_n; h_bwd_n])``.
+* Decoder (``decoder_flow: luong``, :class:`LuongDecoder`): the Luong et al.
+  (2015) flow with input feeding, as Joey NMT's RecurrentDecoder, with the
+  attention scored additively: the GRU input is ``[E y_{i-1}; a_{i-1}]``, the
+  new state s_i is the attention query, ``a_i = tanh(W_c [s_i; c_i])`` and the
+  logits are ``W_o a_i``. See :class:`LuongDecoder`.
 
 The key projection ``U_a h`` is computed once per source batch
 (:meth:`Seq2Seq.encode`) and reused at every decoder step, in training and in
@@ -17,7 +23,16 @@ additive attention, and one kernel for the context projection and the GRU
 gates), differentiated exactly by autograd. In training (teacher forcing) the
 T steps run as one op, :func:`fastseq.ops.attention_gru_decode` (the same
 launches, with no custom-op call or autograd node per step); search calls
-:meth:`Decoder.step`.
+:meth:`Decoder.step`. The Luong flow is not fused that way yet: each of its
+steps runs as separate launches (the GRU cell, the attention, the attention-vector
+linear layer), in training and in search alike.
+
+Both decoders offer the interface the search functions (:mod:`fastseq.seq2seq.search`)
+and the eager reference (:mod:`fastseq.seq2seq.eager`) use: ``embed_inputs``,
+``step_weights``, ``step``, ``logits`` and ``initial_state``. The decoder state
+passed from step to step is one tensor: s_i ``[B, H]`` for the Bahdanau flow,
+``[s_i; a_i]`` ``[B, 2H]`` for the Luong flow (so beam search reorders both
+with one ``index_select``).
 """
 from __future__ import annotations
 
@@ -37,6 +52,8 @@ PAD_ID = 0
 
 
 CHECKPOINT_FORMAT = "fastseq.seq2seq"  # the ``format`` of this model's checkpoints
+DECODER_FLOWS = ("bahdanau", "luong")  # Architecture.decoder_flow
+INITS = ("torch", "xavier")  # Architecture.init
 
 
 @dataclass(kw_only=True)
@@ -44,6 +61,10 @@ class Architecture:
     """The model's settings that a training config's ``model:`` section holds (the
     vocabulary sizes come from the tokenizers: see :class:`ModelConfig`).
     ``rnn_type`` is the encoder's ('gru' or 'lstm'); the decoder is a GRU.
+    ``decoder_flow`` is 'bahdanau' (:class:`Decoder`, the default) or 'luong'
+    (:class:`LuongDecoder`; it has no readout layer, so ``readout_size`` is unused).
+    ``init`` is the parameters' initialisation: 'torch' (each torch.nn module's
+    own default, the default) or 'xavier' (:func:`xavier_init_`, as Joey NMT's).
 
     Raises:
         ValueError: a value out of range (the message starts with the field's name).
@@ -57,10 +78,16 @@ class Architecture:
     rnn_type: str = "gru"
     readout_size: int = 256
     dropout: float = 0.3
+    decoder_flow: str = "bahdanau"
+    init: str = "torch"
 
     def __post_init__(self):
         if self.rnn_type not in ("gru", "lstm"):
             raise ValueError(f"rnn_type: expected 'gru' or 'lstm', got {self.rnn_type!r}")
+        if self.decoder_flow not in DECODER_FLOWS:
+            raise ValueError(f"decoder_flow: expected 'bahdanau' or 'luong', got {self.decoder_flow!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init: expected 'torch' or 'xavier', got {self.init!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v <= 0):
@@ -90,7 +117,9 @@ class Memory(NamedTuple):
     """What the decoder attends to, computed once per source batch.
 
     values ``[B, S, 2*enc_hidden]``, proj_keys ``[B, S, attn]``, mask bool
-    ``[B, S]`` (True at real tokens), init_state ``[B, dec_hidden]``.
+    ``[B, S]`` (True at real tokens), init_state: the decoder's initial state
+    (its ``initial_state``): ``[B, dec_hidden]`` (Bahdanau flow) or
+    ``[B, 2*dec_hidden]`` = ``[s_0; a_0]`` (Luong flow).
     """
 
     values: Tensor
@@ -128,19 +157,21 @@ class Encoder(nn.Module):
         return out, final
 
 
-class Decoder(nn.Module):
-    """GRU decoder with additive attention (see the module docstring)."""
+class DecoderBase(nn.Module):
+    """What both decoder flows share: the target embedding, the bridge to the
+    initial state, the additive attention, the GRU cell (input size
+    ``cell_input_size``) and the dropout, and :meth:`embed_inputs` (the embedding part of the
+    cell's input projection for all target steps in one matrix product)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, cell_input_size: int):
         super().__init__()
         ctx = 2 * cfg.enc_hidden_size
         self.emb_size = cfg.emb_size
+        self.hidden_size = cfg.dec_hidden_size
         self.embed = nn.Embedding(cfg.tgt_vocab_size, cfg.emb_size, padding_idx=PAD_ID)
         self.bridge = nn.Linear(ctx, cfg.dec_hidden_size)
         self.attention = AdditiveAttention(cfg.dec_hidden_size, ctx, cfg.attn_size)
-        self.cell = GRUCell(cfg.emb_size + ctx, cfg.dec_hidden_size)
-        self.readout = nn.Linear(cfg.dec_hidden_size + ctx + cfg.emb_size, cfg.readout_size)
-        self.output = nn.Linear(cfg.readout_size, cfg.tgt_vocab_size)
+        self.cell = GRUCell(cell_input_size, cfg.dec_hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def embed_inputs(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
@@ -149,6 +180,21 @@ class Decoder(nn.Module):
         emb = self.dropout(self.embed(tokens))
         gi_emb = F.linear(emb, self.cell.weight_ih[:, : self.emb_size], self.cell.bias_ih)
         return emb, gi_emb
+
+    def initial_state(self, final: Tensor) -> Tensor:
+        """The decoder state before the first step, from the encoder's final states
+        ``[B, 2*enc_hidden]``: s_0 = ``tanh(W_s final)`` ``[B, H]``."""
+        return torch.tanh(self.bridge(final))
+
+
+class Decoder(DecoderBase):
+    """GRU decoder with additive attention, the Bahdanau flow (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig):
+        ctx = 2 * cfg.enc_hidden_size
+        super().__init__(cfg, cfg.emb_size + ctx)
+        self.readout = nn.Linear(cfg.dec_hidden_size + ctx + cfg.emb_size, cfg.readout_size)
+        self.output = nn.Linear(cfg.readout_size, cfg.tgt_vocab_size)
 
     def step_weights(self) -> StepWeights:
         """The step's weights stacked and cast once per batch (see :class:`StepWeights`).
@@ -198,14 +244,123 @@ class Decoder(nn.Module):
         return self.logits(states, contexts, emb)
 
 
+class LuongStepWeights(NamedTuple):
+    """The Luong decoder cell's weights, cast once per batch (under autocast):
+    w_hh ``[3H, H]``, b_hh ``[3H]`` or None, w_ia ``[3H, H]`` the columns of
+    ``W_ih`` that read the fed-back attention vector a_{i-1}."""
+
+    w_hh: Tensor
+    b_hh: Optional[Tensor]
+    w_ia: Tensor
+
+
+class LuongDecoder(DecoderBase):
+    r"""GRU decoder in the Luong et al. (2015, section 3.3) flow with input feeding,
+    as Joey NMT's RecurrentDecoder, the attention scored additively (Bahdanau):
+
+    .. math:: s_i = \mathrm{GRU}(s_{i-1}, [E y_{i-1}; a_{i-1}]),\quad
+              c_i = \mathrm{attention}(s_i, h),\quad
+              a_i = \tanh(W_c [s_i; c_i]),\quad
+              \mathrm{logits}_i = W_o\,\mathrm{dropout}(a_i)
+
+    with ``a_0 = 0`` and ``s_0 = tanh(W_s [h_fwd_n; h_bwd_n])``. The attention
+    query is the *new* state s_i (the Bahdanau flow's is s_{i-1}), and the
+    attention vector a_i is both the output layer's input and the next step's
+    input feed. There is no readout layer (``readout_size`` is unused).
+
+    The decoder state carried from step to step (``Memory.init_state``, what
+    :meth:`step` takes and returns, what beam search reorders) is the one tensor
+    ``[s_i; a_i]`` ``[B, 2H]``.
+
+    Each step currently runs as separate launches: the GRU cell (one GEMM for
+    ``s_{i-1} W_hh^T`` and the fused cell :func:`fastseq.ops.gru_context_cell`,
+    which adds ``a_{i-1} W_ia^T`` to the precomputed embedding part), the
+    attention (its query layer and :func:`fastseq.ops.additive_attention`), and
+    the attention-vector linear layer and tanh -- not the fused three-launch
+    :func:`fastseq.ops.attention_gru_step` of the Bahdanau flow; teacher-forced
+    training runs the same steps in a Python loop.
+
+    Parameters (besides the shared ones of :class:`DecoderBase`; the cell's input
+    is ``[E y; a]``, size E + H): ``att_vector_layer`` (W_c, ``[H, H + 2*enc_hidden]``
+    with bias, Joey NMT's name) and ``output`` (W_o, ``[V, H]`` with bias).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        ctx = 2 * cfg.enc_hidden_size
+        H = cfg.dec_hidden_size
+        super().__init__(cfg, cfg.emb_size + H)
+        self.att_vector_layer = nn.Linear(H + ctx, H)
+        self.output = nn.Linear(H, cfg.tgt_vocab_size)
+
+    def initial_state(self, final: Tensor) -> Tensor:
+        """``[s_0; a_0]`` ``[B, 2H]``: s_0 = ``tanh(W_s final)``, a_0 = 0."""
+        s0 = super().initial_state(final)
+        return torch.cat([s0, torch.zeros_like(s0)], dim=-1)
+
+    def step_weights(self) -> LuongStepWeights:
+        """The cell's weights, cast to the autocast dtype once per batch under autocast."""
+        cell = self.cell
+        dev = cell.weight_hh.device.type
+        out = LuongStepWeights(cell.weight_hh, cell.bias_hh, cell.weight_ih[:, self.emb_size:])
+        if torch.is_autocast_enabled(dev):
+            dtype = torch.get_autocast_dtype(dev)
+            out = LuongStepWeights(*(t.to(dtype) if t is not None else None for t in out))
+        return out
+
+    def step(self, gi_emb: Tensor, state: Tensor, memory: Memory,
+             weights: Optional[LuongStepWeights] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """One decoder step (separate launches, see the class docstring).
+
+        Args:
+            gi_emb: ``[B, 3H]`` embedding part of the GRU input projection (with b_ih).
+            state: ``[s_{i-1}; a_{i-1}]`` ``[B, 2H]``. memory: see :class:`Memory`.
+            weights: from :meth:`step_weights` (built here if None).
+
+        Returns:
+            ``[s_i; a_i]`` ``[B, 2H]``, context c_i ``[B, 2*enc_hidden]``, weights ``[B, S]``.
+        """
+        sw = self.step_weights() if weights is None else weights
+        dt = sw.w_hh.dtype
+        H = self.hidden_size
+        state = state.to(dt)
+        s_prev, a_prev = state[:, :H], state[:, H:]
+        gh = torch.mm(s_prev, sw.w_hh.t())
+        s = ops.gru_context_cell(gi_emb.to(dt), a_prev, sw.w_ia, gh, sw.b_hh, s_prev)
+        context, attn = self.attention(s, memory.proj_keys, memory.values, mask=memory.mask)
+        a = torch.tanh(self.att_vector_layer(torch.cat([s, context.to(s.dtype)], dim=-1)))
+        return torch.cat([s, a.to(s.dtype)], dim=-1), context, attn
+
+    def logits(self, state: Tensor, context: Optional[Tensor] = None, emb: Optional[Tensor] = None) -> Tensor:
+        """Output layer over the states ``[..., 2H]`` (``[s_i; a_i]``) -> ``[..., V]``:
+        ``W_o dropout(a_i)``. ``context`` and ``emb`` are not read (the step's
+        interface passes them; a_i already holds the context)."""
+        return self.output(self.dropout(state[..., self.hidden_size:]))
+
+    def forward(self, tgt_in: Tensor, memory: Memory) -> Tensor:
+        """Teacher-forced decoding: tgt_in ``[B, T]`` (bos + tokens) -> logits ``[B, T, V]``
+        (:meth:`step` T times: the input feeding makes each step need the last)."""
+        _, gi_emb = self.embed_inputs(tgt_in)
+        sw = self.step_weights()
+        state = memory.init_state
+        states = []
+        for t in range(tgt_in.shape[1]):
+            state, _, _ = self.step(gi_emb[:, t], state, memory, sw)
+            states.append(state)
+        return self.logits(torch.stack(states, dim=1))
+
+
 class Seq2Seq(nn.Module):
-    """The whole model: :class:`Encoder` and attention :class:`Decoder`."""
+    """The whole model: :class:`Encoder` and an attention decoder, :class:`Decoder`
+    or :class:`LuongDecoder` as ``cfg.decoder_flow`` says; with ``cfg.init ==
+    'xavier'`` the parameters are then re-initialised by :func:`xavier_init_`."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        self.decoder = LuongDecoder(cfg) if cfg.decoder_flow == "luong" else Decoder(cfg)
+        if cfg.init == "xavier":
+            xavier_init_(self)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> Memory:
         """Run the encoder and precompute everything the decoder reuses.
@@ -222,12 +377,42 @@ class Seq2Seq(nn.Module):
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
         proj_keys = self.decoder.attention.precompute_keys(values)
         values = values.to(proj_keys.dtype)  # autocast: one cast here, not one per step
-        init_state = torch.tanh(self.decoder.bridge(final))
-        return Memory(values, proj_keys, mask, init_state)
+        return Memory(values, proj_keys, mask, self.decoder.initial_state(final))
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """src ``[B, S]``, src_lengths ``[B]``, tgt_in ``[B, T]`` -> logits ``[B, T, V]``."""
         return self.decoder(tgt_in, self.encode(src, src_lengths))
+
+
+@torch.no_grad()
+def xavier_init_(model: nn.Module, embed_std: float = 0.1) -> None:
+    """Joey NMT-style initialisation of ``model``'s parameters, in place:
+
+    * every ``nn.Linear`` weight: ``xavier_uniform_`` (gain 1), i.e.
+      U(-b, b) with b = sqrt(6 / (fan_in + fan_out));
+    * the recurrent layers' and cells' (``nn.RNNBase``/``nn.RNNCellBase``: the
+      encoder's GRU/LSTM, the decoder's GRUCell) input and hidden weight
+      matrices: ``xavier_uniform_`` per gate block (each ``[H, in]`` block of
+      ``W_ih``/``W_hh`` alone, so b = sqrt(6 / (in + H)));
+    * every bias: zero;
+    * embeddings: N(0, ``embed_std``), the padding row zero.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, embed_std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+        elif isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+            for name, p in m.named_parameters(recurse=False):
+                if name.startswith("weight_"):
+                    for block in p.chunk(p.shape[0] // m.hidden_size):  # one per gate
+                        nn.init.xavier_uniform_(block)
+                elif name.startswith("bias_"):
+                    nn.init.zeros_(p)
 
 
 def masked_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0,

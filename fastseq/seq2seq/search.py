@@ -6,6 +6,9 @@ key projections, mask) and then only run decoder steps; with
 (:class:`fastseq.backend.graphs.StepGraph`: one graph launch per token). Beam search expands
 that memory to ``B * beam`` rows once; beams of one sentence share their source,
 so reordering hypotheses reorders decoder states only, never keys or values.
+The functions work with either decoder flow (``decoder_flow``): they only use the
+decoder's step interface, and its state is one tensor (s_i, or ``[s_i; a_i]`` in
+the Luong flow), reordered with one ``index_select``.
 """
 from __future__ import annotations
 
