@@ -74,8 +74,17 @@ def summarise_run(run: Path, bleu: float = 25.0) -> Dict[str, Any]:
             f"first_val_bleu_{bleu:g}": first}
 
 
+def _model_defaults() -> Dict[str, Any]:
+    """``model.<field>`` defaults of the seq2seq Architecture: a run written before a field
+    existed ran with its default."""
+    from fastseq.seq2seq.model import Architecture
+
+    return {f"model.{k}": v for k, v in Architecture().to_dict().items()}
+
+
 def _differences(configs: Sequence[Dict[str, Any]]) -> List[str]:
-    flat = [_flatten(c) for c in configs]
+    defaults = _model_defaults()
+    flat = [{**defaults, **_flatten(c)} if "model" in c else _flatten(c) for c in configs]
     base = flat[0] if flat else {}
     out = []
     for f in flat:
