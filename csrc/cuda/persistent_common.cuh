@@ -27,6 +27,34 @@ constexpr int64_t kSm90SmemOptin = 227 * 1024;
 constexpr int64_t kEmulatedSMs = 8;
 #endif
 
+// A cooperative launch needs all its blocks resident at once: whether `blocks` blocks of
+// `kernel` (`threads` threads, `smem` bytes of dynamic shared memory, whose limit it
+// raises first) fit on `sms` SMs. When they do not, *fits is false and plan->reason says
+// why. The emulated device holds one block per SM (kernel and threads unused there).
+inline cudaError_t co_resident(const void* kernel, int threads, int64_t smem, int64_t blocks, int64_t sms,
+                               RecurrencePersistentPlan* plan, bool* fits) {
+  *fits = false;
+#if !FASTSEQ_PERSISTENT_EMULATED
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  int per_sm = 0;
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, static_cast<size_t>(smem));
+  if (err != cudaSuccess) return err;
+  const int64_t capacity = static_cast<int64_t>(per_sm) * sms;
+#else
+  (void)kernel;
+  (void)threads;
+  (void)smem;
+  const int64_t capacity = sms;
+#endif
+  if (blocks > capacity) {
+    plan->reason = "more blocks than the device holds at once (cooperative launch)";
+    return cudaSuccess;
+  }
+  *fits = true;
+  return cudaSuccess;
+}
+
 // The barrier of all blocks of a cooperative launch (emulated: a real barrier of
 // all the launch's threads, emu/host_emulation.h).
 FASTSEQ_DEVICE void grid_sync() {

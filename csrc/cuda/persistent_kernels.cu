@@ -278,24 +278,11 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, bool backward, Recur
   if (bt > B) bt = B;
   if (bt > fit_rows) bt = fit_rows;
   const int64_t smem = w_bytes + bt * row_bytes;
-#if !FASTSEQ_PERSISTENT_EMULATED
   const void* kernel = backward ? reinterpret_cast<const void*>(recurrence_persistent_bwd_kernel<S, G>)
                                 : reinterpret_cast<const void*>(recurrence_persistent_fwd_kernel<S, G>);
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  int per_sm = 0;
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, static_cast<size_t>(smem));
-  if (err != cudaSuccess) return err;
-  if (nblk > static_cast<int64_t>(per_sm) * sms) {
-    plan->reason = "more blocks than the device holds at once (cooperative launch)";
-    return cudaSuccess;
-  }
-#else
-  if (nblk > sms) {
-    plan->reason = "more blocks than the device holds at once (cooperative launch)";
-    return cudaSuccess;
-  }
-#endif
+  bool fits = false;
+  const cudaError_t co = detail::co_resident(kernel, kThreads, smem, nblk, sms, plan, &fits);
+  if (co != cudaSuccess || !fits) return co;
   plan->blocks = nblk;
   plan->units = units;
   plan->batch_tile = bt;

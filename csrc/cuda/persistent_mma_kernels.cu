@@ -228,23 +228,10 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
     plan->reason = "the partial sums of the batch do not fit a block's shared memory (batch too large)";
     return cudaSuccess;
   }
-#if !FASTSEQ_PERSISTENT_EMULATED
   const void* kernel = reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw));
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  int per_sm = 0;
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmaThreads, static_cast<size_t>(smem));
-  if (err != cudaSuccess) return err;
-  if (nblk > static_cast<int64_t>(per_sm) * sms) {
-    plan->reason = "more blocks than the device holds at once (cooperative launch)";
-    return cudaSuccess;
-  }
-#else
-  if (nblk > sms) {
-    plan->reason = "more blocks than the device holds at once (cooperative launch)";
-    return cudaSuccess;
-  }
-#endif
+  bool fits = false;
+  const cudaError_t co = detail::co_resident(kernel, kMmaThreads, smem, nblk, sms, plan, &fits);
+  if (co != cudaSuccess || !fits) return co;
   plan->blocks = nblk;
   plan->units = units;
   plan->batch_tile = rows;
