@@ -265,7 +265,8 @@ def seq2seq_model(ctx: "Context"):
     """The model the seq2seq suites time, dropout off: the ``multi30k-gpu`` sizes on a
     GPU, ``multi30k-cpu`` on a CPU, a toy model (16 wide, vocabularies of 64) in the tiny grid;
     always the Bahdanau decoder flow (the suites time its fused three-launch step,
-    :func:`fastseq.ops.attention_gru_step`; the Luong flow has no fused step yet)."""
+    :func:`fastseq.ops.attention_gru_step`; the Luong flow's op,
+    :func:`fastseq.ops.luong_gru_decode`, is timed by bench/luong_probe.py)."""
     if ctx.grid.tiny:
         return seq2seq_config("multi30k-cpu", emb_size=16, enc_hidden_size=16, dec_hidden_size=16, attn_size=16,
                               readout_size=16, src_vocab_size=64, tgt_vocab_size=64, dropout=0.0,

@@ -113,7 +113,7 @@ def _model(dtype=torch.float32, seed=0):
 
 def _decoder_grads(decoder, model, src, lens, tgt, seed):
     memory = model.encode(src, lens)
-    memory = type(memory)(*(t.detach().requires_grad_(t.is_floating_point()) for t in memory))
+    memory = type(memory)(*(None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in memory))
     logits = decoder(tgt, memory)
     g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed)).to(logits)
     params = [p for p in model.decoder.parameters()]

@@ -56,7 +56,9 @@ def test_initial_state_is_bridge_and_zero_attention_vector():
 def _grads(m, model, src, lens, tgt, seed):
     """Logits and the gradients of every model parameter and of the decoder's memory."""
     memory = m.encode(src, lens)
-    memory = type(memory)(*(t.detach().requires_grad_(t.is_floating_point()) for t in memory))
+    # Detached leaves; the projected values (Luong: V W_cc^T) are dropped, so that the
+    # decoder recomputes them from the leaf ``values`` and its gradient reaches it.
+    memory = type(memory)(*(t.detach().requires_grad_(t.is_floating_point()) for t in memory[:4]))
     logits = m.decoder(tgt, memory)
     g = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed)).to(logits)
     dec = list(model.decoder.parameters()) + [memory.values, memory.proj_keys, memory.init_state]

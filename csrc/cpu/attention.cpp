@@ -54,6 +54,8 @@ struct AttnFwd {
   const T* e;              // [A]
   const bool* mask;        // [B, S] or nullptr
   const int64_t* lengths;  // [B] or nullptr (ignored when mask is given)
+  const T* ob;             // [B, Tq, D] strides (sob_b, sob_t, 1), or nullptr: ctx = tanh(ob + context)
+  int64_t sob_b, sob_t;
   T* ctx;                  // [B, Tq, D]
   T* w;                    // [B, Tq, S]
   int64_t Tq, S, A, D;
@@ -126,6 +128,10 @@ FASTSEQ_INLINE void attn_fwd_rows_impl(const AttnFwd<T>& p, int64_t i0, int64_t 
     for (int64_t j = 0; j < S; ++j) {
       const T wj = w[j];
       if (wj != T(0)) axpy(wj, vb + j * D, c, D);
+    }
+    if (p.ob != nullptr) {  // the attention vector: tanh(out_bias + context)
+      const T* ob = p.ob + b * p.sob_b + (i - b * p.Tq) * p.sob_t;
+      for (int64_t d = 0; d < D; ++d) c[d] = tanh_f(ob[d] + c[d]);
     }
   }
 }
@@ -261,7 +267,8 @@ Dims check_inputs(const char* op, const Tensor& query, const Tensor& proj_keys, 
 std::tuple<Tensor, Tensor> additive_attention_forward(const Tensor& query, const Tensor& proj_keys,
                                                       const Tensor& values, const Tensor& energy,
                                                       const std::optional<Tensor>& mask,
-                                                      const std::optional<Tensor>& lengths) {
+                                                      const std::optional<Tensor>& lengths,
+                                                      const std::optional<Tensor>& out_bias) {
   const Dims d = check_inputs(kFwd, query, proj_keys, values, energy);
   const int64_t B = d.B, Tq = d.Tq, S = d.S, A = d.A, D = d.D;
   Tensor m, lens;
@@ -279,6 +286,13 @@ std::tuple<Tensor, Tensor> additive_attention_forward(const Tensor& query, const
   const auto cd = compute_dtype(values.scalar_type());
   const auto opt = at::TensorOptions().dtype(cd);
   const Tensor q = in_cd(query, cd), k = in_cd(proj_keys, cd), v = in_cd(values, cd), e = in_cd(energy, cd);
+  Tensor ob;  // read in place through its (b, t) strides when its last dimension is unit-stride
+  if (given(out_bias)) {
+    check_float(*out_bias, kFwd, "out_bias");
+    check_shape(*out_bias, {B, Tq, D}, kFwd, "out_bias");
+    ob = out_bias->to(at::kCPU, cd);
+    if (ob.stride(2) != 1) ob = ob.contiguous();
+  }
   Tensor ctx = at::empty({B, Tq, D}, opt);
   Tensor w = at::empty({B, Tq, S}, opt);
 
@@ -290,6 +304,9 @@ std::tuple<Tensor, Tensor> additive_attention_forward(const Tensor& query, const
     p.e = e.data_ptr<scalar_t>();
     p.mask = m.defined() ? m.data_ptr<bool>() : nullptr;
     p.lengths = lens.defined() ? lens.data_ptr<int64_t>() : nullptr;
+    p.ob = ob.defined() ? ob.data_ptr<scalar_t>() : nullptr;
+    p.sob_b = ob.defined() ? ob.stride(0) : 0;
+    p.sob_t = ob.defined() ? ob.stride(1) : 0;
     p.ctx = ctx.data_ptr<scalar_t>();
     p.w = w.data_ptr<scalar_t>();
     p.Tq = Tq;

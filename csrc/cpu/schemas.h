@@ -78,7 +78,7 @@ inline void define_autograd_ops(torch::Library& m) {
 inline void define_attention_ops(torch::Library& m) {
   m.def(
       "additive_attention_forward(Tensor query, Tensor proj_keys, Tensor values, Tensor energy, "
-      "Tensor? mask=None, Tensor? lengths=None) -> (Tensor, Tensor)");
+      "Tensor? mask=None, Tensor? lengths=None, Tensor? out_bias=None) -> (Tensor, Tensor)");
   m.def(
       "additive_attention_backward(Tensor grad_context, Tensor? grad_weights, Tensor query, "
       "Tensor proj_keys, Tensor values, Tensor energy, Tensor weights) "

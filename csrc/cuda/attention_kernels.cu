@@ -57,6 +57,7 @@ __global__ void __launch_bounds__(kAttnThreads)
                     int64_t sk_b, int64_t sk_s, const S* __restrict__ v, int64_t sv_b, int64_t sv_s,
                     const S* __restrict__ e, const uint8_t* __restrict__ mask, int64_t sm_b,
                     const int64_t* __restrict__ lengths, int64_t T, int64_t Sn, int64_t A, int64_t D,
+                    const S* __restrict__ out_bias, int64_t sob_b, int64_t sob_t,
                     S* __restrict__ context, S* __restrict__ weights, C* __restrict__ workspace) {
   FASTSEQ_DYNAMIC_SMEM(smem_raw);
   __shared__ C red[detail::kWarp];
@@ -105,11 +106,13 @@ __global__ void __launch_bounds__(kAttnThreads)
   }
   __syncthreads();
 
-  // Phase 3: context = weights @ V, threads over D.
+  // Phase 3: context = weights @ V, threads over D (with out_bias: tanh(out_bias + context)).
   S* cr = context + bt * D;
+  const S* obr = out_bias != nullptr ? out_bias + b * sob_b + t * sob_t : nullptr;
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     C acc = C(0);
     for (int64_t j = 0; j < Sn; ++j) acc += sc[j] * ld(vb + j * sv_s + d);
+    if (obr != nullptr) acc = tanh_(ld(obr + d) + acc);
     cr[d] = from_acc<S>(acc);
   }
 }
@@ -200,7 +203,8 @@ cudaError_t attention_forward_impl(const AttnFwd& a, cudaStream_t stream) {
   FASTSEQ_LAUNCH(attn_fwd_kernel<S>, static_cast<unsigned int>(n_queries), kAttnThreads, smem, stream,
       static_cast<const S*>(a.q), a.sq_b, a.sq_t, static_cast<const S*>(a.k), a.sk_b, a.sk_s,
       static_cast<const S*>(a.v), a.sv_b, a.sv_s, static_cast<const S*>(a.e), a.mask, a.sm_b, a.lengths,
-      a.T, a.S, a.A, a.D, static_cast<S*>(a.context), static_cast<S*>(a.weights),
+      a.T, a.S, a.A, a.D, static_cast<const S*>(a.out_bias), a.sob_b, a.sob_t,
+      static_cast<S*>(a.context), static_cast<S*>(a.weights),
       shared_scores ? nullptr : static_cast<C*>(a.workspace));
   return detail::launch_status();
 }

@@ -963,7 +963,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backwa
 
 std::tuple<Tensor, Tensor> additive_attention_forward(const Tensor& query, const Tensor& proj_keys,
                                                       const Tensor& values, const Tensor& energy,
-                                                      const OptTensor& mask, const OptTensor& lengths) {
+                                                      const OptTensor& mask, const OptTensor& lengths,
+                                                      const OptTensor& out_bias) {
   check_dims(query, 3, "query", "[B, T, A]");
   check_dims(values, 3, "values", "[B, S, D]");
   const at::Device dev = values.device();
@@ -992,6 +993,11 @@ std::tuple<Tensor, Tensor> additive_attention_forward(const Tensor& query, const
     m = mask->to(dev, at::kBool).expand({B, S}).contiguous();
   }
   const Tensor lens = m.defined() ? Tensor() : lengths_on(lengths, B, dev);
+  Tensor ob;  // read in place through its (b, t) strides
+  if (has(out_bias)) {
+    check_arg(*out_bias, {B, T, D}, "out_bias", dev);
+    ob = rows_contig(out_bias->to(st));
+  }
   const auto opt_st = values.options().dtype(st);
   Tensor context = at::empty({B, T, D}, opt_st);
   Tensor weights = at::empty({B, T, S}, opt_st);
@@ -1018,6 +1024,9 @@ std::tuple<Tensor, Tensor> additive_attention_forward(const Tensor& query, const
   a.S = S;
   a.A = A;
   a.D = D;
+  a.out_bias = ob.defined() ? ob.data_ptr() : nullptr;
+  a.sob_b = ob.defined() ? ob.stride(0) : 0;
+  a.sob_t = ob.defined() ? ob.stride(1) : 0;
   a.context = context.data_ptr();
   a.weights = weights.data_ptr();
   a.workspace = ws.defined() ? ws.data_ptr() : nullptr;

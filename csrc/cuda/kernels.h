@@ -284,6 +284,8 @@ struct AttnFwd {
   int64_t sm_b;
   const int64_t* lengths;  // [B] or nullptr
   int64_t B, T, S, A, D;
+  const void* out_bias;  // S [B, T, D], strides (sob_b, sob_t, 1), or nullptr; given, the
+  int64_t sob_b, sob_t;  // context output is tanh(out_bias + context) (Luong's attention vector)
   void* context;    // S [B, T, D] contiguous out
   void* weights;    // S [B, T, S] contiguous out
   void* workspace;  // C [B * T * S] scores, or nullptr (see below)

@@ -23,9 +23,9 @@ additive attention, and one kernel for the context projection and the GRU
 gates), differentiated exactly by autograd. In training (teacher forcing) the
 T steps run as one op, :func:`fastseq.ops.attention_gru_decode` (the same
 launches, with no custom-op call or autograd node per step); search calls
-:meth:`Decoder.step`. The Luong flow is not fused that way yet: each of its
-steps runs as separate launches (the GRU cell, the attention, the attention-vector
-linear layer), in training and in search alike.
+:meth:`Decoder.step`. The Luong flow runs the same way through its own op,
+:func:`fastseq.ops.luong_gru_decode` (the attention on values projected once per
+source batch; see :class:`LuongDecoder`).
 
 Both decoders offer the interface the search functions (:mod:`fastseq.seq2seq.search`)
 and the eager reference (:mod:`fastseq.seq2seq.eager`) use: ``embed_inputs``,
@@ -119,17 +119,21 @@ class Memory(NamedTuple):
     values ``[B, S, 2*enc_hidden]``, proj_keys ``[B, S, attn]``, mask bool
     ``[B, S]`` (True at real tokens), init_state: the decoder's initial state
     (its ``initial_state``): ``[B, dec_hidden]`` (Bahdanau flow) or
-    ``[B, 2*dec_hidden]`` = ``[s_0; a_0]`` (Luong flow).
+    ``[B, 2*dec_hidden]`` = ``[s_0; a_0]`` (Luong flow); proj_values: the
+    decoder's ``precompute_values`` (Luong flow: ``[B, S, dec_hidden]`` =
+    ``V W_cc^T``; None for the Bahdanau flow, and where absent the Luong
+    decoder computes it at each step).
     """
 
     values: Tensor
     proj_keys: Tensor
     mask: Tensor
     init_state: Tensor
+    proj_values: Optional[Tensor] = None
 
     def index_select(self, index: Tensor) -> "Memory":
         """Rows ``index`` of every field (e.g. to expand a batch to beams)."""
-        return Memory(*(t.index_select(0, index) for t in self))
+        return Memory(*(None if t is None else t.index_select(0, index) for t in self))
 
 
 class Encoder(nn.Module):
@@ -185,6 +189,11 @@ class DecoderBase(nn.Module):
         """The decoder state before the first step, from the encoder's final states
         ``[B, 2*enc_hidden]``: s_0 = ``tanh(W_s final)`` ``[B, H]``."""
         return torch.tanh(self.bridge(final))
+
+    def precompute_values(self, values: Tensor) -> Optional[Tensor]:
+        """What the decoder precomputes from the encoder states besides the keys
+        (:attr:`Memory.proj_values`); None here."""
+        return None
 
 
 class Decoder(DecoderBase):
@@ -244,16 +253,6 @@ class Decoder(DecoderBase):
         return self.logits(states, contexts, emb)
 
 
-class LuongStepWeights(NamedTuple):
-    """The Luong decoder cell's weights, cast once per batch (under autocast):
-    w_hh ``[3H, H]``, b_hh ``[3H]`` or None, w_ia ``[3H, H]`` the columns of
-    ``W_ih`` that read the fed-back attention vector a_{i-1}."""
-
-    w_hh: Tensor
-    b_hh: Optional[Tensor]
-    w_ia: Tensor
-
-
 class LuongDecoder(DecoderBase):
     r"""GRU decoder in the Luong et al. (2015, section 3.3) flow with input feeding,
     as Joey NMT's RecurrentDecoder, the attention scored additively (Bahdanau):
@@ -272,13 +271,16 @@ class LuongDecoder(DecoderBase):
     :meth:`step` takes and returns, what beam search reorders) is the one tensor
     ``[s_i; a_i]`` ``[B, 2H]``.
 
-    Each step currently runs as separate launches: the GRU cell (one GEMM for
-    ``s_{i-1} W_hh^T`` and the fused cell :func:`fastseq.ops.gru_context_cell`,
-    which adds ``a_{i-1} W_ia^T`` to the precomputed embedding part), the
-    attention (its query layer and :func:`fastseq.ops.additive_attention`), and
-    the attention-vector linear layer and tanh -- not the fused three-launch
-    :func:`fastseq.ops.attention_gru_step` of the Bahdanau flow; teacher-forced
-    training runs the same steps in a Python loop.
+    Training runs the T teacher-forced steps as one op,
+    :func:`fastseq.ops.luong_gru_decode`, and search runs it one step at a time
+    (T = 1): per step the fused GRU cell (:func:`fastseq.ops.gru_context_cell`,
+    which adds ``a_{i-1} W_ia^T`` to the precomputed embedding part), one
+    product for the query, the attention vector's state part and the next
+    step's hidden projection, and the fused attention on the *projected values*
+    ``V' = V W_cc^T`` (:meth:`precompute_values`, once per source batch, so that
+    the attention's output is ``W_cc c_i``), then an add and a tanh. The
+    parameters are the eager layers' (``att_vector_layer`` is read as ``[W_cs | W_cc]``):
+    checkpoints do not depend on how the step runs.
 
     Parameters (besides the shared ones of :class:`DecoderBase`; the cell's input
     is ``[E y; a]``, size E + H): ``att_vector_layer`` (W_c, ``[H, H + 2*enc_hidden]``
@@ -297,19 +299,28 @@ class LuongDecoder(DecoderBase):
         s0 = super().initial_state(final)
         return torch.cat([s0, torch.zeros_like(s0)], dim=-1)
 
-    def step_weights(self) -> LuongStepWeights:
-        """The cell's weights, cast to the autocast dtype once per batch under autocast."""
-        cell = self.cell
+    def precompute_values(self, values: Tensor) -> Tensor:
+        """``V' = V W_cc^T`` ``[B, S, H]`` from the encoder states ``[B, S, 2*enc_hidden]``:
+        the attention over V' gives ``W_cc c_i`` (see the class docstring)."""
+        return F.linear(values, self.att_vector_layer.weight[:, self.hidden_size:])
+
+    def step_weights(self) -> ops.LuongWeights:
+        """The step's weights stacked (:class:`fastseq.ops.LuongWeights`) and, under
+        autocast, cast to the autocast dtype, once per batch."""
+        att, cell, H = self.attention, self.cell, self.hidden_size
         dev = cell.weight_hh.device.type
-        out = LuongStepWeights(cell.weight_hh, cell.bias_hh, cell.weight_ih[:, self.emb_size:])
-        if torch.is_autocast_enabled(dev):
-            dtype = torch.get_autocast_dtype(dev)
-            out = LuongStepWeights(*(t.to(dtype) if t is not None else None for t in out))
-        return out
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return ops.LuongWeights.build(
+            att.query_layer.weight, self.att_vector_layer.weight[:, :H], cell.weight_hh, self.att_vector_layer.bias,
+            cell.bias_hh, att.energy_layer.weight, cell.weight_ih[:, self.emb_size:], dtype=dtype,
+        )
+
+    def _proj_values(self, memory: Memory) -> Tensor:
+        return self.precompute_values(memory.values) if memory.proj_values is None else memory.proj_values
 
     def step(self, gi_emb: Tensor, state: Tensor, memory: Memory,
-             weights: Optional[LuongStepWeights] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """One decoder step (separate launches, see the class docstring).
+             weights: Optional[ops.LuongWeights] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """One decoder step (:func:`fastseq.ops.luong_gru_decode` with T = 1).
 
         Args:
             gi_emb: ``[B, 3H]`` embedding part of the GRU input projection (with b_ih).
@@ -317,18 +328,16 @@ class LuongDecoder(DecoderBase):
             weights: from :meth:`step_weights` (built here if None).
 
         Returns:
-            ``[s_i; a_i]`` ``[B, 2H]``, context c_i ``[B, 2*enc_hidden]``, weights ``[B, S]``.
+            ``[s_i; a_i]`` ``[B, 2H]``, context c_i ``[B, 2*enc_hidden]`` (``alpha_i V``,
+            one batched product: the step itself never forms it), weights ``[B, S]``.
         """
         sw = self.step_weights() if weights is None else weights
-        dt = sw.w_hh.dtype
-        H = self.hidden_size
-        state = state.to(dt)
-        s_prev, a_prev = state[:, :H], state[:, H:]
-        gh = torch.mm(s_prev, sw.w_hh.t())
-        s = ops.gru_context_cell(gi_emb.to(dt), a_prev, sw.w_ia, gh, sw.b_hh, s_prev)
-        context, attn = self.attention(s, memory.proj_keys, memory.values, mask=memory.mask)
-        a = torch.tanh(self.att_vector_layer(torch.cat([s, context.to(s.dtype)], dim=-1)))
-        return torch.cat([s, a.to(s.dtype)], dim=-1), context, attn
+        dt = sw.w_cat.dtype
+        states, attn = ops.luong_gru_decode(
+            gi_emb.to(dt).unsqueeze(1), state.to(dt), memory.proj_keys.to(dt), self._proj_values(memory).to(dt),
+            sw, memory.mask)
+        context = torch.bmm(attn, memory.values.to(attn.dtype)).squeeze(1)
+        return states[:, 0], context, attn[:, 0]
 
     def logits(self, state: Tensor, context: Optional[Tensor] = None, emb: Optional[Tensor] = None) -> Tensor:
         """Output layer over the states ``[..., 2H]`` (``[s_i; a_i]``) -> ``[..., V]``:
@@ -338,15 +347,13 @@ class LuongDecoder(DecoderBase):
 
     def forward(self, tgt_in: Tensor, memory: Memory) -> Tensor:
         """Teacher-forced decoding: tgt_in ``[B, T]`` (bos + tokens) -> logits ``[B, T, V]``
-        (:meth:`step` T times: the input feeding makes each step need the last)."""
+        (:func:`fastseq.ops.luong_gru_decode`: the T steps of :meth:`step` in one op)."""
         _, gi_emb = self.embed_inputs(tgt_in)
         sw = self.step_weights()
-        state = memory.init_state
-        states = []
-        for t in range(tgt_in.shape[1]):
-            state, _, _ = self.step(gi_emb[:, t], state, memory, sw)
-            states.append(state)
-        return self.logits(torch.stack(states, dim=1))
+        dt = sw.w_cat.dtype
+        states, _ = ops.luong_gru_decode(gi_emb.to(dt), memory.init_state.to(dt), memory.proj_keys.to(dt),
+                                         self._proj_values(memory).to(dt), sw, memory.mask)
+        return self.logits(states)
 
 
 class Seq2Seq(nn.Module):
@@ -376,8 +383,11 @@ class Seq2Seq(nn.Module):
         values, final = self.encoder(src, src_lengths)
         mask = torch.arange(src.shape[1], device=src.device)[None, :] < src_lengths.to(src.device)[:, None]
         proj_keys = self.decoder.attention.precompute_keys(values)
+        proj_values = self.decoder.precompute_values(values)
+        if proj_values is not None:
+            proj_values = proj_values.to(proj_keys.dtype)
         values = values.to(proj_keys.dtype)  # autocast: one cast here, not one per step
-        return Memory(values, proj_keys, mask, self.decoder.initial_state(final))
+        return Memory(values, proj_keys, mask, self.decoder.initial_state(final), proj_values)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """src ``[B, S]``, src_lengths ``[B]``, tgt_in ``[B, T]`` -> logits ``[B, T, V]``."""

@@ -28,8 +28,9 @@ def limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported]:
     return None
 
 
-def additive_attention_forward(query, proj_keys, values, energy, mask, lengths):
-    return tuple(extension.load().additive_attention_forward(query, proj_keys, values, energy, mask, lengths))
+def additive_attention_forward(query, proj_keys, values, energy, mask, lengths, out_bias=None):
+    return tuple(extension.load().additive_attention_forward(query, proj_keys, values, energy, mask, lengths,
+                                                             out_bias))
 
 
 def additive_attention_backward(grad_context, grad_weights, query, proj_keys, values, energy, weights):

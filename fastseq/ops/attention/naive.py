@@ -40,6 +40,7 @@ def additive_attention_forward(
     energy: Tensor,
     mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    out_bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Additive attention, every query against every source position.
 
@@ -50,11 +51,15 @@ def additive_attention_forward(
         energy: ``[A]`` the energy vector v.
         mask: bool ``[B, S]``, True at valid positions; or ``lengths`` int ``[B]``
             (positions ``j < lengths[b]`` are valid); neither: all valid.
+        out_bias: ``[B, T, D]`` (any strides) or None. Given, the first output is
+            ``tanh(out_bias + context)`` instead of the context: the attention
+            vector of the Luong flow when ``values`` are projected
+            (:mod:`fastseq.ops.decoder_step.luong`). Not part of the public op.
 
     Returns:
-        context ``[B, T, D]`` and weights ``[B, T, S]`` (zero at invalid
-        positions, rows sum to 1), in the dtype of ``values``. Half inputs are
-        computed in float32.
+        context ``[B, T, D]`` (or the attention vector) and weights ``[B, T, S]``
+        (zero at invalid positions, rows sum to 1), in the dtype of ``values``.
+        Half inputs are computed in float32.
     """
     cd = compute_dtype(values)
     q, k, v, e = query.to(cd), proj_keys.to(cd), values.to(cd), energy.to(cd)
@@ -67,6 +72,8 @@ def additive_attention_forward(
         v = v.masked_fill(~valid.unsqueeze(-1), 0.0)
     weights = torch.softmax(scores, dim=-1)
     context = weights @ v
+    if out_bias is not None:
+        context = torch.tanh(out_bias.to(cd) + context)
     return context.to(values.dtype), weights.to(values.dtype)
 
 

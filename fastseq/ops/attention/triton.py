@@ -115,12 +115,13 @@ def _attention_fwd_kernel(
     e_ptr,  # [A]
     mask_ptr,  # [B, S] uint8 or None
     len_ptr,  # [B] int64 or None
+    ob_ptr,  # [B, T, D] (last dim contiguous) or None: the context output is tanh(out_bias + context)
     ctx_ptr,  # [B, T, D] out (contiguous)
     w_ptr,  # [B, T, S] out (contiguous)
     sc_ptr,  # [B, T, S] fp32 scratch: raw scores, then fp32 weights (w_ptr itself when SCRATCH is False)
     T, S, A, D,
-    stride_qb, stride_qt, stride_kb, stride_ks, stride_vb, stride_vs, stride_mb,
-    HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, USE_DOT: tl.constexpr,
+    stride_qb, stride_qt, stride_kb, stride_ks, stride_vb, stride_vs, stride_mb, stride_obb, stride_obt,
+    HAS_MASK: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_OUT_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
     SCRATCH: tl.constexpr,  # sc_ptr is a separate buffer (weights not fp32)
     FAST: tl.constexpr,  # approximate tanh (half inputs on a GPU)
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -179,6 +180,10 @@ def _attention_fwd_kernel(
                 acc = dot_acc(p, vals, acc, PRECISION)
             else:
                 acc += tl.sum(p[:, :, None] * vals.to(tl.float32)[None, :, :], axis=1)
+        if HAS_OUT_BIAS:  # the attention vector tanh(out_bias + context) (Luong flow, projected values)
+            ob = tl.load(ob_ptr + b * stride_obb + offs_t[:, None] * stride_obt + offs_d[None, :],
+                         mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc = tanh_fast(ob + acc, FAST)
         ctx_ptrs = ctx_ptr + (b * T + offs_t[:, None]) * D + offs_d[None, :]
         tl.store(ctx_ptrs, acc.to(ctx_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
@@ -330,8 +335,10 @@ def additive_attention_forward(
     energy: Tensor,
     mask: Optional[Tensor] = None,
     lengths: Optional[Tensor] = None,
+    out_bias: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Fused additive attention (one launch); arguments as the reference's.
+    """Fused additive attention (one launch); arguments as the reference's (``out_bias``:
+    the first output is ``tanh(out_bias + context)``, the tanh in the epilogue).
 
     Grid ``(cdiv(T, BLOCK_T), B)``; each ``tanh(q_t + K_j)`` element is computed once.
 
@@ -350,16 +357,18 @@ def additive_attention_forward(
     e = energy.contiguous()
     m = None if mask is None else mask.to(device=values.device).contiguous().view(torch.uint8)
     lens = None if lengths is None else lengths.to(device=values.device, dtype=torch.int64).contiguous()
+    ob = None if out_bias is None else _last_contiguous(out_bias)
     # Raw scores and the weights the context uses stay fp32 (half weights would round them).
     scores = weights if weights.dtype == torch.float32 else torch.empty(
         (B, T, S), device=values.device, dtype=torch.float32)
     blk = _fwd_blocks(T, S, A, D)
     _fwd[(cdiv(T, blk.BLOCK_T), B)](
-        q, k, v, e, m, lens, context, weights, scores,
+        q, k, v, e, m, lens, ob, context, weights, scores,
         T, S, A, D,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        0 if m is None else m.stride(0),
-        HAS_MASK=m is not None, HAS_LENGTHS=lens is not None, USE_DOT=blk.BLOCK_T >= 16,
+        0 if m is None else m.stride(0), 0 if ob is None else ob.stride(0), 0 if ob is None else ob.stride(1),
+        HAS_MASK=m is not None, HAS_LENGTHS=lens is not None, HAS_OUT_BIAS=ob is not None,
+        USE_DOT=blk.BLOCK_T >= 16,
         SCRATCH=scores is not weights, FAST=fast_tanh_ok(values.dtype),
         BLOCK_T=blk.BLOCK_T, BLOCK_S=blk.BLOCK_S, BLOCK_A=blk.BLOCK_A, BLOCK_D=blk.BLOCK_D,
         PRECISION=precision(), num_warps=blk.num_warps,
