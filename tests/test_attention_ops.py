@@ -186,3 +186,26 @@ def test_bad_input_names_the_argument(change, exc, match):
     with pytest.raises(exc, match=match):
         ops.additive_attention(args["q"], args["k"], args["v"], args["e"], mask=args["mask"],
                                lengths=args["lengths"])
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_out_bias_epilogue_every_backend(backend, T):
+    """The implementations' ``out_bias`` (used by the Luong decoder op): the first
+    output becomes ``tanh(out_bias + context)``, on every backend, with a row-strided
+    out_bias read in place (a column slice of a wider matrix, as the op passes it)."""
+    from fastseq.ops.attention import op as attention_op
+
+    g = torch.Generator().manual_seed(T)
+    B, S, A, D = 3, 5, 4, 6
+    q, k, v = (torch.randn(*s, generator=g).to(DEVICE) for s in ((B, T, A), (B, S, A), (B, S, D)))
+    e = torch.randn(A, generator=g).to(DEVICE)
+    wide = torch.randn(B, T, D + 7, generator=g).to(DEVICE)
+    ob = wide[..., 2:2 + D]  # strides (T * (D + 7), D + 7, 1)
+    lengths = torch.tensor([5, 1, 3], device=DEVICE)
+    impl = attention_op._impl(attention_op.FORWARD, q, k, v)
+    ctx, w = impl(q, k, v, e, None, lengths)
+    out, w2 = impl(q, k, v, e, None, lengths, ob)
+    assert_close(w2, w)
+    assert_close(out, torch.tanh(ob + ctx))
+    want, _ = reference.additive_attention_forward(q, k, v, e, None, lengths, ob)
+    assert_close(out, want)
