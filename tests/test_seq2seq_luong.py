@@ -256,3 +256,20 @@ def test_luong_model_learns_a_copy_task():
     hyps = greedy_search(model, src, lens, BOS, EOS, max_len=10)
     refs = [row[:n] for row, n in zip(src.tolist(), lens.tolist())]
     assert sum(h == r for h, r in zip(hyps, refs)) >= 6, (hyps, refs)
+
+
+def test_step_bad_input_names_the_argument():
+    model, src, lens, tgt = _model()
+    dec = model.decoder
+    H = CFG["dec_hidden_size"]
+    with torch.no_grad():
+        memory = model.encode(src, lens)
+        _, gi = dec.embed_inputs(tgt[:, :1])
+        with pytest.raises(RuntimeError, match=rf"state: expected \[s; a\] of shape \(B, 2\*H\) = \(B, {2 * H}\), "
+                                               rf"got \(4, {H}\)"):
+            dec.step(gi[:, 0], memory.init_state[:, :H], memory)  # s alone, as the Bahdanau flow's state
+        with pytest.raises(RuntimeError, match=rf"gi_emb: expected shape \(B, 3\*H\) = \(4, {3 * H}\), "
+                                               rf"got \(4, 1, {3 * H}\)"):
+            dec.step(gi, memory.init_state, memory)
+        with pytest.raises(RuntimeError, match=r"mask: expected shape \(B, S\) = \(4, 11\), got \(4, 3\)"):
+            dec.step(gi[:, 0], memory.init_state, memory._replace(mask=memory.mask[:, :3]))

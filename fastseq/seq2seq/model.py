@@ -54,6 +54,7 @@ PAD_ID = 0
 CHECKPOINT_FORMAT = "fastseq.seq2seq"  # the ``format`` of this model's checkpoints
 DECODER_FLOWS = ("bahdanau", "luong")  # Architecture.decoder_flow
 INITS = ("torch", "xavier")  # Architecture.init
+DROPOUT_PLACES = ("embeddings+output", "embeddings", "output")  # Architecture.dropout_on
 
 
 @dataclass(kw_only=True)
@@ -65,6 +66,10 @@ class Architecture:
     (:class:`LuongDecoder`; it has no readout layer, so ``readout_size`` is unused).
     ``init`` is the parameters' initialisation: 'torch' (each torch.nn module's
     own default, the default) or 'xavier' (:func:`xavier_init_`, as Joey NMT's).
+    ``dropout_on`` says where ``dropout`` applies: 'embeddings+output' (the
+    default: the source and target embeddings, and the output layer's input),
+    'embeddings' or 'output' (one of the two); between stacked encoder layers it
+    always applies.
 
     Raises:
         ValueError: a value out of range (the message starts with the field's name).
@@ -80,6 +85,7 @@ class Architecture:
     dropout: float = 0.3
     decoder_flow: str = "bahdanau"
     init: str = "torch"
+    dropout_on: str = "embeddings+output"
 
     def __post_init__(self):
         if self.rnn_type not in ("gru", "lstm"):
@@ -88,6 +94,9 @@ class Architecture:
             raise ValueError(f"decoder_flow: expected 'bahdanau' or 'luong', got {self.decoder_flow!r}")
         if self.init not in INITS:
             raise ValueError(f"init: expected 'torch' or 'xavier', got {self.init!r}")
+        if self.dropout_on not in DROPOUT_PLACES:
+            raise ValueError(f"dropout_on: expected one of {', '.join(map(repr, DROPOUT_PLACES))}, "
+                             f"got {self.dropout_on!r}")
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type == "int" and (not isinstance(v, int) or v <= 0):
@@ -136,6 +145,11 @@ class Memory(NamedTuple):
         return Memory(*(None if t is None else t.index_select(0, index) for t in self))
 
 
+def _dropout(cfg: Architecture, place: str) -> nn.Module:
+    """``nn.Dropout(cfg.dropout)`` where ``cfg.dropout_on`` includes ``place``, else ``nn.Identity``."""
+    return nn.Dropout(cfg.dropout) if place in cfg.dropout_on.split("+") else nn.Identity()
+
+
 class Encoder(nn.Module):
     """Embedding and bidirectional RNN over a padded source batch."""
 
@@ -147,7 +161,7 @@ class Encoder(nn.Module):
             cfg.emb_size, cfg.enc_hidden_size, num_layers=cfg.enc_layers, batch_first=True,
             bidirectional=True, dropout=cfg.dropout if cfg.enc_layers > 1 else 0.0,
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = _dropout(cfg, "embeddings")
 
     def forward(self, src: Tensor, src_lengths: Tensor) -> Tuple[Tensor, Tensor]:
         """src ``[B, S]`` int64, src_lengths ``[B]`` -> outputs ``[B, S, 2H]``, final ``[B, 2H]``."""
@@ -164,7 +178,8 @@ class Encoder(nn.Module):
 class DecoderBase(nn.Module):
     """What both decoder flows share: the target embedding, the bridge to the
     initial state, the additive attention, the GRU cell (input size
-    ``cell_input_size``) and the dropout, and :meth:`embed_inputs` (the embedding part of the
+    ``cell_input_size``) and the dropouts (``dropout`` on the target embeddings,
+    ``output_dropout`` on the output layer's input), and :meth:`embed_inputs` (the embedding part of the
     cell's input projection for all target steps in one matrix product)."""
 
     def __init__(self, cfg: ModelConfig, cell_input_size: int):
@@ -176,7 +191,8 @@ class DecoderBase(nn.Module):
         self.bridge = nn.Linear(ctx, cfg.dec_hidden_size)
         self.attention = AdditiveAttention(cfg.dec_hidden_size, ctx, cfg.attn_size)
         self.cell = GRUCell(cell_input_size, cfg.dec_hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = _dropout(cfg, "embeddings")  # on the target embeddings
+        self.output_dropout = _dropout(cfg, "output")  # on the output layer's input
 
     def embed_inputs(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
         """tokens ``[B, T]`` -> (embeddings ``[B, T, E]``, their part of the GRU input
@@ -240,7 +256,7 @@ class Decoder(DecoderBase):
     def logits(self, state: Tensor, context: Tensor, emb: Tensor) -> Tensor:
         """Output layer over ``[..., H]``, ``[..., 2*enc_hidden]``, ``[..., E]`` -> ``[..., V]``."""
         r = torch.tanh(self.readout(torch.cat([state, context, emb], dim=-1)))
-        return self.output(self.dropout(r))
+        return self.output(self.output_dropout(r))
 
     def forward(self, tgt_in: Tensor, memory: Memory) -> Tensor:
         """Teacher-forced decoding: tgt_in ``[B, T]`` (bos + tokens) -> logits ``[B, T, V]``."""
@@ -330,7 +346,19 @@ class LuongDecoder(DecoderBase):
         Returns:
             ``[s_i; a_i]`` ``[B, 2H]``, context c_i ``[B, 2*enc_hidden]`` (``alpha_i V``,
             one batched product: the step itself never forms it), weights ``[B, S]``.
+
+        Raises:
+            RuntimeError: ``state`` or ``gi_emb`` of the wrong shape (the message
+                names the argument, the expected and the actual shape); the rest as
+                :func:`fastseq.ops.luong_gru_decode`.
         """
+        H = self.hidden_size
+        if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != 2 * H:
+            got = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+            raise RuntimeError(f"state: expected [s; a] of shape (B, 2*H) = (B, {2 * H}), got {got}")
+        if not isinstance(gi_emb, Tensor) or tuple(gi_emb.shape) != (state.shape[0], 3 * H):
+            got = tuple(gi_emb.shape) if isinstance(gi_emb, Tensor) else type(gi_emb).__name__
+            raise RuntimeError(f"gi_emb: expected shape (B, 3*H) = ({state.shape[0]}, {3 * H}), got {got}")
         sw = self.step_weights() if weights is None else weights
         dt = sw.w_cat.dtype
         states, attn = ops.luong_gru_decode(
@@ -343,7 +371,7 @@ class LuongDecoder(DecoderBase):
         """Output layer over the states ``[..., 2H]`` (``[s_i; a_i]``) -> ``[..., V]``:
         ``W_o dropout(a_i)``. ``context`` and ``emb`` are not read (the step's
         interface passes them; a_i already holds the context)."""
-        return self.output(self.dropout(state[..., self.hidden_size:]))
+        return self.output(self.output_dropout(state[..., self.hidden_size:]))
 
     def forward(self, tgt_in: Tensor, memory: Memory) -> Tensor:
         """Teacher-forced decoding: tgt_in ``[B, T]`` (bos + tokens) -> logits ``[B, T, V]``
