@@ -104,12 +104,11 @@ class LuongWeights(NamedTuple):
         return out
 
 
-def _bias_cat(w_cat: Tensor, b_att: Optional[Tensor], A: int, H: int) -> Optional[Tensor]:
+def _bias_cat(b_att: Optional[Tensor], A: int, H: int) -> Optional[Tensor]:
     """``[0_A; b_att; 0_3H]``, the bias of the per-step product (None without b_att)."""
     if b_att is None:
         return None
-    z = b_att.new_zeros((A,))
-    return torch.cat([z, b_att, b_att.new_zeros((3 * H,))])
+    return torch.cat([b_att.new_zeros((A,)), b_att, b_att.new_zeros((3 * H,))])
 
 
 def luong_decode_forward(
@@ -130,7 +129,7 @@ def luong_decode_forward(
         return (alloc.empty((B, 0, 2 * H), h0), alloc.empty((B, 0, S), proj_values),
                 gi_emb.new_empty((0, B, 4 * H) if save else (0,)), gi_emb.new_empty((0, B, A) if save else (0,)))
     w_t = w_cat.t()
-    bias = _bias_cat(w_cat, b_att, A, H)
+    bias = _bias_cat(b_att, A, H)
     s, a = h0[:, :H].contiguous(), h0[:, H:].contiguous()
     gh = s.mm(w_cat[A + H:].t())
     ss: List[Tensor] = []
