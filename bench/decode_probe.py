@@ -17,6 +17,7 @@ size almost none, so ``tiny`` is the host cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -67,7 +68,43 @@ def _decode_op(gi, h0, keys, values, sw, mask):
     return s, c
 
 
-IMPLS = {"step-loop": _step_loop, "decode-op": _decode_op}
+def _luong_op(gi, h0, keys, values, sw, mask):
+    """The Luong flow's op on the same sizes (values stand for the projected values,
+    ``D = H`` is not needed: the op reads ``[B, S, H]``, so they are cut to H columns)."""
+    from fastseq.ops.decoder_step.luong import LuongWeights, luong_gru_decode
+
+    H = h0.shape[1]
+    w_cat, b_hh, energy, w_ic = sw
+    A = energy.shape[0]
+    lw = LuongWeights(torch.cat([w_cat[:A], w_cat[A:A + H], w_cat[A:]]),
+                      b_hh[:H], b_hh, energy, w_ic[:, :H].contiguous())
+    s, _ = luong_gru_decode(gi, torch.cat([h0, h0], 1), keys, values[..., :H].contiguous(), lw, mask)
+    return (s,)
+
+
+@contextlib.contextmanager
+def _python_loops():
+    """The decode ops' loops in Python on every backend (the C++ backend's state before
+    ``csrc/cpu/decode.cpp``): the registry's ``cpp`` loop entries point at the Python loops."""
+    from fastseq.backend import registry
+    from fastseq.ops.decoder_step import decode, luong
+
+    names = [(m, m.LOOP, m._python_forward) for m in (decode, luong)] + [
+        (m, m.BACKWARD_LOOP, m._python_backward) for m in (decode, luong)]
+    saved = [(name, registry.get(name, "cpp")) for _m, name, _f in names]
+    for _m, name, fn in names:
+        registry.register(name, "cpp", fn)
+    try:
+        yield
+    finally:
+        for name, impl in saved:
+            registry.register(name, "cpp", impl)
+
+
+# name -> (the call, the decode ops' loops in Python?)
+IMPLS = {"step-loop": (_step_loop, False), "decode-op": (_decode_op, False),
+         "decode-op-python-loop": (_decode_op, True), "luong-op": (_luong_op, False),
+         "luong-op-python-loop": (_luong_op, True)}
 
 
 def _median_us(fn: Callable[[], float], rounds: int) -> List[float]:
@@ -82,14 +119,13 @@ def measure(backend: str, size: str, impl: str, rounds: int) -> List[Dict]:
     cfg = SIZES[size]
     T = cfg["T"]
     gi, h0, keys, values, w, mask, StepWeights = _inputs(**cfg)
-    f = IMPLS[impl]
+    f, python_loops = IMPLS[impl]
     out = []
-    with fastseq.backend(backend):
+    with fastseq.backend(backend), (_python_loops() if python_loops else contextlib.nullcontext()):
         sw = StepWeights.build(*w)  # built once, as Decoder.forward does per batch
         sw = StepWeights(*(t.detach().requires_grad_(True) for t in sw))
         leaves = [gi, h0, keys, values, *sw]
-        gs = torch.randn(cfg["B"], T, cfg["H"])
-        gc = torch.randn(cfg["B"], T, cfg["D"])
+        cotangents = [torch.randn(o.shape) for o in f(gi, h0, keys, values, sw, mask)]
 
         def fwd():
             t0 = time.perf_counter()
@@ -97,9 +133,9 @@ def measure(backend: str, size: str, impl: str, rounds: int) -> List[Dict]:
             return (time.perf_counter() - t0) * 1e6 / T
 
         def bwd():
-            s, c = f(gi, h0, keys, values, sw, mask)
+            outs = f(gi, h0, keys, values, sw, mask)
             t0 = time.perf_counter()
-            torch.autograd.grad([s, c], leaves, [gs, gc])
+            torch.autograd.grad(outs, leaves, cotangents, allow_unused=True)
             return (time.perf_counter() - t0) * 1e6 / T
 
         def fwd_nograd():
@@ -113,7 +149,7 @@ def measure(backend: str, size: str, impl: str, rounds: int) -> List[Dict]:
             out.append({"backend": backend, "size": size, **cfg, "impl": impl, "case": case,
                         "median_us_per_step": statistics.median(us), "min_us_per_step": min(us),
                         "max_us_per_step": max(us), "rounds": rounds})
-            print(f"[decode] {backend:9s} {size:5s} {impl:9s} {case:10s} median {out[-1]['median_us_per_step']:8.2f} "
+            print(f"[decode] {backend:9s} {size:5s} {impl:21s} {case:10s} median {out[-1]['median_us_per_step']:8.2f} "
                   f"us/step (min {min(us):.2f})", file=sys.stderr, flush=True)
     return out
 
@@ -123,14 +159,15 @@ def main(argv=None) -> Dict:
     p.add_argument("--out", default=None, help="write the JSON here")
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--backends", default="cpp,reference")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, of {', '.join(IMPLS)}")
     args = p.parse_args(argv)
     results = []
     for backend in args.backends.split(","):
         for size in SIZES:
-            for impl in IMPLS:
+            for impl in args.impls.split(","):
                 results.extend(measure(backend, size, impl, args.rounds))
     doc = {
-        "what": "host time per teacher-forced decoder step: T x attention_gru_step vs one attention_gru_decode",
+        "what": "host time per teacher-forced decoder step: T x attention_gru_step vs one attention_gru_decode (its loop in C++ on the cpp backend, or in Python) vs one luong_gru_decode (same)",
         "command": "OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/decode_probe.py " + " ".join(argv or sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),

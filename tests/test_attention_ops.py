@@ -202,7 +202,7 @@ def test_out_bias_epilogue_every_backend(backend, T):
     wide = torch.randn(B, T, D + 7, generator=g).to(DEVICE)
     ob = wide[..., 2:2 + D]  # strides (T * (D + 7), D + 7, 1)
     lengths = torch.tensor([5, 1, 3], device=DEVICE)
-    impl = attention_op._impl(attention_op.FORWARD, q, k, v)
+    impl = attention_op.implementation(attention_op.FORWARD, q, k, v)
     ctx, w = impl(q, k, v, e, None, lengths)
     out, w2 = impl(q, k, v, e, None, lengths, ob)
     assert_close(w2, w)

@@ -258,14 +258,17 @@ def test_bindings_syntax(tmp_path):
 # Host emulation: the kernels' arithmetic and the ATen glue against the reference (no GPU).
 
 _EMU_NAME = "fastseq_cuda_emu"
-_EMU_DEFINES = ["-DFASTSEQ_CUDA_HOST_EMULATION", *TORCH_NVCC_DEFINES[:3]]
+_EMU_DEFINES = ["-DFASTSEQ_CUDA_HOST_EMULATION", f"-DFASTSEQ_CPP_LIBRARY={_EMU_NAME}", *TORCH_NVCC_DEFINES[:3]]
+# The decoder loops (device-generic C++, csrc/cpu/decode.cpp) built into the emulated library too:
+# their steps then run the emulated CUDA kernels.
+_EMU_CPU_SOURCES = [CUDA_DIR.parent / "cpu" / "decode.cpp"]
 
 
 def _emu_build_dir(extra: List[str]) -> Path:
     import torch
 
     h = hashlib.sha256()
-    for p in sorted(CUDA_DIR.rglob("*")) + sorted(CUDA_DIR.parent.glob("cpu/*.h")):  # bindings include cpu/schemas.h
+    for p in sorted(CUDA_DIR.rglob("*")) + sorted(CUDA_DIR.parent.glob("cpu/*.h")) + _EMU_CPU_SOURCES:
         if p.is_file():
             h.update(str(p.relative_to(CUDA_DIR.parent)).encode())
             h.update(p.read_bytes())
@@ -287,7 +290,7 @@ def _emu_ops():
     cflags = ["-O1", "-pthread", *_EMU_DEFINES]
     bdir = _emu_build_dir(cflags + [str(cuda_inc)])
     bdir.mkdir(parents=True, exist_ok=True)
-    sources = [str(CUDA_DIR / "bindings.cpp")]
+    sources = [str(CUDA_DIR / "bindings.cpp")] + [str(p) for p in _EMU_CPU_SOURCES]
     for cu in CU_FILES:  # the .cu files, compiled as C++ by the host compiler
         wrapper = bdir / f"emu_{cu.stem}.cpp"
         text = f'#include "{cu}"\n'
@@ -839,6 +842,46 @@ def test_emulated_context_cell(emu, dt_name):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("flow", ["bahdanau", "luong"])
+@pytest.mark.parametrize("dt_name", ["float32", "bfloat16"])
+def test_emulated_decode_loops(emu, flow, dt_name):
+    """The C++ decoder loops (csrc/cpu/decode.cpp) dispatch every step to the CUDA kernels
+    (emulated): outputs and gradients equal the Python loop over the same kernels, bit for bit."""
+    import torch
+    from fastseq.ops.decoder_step import decode, luong
+
+    dt = getattr(torch, dt_name)
+    g = torch.Generator().manual_seed(3)
+    B, T, H, S, A, D = 3, 4, 8, 5, 6, 7
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(dt)
+
+    lengths = torch.tensor([S, 1, 3])
+    fwd = dict(attention=emu.additive_attention_forward, cell=emu.gru_context_cell_forward)
+    bwd = dict(attention=emu.additive_attention_backward, cell=emu.gru_context_cell_backward)
+    if flow == "bahdanau":
+        args = (r(B, T, 3 * H), r(B, H), r(B, S, A), r(B, S, D), r(A + 3 * H, H), r(3 * H), r(A), r(3 * H, D),
+                None, lengths, True)
+        out = tuple(emu.attention_gru_decode_forward(*args))
+        want = decode._python_forward(*args, **fwd)
+        bargs = (r(B, T, H), r(B, T, D), r(B, T, S), *args[:5], *args[6:8], *out, True)
+        got_b = tuple(emu.attention_gru_decode_backward(*bargs))
+        want_b = decode._python_backward(*bargs, **bwd)
+    else:
+        args = (r(B, T, 3 * H), r(B, 2 * H), r(B, S, A), r(B, S, H), r(A + 4 * H, H), r(H), r(3 * H), r(A),
+                r(3 * H, H), None, lengths, True)
+        out = tuple(emu.luong_gru_decode_forward(*args))
+        want = luong._python_forward(*args, **fwd)
+        bargs = (r(B, T, 2 * H), r(B, T, S), *args[1:5], *args[7:9], *out, True, True)
+        got_b = tuple(emu.luong_gru_decode_backward(*bargs))
+        want_b = luong._python_backward(*bargs, **bwd)
+    for what, got, ref in (("forward", out, want), ("backward", got_b, want_b)):
+        assert len(got) == len(ref)
+        for i, (x, y) in enumerate(zip(got, ref)):
+            assert torch.equal(x, y), f"{flow} {what} output {i} differs"
+
+
 def test_emulated_recurrence_empty_sizes(emu):
     import torch
 

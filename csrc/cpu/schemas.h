@@ -95,7 +95,31 @@ inline void define_cell_ops(torch::Library& m) {
       "bool has_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-// Every op (the CUDA host emulation library defines them all in one place).
+// The teacher-forced decoder loops (cpu/decode.cpp, any device: each step calls
+// the step ops above through the dispatcher). Semantics: the Python loops in
+// fastseq/ops/decoder_step/decode.py and luong.py (T >= 1 here).
+inline void define_decode_ops(torch::Library& m) {
+  m.def(
+      "attention_gru_decode_forward(Tensor gi_emb, Tensor h0, Tensor proj_keys, Tensor values, Tensor w_cat, "
+      "Tensor? b_hh, Tensor energy, Tensor w_ic, Tensor? mask, Tensor? lengths, bool save) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_gru_decode_backward(Tensor? grad_states, Tensor? grad_contexts, Tensor? grad_weights, "
+      "Tensor gi_emb, Tensor h0, Tensor proj_keys, Tensor values, Tensor w_cat, Tensor energy, Tensor w_ic, "
+      "Tensor states, Tensor contexts, Tensor weights, Tensor gates, Tensor queries, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "luong_gru_decode_forward(Tensor gi_emb, Tensor h0, Tensor proj_keys, Tensor proj_values, Tensor w_cat, "
+      "Tensor? b_att, Tensor? b_hh, Tensor energy, Tensor w_ia, Tensor? mask, Tensor? lengths, bool save) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "luong_gru_decode_backward(Tensor? grad_states, Tensor? grad_weights, Tensor h0, Tensor proj_keys, "
+      "Tensor proj_values, Tensor w_cat, Tensor energy, Tensor w_ia, Tensor states, Tensor weights, "
+      "Tensor gates, Tensor queries, bool has_att_bias, bool has_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+// Every step op (the CUDA host emulation library defines them all in one place).
 inline void define_all_ops(torch::Library& m) {
   define_recurrence_ops(m);
   define_attention_ops(m);

@@ -30,7 +30,7 @@ from fastseq.backend.registry import Implementation, direct_call_ok
 from fastseq.ops import validation
 from fastseq.ops.attention import cpp, naive
 
-__all__ = ["additive_attention", "additive_attention_op", "additive_attention_backward_op"]
+__all__ = ["additive_attention", "additive_attention_op", "additive_attention_backward_op", "implementation"]
 
 FORWARD, BACKWARD = "additive_attention", "additive_attention_backward"
 
@@ -54,9 +54,11 @@ registry.register(BACKWARD, "triton", Implementation(
     load=lambda: (_triton().additive_attention_backward, _triton().limits)))
 
 
-def _impl(op: str, query: Tensor, proj_keys: Tensor, values: Tensor):
-    """The implementation of ``op`` for these (3-D query) inputs; a shape a fused
-    backend cannot take falls back (:func:`fastseq.backend.registry.choose`)."""
+def implementation(op: str, query: Tensor, proj_keys: Tensor, values: Tensor):
+    """The registered implementation of ``op`` (:data:`FORWARD` or :data:`BACKWARD`) that
+    runs for these (3-D query) inputs; a shape a fused backend cannot take falls
+    back (:func:`fastseq.backend.registry.choose`). The decoder loops call it once
+    per sequence and then call the implementation at every step."""
     def sizes():
         B, T, A = query.shape
         return {"B": B, "T": T, "S": proj_keys.shape[1], "A": A, "D": values.shape[2],
@@ -75,7 +77,7 @@ def additive_attention_op(
     lengths: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor]:
     """Unchecked op: query ``[B,T,A]`` -> context ``[B,T,D]``, weights ``[B,T,S]``."""
-    return _impl(FORWARD, query, proj_keys, values)(query, proj_keys, values, energy, mask, lengths)
+    return implementation(FORWARD, query, proj_keys, values)(query, proj_keys, values, energy, mask, lengths)
 
 
 @additive_attention_op.register_fake
@@ -96,7 +98,7 @@ def additive_attention_backward_op(
     weights: Tensor,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``additive_attention``: grads w.r.t. query, proj_keys, values, energy."""
-    fn = _impl(BACKWARD, query, proj_keys, values)
+    fn = implementation(BACKWARD, query, proj_keys, values)
     return fn(grad_context, grad_weights, query, proj_keys, values, energy, weights)
 
 
@@ -190,7 +192,7 @@ def additive_attention(
         lengths = lengths.to(values.device)
     q = query.unsqueeze(1) if single else query
     if direct_call_ok(q, proj_keys, values, energy):
-        context, weights = _impl(FORWARD, q, proj_keys, values)(q, proj_keys, values, energy, mask, lengths)
+        context, weights = implementation(FORWARD, q, proj_keys, values)(q, proj_keys, values, energy, mask, lengths)
     else:
         context, weights = additive_attention_op(q, proj_keys, values, energy, mask, lengths)
     if single:

@@ -44,10 +44,11 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.backend import alloc, selection
+from fastseq.backend import alloc, registry, selection
 from fastseq.backend.registry import direct_call_ok, needs_grad
 from fastseq.ops import validation
 from fastseq.ops.attention import op as attention_op
+from fastseq.ops.decoder_step import cpp
 from fastseq.ops.decoder_step import op as step_op
 from fastseq.ops.decoder_step.op import StepWeights
 
@@ -55,16 +56,20 @@ __all__ = ["attention_gru_decode", "attention_gru_decode_op", "attention_gru_dec
            "decode_forward", "decode_backward"]
 
 OP, BACKWARD_OP = "attention_gru_decode", "attention_gru_decode_backward"
+#: The loops' names in :mod:`fastseq.backend.registry`: the reference and Triton
+#: backends run the Python loops below (each step's implementations chosen by the
+#: registry), the C++ backend its loop in C++ (``csrc/cpu/decode.cpp``).
+LOOP, BACKWARD_LOOP = "attention_gru_decode_loop", "attention_gru_decode_loop_backward"
 
 
 def _attention(op: str, q: Tensor, proj_keys: Tensor, values: Tensor) -> Callable:
     """The implementation :func:`fastseq.ops.additive_attention` would run for one step."""
-    return attention_op._impl(op, q, proj_keys, values)
+    return attention_op.implementation(op, q, proj_keys, values)
 
 
 def _cell(op: str, like: Tensor, h: Tensor, context: Tensor, *strided: Tensor) -> Callable:
     """The implementation :func:`fastseq.ops.gru_context_cell` would run for one step."""
-    return step_op._impl(op, like, h, context, *strided)
+    return step_op.implementation(op, like, h, context, *strided)
 
 
 def decode_forward(
@@ -76,8 +81,10 @@ def decode_forward(
 
     ``attention`` / ``cell``: the step implementations (signatures of
     :func:`fastseq.ops.attention.naive.additive_attention_forward` and
-    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_forward`); None: the
-    registry's choice for these tensors, made at the first step.
+    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_forward`), run in the
+    Python loop; both None: the registry's loop for these tensors (:data:`LOOP`:
+    the C++ loop on the C++ backend, else the Python loop with the registry's
+    step implementations, chosen at the first step).
     """
     B, T, _ = gi_emb.shape
     H, A = h0.shape[1], energy.shape[0]
@@ -85,6 +92,19 @@ def decode_forward(
     if T == 0:
         return (alloc.empty((B, 0, H), h0), alloc.empty((B, 0, D), values), alloc.empty((B, 0, S), values),
                 gi_emb.new_empty((0, B, 4 * H) if save else (0,)), gi_emb.new_empty((0, B, A) if save else (0,)))
+    args = (gi_emb, h0, proj_keys, values, w_cat, b_hh, energy, w_ic, mask, lengths, save)
+    if attention is None and cell is None:
+        return registry.implementation(LOOP, values, {"B": B, "S": S})(*args)
+    return _python_forward(*args, attention=attention, cell=cell)
+
+
+def _python_forward(
+    gi_emb: Tensor, h0: Tensor, proj_keys: Tensor, values: Tensor, w_cat: Tensor, b_hh: Optional[Tensor],
+    energy: Tensor, w_ic: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor], save: bool,
+    attention: Optional[Callable] = None, cell: Optional[Callable] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward loop in Python (T >= 1): the reference and Triton backends' implementation."""
+    A = energy.shape[0]
     w_t = w_cat.t()
     h = h0
     states: List[Tensor] = []
@@ -126,8 +146,8 @@ def decode_backward(
 
     ``attention`` / ``cell``: the step backward implementations (signatures of
     :func:`fastseq.ops.attention.naive.additive_attention_backward` and
-    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_backward`); None: the
-    registry's choice.
+    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_backward`), run in the
+    Python loop; both None: the registry's loop (:data:`BACKWARD_LOOP`).
     """
     B, T, H = states.shape
     d_keys, d_values = torch.zeros_like(proj_keys), torch.zeros_like(values)
@@ -136,6 +156,24 @@ def decode_backward(
     if T == 0:
         return (torch.zeros_like(gi_emb), torch.zeros_like(h0), d_keys, d_values, torch.zeros_like(w_cat), d_b,
                 d_energy, d_w_ic)
+    args = (grad_states, grad_contexts, grad_weights, gi_emb, h0, proj_keys, values, w_cat, energy, w_ic, states,
+            contexts, weights, gates, queries, has_bias)
+    if attention is None and cell is None:
+        return registry.implementation(BACKWARD_LOOP, values, {"B": B, "S": values.shape[1]})(*args)
+    return _python_backward(*args, attention=attention, cell=cell)
+
+
+def _python_backward(
+    grad_states: Optional[Tensor], grad_contexts: Optional[Tensor], grad_weights: Optional[Tensor],
+    gi_emb: Tensor, h0: Tensor, proj_keys: Tensor, values: Tensor, w_cat: Tensor, energy: Tensor, w_ic: Tensor,
+    states: Tensor, contexts: Tensor, weights: Tensor, gates: Tensor, queries: Tensor, has_bias: bool,
+    attention: Optional[Callable] = None, cell: Optional[Callable] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward loop in Python (T >= 1): the reference and Triton backends' implementation."""
+    B, T, H = states.shape
+    d_keys, d_values = torch.zeros_like(proj_keys), torch.zeros_like(values)
+    d_energy, d_w_ic = torch.zeros_like(energy), torch.zeros_like(w_ic)
+    d_b = w_ic.new_zeros((3 * H,)) if has_bias else w_ic.new_empty((0,))
     # Step-major copies, so that every step's slice is contiguous.
     hs = states.transpose(0, 1).contiguous()  # [T, B, H]: s_1 .. s_T
     cs = contexts.transpose(0, 1).contiguous()
@@ -176,6 +214,13 @@ def decode_backward(
     prev = torch.cat([h0.unsqueeze(0), hs[:-1]]).reshape(T * B, H)
     d_w_cat = torch.stack(d_p).reshape(T * B, -1).t().mm(prev).to(w_cat.dtype)
     return torch.stack(d_gi, 1), dh, d_keys, d_values, d_w_cat, d_b, d_energy, d_w_ic
+
+
+for _backend in ("reference", "triton"):
+    registry.register(LOOP, _backend, _python_forward)
+    registry.register(BACKWARD_LOOP, _backend, _python_backward)
+registry.register(LOOP, "cpp", cpp.loop_implementation("attention_gru_decode_forward"))
+registry.register(BACKWARD_LOOP, "cpp", cpp.loop_implementation("attention_gru_decode_backward"))
 
 
 @torch.library.custom_op(f"fastseq::{OP}", mutates_args=())

@@ -60,16 +60,21 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.backend import alloc, selection
+from fastseq.backend import alloc, registry, selection
 from fastseq.backend.registry import direct_call_ok, needs_grad
 from fastseq.ops import validation
 from fastseq.ops.attention import op as attention_op
+from fastseq.ops.decoder_step import cpp
 from fastseq.ops.decoder_step import op as step_op
 
 __all__ = ["LuongWeights", "luong_gru_decode", "luong_gru_decode_op", "luong_gru_decode_backward_op",
            "luong_decode_forward", "luong_decode_backward"]
 
 OP, BACKWARD_OP = "luong_gru_decode", "luong_gru_decode_backward"
+#: The loops' names in :mod:`fastseq.backend.registry` (as in :mod:`.decode`: the
+#: Python loops on the reference and Triton backends, ``csrc/cpu/decode.cpp`` on
+#: the C++ backend).
+LOOP, BACKWARD_LOOP = "luong_gru_decode_loop", "luong_gru_decode_loop_backward"
 
 
 class LuongWeights(NamedTuple):
@@ -120,14 +125,29 @@ def luong_decode_forward(
 
     ``attention`` / ``cell``: the step implementations (signatures of
     :func:`fastseq.ops.attention.naive.additive_attention_forward` and
-    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_forward`); None: the
-    registry's choice for these tensors, made at the first step.
+    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_forward`), run in the
+    Python loop; both None: the registry's loop for these tensors (:data:`LOOP`:
+    the C++ loop on the C++ backend, else the Python loop with the registry's
+    step implementations, chosen at the first step).
     """
     B, T, _ = gi_emb.shape
     H, A, S = w_cat.shape[1], energy.shape[0], proj_keys.shape[1]
     if T == 0:
         return (alloc.empty((B, 0, 2 * H), h0), alloc.empty((B, 0, S), proj_values),
                 gi_emb.new_empty((0, B, 4 * H) if save else (0,)), gi_emb.new_empty((0, B, A) if save else (0,)))
+    args = (gi_emb, h0, proj_keys, proj_values, w_cat, b_att, b_hh, energy, w_ia, mask, lengths, save)
+    if attention is None and cell is None:
+        return registry.implementation(LOOP, proj_values, {"B": B, "S": S})(*args)
+    return _python_forward(*args, attention=attention, cell=cell)
+
+
+def _python_forward(
+    gi_emb: Tensor, h0: Tensor, proj_keys: Tensor, proj_values: Tensor, w_cat: Tensor, b_att: Optional[Tensor],
+    b_hh: Optional[Tensor], energy: Tensor, w_ia: Tensor, mask: Optional[Tensor], lengths: Optional[Tensor],
+    save: bool, attention: Optional[Callable] = None, cell: Optional[Callable] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward loop in Python (T >= 1): the reference and Triton backends' implementation."""
+    H, A = w_cat.shape[1], energy.shape[0]
     w_t = w_cat.t()
     bias = _bias_cat(b_att, A, H)
     s, a = h0[:, :H].contiguous(), h0[:, H:].contiguous()
@@ -139,12 +159,12 @@ def luong_decode_forward(
     queries: List[Tensor] = []
     for gi in gi_emb.unbind(1):
         if cell is None:
-            cell = step_op._impl(step_op.FORWARD, gi, s, a, gi, gh)
+            cell = step_op.implementation(step_op.FORWARD, gi, s, a, gi, gh)
         s, g = cell(gi, a, w_ia, gh, b_hh, s, save)
         p = s.mm(w_t) if bias is None else torch.addmm(bias, s, w_t)
         q = p[:, :A].unsqueeze(1)
         if attention is None:
-            attention = attention_op._impl(attention_op.FORWARD, q, proj_keys, proj_values)
+            attention = attention_op.implementation(attention_op.FORWARD, q, proj_keys, proj_values)
         a, alpha = attention(q, proj_keys, proj_values, energy, mask, lengths, p[:, A:A + H].unsqueeze(1))
         a = a.squeeze(1)
         gh = p[:, A + H:]
@@ -172,8 +192,8 @@ def luong_decode_backward(
 
     ``attention`` / ``cell``: the step backward implementations (signatures of
     :func:`fastseq.ops.attention.naive.additive_attention_backward` and
-    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_backward`); None: the
-    registry's choice.
+    :func:`fastseq.ops.decoder_step.naive.gru_context_cell_backward`), run in the
+    Python loop; both None: the registry's loop (:data:`BACKWARD_LOOP`).
     """
     B, T, H2 = states.shape
     H, A = H2 // 2, energy.shape[0]
@@ -184,6 +204,26 @@ def luong_decode_backward(
     if T == 0:
         return (h0.new_zeros((B, 0, 3 * H)), torch.zeros_like(h0), d_keys, d_values, torch.zeros_like(w_cat),
                 d_batt, d_bhh, d_energy, d_w_ia)
+    args = (grad_states, grad_weights, h0, proj_keys, proj_values, w_cat, energy, w_ia, states, weights, gates,
+            queries, has_att_bias, has_bias)
+    if attention is None and cell is None:
+        return registry.implementation(BACKWARD_LOOP, proj_values, {"B": B, "S": proj_keys.shape[1]})(*args)
+    return _python_backward(*args, attention=attention, cell=cell)
+
+
+def _python_backward(
+    grad_states: Optional[Tensor], grad_weights: Optional[Tensor], h0: Tensor, proj_keys: Tensor,
+    proj_values: Tensor, w_cat: Tensor, energy: Tensor, w_ia: Tensor, states: Tensor, weights: Tensor,
+    gates: Tensor, queries: Tensor, has_att_bias: bool, has_bias: bool,
+    attention: Optional[Callable] = None, cell: Optional[Callable] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward loop in Python (T >= 1): the reference and Triton backends' implementation."""
+    B, T, H2 = states.shape
+    H, A = H2 // 2, energy.shape[0]
+    d_keys, d_values = torch.zeros_like(proj_keys), torch.zeros_like(proj_values)
+    d_energy, d_w_ia = torch.zeros_like(energy), torch.zeros_like(w_ia)
+    d_batt = w_cat.new_zeros((H,)) if has_att_bias else w_cat.new_empty((0,))
+    d_bhh = w_ia.new_zeros((3 * H,)) if has_bias else w_ia.new_empty((0,))
     # Step-major copies, so that every step's slice is contiguous.
     st = states.transpose(0, 1).contiguous()  # [T, B, 2H]: [s_i; a_i], i = 1..T
     ss, aa = st[:, :, :H], st[:, :, H:]
@@ -208,7 +248,7 @@ def luong_decode_backward(
             dx = torch.ops.aten.tanh_backward(da, aa[t])  # da (1 - a^2): through a = tanh(x), one kernel
         q = queries[t].unsqueeze(1)
         if attention is None:
-            attention = attention_op._impl(attention_op.BACKWARD, q, proj_keys, proj_values)
+            attention = attention_op.implementation(attention_op.BACKWARD, q, proj_keys, proj_values)
         dq, dk, dv, de = attention(dx.unsqueeze(1), None if gw is None else gw[t].unsqueeze(1), q, proj_keys,
                                    proj_values, energy, ws[t].unsqueeze(1))
         dp = torch.cat([dq.squeeze(1), dx, dgh], 1)
@@ -222,7 +262,7 @@ def luong_decode_backward(
         s_prev = s0 if t == 0 else ss[t - 1]
         a_prev = a0 if t == 0 else aa[t - 1]
         if cell is None:
-            cell = step_op._impl(step_op.BACKWARD, gates, s_prev, a_prev)
+            cell = step_op.implementation(step_op.BACKWARD, gates, s_prev, a_prev)
         dgi, da, dw, dgh, db, ds = cell(ds, gates[t], s_prev, a_prev, w_ia, has_bias)
         d_gi[t] = dgi
         d_w_ia.add_(dw)
@@ -237,6 +277,13 @@ def luong_decode_backward(
     d_h0 = torch.cat([d_s0, da], 1)
     return (torch.stack(d_gi, 1), d_h0, d_keys, d_values, d_w_cat.to(w_cat.dtype), d_batt, d_bhh, d_energy,
             d_w_ia)
+
+
+for _backend in ("reference", "triton"):
+    registry.register(LOOP, _backend, _python_forward)
+    registry.register(BACKWARD_LOOP, _backend, _python_backward)
+registry.register(LOOP, "cpp", cpp.loop_implementation("luong_gru_decode_forward"))
+registry.register(BACKWARD_LOOP, "cpp", cpp.loop_implementation("luong_gru_decode_backward"))
 
 
 @torch.library.custom_op(f"fastseq::{OP}", mutates_args=())

@@ -40,7 +40,7 @@ from fastseq.ops.attention import additive_attention
 from fastseq.ops.decoder_step import cpp, naive
 
 __all__ = ["StepWeights", "attention_gru_step", "check_step_weights", "step_sizes", "gru_context_cell", "gru_context_cell_op",
-           "gru_context_cell_backward_op"]
+           "gru_context_cell_backward_op", "implementation"]
 
 FORWARD, BACKWARD = "gru_context_cell", "gru_context_cell_backward"
 
@@ -62,9 +62,11 @@ registry.register(BACKWARD, "triton", Implementation(
     load=lambda: (_triton().gru_context_cell_backward, _triton().limits)))
 
 
-def _impl(op: str, t: Tensor, h: Tensor, context: Tensor, *strided: Tensor):
-    """The implementation of ``op`` for these inputs (``strided``: the row-strided
-    ones the kernels read in place); a shape a fused backend cannot take falls back."""
+def implementation(op: str, t: Tensor, h: Tensor, context: Tensor, *strided: Tensor):
+    """The registered implementation of ``op`` (:data:`FORWARD` or :data:`BACKWARD`) that
+    runs for these inputs (``strided``: the row-strided ones the kernels read in
+    place); a shape a fused backend cannot take falls back. The decoder loops call
+    it once per sequence and then call the implementation at every step."""
     def sizes():
         B, H = h.shape
         return {"B": B, "H": H, "D": context.shape[1],
@@ -79,7 +81,7 @@ def gru_context_cell_op(
     save_gates: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Unchecked op; see :func:`.naive.gru_context_cell_forward`."""
-    return _impl(FORWARD, gi, h, context, gi, gh)(gi, context, w_ic, gh, b_hh, h, save_gates)
+    return implementation(FORWARD, gi, h, context, gi, gh)(gi, context, w_ic, gh, b_hh, h, save_gates)
 
 
 @gru_context_cell_op.register_fake
@@ -93,7 +95,7 @@ def gru_context_cell_backward_op(
     grad_h: Tensor, gates: Tensor, h: Tensor, context: Tensor, w_ic: Tensor, has_bias: bool
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of ``gru_context_cell``: grads w.r.t. gi, context, w_ic, gh, b_hh ([0] without bias), h."""
-    return _impl(BACKWARD, gates, h, context)(grad_h, gates, h, context, w_ic, has_bias)
+    return implementation(BACKWARD, gates, h, context)(grad_h, gates, h, context, w_ic, has_bias)
 
 
 @gru_context_cell_backward_op.register_fake
@@ -173,7 +175,7 @@ def gru_context_cell(gi: Tensor, context: Tensor, w_ic: Tensor, gh: Tensor,
         validation.like(name, t, gi, "gi")
     save = needs_grad(gi, context, w_ic, gh, b_hh, h)
     if not save and direct_call_ok():
-        return _impl(FORWARD, gi, h, context, gi, gh)(gi, context, w_ic, gh, b_hh, h, False)[0]
+        return implementation(FORWARD, gi, h, context, gi, gh)(gi, context, w_ic, gh, b_hh, h, False)[0]
     return gru_context_cell_op(gi, context, w_ic, gh, b_hh, h, save)[0]
 
 
