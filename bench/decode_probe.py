@@ -167,7 +167,8 @@ def main(argv=None) -> Dict:
             for impl in args.impls.split(","):
                 results.extend(measure(backend, size, impl, args.rounds))
     doc = {
-        "what": "host time per teacher-forced decoder step: T x attention_gru_step vs one attention_gru_decode (its loop in C++ on the cpp backend, or in Python) vs one luong_gru_decode (same)",
+        "what": "host time per teacher-forced decoder step: T x attention_gru_step vs one attention_gru_decode "
+                "(its loop in C++ on the cpp backend, or in Python) vs one luong_gru_decode (same)",
         "command": "OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/decode_probe.py " + " ".join(argv or sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),

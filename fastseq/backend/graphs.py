@@ -1,4 +1,5 @@
-"""One decoding step as a replayed CUDA graph: the host cost of a step is one graph launch.
+"""Replayed CUDA graphs: a decoding step (:class:`StepGraph`) and a whole teacher-forced
+decoder loop (:class:`GraphCache`) cost one graph launch of host time.
 
 A decoder step launches a handful of kernels (a GEMM, the attention, the GRU
 cell, the output layer, a log-softmax), each through its host path: 20-50 us of
@@ -21,14 +22,15 @@ the host, e.g. ``.item()``, cannot be captured); a fallback warns once.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Tuple, Union
+from collections import OrderedDict
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from fastseq.backend import warn
 
-__all__ = ["StepGraph", "enabled_by_default"]
+__all__ = ["GraphCache", "StepGraph", "enabled_by_default"]
 
 Outputs = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -100,3 +102,116 @@ class StepGraph:
             return self.fn(*inputs)
         self.graph, self._inputs, self._outputs, self._signature = graph, static, outputs, _signature(inputs)
         return self(*inputs)
+
+
+def _arg_key(x):
+    if isinstance(x, Tensor):
+        return (tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+    return x
+
+
+class GraphCache:
+    """``fn`` replayed from a CUDA graph captured per argument signature, for whole-sequence ops.
+
+    The teacher-forced decoder loops (``csrc/cpu/decode.cpp``) launch a few kernels per
+    step from one C++ call; captured, a call is one ``cudaGraphLaunch`` whatever T is:
+    0 host time per step. Training batches are bucketed by length, so their shapes
+    repeat; a signature (every tensor's shape, strides, dtype and device, and every
+    other argument's value) is captured the ``min_calls``-th time it is seen (the
+    first calls run directly: they also warm up cuBLAS and the allocator), and at most
+    ``max_graphs`` graphs are kept (least recently used evicted, its memory freed).
+
+    A replay copies the tensor arguments into the graph's static inputs and returns
+    **clones** of its static outputs (autograd keeps them past the next replay). It
+    calls ``fn`` directly on CPU tensors, when disabled, inside another capture, for a
+    signature whose capture failed (warned once), and while fewer than ``min_calls``
+    calls have seen it. Opt-in like :class:`StepGraph` (``FASTSEQ_CUDA_GRAPHS=1`` or
+    ``enabled=True``) until a GPU run has compared it with the direct launches
+    (tests/test_gpu.py).
+
+    Args:
+        fn: a function of tensors, None and plain values returning a tuple of tensors,
+            whose launches depend only on the signature and which waits for nothing on
+            the host (no ``.item()``), e.g. the C++ decoder loops.
+        name: for the warning.
+        max_graphs: graphs kept (>= 1).
+        min_calls: calls of a signature before it is captured (>= 1).
+        enabled: None: :func:`enabled_by_default`.
+    """
+
+    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, max_graphs: int = 16, min_calls: int = 2,
+                 enabled: Optional[bool] = None):
+        if max_graphs < 1 or min_calls < 1:
+            raise ValueError(f"GraphCache: max_graphs and min_calls must be >= 1, got {max_graphs}, {min_calls}")
+        self.fn, self.name, self.max_graphs, self.min_calls = fn, name, max_graphs, min_calls
+        self.enabled = enabled_by_default() if enabled is None else bool(enabled)
+        self._graphs: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (graph, static args, static outputs)
+        self._seen: Dict[tuple, int] = {}
+        self._failed: Dict[tuple, str] = {}
+        self.captures = self.replays = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, *args) -> Tuple[Tensor, ...]:
+        first = next((a for a in args if isinstance(a, Tensor)), None)
+        if not self.enabled or first is None or not self._graphable(first):
+            return self.fn(*args)
+        key = tuple(_arg_key(a) for a in args)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if key in self._failed:
+                return self.fn(*args)
+            if len(self._seen) >= 4096:  # many one-off shapes: forget the counts, keep memory bounded
+                self._seen.clear()
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < self.min_calls:
+                return self.fn(*args)
+            entry = self._capture(key, args)
+            if entry is None:
+                return self.fn(*args)
+        self._graphs.move_to_end(key)
+        graph, static, outputs = entry
+        for st, a in zip(static, args):
+            if isinstance(st, Tensor) and st.data_ptr() != a.data_ptr():
+                st.copy_(a)
+        graph.replay()
+        self.replays += 1
+        with torch.no_grad():
+            return tuple(o.clone() for o in outputs)
+
+    def _graphable(self, first: Tensor) -> bool:
+        """A CUDA tensor, outside another capture (tests replace this off the GPU)."""
+        return first.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+    def _new_graph(self, static: tuple):
+        """Capture ``fn(*static)``: the graph and its outputs (tests replace this off the GPU).
+        One run on a side stream first, as :class:`StepGraph` does."""
+        side = torch.cuda.Stream(device=next(a for a in static if isinstance(a, Tensor)).device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(*static)
+        return graph, outputs
+
+    def _capture(self, key: tuple, args: tuple):
+        with torch.no_grad():
+            static = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+        try:
+            graph, outputs = self._new_graph(static)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to direct launches
+            self._failed[key] = f"{type(exc).__name__}: {exc}"
+            warn.warn_once(f"cuda-graph-capture:{self.name}",
+                           f"fastseq: CUDA graph capture of {self.name} failed ({self._failed[key][:200]}); "
+                           f"running its kernels directly for that shape")
+            return None
+        self._seen.pop(key, None)
+        if len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+            self.evictions += 1
+        self._graphs[key] = (graph, static, tuple(outputs))
+        self.captures += 1
+        return self._graphs[key]

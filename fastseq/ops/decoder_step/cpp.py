@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from fastseq.backend import extension, limits as backend_limits
+from fastseq.backend import extension, graphs, limits as backend_limits
 from fastseq.backend.registry import Implementation
 from fastseq.ops.attention import cpp as attention_cpp
 
@@ -33,12 +33,14 @@ def loop_limits(sizes: Mapping[str, int]) -> Optional[backend_limits.Unsupported
 
 
 def loop_implementation(name: str) -> Implementation:
-    """The registry entry of the C++ loop ``name`` (one of the four below): loaded on first
-    use; a library built before the loops existed fails to load it, and the registry
-    runs the Python loop instead (one warning)."""
+    """The registry entry of the C++ loop ``name`` (one of the four below), wrapped in a
+    :class:`fastseq.backend.graphs.GraphCache` (on CUDA with ``FASTSEQ_CUDA_GRAPHS=1``
+    each call of a repeated shape is one graph launch; otherwise the loop runs directly).
+    Loaded on first use; a library built before the loops existed fails to load it,
+    and the registry runs the Python loop instead (one warning)."""
     def load():
         getattr(extension.load(), name)  # AttributeError if this build lacks the op
-        return globals()[name], loop_limits
+        return graphs.GraphCache(globals()[name], f"fastseq_cpp::{name}"), loop_limits
 
     return Implementation(load=load, limited_devices=("cuda",))
 

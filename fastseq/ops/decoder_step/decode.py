@@ -44,7 +44,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.backend import alloc, registry, selection
+from fastseq.backend import alloc, graphs, registry, selection
 from fastseq.backend.registry import direct_call_ok, needs_grad
 from fastseq.ops import validation
 from fastseq.ops.attention import op as attention_op
@@ -216,9 +216,12 @@ def _python_backward(
     return torch.stack(d_gi, 1), dh, d_keys, d_values, d_w_cat, d_b, d_energy, d_w_ic
 
 
+# Each loop is one call per sequence, so on CUDA with FASTSEQ_CUDA_GRAPHS=1 a repeated shape
+# replays it as one CUDA graph (:class:`fastseq.backend.graphs.GraphCache`).
 for _backend in ("reference", "triton"):
-    registry.register(LOOP, _backend, _python_forward)
-    registry.register(BACKWARD_LOOP, _backend, _python_backward)
+    registry.register(LOOP, _backend, graphs.GraphCache(_python_forward, f"attention_gru_decode ({_backend})"))
+    registry.register(BACKWARD_LOOP, _backend,
+                      graphs.GraphCache(_python_backward, f"attention_gru_decode_backward ({_backend})"))
 registry.register(LOOP, "cpp", cpp.loop_implementation("attention_gru_decode_forward"))
 registry.register(BACKWARD_LOOP, "cpp", cpp.loop_implementation("attention_gru_decode_backward"))
 

@@ -60,7 +60,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastseq.backend import alloc, registry, selection
+from fastseq.backend import alloc, graphs, registry, selection
 from fastseq.backend.registry import direct_call_ok, needs_grad
 from fastseq.ops import validation
 from fastseq.ops.attention import op as attention_op
@@ -279,9 +279,12 @@ def _python_backward(
             d_w_ia)
 
 
+# Each loop is one call per sequence, so on CUDA with FASTSEQ_CUDA_GRAPHS=1 a repeated shape
+# replays it as one CUDA graph (:class:`fastseq.backend.graphs.GraphCache`).
 for _backend in ("reference", "triton"):
-    registry.register(LOOP, _backend, _python_forward)
-    registry.register(BACKWARD_LOOP, _backend, _python_backward)
+    registry.register(LOOP, _backend, graphs.GraphCache(_python_forward, f"luong_gru_decode ({_backend})"))
+    registry.register(BACKWARD_LOOP, _backend,
+                      graphs.GraphCache(_python_backward, f"luong_gru_decode_backward ({_backend})"))
 registry.register(LOOP, "cpp", cpp.loop_implementation("luong_gru_decode_forward"))
 registry.register(BACKWARD_LOOP, "cpp", cpp.loop_implementation("luong_gru_decode_backward"))
 

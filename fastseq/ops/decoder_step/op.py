@@ -39,8 +39,8 @@ from fastseq.ops import validation
 from fastseq.ops.attention import additive_attention
 from fastseq.ops.decoder_step import cpp, naive
 
-__all__ = ["StepWeights", "attention_gru_step", "check_step_weights", "step_sizes", "gru_context_cell", "gru_context_cell_op",
-           "gru_context_cell_backward_op", "implementation"]
+__all__ = ["StepWeights", "attention_gru_step", "check_step_weights", "step_sizes", "gru_context_cell",
+           "gru_context_cell_op", "gru_context_cell_backward_op", "implementation"]
 
 FORWARD, BACKWARD = "gru_context_cell", "gru_context_cell_backward"
 
