@@ -154,6 +154,50 @@ def measure(backend: str, size: str, impl: str, rounds: int) -> List[Dict]:
     return out
 
 
+class _NoopGraph:
+    """Stands in for a captured CUDA graph whose replay costs nothing here: what is left of a
+    :class:`fastseq.backend.graphs.GraphCache` call is its own host work (the signature, the
+    lookup, the input copies and the output clones, on CPU tensors)."""
+
+    def replay(self):
+        pass
+
+
+def graph_cache_overhead(rounds: int) -> List[Dict]:
+    """Host time of one GraphCache call around the Bahdanau C++ loop (tiny and small sizes),
+    with the graph's replay replaced by a no-op: per call, not per step."""
+    from fastseq.backend import graphs
+    from fastseq.ops.decoder_step import cpp
+
+    class Probe(graphs.GraphCache):
+        def _graphable(self, first):
+            return True
+
+        def _new_graph(self, static):
+            return _NoopGraph(), self.fn(*static)
+
+    out = []
+    for size, cfg in SIZES.items():
+        gi, h0, keys, values, w, mask, StepWeights = _inputs(**cfg)
+        sw = StepWeights.build(*w)
+        args = [t.detach() for t in (gi, h0, keys, values, sw.w_cat, sw.b_hh)] + [
+            sw.energy.detach().reshape(-1), sw.w_ic.detach(), mask, None, True]
+        cache = Probe(cpp.attention_gru_decode_forward, "probe", min_calls=1, enabled=True)
+        fresh = [a.clone() if isinstance(a, torch.Tensor) and i in (0, 1) else a for i, a in enumerate(args)]
+
+        def call():
+            t0 = time.perf_counter()
+            cache(*fresh)  # gi_emb and h0 at new addresses (copied), the rest in place
+            return (time.perf_counter() - t0) * 1e6
+
+        us = _median_us(call, rounds * 20)
+        out.append({"size": size, **cfg, "case": "graph-cache-call-noop-replay", "median_us_per_call":
+                    statistics.median(us), "min_us_per_call": min(us), "rounds": rounds * 20})
+        print(f"[decode] GraphCache call, no-op replay, {size}: median {statistics.median(us):.2f} us/call "
+              f"(min {min(us):.2f})", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="write the JSON here")
@@ -166,6 +210,8 @@ def main(argv=None) -> Dict:
         for size in SIZES:
             for impl in args.impls.split(","):
                 results.extend(measure(backend, size, impl, args.rounds))
+    if "cpp" in args.backends.split(","):
+        results.extend(graph_cache_overhead(args.rounds))
     doc = {
         "what": "host time per teacher-forced decoder step: T x attention_gru_step vs one attention_gru_decode "
                 "(its loop in C++ on the cpp backend, or in Python) vs one luong_gru_decode (same)",
