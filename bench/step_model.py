@@ -24,6 +24,11 @@ same gate math.
 ``mma.sync`` operands, so no W traffic at all per step; a grid barrier, each block's
 copy of ``h_{t-1}`` from L2, the tensor-core product, the partial sums of the warps'
 K slices through shared memory, and the same gate math.
+
+:func:`mma_backward_step`: the CUDA tensor-core persistent backward (the same file,
+bench/NOTES.md v0.13): W_hh^T in shared memory, so per step a grid barrier, each
+block's copy of ``dG[t]`` from L2, the W^T tiles and the partial sums through shared
+memory, the tensor-core product, and the gate-gradient math.
 """
 from __future__ import annotations
 
@@ -41,6 +46,8 @@ SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth of one SM (32 banks x 4 B)
 TENSOR_FLOPS_PER_SM = 989e12 / 132  # dense bf16 wgmma peak per SM (H100/H200 SXM)
 MMA_SYNC_FRACTION = 0.5  # mma.sync (HMMA.16816) reaches this share of the wgmma peak (assumption)
 CUDNN_LSTM_B16_H768_S = 1.96e-6  # FlashRNN's nn.LSTM (cuDNN) bf16 forward, B 16, H 768, T 1024, H100
+# The same benchmark's forward + backward, 5.19 ms, less the forward's 2.01 ms, over T = 1024 steps.
+CUDNN_LSTM_B16_H768_BWD_S = (5.19e-3 - 2.01e-3) / 1024
 
 
 def step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
@@ -191,6 +198,65 @@ def mma_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64
     return lines
 
 
+def mma_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
+    """The modelled backward step of the CUDA tensor-core persistent backward, every term in seconds.
+
+    Blocks as ``recurrence_persistent_mma_backward_plan`` picks them by default: 16
+    hidden units each (``ctas = cdiv(H, 16)``, one 16-row tile of W_hh^T), 8 warps
+    splitting ``kt = cdiv(G·H, 16)`` k-tiles, ``Bp = cdiv(B, 16)·16``.
+
+    * ``barrier_s``: :data:`BARRIER_S`, one per step (between phase 1 and the product);
+    * ``l2_s``: each block's read of the whole ``dG[t]`` operand (``Bp x Kp``, ``elem``
+      bytes, ``Kp = kt·16``) and its units' phase-1 traffic (grad_hs, the saved gates, the
+      previous h / c in; dh, dc in and out; dG in fp32, grad_gi and the operand out), over
+      the per-CTA L2 rate of :func:`mma_step`;
+    * ``smem_w_s``: the W^T tiles read from shared memory, once per 64 batch rows
+      (``16·Kp·elem·cdiv(Bp, 64)``), plus the partial sums (``warps·16·Bp`` fp32 stored,
+      ``warps·units·B`` read), over :data:`SMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ`;
+    * ``mma_s``: ``2·16·Bp·Kp`` FLOP at :data:`MMA_SYNC_FRACTION` of :data:`TENSOR_FLOPS_PER_SM`;
+    * ``gates_s``: :data:`GATES_S` (phase 1's gate-gradient math).
+
+    Added, not overlapped, as in :func:`mma_step`.
+    """
+    G = 3 if kind == "gru" else 4
+    units = min(H, 16)
+    ctas = -(-H // units)
+    kt = -(-(G * H) // 16)
+    kpw = -(-kt // 8)
+    warps = -(-kt // kpw)
+    bp, kp = -(-B // 16) * 16, kt * 16
+    dg_op = bp * kp * elem
+    phase1 = B * units * (elem + (G + 1) * elem + elem + 2 * 4 + 2 * 4 + G * 4 + 2 * G * elem)
+    per_cta_bw = min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)
+    l2_s = (dg_op + phase1) / per_cta_bw
+    smem_bytes = 16 * kp * elem * -(-bp // 64) + warps * 16 * bp * 4 + warps * units * B * 4
+    smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
+    mma_s = 2 * 16 * bp * kp / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
+    step_s = BARRIER_S + l2_s + smem_s + mma_s + GATES_S
+    return {"ctas": ctas, "units": units, "k_tiles_per_warp": kpw, "warps": warps, "dg_op_bytes": dg_op,
+            "smem_bytes": smem_bytes, "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s,
+            "gates_s": GATES_S, "step_s": step_s}
+
+
+def mma_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)),
+                       T: int = 128) -> List[str]:
+    """The NOTES v0.13 table of :func:`mma_backward_step` (bf16)."""
+    lines = ["| layer | B | H | blocks × units (k-tiles per warp) | barrier µs | L2 µs (dG operand KB) | "
+             f"W^T + partial sums from smem µs | MMA µs | gates µs | **step µs** | T = {T} backward, ms "
+             "| ÷ cuDNN's 3.1 µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("gru", "lstm"):
+        for B, H in sizes:
+            m = mma_backward_step(kind, B, H)
+            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_BWD_S:.2f}×**"
+                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} × {m['units']} ({m['k_tiles_per_warp']}) | "
+                         f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} ({m['dg_op_bytes'] / 1024:.0f}) | "
+                         f"{m['smem_s'] * 1e6:.2f} | {m['mma_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
+                         f"**{m['step_s'] * 1e6:.2f}** | {m['step_s'] * T * 1e3:.2f} | {vs} |")
+    return lines
+
+
 def table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)), T: int = 128) -> List[str]:
     lines = ["| layer | B | H | tile (rows × units), warps | CTAs | L2 MB (W_hh + state + rest) | L2 µs | step µs "
              f"| T = {T} forward, ms |", "|---|---|---|---|---|---|---|---|---|"]
@@ -211,3 +277,5 @@ if __name__ == "__main__":
     print("\n".join(resident_table()))
     print()
     print("\n".join(mma_table()))
+    print()
+    print("\n".join(mma_backward_table()))

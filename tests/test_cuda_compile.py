@@ -175,11 +175,12 @@ def _cuobjdump() -> Optional[str]:
 
 
 def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
-    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 24 kernels (GRU / LSTM, float16 /
-    bfloat16, 1-2 W tiles of 16 rows, 2 / 4 / 8 k-tiles per warp) hold W_hh in registers
-    without spilling (no stack frame, no spill bytes, <= 255 registers); and, where a cuobjdump
-    is found, each kernel's SASS has tensor-core MMAs (HMMA.16816.F32, .BF16 for bfloat16)
-    and no local-memory load or store (LDL / STL)."""
+    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 32 kernels -- 24 forwards (GRU / LSTM,
+    float16 / bfloat16, 1-2 W tiles of 16 rows, 2 / 4 / 8 k-tiles per warp) that hold W_hh in
+    registers, 8 backwards (GRU / LSTM, float16 / bfloat16, 1-2 W^T tiles) -- compile without
+    spilling (no stack frame, no spill bytes, <= 255 registers); and, where a cuobjdump is
+    found, each kernel's SASS has tensor-core MMAs (HMMA.16816.F32, .BF16 for bfloat16) and
+    no local-memory load or store (LDL / STL)."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (not on PATH, nor in $CUDA_HOME/bin or /usr/local/cuda/bin)")
@@ -191,13 +192,14 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     assert proc.returncode == 0, "nvcc failed\n" + _report(cmd, proc)
     info = proc.stdout + proc.stderr
     entries = re.findall(r"Compiling entry function '([^']+)'", info)
-    assert len(entries) == 24, f"expected 24 kernels, got {len(entries)}\n{info}"
+    assert len(entries) == 32, f"expected 32 kernels, got {len(entries)}\n{info}"
+    assert sum("mma_bwd_kernel" in e for e in entries) == 8, entries
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
-    assert len(frames) == len(regs) == 24, info
+    assert len(frames) == len(regs) == 32, info
     assert all(f == ("0", "0", "0") for f in frames), "stack frame or spills\n" + info
     assert max(regs) <= 255, info
-    print(f"ptxas sm_90: 24 kernels, registers {min(regs)}..{max(regs)}, no spills")
+    print(f"ptxas sm_90: 32 kernels, registers {min(regs)}..{max(regs)}, no spills")
     tool = _cuobjdump()
     if tool is None:
         print("no cuobjdump found: SASS not checked")
@@ -205,7 +207,7 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     sass = _run([tool, "-sass", str(obj)], tmp_path)
     assert sass.returncode == 0, sass.stderr
     funcs = re.split(r"\n\s+Function : ", sass.stdout)[1:]
-    assert len(funcs) == 24, f"cuobjdump listed {len(funcs)} functions"
+    assert len(funcs) == 32, f"cuobjdump listed {len(funcs)} functions"
     for f in funcs:
         name, body = f.split("\n", 1)
         want = "HMMA.16816.F32.BF16" if "bfloat16" in name else "HMMA.16816.F32 "
@@ -551,6 +553,7 @@ def test_emulated_persistent_backward(emu, cell, dt_name, monkeypatch):
     dt = getattr(torch, dt_name)
     gen = torch.Generator().manual_seed(8)
     monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_MMA", "0")  # the shared-memory kernel (the next test: MMA)
     half = dt_name in ("float16", "bfloat16")
     grids = [(1, 7, 6), (3, 7, 6), (6, 7, 6), (8, 5, 6), (1, 40, 9)] if not half else [(3, 7, 6), (8, 5, 6)]
     for k, (blocks, H, B) in enumerate(grids):
@@ -570,6 +573,67 @@ def test_emulated_persistent_backward(emu, cell, dt_name, monkeypatch):
                 assert emu.emulated_grid_syncs() - before == T, f"{tag}: grid barriers crossed"
                 _all_close(got, _persistent_backward(R, cell, case, fwd, grads, bias), dt_name,
                            f"persistent backward {tag}")
+
+
+# (blocks or None for the default, H, B): the default grid (16-unit blocks: H = 40 -> 3 blocks, the
+# last with 8 units); one block of 7 units; blocks that own no unit; 2 W^T tiles (20 units, one
+# block) with two 16-row batch tiles; 7-unit blocks with two k-tiles per warp (K = G * H = 135 / 180
+# -> 9 / 12 k-tiles over 8 warps) and one with 3 (LSTM H = 100 on 4 blocks: 25 k-tiles).
+_MMA_BWD_GRIDS = ((None, 40, 6), (1, 7, 6), (8, 5, 6), (1, 20, 20), (7, 45, 4), (4, 100, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
+    """The tensor-core persistent backward (csrc/cuda/persistent_mma_kernels.cu: W_hh^T in
+    shared memory, dG[t] in the storage dtype, the emulation's wmma) against the reference
+    backward on the reference forward's outputs, at the grids of _MMA_BWD_GRIDS, lengths with
+    0 and 1 or none, bias or not, T = 4 and 1. Every launch must cross T grid barriers and run
+    exactly T * (blocks that own units) * ceil(G * H / 16) * ceil(units / 16) * ceil(B / 16)
+    warp MMAs (the tiles of kernels.h; no fallback to the shared-memory kernel)."""
+    import torch
+    from fastseq.ops.recurrence import naive as R
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(13)
+    G = 3 if cell == "gru" else 4
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+    for k, (blocks, H, B) in enumerate(_MMA_BWD_GRIDS):
+        if blocks is None:
+            monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", raising=False)
+        else:
+            monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", str(blocks))
+        units = -(-H // blocks) if blocks else min(H, 16)
+        owning = -(-H // units)
+        lengths_cases = (torch.tensor([3, 4, 1, 4, 2, 0, 1, 2, 3, 4, 4, 1, 3, 2, 2, 1, 3, 4, 4, 2][:B]), None)
+        for T in (4, 1):
+            for i, lengths in enumerate(lengths_cases):
+                bias = (i + k) % 2 == 0
+                case = _persistent_case(cell, dt, gen, T, B, H, bias, lengths)
+                fwd = _reference_forward(cell, case, True)
+                grads = [(torch.randn(T, B, H, generator=gen)).to(dt) for _ in range(2)]
+                tag = (f"{cell} {dt_name} blocks={blocks} H={H} B={B} T={T} bias={bias} "
+                       f"lengths={lengths is not None}")
+                syncs, mmas = emu.emulated_grid_syncs(), emu.emulated_mma_count()
+                got = _persistent_backward(emu, cell, case, fwd, grads, bias)
+                assert emu.emulated_grid_syncs() - syncs == T, f"{tag}: grid barriers crossed"
+                want_mmas = T * owning * (-(-G * H // 16)) * (-(-units // 16)) * (-(-B // 16))
+                assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
+                _all_close(got, _persistent_backward(R, cell, case, fwd, grads, bias), dt_name,
+                           f"mma persistent backward {tag}")
+    # It can fail: without the grid barrier, blocks read dG[t] before the others wrote it.
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", "3")
+    monkeypatch.setenv("FASTSEQ_CUDA_EMU_GRID_SYNC", "off")
+    case = _persistent_case(cell, dt, gen, 4, 5, 20, True, None)
+    fwd = _reference_forward(cell, case, True)
+    grads = [(torch.randn(4, 5, 20, generator=gen)).to(dt) for _ in range(2)]
+    mmas = emu.emulated_mma_count()
+    got = _persistent_backward(emu, cell, case, fwd, grads, True)
+    assert emu.emulated_mma_count() > mmas
+    with pytest.raises(AssertionError):
+        _all_close(got, _persistent_backward(R, cell, case, fwd, grads, True), dt_name, "without a grid barrier")
 
 
 @pytest.mark.slow

@@ -43,11 +43,13 @@
 //   FASTSEQ_CUDA_PERSISTENT_BLOCKS=N (N > 0): the persistent kernel's grid size
 //     (default: one block per SM, at most H; the tensor-core kernel: the fewest
 //     blocks of at most 32 / G units).
-//   FASTSEQ_CUDA_PERSISTENT_MMA=1 (or unset): float16 / bfloat16 forwards use
-//     the tensor-core persistent kernel (persistent_mma_kernels.cu: W_hh in
-//     registers, products on tensor cores from h_{t-1} rounded to the storage
-//     dtype, float32 accumulation and state) where it applies, else the
-//     shared-memory one; 0: the shared-memory one (float32 products).
+//   FASTSEQ_CUDA_PERSISTENT_MMA=1 (or unset): float16 / bfloat16 forwards and
+//     backwards use the tensor-core persistent kernels (persistent_mma_kernels.cu:
+//     the forward with W_hh in registers, products on tensor cores from h_{t-1}
+//     rounded to the storage dtype; the backward with W_hh^T in shared memory,
+//     products from dG[t] rounded to the storage dtype; float32 accumulation and
+//     state) where they apply, else the shared-memory ones; 0: the shared-memory
+//     ones (float32 products).
 // The same choice for the dense backwards (gru_recurrence_backward,
 // lstm_recurrence_backward). The packed ops always run per step.
 //
@@ -362,7 +364,7 @@ int64_t persistent_blocks() {
 }
 
 // FASTSEQ_CUDA_PERSISTENT_MMA (see the top of this file): 0 keeps half-precision
-// forwards off the tensor-core persistent kernel.
+// forwards and backwards off the tensor-core persistent kernels.
 bool mma_enabled() {
   const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_MMA");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "1") == 0) return true;
@@ -388,10 +390,13 @@ RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_
   if (w_hh.scalar_type() != st) {
     plan.reason = "w_hh's dtype differs from the other inputs' (W_hh is kept in their dtype)";
   } else {
-    // Half-precision forwards: the tensor-core kernel (W_hh in registers) first.
+    // Half precision: the tensor-core kernels first (forward: W_hh in registers; backward:
+    // W_hh^T in shared memory).
     const bool half = st == at::kHalf || st == at::kBFloat16;
-    if (!backward && half && mma_enabled())
-      check_launch(recurrence_persistent_mma_plan(dtype_tag(st), G, B, H, blocks, &plan), op);
+    if (half && mma_enabled())
+      check_launch(backward ? recurrence_persistent_mma_backward_plan(dtype_tag(st), G, B, H, blocks, &plan)
+                            : recurrence_persistent_mma_plan(dtype_tag(st), G, B, H, blocks, &plan),
+                   op);
     if (plan.blocks == 0)
       check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
   }
@@ -472,6 +477,17 @@ void persistent_backward(const RecurrencePersistentPlan& plan, const Tensor& gra
   a.dg_s = dg_s.defined() ? dg_s.data_ptr() : nullptr;
   a.plan = plan;
   const DType tag = dtype_tag(grad_hs.scalar_type());
+  if (plan.m_tiles > 0) {  // the tensor-core kernel: dG[t] in the storage dtype, zero-padded to 16s
+    const int64_t G = lstm ? 4 : 3;
+    const int64_t rows = (a.B + 15) / 16 * 16, ld = (G * a.H + 15) / 16 * 16;
+    const Tensor dg_op = at::zeros({2, rows, ld}, grad_hs.options().dtype(w.scalar_type()));
+    a.dg_op = dg_op.data_ptr();
+    a.ld_op = ld;
+    a.rows_op = rows;
+    check_launch(lstm ? lstm_backward_persistent_mma(tag, a, stream) : gru_backward_persistent_mma(tag, a, stream),
+                 op);
+    return;
+  }
   check_launch(lstm ? lstm_backward_persistent(tag, a, stream) : gru_backward_persistent(tag, a, stream), op);
 }
 

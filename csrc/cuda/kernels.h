@@ -176,9 +176,10 @@ struct RecurrencePersistentPlan {
   int64_t batch_tile = 0;        // rows of h_{t-1} staged in shared memory at a time
   int64_t smem_bytes = 0;        // dynamic shared memory per block
   const char* reason = nullptr;  // why blocks == 0 (a static string)
-  // The tensor-core forward only (recurrence_persistent_mma_plan; 0 otherwise):
-  int64_t m_tiles = 0;           // 16-row tiles of the block's W_hh slice (G * units rows)
-  int64_t k_tiles_per_warp = 0;  // 16-column tiles of W_hh each warp holds in registers
+  // The tensor-core kernels only (recurrence_persistent_mma_plan, _mma_backward_plan; 0 otherwise):
+  int64_t m_tiles = 0;           // 16-row tiles of the block's W_hh slice (forward: G * units rows;
+                                 // backward: units rows of W_hh^T)
+  int64_t k_tiles_per_warp = 0;  // 16-column tiles each warp multiplies (forward: held in registers)
 };
 
 // Sizes the launch for `gates` = 3 (GRU) or 4 (LSTM) on the current device.
@@ -253,9 +254,38 @@ struct RecurrencePersistentBwd {
   void* dg;    // C [T, B, G*H] out: the gradient of h W_hh^T (GRU: dgh = (dr, dz, dn r); LSTM: dg)
   void* dg_s;  // S [T, B, G*H] out: grad_gi in the storage dtype (GRU: always; LSTM: or nullptr)
   RecurrencePersistentPlan plan;  // from recurrence_persistent_plan(..., backward = true, ...)
+  // The tensor-core backward only: the product's operand dG[t] in the storage dtype,
+  // S [2, rows_op, ld_op] zeros (the kernel writes dG[t] into [t & 1, :B, :G*H]);
+  // rows_op = B and ld_op = G*H rounded up to 16.
+  void* dg_op = nullptr;
+  int64_t ld_op = 0, rows_op = 0;
 };
 cudaError_t gru_backward_persistent(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
 cudaError_t lstm_backward_persistent(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
+
+// The tensor-core persistent backward (persistent_mma_kernels.cu): the contract of
+// gru/lstm_backward_persistent for float16 / bfloat16, with the recurrent product
+// dh[:, own units] += dG[t] W_hh[:, own units] on tensor cores (wmma 16 x 16 x 16,
+// float32 accumulation) from dG[t] rounded to the storage dtype (dg_op), as the
+// forward rounds h_{t-1}. Block k owns `units` (<= 32: m_tiles = ceil(units / 16)
+// tiles of 16 rows) hidden units and keeps W_hh^T's rows of them ([units, G*H],
+// zero-padded to 16 * m_tiles x ld_op) in SHARED memory: at K = G*H (4096 for an
+// LSTM of H = 1024) the fragments would not fit the registers, as the forward's
+// K = H ones do; each warp loads its k_tiles_per_warp tiles from shared memory at
+// every step (a 16-unit block's slice is at most 200 KB; the smem read is
+// ~0.2-0.3 us per step at H = 768-1024). Phase 1 of each step is the
+// shared-memory kernel's (persistent_common.cuh: persistent_backward_element),
+// which also writes dg_op; then a grid barrier; then the products, the 8 warps'
+// partial sums meeting in shared memory. Applies when: float16 / bfloat16, the
+// device is sm_80 or later and launches cooperatively, units = ceil(H / blocks)
+// <= 32 (blocks defaults to ceil(H / 16): 16-unit blocks, the fewest that read
+// dG[t] each step with one 16-row tile), blocks <= the SM count, and the W^T
+// slice plus the partial sums (8 * 16 * m_tiles * rows_op floats) fit the
+// opt-in shared memory. Otherwise plan->blocks = 0 with the reason.
+cudaError_t recurrence_persistent_mma_backward_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
+                                                    RecurrencePersistentPlan* plan);
+cudaError_t gru_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
+cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
 
 #ifdef FASTSEQ_CUDA_HOST_EMULATION
 // Tests only: the grid barriers the emulated cooperative launches completed.

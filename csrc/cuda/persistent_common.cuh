@@ -1,10 +1,12 @@
 // What the persistent (whole-sequence, cooperative-launch) recurrence kernels
 // share: the grid barrier, the emulated device they plan for under the host
-// emulation, and the forward's per-element step epilogue (the gate formulas of
+// emulation, the forward's per-element step epilogue (the gate formulas of
 // gates.cuh applied to one (row, unit) pair, the lengths mask and the writes
-// of the step's outputs and state). Used by persistent_kernels.cu (W_hh in
-// shared memory, FMA products) and persistent_mma_kernels.cu (W_hh in
-// registers, tensor-core products); kernels.h has their contracts.
+// of the step's outputs and state) and the backward's per-element gate
+// gradients (phase 1 of a backward step). Used by persistent_kernels.cu (W_hh in
+// shared memory, FMA products) and persistent_mma_kernels.cu (tensor-core
+// products: the forward with W_hh in registers, the backward with W_hh^T in
+// shared memory); kernels.h has their contracts.
 #pragma once
 
 #include "common.cuh"
@@ -114,6 +116,75 @@ FASTSEQ_DEVICE void persistent_forward_element(const RecurrencePersistentFwd& a,
   h_next[b * H + j] = h_new;
   static_cast<S*>(a.hs)[o] = from_acc<S>(h_new);
   if (h_op_next != nullptr) h_op_next[b * a.ld_op + j] = from_acc<S>(h_new);
+}
+
+// One (row b, unit j) element of backward step t, phase 1: the gate gradients dG[t][b, g*H + j]
+// from the carried dh (dc) of this unit and the step's output gradients (the lengths mask:
+// a finished row passes dh, dc through and has zero gate gradients). Writes dg (compute
+// dtype: the gradient of h W_hh^T), dg_s (grad_gi in the storage dtype; the LSTM's may be
+// null), dh[b, j] (the GRU's direct part z * dh, the LSTM's 0: phase 2 adds dG[t] W_hh),
+// dc[b, j] and, when dg_op_row is not null, dG[t][b, :] in the storage dtype at
+// dg_op_row[g*H + j] (the tensor-core kernel's product operand).
+template <typename S, int G>
+FASTSEQ_DEVICE void persistent_backward_element(const RecurrencePersistentBwd& a, int64_t t, int64_t b, int64_t j,
+                                                S* dg_op_row) {
+  using C = acc_t<S>;
+  const int64_t B = a.B, H = a.H, GH = G * H;
+  const int64_t idx = b * H + j, o = t * B * H + idx;
+  const bool valid = a.lengths == nullptr || a.lengths[b] > t;
+  C* dh = static_cast<C*>(a.dh);
+  const C d = dh[idx] + ld(static_cast<const S*>(a.grad_hs) + o);
+  C* gd = static_cast<C*>(a.dg) + (t * B + b) * GH;
+  S* gs = a.dg_s != nullptr ? static_cast<S*>(a.dg_s) + (t * B + b) * GH : nullptr;
+  const S* g = static_cast<const S*>(a.gates) + (t * B + b) * 4 * H;
+  C grads[G];
+  if constexpr (G == 3) {
+    if (!valid) {
+      grads[0] = grads[1] = grads[2] = C(0);
+      gs[j] = gs[H + j] = gs[2 * H + j] = from_acc<S>(C(0));
+      dh[idx] = d;
+    } else {
+      const C hp = t > 0 ? ld(static_cast<const S*>(a.hs) + o - B * H) : static_cast<const C*>(a.h0)[idx];
+      const GruGateGrads<C> y = gru_gate_backward(d, ld(g + j), ld(g + H + j), ld(g + 2 * H + j), ld(g + 3 * H + j), hp);
+      gs[j] = from_acc<S>(y.dr);  // grad_gi
+      gs[H + j] = from_acc<S>(y.dz);
+      gs[2 * H + j] = from_acc<S>(y.dn);
+      grads[0] = y.dr;  // grad of h W_hh^T
+      grads[1] = y.dz;
+      grads[2] = y.dhn;
+      dh[idx] = y.dh;
+    }
+  } else {
+    C* dc = static_cast<C*>(a.dc);
+    const C dc_in = dc[idx] + ld(static_cast<const S*>(a.grad_cs) + o);
+    if (!valid) {
+      grads[0] = grads[1] = grads[2] = grads[3] = C(0);
+      dh[idx] = d;
+      dc[idx] = dc_in;
+    } else {
+      const S* cs = static_cast<const S*>(a.cs);
+      const C i = ld(g + j), f = ld(g + H + j), gg = ld(g + 2 * H + j), og = ld(g + 3 * H + j);
+      const C tc = tanh_(ld(cs + o));
+      const C cp = t > 0 ? ld(cs + o - B * H) : static_cast<const C*>(a.c0)[idx];
+      const LstmGateGrads<C> y = lstm_gate_backward(d, dc_in, i, f, gg, og, tc, cp);
+      grads[0] = y.di;
+      grads[1] = y.df;
+      grads[2] = y.dg;
+      grads[3] = y.d_o;
+      dh[idx] = C(0);
+      dc[idx] = y.dc;
+    }
+    if (gs != nullptr) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) gs[k * H + j] = from_acc<S>(grads[k]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < G; ++k) gd[k * H + j] = grads[k];
+  if (dg_op_row != nullptr) {
+#pragma unroll
+    for (int k = 0; k < G; ++k) dg_op_row[k * H + j] = from_acc<S>(grads[k]);
+  }
 }
 
 }  // namespace detail

@@ -146,72 +146,15 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_bwd_kernel(Rec
     wc[jj * GH + r] = w[r * H + j0 + jj];
   }
 
-  const S* grad_hs = static_cast<const S*>(a.grad_hs);
-  const S* grad_cs = static_cast<const S*>(a.grad_cs);
-  const S* gates = static_cast<const S*>(a.gates);
-  const S* hs = static_cast<const S*>(a.hs);
-  const S* cs = static_cast<const S*>(a.cs);
-  const C* h0 = static_cast<const C*>(a.h0);
-  const C* c0 = static_cast<const C*>(a.c0);
   C* dh = static_cast<C*>(a.dh);
-  C* dc = static_cast<C*>(a.dc);
-  C* dg = static_cast<C*>(a.dg);
-  S* dg_s = static_cast<S*>(a.dg_s);
+  const C* dg = static_cast<const C*>(a.dg);
 
   for (int64_t t = T - 1; t >= 0; --t) {
     __syncthreads();  // phase 2 of step t+1 (and the W_hh slice) written by this block's threads
     // phase 1: dG[t] of this block's units
     for (int64_t p = tid; p < B * nj; p += nthr) {
       const int64_t b = p / nj, j = j0 + (p - b * nj);
-      const int64_t idx = b * H + j, o = t * B * H + idx;
-      const bool valid = a.lengths == nullptr || a.lengths[b] > t;
-      const C d = dh[idx] + ld(grad_hs + o);
-      C* gd = dg + (t * B + b) * GH;
-      S* gs = dg_s != nullptr ? dg_s + (t * B + b) * GH : nullptr;
-      const S* g = gates + (t * B + b) * 4 * H;
-      if constexpr (G == 3) {
-        if (!valid) {
-          gd[j] = gd[H + j] = gd[2 * H + j] = C(0);
-          gs[j] = gs[H + j] = gs[2 * H + j] = from_acc<S>(C(0));
-          dh[idx] = d;
-          continue;
-        }
-        const C hp = t > 0 ? ld(hs + o - B * H) : h0[idx];
-        const detail::GruGateGrads<C> y =
-            detail::gru_gate_backward(d, ld(g + j), ld(g + H + j), ld(g + 2 * H + j), ld(g + 3 * H + j), hp);
-        gs[j] = from_acc<S>(y.dr);  // grad_gi
-        gs[H + j] = from_acc<S>(y.dz);
-        gs[2 * H + j] = from_acc<S>(y.dn);
-        gd[j] = y.dr;  // grad of h W_hh^T
-        gd[H + j] = y.dz;
-        gd[2 * H + j] = y.dhn;
-        dh[idx] = y.dh;
-      } else {
-        const C dc_in = dc[idx] + ld(grad_cs + o);
-        if (!valid) {
-          gd[j] = gd[H + j] = gd[2 * H + j] = gd[3 * H + j] = C(0);
-          if (gs != nullptr) gs[j] = gs[H + j] = gs[2 * H + j] = gs[3 * H + j] = from_acc<S>(C(0));
-          dh[idx] = d;
-          dc[idx] = dc_in;
-          continue;
-        }
-        const C i = ld(g + j), f = ld(g + H + j), gg = ld(g + 2 * H + j), og = ld(g + 3 * H + j);
-        const C tc = detail::tanh_(ld(cs + o));
-        const C cp = t > 0 ? ld(cs + o - B * H) : c0[idx];
-        const detail::LstmGateGrads<C> y = detail::lstm_gate_backward(d, dc_in, i, f, gg, og, tc, cp);
-        gd[j] = y.di;
-        gd[H + j] = y.df;
-        gd[2 * H + j] = y.dg;
-        gd[3 * H + j] = y.d_o;
-        if (gs != nullptr) {
-          gs[j] = from_acc<S>(y.di);
-          gs[H + j] = from_acc<S>(y.df);
-          gs[2 * H + j] = from_acc<S>(y.dg);
-          gs[3 * H + j] = from_acc<S>(y.d_o);
-        }
-        dh[idx] = C(0);
-        dc[idx] = y.dc;
-      }
+      detail::persistent_backward_element<S, G>(a, t, b, j, nullptr);
     }
     grid_sync();  // all of dG[t] written before any block reads it
     // phase 2: dh[:, own units] += dG[t] W_hh[:, own units]

@@ -1,7 +1,10 @@
-// The tensor-core persistent forward of the GRU and LSTM recurrences: one
-// cooperative launch runs all T steps of one layer and direction with W_hh held
-// in REGISTERS as warp-level MMA operands (kernels.h, "The tensor-core
-// persistent forward", for the contract and when it applies).
+// The tensor-core persistent forward and backward of the GRU and LSTM
+// recurrences: one cooperative launch runs all T steps of one layer and
+// direction, the forward with W_hh held in REGISTERS as warp-level MMA operands,
+// the backward with W_hh^T's rows of the block's units in shared memory
+// (kernels.h, "The tensor-core persistent forward" / "backward", for the
+// contracts and when they apply; the backward's work split is at
+// recurrence_persistent_mma_bwd_kernel).
 //
 // Why registers: the per-step product h_{t-1} W_hh^T is tiny (2 B G H^2 FLOP:
 // 38 MFLOP at B 16, H 768, LSTM) and the step is latency-bound. Re-reading W_hh
@@ -70,12 +73,18 @@ constexpr int kMmaWarps = kMmaThreads / 32;
 constexpr int64_t kMmaMaxRows = 32;      // W_hh rows per block: G * units <= 32 (m_tiles <= 2)
 constexpr int64_t kMmaMaxH = 1024;       // K tiles per warp <= 8
 constexpr int kTile = 16;
+constexpr int kBwdBatchTiles = 4;        // the backward's 16-row batch tiles per pass over W^T
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FASTSEQ_MMA_AVAILABLE 1
 #else
 #define FASTSEQ_MMA_AVAILABLE 0
 #endif
+
+// Bytes of the backward's W_hh^T slice in shared memory, rounded up to 16 (the partial sums follow).
+__host__ __device__ inline int64_t mma_bwd_slice_bytes(int64_t rows, int64_t cols, int64_t elem) {
+  return (rows * cols * elem + 15) / 16 * 16;
+}
 
 template <typename S, int G, int MT, int KPW>
 __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_kernel(RecurrencePersistentFwd a) {
@@ -176,21 +185,119 @@ auto kernel_for(int64_t m_tiles, int64_t kpw) -> void (*)(RecurrencePersistentFw
   return recurrence_persistent_mma_fwd_kernel<S, G, 2, 8>;
 }
 
+// The backward (t = T-1 .. 0; kernels.h, "The tensor-core persistent backward").
+// Block k owns units j in [k * units, (k + 1) * units) and keeps W_hh^T's rows of
+// them, w_s[jj][r] = W_hh[r][j0 + jj] for r < G*H, zero-padded to [16 * MT, ld_op],
+// in shared memory for all T steps. Per step:
+//   phase 1: dG[t] of its units for every row (persistent_backward_element: dg,
+//     dg_s, dh, dc and the product operand dg_op[t & 1] in the storage dtype);
+//   grid barrier: all of dG[t] written;
+//   phase 2: warp w multiplies its k-tiles [w * kpw, (w + 1) * kpw) of w_s (matrix_a,
+//     row major, loaded from shared memory once per 64 batch rows) by the
+//     matching 16 x 16 tiles of dG[t]^T (matrix_b, column major: dg_op rows are
+//     batch rows, from global memory / L2) for up to 4 tiles of 16 batch rows
+//     at a time, float32 accumulation in registers; the partial
+//     sums [16 * MT, rows_op] go to shared memory after the slice, and one thread
+//     per (unit jj, row b) adds the warps' sums to dh[b, j0 + jj].
+// One barrier per step is enough: phase 1 of step t-1 writes dg_op[(t-1) & 1],
+// not the dg_op[t & 1] that slower blocks may still read in phase 2 of step t,
+// and it cannot reach step t-2 (which rewrites dg_op[t & 1]) before every block
+// has passed the barrier of step t-1, i.e. finished phase 2 of step t. dh and dc
+// of a unit are read and written by its own block only (phase 2 of step t+1
+// before phase 1 of step t: the __syncthreads at the top of the loop).
+template <typename S, int G, int MT>
+__global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_kernel(RecurrencePersistentBwd a) {
+#if FASTSEQ_MMA_AVAILABLE
+  const int64_t T = a.T, B = a.B, H = a.H, GH = G * H;
+  const int64_t J = a.plan.units;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * J;
+  const int64_t nj = j0 < H ? (H - j0 < J ? H - j0 : J) : 0;  // units of this block
+  const int64_t Kp = a.ld_op, Bp = a.rows_op;                   // G*H and B rounded up to 16
+  constexpr int64_t MR = MT * kTile;                            // rows of the W_hh^T slice, padded
+  const int64_t kt = Kp / kTile;
+  const int64_t kpw = a.plan.k_tiles_per_warp;
+  const int warp = threadIdx.x / 32, tid = threadIdx.x, nthr = blockDim.x;
+  const int64_t k_first = warp * kpw;
+  const int64_t nk = kt - k_first < 0 ? 0 : (kt - k_first < kpw ? kt - k_first : kpw);
+  const int64_t active_warps = (kt + kpw - 1) / kpw;
+
+  FASTSEQ_DYNAMIC_SMEM(smem);
+  S* w_s = reinterpret_cast<S*>(smem);  // [MR, Kp]
+  float* red = reinterpret_cast<float*>(smem + mma_bwd_slice_bytes(MR, Kp, sizeof(S)));  // [active_warps][MR][Bp]
+  const S* w = static_cast<const S*>(a.w_hh);
+  for (int64_t idx = tid; idx < MR * Kp; idx += nthr) {
+    const int64_t jj = idx / Kp, r = idx - jj * Kp;
+    w_s[idx] = jj < nj && r < GH ? w[r * H + j0 + jj] : from_acc<S>(0.0f);
+  }
+  float* dh = static_cast<float*>(a.dh);
+  S* dg_op = static_cast<S*>(a.dg_op);
+
+  for (int64_t t = T - 1; t >= 0; --t) {
+    __syncthreads();  // phase 2 of step t+1 (and the slice) done by this block's threads
+    S* op_t = dg_op + (t & 1) * Bp * Kp;
+    for (int64_t p = tid; p < B * nj; p += nthr) {
+      const int64_t b = p / nj, j = j0 + (p - b * nj);
+      detail::persistent_backward_element<S, G>(a, t, b, j, op_t + b * Kp);
+    }
+    grid_sync();  // all of dG[t] written before any block reads it
+    if (nj == 0) continue;
+    if (warp < active_warps) {
+      // kBwdBatchTiles batch tiles at a time, so that each W^T tile is read from shared
+      // memory once per 16 * kBwdBatchTiles rows (once per step for B <= 64).
+      for (int64_t n0 = 0; n0 < Bp; n0 += kBwdBatchTiles * kTile) {
+        const int64_t nt = (Bp - n0) / kTile < kBwdBatchTiles ? (Bp - n0) / kTile : kBwdBatchTiles;
+        wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[MT][kBwdBatchTiles];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+#pragma unroll
+          for (int n = 0; n < kBwdBatchTiles; ++n) wmma::fill_fragment(acc[m][n], 0.0f);
+        }
+        for (int64_t kk = 0; kk < nk; ++kk) {
+          const int64_t k0 = (k_first + kk) * kTile;
+          wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, S, wmma::row_major> wa[MT];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(wa[m], w_s + m * kTile * Kp + k0, Kp);
+#pragma unroll
+          for (int n = 0; n < kBwdBatchTiles; ++n) {
+            if (n < nt) {
+              wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, S, wmma::col_major> db;
+              wmma::load_matrix_sync(db, op_t + (n0 + n * kTile) * Kp + k0, Kp);
+#pragma unroll
+              for (int m = 0; m < MT; ++m) wmma::mma_sync(acc[m][n], wa[m], db, acc[m][n]);
+            }
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+#pragma unroll
+          for (int n = 0; n < kBwdBatchTiles; ++n) {
+            if (n < nt)
+              wmma::store_matrix_sync(red + (warp * MR + m * kTile) * Bp + n0 + n * kTile, acc[m][n], Bp,
+                                      wmma::mem_row_major);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    for (int64_t p = tid; p < nj * B; p += nthr) {
+      const int64_t jj = p / B, b = p - jj * B;  // consecutive threads: consecutive rows b of the partials
+      float sum = 0.0f;
+      for (int64_t w8 = 0; w8 < active_warps; ++w8) sum += red[(w8 * MR + jj) * Bp + b];
+      dh[b * H + j0 + jj] += sum;
+    }
+  }
+#endif
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-template <typename S, int G>
-cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
-  *plan = RecurrencePersistentPlan{};
-  if (B <= 0 || H <= 0) {
-    plan->reason = "empty batch or hidden size";
-    return cudaSuccess;
-  }
-  if (H > kMmaMaxH) {
-    plan->reason = "hidden size above 1024 (the tensor-core kernel holds at most 8 k-tiles of W_hh per warp)";
-    return cudaSuccess;
-  }
+// The device's limits (cooperative launch, SMs, opt-in shared memory; sm_80+), or the
+// emulated device's; false with plan->reason when it cannot run these kernels.
+cudaError_t device_limits(int64_t* sms, int64_t* smem_optin, RecurrencePersistentPlan* plan, bool* ok) {
+  *ok = false;
 #if FASTSEQ_PERSISTENT_EMULATED
-  const int64_t sms = kEmulatedMmaSMs, smem_optin = kSm90SmemOptin;
+  *sms = kEmulatedMmaSMs;
+  *smem_optin = kSm90SmemOptin;
 #else
   int dev = 0, coop = 0, sm_count = 0, optin = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -207,8 +314,28 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
     plan->reason = "the device does not support cooperative launches";
     return cudaSuccess;
   }
-  const int64_t sms = sm_count, smem_optin = optin;
+  *sms = sm_count;
+  *smem_optin = optin;
 #endif
+  *ok = true;
+  return cudaSuccess;
+}
+
+template <typename S, int G>
+cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
+  *plan = RecurrencePersistentPlan{};
+  if (B <= 0 || H <= 0) {
+    plan->reason = "empty batch or hidden size";
+    return cudaSuccess;
+  }
+  if (H > kMmaMaxH) {
+    plan->reason = "hidden size above 1024 (the tensor-core kernel holds at most 8 k-tiles of W_hh per warp)";
+    return cudaSuccess;
+  }
+  int64_t sms = 0, smem_optin = 0;
+  bool ok = false;
+  const cudaError_t dev = device_limits(&sms, &smem_optin, plan, &ok);
+  if (dev != cudaSuccess || !ok) return dev;
   const int64_t max_units = kMmaMaxRows / G;
   int64_t nblk = blocks > 0 ? blocks : cdiv(H, max_units);  // default: the fewest blocks (each reads all of h)
   const int64_t units = cdiv(H, nblk);
@@ -264,7 +391,104 @@ cudaError_t launch_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
 #endif
 }
 
+template <typename S, int G>
+auto bwd_kernel_for(int64_t m_tiles) -> void (*)(RecurrencePersistentBwd) {
+  return m_tiles == 1 ? recurrence_persistent_mma_bwd_kernel<S, G, 1> : recurrence_persistent_mma_bwd_kernel<S, G, 2>;
+}
+
+template <typename S, int G>
+cudaError_t plan_bwd_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
+  *plan = RecurrencePersistentPlan{};
+  if (B <= 0 || H <= 0) {
+    plan->reason = "empty batch or hidden size";
+    return cudaSuccess;
+  }
+  int64_t sms = 0, smem_optin = 0;
+  bool ok = false;
+  const cudaError_t dev = device_limits(&sms, &smem_optin, plan, &ok);
+  if (dev != cudaSuccess || !ok) return dev;
+  constexpr int64_t kDefaultUnits = 16;  // one 16-row tile of W_hh^T per block
+  int64_t nblk = blocks > 0 ? blocks : cdiv(H, kDefaultUnits);
+  const int64_t units = cdiv(H, nblk);
+  if (blocks <= 0) nblk = cdiv(H, units);
+  if (units > kMmaMaxRows) {
+    plan->reason = "more than 32 hidden units per block (the backward's W_hh^T slice holds at most two 16-row tiles)";
+    return cudaSuccess;
+  }
+  const int64_t m_tiles = cdiv(units, kTile);
+  const int64_t ld = cdiv(G * H, kTile) * kTile;
+  const int64_t kt = ld / kTile;
+  const int64_t kpw = cdiv(kt, kMmaWarps);
+  const int64_t rows = cdiv(B, kTile) * kTile;
+  const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, ld, sizeof(S)) +
+                       cdiv(kt, kpw) * m_tiles * kTile * rows * static_cast<int64_t>(sizeof(float));
+  if (smem > smem_optin) {
+    plan->reason = "the W_hh^T slice and the partial sums of the batch do not fit a block's shared memory";
+    return cudaSuccess;
+  }
+  const void* kernel = reinterpret_cast<const void*>(bwd_kernel_for<S, G>(m_tiles));
+  bool fits = false;
+  const cudaError_t co = detail::co_resident(kernel, kMmaThreads, smem, nblk, sms, plan, &fits);
+  if (co != cudaSuccess || !fits) return co;
+  plan->blocks = nblk;
+  plan->units = units;
+  plan->batch_tile = rows;
+  plan->smem_bytes = smem;
+  plan->m_tiles = m_tiles;
+  plan->k_tiles_per_warp = kpw;
+  return cudaSuccess;
+}
+
+template <typename S, int G>
+cudaError_t launch_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  if (a.T <= 0 || a.B <= 0 || a.H <= 0) return cudaSuccess;
+  const RecurrencePersistentPlan& p = a.plan;
+  if (p.blocks <= 0 || p.units <= 0 || p.m_tiles < 1 || p.m_tiles > 2 || p.k_tiles_per_warp < 1 ||
+      a.dg_op == nullptr || a.ld_op != cdiv(G * a.H, kTile) * kTile || a.rows_op != cdiv(a.B, kTile) * kTile)
+    return cudaErrorInvalidValue;
+  auto kernel = bwd_kernel_for<S, G>(p.m_tiles);
+  const unsigned int grid = static_cast<unsigned int>(p.blocks);
+  const size_t smem = static_cast<size_t>(p.smem_bytes);
+#if FASTSEQ_PERSISTENT_EMULATED
+  (void)stream;
+  ::fastseq_emu::launch_cooperative(grid, kMmaThreads, smem, kernel, a);
+  return cudaSuccess;
+#else
+  RecurrencePersistentBwd args = a;
+  void* argv[] = {&args};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kMmaThreads), argv,
+                                     smem, stream);
+#endif
+}
+
 }  // namespace
+
+cudaError_t recurrence_persistent_mma_backward_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
+                                                    RecurrencePersistentPlan* plan) {
+  *plan = RecurrencePersistentPlan{};
+  const bool half = dtype == DType::Float16, bf16 = dtype == DType::BFloat16;
+  if (!half && !bf16) {
+    plan->reason = "the tensor-core kernel takes float16 and bfloat16 only";
+    return cudaSuccess;
+  }
+  if (gates == 3)
+    return half ? plan_bwd_impl<__half, 3>(B, H, blocks, plan) : plan_bwd_impl<__nv_bfloat16, 3>(B, H, blocks, plan);
+  if (gates == 4)
+    return half ? plan_bwd_impl<__half, 4>(B, H, blocks, plan) : plan_bwd_impl<__nv_bfloat16, 4>(B, H, blocks, plan);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t gru_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  if (dtype == DType::Float16) return launch_bwd_impl<__half, 3>(a, stream);
+  if (dtype == DType::BFloat16) return launch_bwd_impl<__nv_bfloat16, 3>(a, stream);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  if (dtype == DType::Float16) return launch_bwd_impl<__half, 4>(a, stream);
+  if (dtype == DType::BFloat16) return launch_bwd_impl<__nv_bfloat16, 4>(a, stream);
+  return cudaErrorInvalidValue;
+}
 
 // Float16 / bfloat16 only (kernels.h): float32 and float64 have no matching MMA here.
 cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
