@@ -174,3 +174,24 @@ def test_ablation_summary_reads_run_logs(tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["runs"][1]["updates"] == 4
     with pytest.raises(FileNotFoundError, match="train_log.csv"):
         ablation.summarise_run(tmp_path / "res")
+
+
+def test_mma_backward_step_model_is_the_sum_of_its_terms_on_the_plans_blocks():
+    """bench/step_model.py's prediction for the CUDA tensor-core persistent backward
+    (bench/NOTES.md v0.13): the plan's default split (16-unit blocks, 8 warps over the
+    k-tiles of K = G * H), every term positive, the step their sum, and a larger dG
+    broadcast (L2 term) than the forward's h broadcast at the same sizes."""
+    checkout_bench()
+    from fastseq.bench import step_model
+
+    for kind, G in (("gru", 3), ("lstm", 4)):
+        for B, H in ((1, 16), (16, 512), (16, 768), (64, 1024), (5, 1000)):
+            m = step_model.mma_backward_step(kind, B, H)
+            assert m["units"] == min(H, 16) and m["ctas"] * m["units"] >= H > (m["ctas"] - 1) * m["units"]
+            kt = -(-G * H // 16)
+            assert m["warps"] <= 8 and m["warps"] * m["k_tiles_per_warp"] >= kt
+            terms = [m[k] for k in ("barrier_s", "l2_s", "smem_s", "mma_s", "gates_s")]
+            assert all(x > 0 for x in terms)
+            assert m["step_s"] == pytest.approx(sum(terms))
+            assert m["dg_op_bytes"] > step_model.mma_step(kind, B, H)["h_op_bytes"]
+    assert len(step_model.mma_backward_table()) == 14
