@@ -15,7 +15,9 @@ OPS = ("gru_recurrence", "gru_recurrence_backward", "lstm_recurrence", "lstm_rec
        "gru_packed_recurrence", "gru_packed_recurrence_backward", "lstm_packed_recurrence",
        "lstm_packed_recurrence_backward", "gru_bidirectional_recurrence", "gru_bidirectional_recurrence_backward",
        "lstm_bidirectional_recurrence", "lstm_bidirectional_recurrence_backward",
-       "additive_attention", "additive_attention_backward", "gru_context_cell", "gru_context_cell_backward")
+       "additive_attention", "additive_attention_backward", "gru_context_cell", "gru_context_cell_backward",
+       "attention_gru_decode_loop", "attention_gru_decode_loop_backward", "luong_gru_decode_loop",
+       "luong_gru_decode_loop_backward")
 
 
 def test_env_and_context_manager(monkeypatch):

@@ -321,6 +321,40 @@ cudaError_t device_limits(int64_t* sms, int64_t* smem_optin, RecurrencePersisten
   return cudaSuccess;
 }
 
+// The plan's last step, both directions: the blocks must be co-resident (cooperative launch).
+cudaError_t finish_plan(const void* kernel, int64_t sms, int64_t blocks, int64_t units, int64_t rows, int64_t smem,
+                        int64_t m_tiles, int64_t kpw, RecurrencePersistentPlan* plan) {
+  bool fits = false;
+  const cudaError_t co = detail::co_resident(kernel, kMmaThreads, smem, blocks, sms, plan, &fits);
+  if (co != cudaSuccess || !fits) return co;
+  plan->blocks = blocks;
+  plan->units = units;
+  plan->batch_tile = rows;
+  plan->smem_bytes = smem;
+  plan->m_tiles = m_tiles;
+  plan->k_tiles_per_warp = kpw;
+  return cudaSuccess;
+}
+
+// One cooperative launch of `kernel` on the plan's grid (emulated: a real grid barrier, one
+// CPU thread per block).
+template <typename Args>
+cudaError_t launch_cooperative(void (*kernel)(Args), const RecurrencePersistentPlan& p, const Args& a,
+                               cudaStream_t stream) {
+  const unsigned int grid = static_cast<unsigned int>(p.blocks);
+  const size_t smem = static_cast<size_t>(p.smem_bytes);
+#if FASTSEQ_PERSISTENT_EMULATED
+  (void)stream;
+  ::fastseq_emu::launch_cooperative(grid, kMmaThreads, smem, kernel, a);
+  return cudaSuccess;
+#else
+  Args args = a;
+  void* argv[] = {&args};
+  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kMmaThreads), argv,
+                                     smem, stream);
+#endif
+}
+
 template <typename S, int G>
 cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
   *plan = RecurrencePersistentPlan{};
@@ -355,17 +389,8 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
     plan->reason = "the partial sums of the batch do not fit a block's shared memory (batch too large)";
     return cudaSuccess;
   }
-  const void* kernel = reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw));
-  bool fits = false;
-  const cudaError_t co = detail::co_resident(kernel, kMmaThreads, smem, nblk, sms, plan, &fits);
-  if (co != cudaSuccess || !fits) return co;
-  plan->blocks = nblk;
-  plan->units = units;
-  plan->batch_tile = rows;
-  plan->smem_bytes = smem;
-  plan->m_tiles = m_tiles;
-  plan->k_tiles_per_warp = kpw;
-  return cudaSuccess;
+  return finish_plan(reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw)), sms, nblk, units, rows, smem,
+                     m_tiles, kpw, plan);
 }
 
 template <typename S, int G>
@@ -376,19 +401,7 @@ cudaError_t launch_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
       p.k_tiles_per_warp > 8 || a.h_op == nullptr || a.ld_op != cdiv(a.H, kTile) * kTile ||
       a.rows_op != cdiv(a.B, kTile) * kTile)
     return cudaErrorInvalidValue;
-  auto kernel = kernel_for<S, G>(p.m_tiles, p.k_tiles_per_warp);
-  const unsigned int grid = static_cast<unsigned int>(p.blocks);
-  const size_t smem = static_cast<size_t>(p.smem_bytes);
-#if FASTSEQ_PERSISTENT_EMULATED
-  (void)stream;
-  ::fastseq_emu::launch_cooperative(grid, kMmaThreads, smem, kernel, a);
-  return cudaSuccess;
-#else
-  RecurrencePersistentFwd args = a;
-  void* argv[] = {&args};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kMmaThreads), argv,
-                                     smem, stream);
-#endif
+  return launch_cooperative(kernel_for<S, G>(p.m_tiles, p.k_tiles_per_warp), p, a, stream);
 }
 
 template <typename S, int G>
@@ -426,17 +439,8 @@ cudaError_t plan_bwd_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersis
     plan->reason = "the W_hh^T slice and the partial sums of the batch do not fit a block's shared memory";
     return cudaSuccess;
   }
-  const void* kernel = reinterpret_cast<const void*>(bwd_kernel_for<S, G>(m_tiles));
-  bool fits = false;
-  const cudaError_t co = detail::co_resident(kernel, kMmaThreads, smem, nblk, sms, plan, &fits);
-  if (co != cudaSuccess || !fits) return co;
-  plan->blocks = nblk;
-  plan->units = units;
-  plan->batch_tile = rows;
-  plan->smem_bytes = smem;
-  plan->m_tiles = m_tiles;
-  plan->k_tiles_per_warp = kpw;
-  return cudaSuccess;
+  return finish_plan(reinterpret_cast<const void*>(bwd_kernel_for<S, G>(m_tiles)), sms, nblk, units, rows, smem,
+                     m_tiles, kpw, plan);
 }
 
 template <typename S, int G>
@@ -446,19 +450,7 @@ cudaError_t launch_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t strea
   if (p.blocks <= 0 || p.units <= 0 || p.m_tiles < 1 || p.m_tiles > 2 || p.k_tiles_per_warp < 1 ||
       a.dg_op == nullptr || a.ld_op != cdiv(G * a.H, kTile) * kTile || a.rows_op != cdiv(a.B, kTile) * kTile)
     return cudaErrorInvalidValue;
-  auto kernel = bwd_kernel_for<S, G>(p.m_tiles);
-  const unsigned int grid = static_cast<unsigned int>(p.blocks);
-  const size_t smem = static_cast<size_t>(p.smem_bytes);
-#if FASTSEQ_PERSISTENT_EMULATED
-  (void)stream;
-  ::fastseq_emu::launch_cooperative(grid, kMmaThreads, smem, kernel, a);
-  return cudaSuccess;
-#else
-  RecurrencePersistentBwd args = a;
-  void* argv[] = {&args};
-  return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kMmaThreads), argv,
-                                     smem, stream);
-#endif
+  return launch_cooperative(bwd_kernel_for<S, G>(p.m_tiles), p, a, stream);
 }
 
 }  // namespace

@@ -150,12 +150,11 @@ def decode_backward(
     Python loop; both None: the registry's loop (:data:`BACKWARD_LOOP`).
     """
     B, T, H = states.shape
-    d_keys, d_values = torch.zeros_like(proj_keys), torch.zeros_like(values)
-    d_energy, d_w_ic = torch.zeros_like(energy), torch.zeros_like(w_ic)
-    d_b = w_ic.new_zeros((3 * H,)) if has_bias else w_ic.new_empty((0,))
     if T == 0:
-        return (torch.zeros_like(gi_emb), torch.zeros_like(h0), d_keys, d_values, torch.zeros_like(w_cat), d_b,
-                d_energy, d_w_ic)
+        return (torch.zeros_like(gi_emb), torch.zeros_like(h0), torch.zeros_like(proj_keys),
+                torch.zeros_like(values), torch.zeros_like(w_cat),
+                w_ic.new_zeros((3 * H,)) if has_bias else w_ic.new_empty((0,)), torch.zeros_like(energy),
+                torch.zeros_like(w_ic))
     args = (grad_states, grad_contexts, grad_weights, gi_emb, h0, proj_keys, values, w_cat, energy, w_ic, states,
             contexts, weights, gates, queries, has_bias)
     if attention is None and cell is None:
@@ -218,12 +217,12 @@ def _python_backward(
 
 # Each loop is one call per sequence, so on CUDA with FASTSEQ_CUDA_GRAPHS=1 a repeated shape
 # replays it as one CUDA graph (:class:`fastseq.backend.graphs.GraphCache`).
-for _backend in ("reference", "triton"):
-    registry.register(LOOP, _backend, graphs.GraphCache(_python_forward, f"attention_gru_decode ({_backend})"))
-    registry.register(BACKWARD_LOOP, _backend,
-                      graphs.GraphCache(_python_backward, f"attention_gru_decode_backward ({_backend})"))
+registry.register(LOOP, "reference", graphs.GraphCache(_python_forward, f"{OP} (reference)"))
+registry.register(BACKWARD_LOOP, "reference", graphs.GraphCache(_python_backward, f"{BACKWARD_OP} (reference)"))
 registry.register(LOOP, "cpp", cpp.loop_implementation("attention_gru_decode_forward"))
 registry.register(BACKWARD_LOOP, "cpp", cpp.loop_implementation("attention_gru_decode_backward"))
+registry.register(LOOP, "triton", graphs.GraphCache(_python_forward, f"{OP} (triton)"))
+registry.register(BACKWARD_LOOP, "triton", graphs.GraphCache(_python_backward, f"{BACKWARD_OP} (triton)"))
 
 
 @torch.library.custom_op(f"fastseq::{OP}", mutates_args=())

@@ -196,14 +196,13 @@ def luong_decode_backward(
     Python loop; both None: the registry's loop (:data:`BACKWARD_LOOP`).
     """
     B, T, H2 = states.shape
-    H, A = H2 // 2, energy.shape[0]
-    d_keys, d_values = torch.zeros_like(proj_keys), torch.zeros_like(proj_values)
-    d_energy, d_w_ia = torch.zeros_like(energy), torch.zeros_like(w_ia)
-    d_batt = w_cat.new_zeros((H,)) if has_att_bias else w_cat.new_empty((0,))
-    d_bhh = w_ia.new_zeros((3 * H,)) if has_bias else w_ia.new_empty((0,))
+    H = H2 // 2
     if T == 0:
-        return (h0.new_zeros((B, 0, 3 * H)), torch.zeros_like(h0), d_keys, d_values, torch.zeros_like(w_cat),
-                d_batt, d_bhh, d_energy, d_w_ia)
+        return (h0.new_zeros((B, 0, 3 * H)), torch.zeros_like(h0), torch.zeros_like(proj_keys),
+                torch.zeros_like(proj_values), torch.zeros_like(w_cat),
+                w_cat.new_zeros((H,)) if has_att_bias else w_cat.new_empty((0,)),
+                w_ia.new_zeros((3 * H,)) if has_bias else w_ia.new_empty((0,)), torch.zeros_like(energy),
+                torch.zeros_like(w_ia))
     args = (grad_states, grad_weights, h0, proj_keys, proj_values, w_cat, energy, w_ia, states, weights, gates,
             queries, has_att_bias, has_bias)
     if attention is None and cell is None:
@@ -281,12 +280,12 @@ def _python_backward(
 
 # Each loop is one call per sequence, so on CUDA with FASTSEQ_CUDA_GRAPHS=1 a repeated shape
 # replays it as one CUDA graph (:class:`fastseq.backend.graphs.GraphCache`).
-for _backend in ("reference", "triton"):
-    registry.register(LOOP, _backend, graphs.GraphCache(_python_forward, f"luong_gru_decode ({_backend})"))
-    registry.register(BACKWARD_LOOP, _backend,
-                      graphs.GraphCache(_python_backward, f"luong_gru_decode_backward ({_backend})"))
+registry.register(LOOP, "reference", graphs.GraphCache(_python_forward, f"{OP} (reference)"))
+registry.register(BACKWARD_LOOP, "reference", graphs.GraphCache(_python_backward, f"{BACKWARD_OP} (reference)"))
 registry.register(LOOP, "cpp", cpp.loop_implementation("luong_gru_decode_forward"))
 registry.register(BACKWARD_LOOP, "cpp", cpp.loop_implementation("luong_gru_decode_backward"))
+registry.register(LOOP, "triton", graphs.GraphCache(_python_forward, f"{OP} (triton)"))
+registry.register(BACKWARD_LOOP, "triton", graphs.GraphCache(_python_backward, f"{BACKWARD_OP} (triton)"))
 
 
 @torch.library.custom_op(f"fastseq::{OP}", mutates_args=())
