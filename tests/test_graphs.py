@@ -112,3 +112,20 @@ def test_graph_cache_off_the_gpu_or_disabled_calls_directly(monkeypatch):
     assert not graphs.GraphCache(_loop, "loop").enabled
     with pytest.raises(ValueError, match="max_graphs and min_calls"):
         graphs.GraphCache(_loop, "loop", max_graphs=0)
+
+
+def test_graph_caches_switches_every_cache_for_a_block():
+    """graph_caches(True/False) overrides each cache's own setting inside the block, nests,
+    and restores the outer setting (here: none) on exit."""
+    x, w = torch.randn(5, 3), torch.randn(3, 4)
+    off = _CpuGraphCache(_loop, "off", min_calls=1, enabled=False)
+    on = _CpuGraphCache(_loop, "on", min_calls=1, enabled=True)
+    with graphs.graph_caches(True):
+        off(x, w, True)
+        with graphs.graph_caches(False):
+            on(x, w, True)
+            assert on.captures == 0
+        on(x, w, True)
+    assert off.captures == 1 and on.captures == 1
+    off(torch.randn(6, 3), w, True)  # outside: its own setting again (off)
+    assert off.captures == 1

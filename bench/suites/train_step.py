@@ -20,6 +20,10 @@ to keep the run in minutes): source ids ``[B, S]`` with lengths uniform in
 Implementations:
 
 * ``fastseq-<backend>``: the model with the backend forced;
+* ``fastseq-<backend>-graphs`` (CUDA only): the same with the teacher-forced decoder
+  loops replayed as CUDA graphs (:func:`fastseq.backend.graphs.graph_caches`, as
+  ``FASTSEQ_CUDA_GRAPHS=1`` does): one graph launch per loop call after a shape's
+  second call, against the per-step launches of ``fastseq-<backend>``;
 * ``eager``: :class:`fastseq.seq2seq.eager.EagerSeq2Seq`, the same model on eager
   torch.nn modules (the encoder through torch.nn.GRU's own forward: cuDNN on a
   GPU, oneDNN/ATen on a CPU; the decoder as :class:`~fastseq.seq2seq.eager.EagerDecoder`);
@@ -64,6 +68,7 @@ import torch
 from torch import Tensor
 
 import fastseq
+from fastseq.backend.graphs import graph_caches
 from fastseq.bench import roofline
 from fastseq.bench.core import (Context, check_outputs, compiled, dtype_name, rotating, seq2seq_model,
                                 seq2seq_sizes, token_batch)
@@ -121,8 +126,8 @@ class Replica:
     """One implementation's own copy of the model and Adam, and its training step."""
 
     def __init__(self, ctx: Context, initial: Seq2Seq, wrap: Callable[[Seq2Seq], Callable],
-                 backend: Optional[str], dtype: torch.dtype):
-        self.ctx, self.dtype, self.backend = ctx, dtype, backend
+                 backend: Optional[str], dtype: torch.dtype, graphs: bool = False):
+        self.ctx, self.dtype, self.backend, self.graphs = ctx, dtype, backend, graphs
         self.model = copy.deepcopy(initial)
         self.forward = wrap(self.model)
         self.params = list(self.model.parameters())
@@ -134,7 +139,12 @@ class Replica:
         return masked_cross_entropy(logits, tgt_out, LABEL_SMOOTHING)[0]
 
     def backend_context(self):
-        return fastseq.backend(self.backend) if self.backend else contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if self.backend:
+            stack.enter_context(fastseq.backend(self.backend))
+        if self.graphs:
+            stack.enter_context(graph_caches(True))
+        return stack
 
     def loss_and_grads(self, inputs) -> Tuple[Tensor, ...]:
         """The loss and every parameter's gradient, no update (the correctness check)."""
@@ -160,6 +170,9 @@ def _case(ctx: Context, cfg: ModelConfig, B, S, T, dtype, name) -> None:
 
     replicas: Dict[str, Replica] = {f"fastseq-{b}": Replica(ctx, initial, lambda m: m, b, dtype)
                                     for b in ctx.fastseq_backends(dtype)}
+    if ctx.cuda:  # the decoder loops replayed as CUDA graphs (GraphCache), forward and backward
+        replicas.update({f"fastseq-{b}-graphs": Replica(ctx, initial, lambda m: m, b, dtype, graphs=True)
+                         for b in ctx.fastseq_backends(dtype)})
     replicas["eager"] = Replica(ctx, initial, EagerSeq2Seq, None, dtype)
 
     # correctness first: from the initial weights, against the eager model in float32

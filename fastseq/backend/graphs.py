@@ -21,16 +21,19 @@ the host, e.g. ``.item()``, cannot be captured); a fallback warns once.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from fastseq.backend import warn
 
-__all__ = ["GraphCache", "StepGraph", "enabled_by_default"]
+__all__ = ["GraphCache", "StepGraph", "enabled_by_default", "graph_caches"]
+
+_FORCED: Optional[bool] = None  # graph_caches()'s setting, None outside it
 
 Outputs = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -38,6 +41,20 @@ Outputs = Union[Tensor, Tuple[Tensor, ...]]
 def enabled_by_default() -> bool:
     """``FASTSEQ_CUDA_GRAPHS`` set to 1 (default off)."""
     return os.environ.get("FASTSEQ_CUDA_GRAPHS", "0") == "1"
+
+
+@contextlib.contextmanager
+def graph_caches(enabled: bool) -> Iterator[None]:
+    """Every :class:`GraphCache` (the decoder loops') on or off inside the block, whatever
+    ``FASTSEQ_CUDA_GRAPHS`` and their ``enabled`` say; for benchmarks and tests that compare
+    the two in one process. Process-wide (not per thread); nests, restoring the outer
+    setting on exit. :class:`StepGraph` keeps its own setting."""
+    global _FORCED
+    outer, _FORCED = _FORCED, bool(enabled)
+    try:
+        yield
+    finally:
+        _FORCED = outer
 
 
 def _signature(inputs: Tuple[Tensor, ...]):
@@ -125,9 +142,9 @@ class GraphCache:
     **clones** of its static outputs (autograd keeps them past the next replay). It
     calls ``fn`` directly on CPU tensors, when disabled, inside another capture, for a
     signature whose capture failed (warned once), and while fewer than ``min_calls``
-    calls have seen it. Opt-in like :class:`StepGraph` (``FASTSEQ_CUDA_GRAPHS=1`` or
-    ``enabled=True``) until a GPU run has compared it with the direct launches
-    (tests/test_gpu.py).
+    calls have seen it. Opt-in like :class:`StepGraph` (``FASTSEQ_CUDA_GRAPHS=1``,
+    ``enabled=True``, or :func:`graph_caches` for a block) until a GPU run has compared
+    it with the direct launches (tests/test_gpu.py).
 
     Args:
         fn: a function of tensors, None and plain values returning a tuple of tensors,
@@ -155,7 +172,8 @@ class GraphCache:
 
     def __call__(self, *args) -> Tuple[Tensor, ...]:
         first = next((a for a in args if isinstance(a, Tensor)), None)
-        if not self.enabled or first is None or not self._graphable(first):
+        on = self.enabled if _FORCED is None else _FORCED
+        if not on or first is None or not self._graphable(first):
             return self.fn(*args)
         key = tuple(_arg_key(a) for a in args)
         entry = self._graphs.get(key)
