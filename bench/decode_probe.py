@@ -85,15 +85,15 @@ def _luong_op(gi, h0, keys, values, sw, mask):
 @contextlib.contextmanager
 def _python_loops():
     """The decode ops' loops in Python on every backend (the C++ backend's state before
-    ``csrc/cpu/decode.cpp``): the registry's ``cpp`` loop entries point at the Python loops."""
+    ``csrc/cpu/decode.cpp``): the registry's ``cpp`` loop entries point at the reference
+    backend's entries, the Python loops (whose steps the registry still runs on C++)."""
     from fastseq.backend import registry
     from fastseq.ops.decoder_step import decode, luong
 
-    names = [(m, m.LOOP, m._python_forward) for m in (decode, luong)] + [
-        (m, m.BACKWARD_LOOP, m._python_backward) for m in (decode, luong)]
-    saved = [(name, registry.get(name, "cpp")) for _m, name, _f in names]
-    for _m, name, fn in names:
-        registry.register(name, "cpp", fn)
+    names = [m.LOOP for m in (decode, luong)] + [m.BACKWARD_LOOP for m in (decode, luong)]
+    saved = [(name, registry.get(name, "cpp")) for name in names]
+    for name in names:
+        registry.register(name, "cpp", registry.get(name, "reference"))
     try:
         yield
     finally:

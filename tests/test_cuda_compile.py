@@ -928,18 +928,18 @@ def test_emulated_decode_loops(emu, flow, dt_name):
         args = (r(B, T, 3 * H), r(B, H), r(B, S, A), r(B, S, D), r(A + 3 * H, H), r(3 * H), r(A), r(3 * H, D),
                 None, lengths, True)
         out = tuple(emu.attention_gru_decode_forward(*args))
-        want = decode._python_forward(*args, **fwd)
+        want = decode.decode_forward(*args, **fwd)
         bargs = (r(B, T, H), r(B, T, D), r(B, T, S), *args[:5], *args[6:8], *out, True)
         got_b = tuple(emu.attention_gru_decode_backward(*bargs))
-        want_b = decode._python_backward(*bargs, **bwd)
+        want_b = decode.decode_backward(*bargs, **bwd)
     else:
         args = (r(B, T, 3 * H), r(B, 2 * H), r(B, S, A), r(B, S, H), r(A + 4 * H, H), r(H), r(3 * H), r(A),
                 r(3 * H, H), None, lengths, True)
         out = tuple(emu.luong_gru_decode_forward(*args))
-        want = luong._python_forward(*args, **fwd)
+        want = luong.luong_decode_forward(*args, **fwd)
         bargs = (r(B, T, 2 * H), r(B, T, S), *args[1:5], *args[7:9], *out, True, True)
         got_b = tuple(emu.luong_gru_decode_backward(*bargs))
-        want_b = luong._python_backward(*bargs, **bwd)
+        want_b = luong.luong_decode_backward(*bargs, **bwd)
     for what, got, ref in (("forward", out, want), ("backward", got_b, want_b)):
         assert len(got) == len(ref)
         for i, (x, y) in enumerate(zip(got, ref)):

@@ -54,12 +54,12 @@ def test_bahdanau_loop_equals_python_loop(dtype, bias, masking):
     for save in (False, True):
         args = (gi, h0, keys, values, w_cat, b_hh, energy, w_ic, mask, lengths, save)
         out = cpp.attention_gru_decode_forward(*args)
-        _equal(out, decode._python_forward(*args, **STEPS_FWD), f"forward save={save}")
+        _equal(out, decode.decode_forward(*args, **STEPS_FWD), f"forward save={save}")
     states, contexts, weights, gates, queries = out
     for grads in ((r(B, T, H), r(B, T, D), r(B, T, S)), (r(B, T, H), None, None), (None, r(B, T, D), None),
                   (None, None, r(B, T, S))):
         args = (*grads, gi, h0, keys, values, w_cat, energy, w_ic, states, contexts, weights, gates, queries, bias)
-        _equal(cpp.attention_gru_decode_backward(*args), decode._python_backward(*args, **STEPS_BWD),
+        _equal(cpp.attention_gru_decode_backward(*args), decode.decode_backward(*args, **STEPS_BWD),
                f"backward, grads given {[g is not None for g in grads]}")
 
 
@@ -73,11 +73,11 @@ def test_luong_loop_equals_python_loop(dtype, bias, masking):
     for save in (False, True):
         args = (gi, h0, keys, proj_values, w_cat, b_att, b_hh, energy, w_ia, mask, lengths, save)
         out = cpp.luong_gru_decode_forward(*args)
-        _equal(out, luong._python_forward(*args, **STEPS_FWD), f"forward save={save}")
+        _equal(out, luong.luong_decode_forward(*args, **STEPS_FWD), f"forward save={save}")
     states, weights, gates, queries = out
     for grads in ((r(B, T, 2 * H), r(B, T, S)), (r(B, T, 2 * H), None), (None, r(B, T, S))):
         args = (*grads, h0, keys, proj_values, w_cat, energy, w_ia, states, weights, gates, queries, bias, bias)
-        _equal(cpp.luong_gru_decode_backward(*args), luong._python_backward(*args, **STEPS_BWD),
+        _equal(cpp.luong_gru_decode_backward(*args), luong.luong_decode_backward(*args, **STEPS_BWD),
                f"backward, grads given {[g is not None for g in grads]}")
 
 

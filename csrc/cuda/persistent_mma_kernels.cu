@@ -43,6 +43,8 @@
 // stand-in and the launch is fastseq_emu::launch_cooperative (a real grid
 // barrier). On devices before sm_80 (no bf16 MMA) the kernels compile empty and
 // the plan refuses them.
+#include <type_traits>
+
 #include "persistent_common.cuh"
 
 #if !FASTSEQ_PERSISTENT_EMULATED
@@ -453,21 +455,30 @@ cudaError_t launch_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t strea
   return launch_cooperative(bwd_kernel_for<S, G>(p.m_tiles), p, a, stream);
 }
 
-}  // namespace
-
-cudaError_t recurrence_persistent_mma_backward_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                                    RecurrencePersistentPlan* plan) {
+// Both plans' dtype and gate dispatch: float16 / bfloat16 only (float32 and float64 have
+// no matching MMA here; the plan says so), G = 3 or 4; plan_for(S{}, integral_constant<G>).
+template <typename PlanFor>
+cudaError_t mma_plan(DType dtype, int64_t gates, RecurrencePersistentPlan* plan, PlanFor&& plan_for) {
   *plan = RecurrencePersistentPlan{};
   const bool half = dtype == DType::Float16, bf16 = dtype == DType::BFloat16;
   if (!half && !bf16) {
     plan->reason = "the tensor-core kernel takes float16 and bfloat16 only";
     return cudaSuccess;
   }
-  if (gates == 3)
-    return half ? plan_bwd_impl<__half, 3>(B, H, blocks, plan) : plan_bwd_impl<__nv_bfloat16, 3>(B, H, blocks, plan);
-  if (gates == 4)
-    return half ? plan_bwd_impl<__half, 4>(B, H, blocks, plan) : plan_bwd_impl<__nv_bfloat16, 4>(B, H, blocks, plan);
+  using G3 = std::integral_constant<int, 3>;
+  using G4 = std::integral_constant<int, 4>;
+  if (gates == 3) return half ? plan_for(__half{}, G3{}) : plan_for(__nv_bfloat16{}, G3{});
+  if (gates == 4) return half ? plan_for(__half{}, G4{}) : plan_for(__nv_bfloat16{}, G4{});
   return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t recurrence_persistent_mma_backward_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
+                                                    RecurrencePersistentPlan* plan) {
+  return mma_plan(dtype, gates, plan, [&](auto s, auto g) {
+    return plan_bwd_impl<decltype(s), decltype(g)::value>(B, H, blocks, plan);
+  });
 }
 
 cudaError_t gru_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream) {
@@ -482,18 +493,11 @@ cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistent
   return cudaErrorInvalidValue;
 }
 
-// Float16 / bfloat16 only (kernels.h): float32 and float64 have no matching MMA here.
 cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
                                            RecurrencePersistentPlan* plan) {
-  *plan = RecurrencePersistentPlan{};
-  const bool half = dtype == DType::Float16, bf16 = dtype == DType::BFloat16;
-  if (!half && !bf16) {
-    plan->reason = "the tensor-core kernel takes float16 and bfloat16 only";
-    return cudaSuccess;
-  }
-  if (gates == 3) return half ? plan_impl<__half, 3>(B, H, blocks, plan) : plan_impl<__nv_bfloat16, 3>(B, H, blocks, plan);
-  if (gates == 4) return half ? plan_impl<__half, 4>(B, H, blocks, plan) : plan_impl<__nv_bfloat16, 4>(B, H, blocks, plan);
-  return cudaErrorInvalidValue;
+  return mma_plan(dtype, gates, plan, [&](auto s, auto g) {
+    return plan_impl<decltype(s), decltype(g)::value>(B, H, blocks, plan);
+  });
 }
 
 cudaError_t gru_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream) {

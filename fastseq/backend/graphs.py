@@ -57,6 +57,21 @@ def graph_caches(enabled: bool) -> Iterator[None]:
         _FORCED = outer
 
 
+def _capture(fn: Callable, static: tuple, warmups: int):
+    """``fn(*static)`` captured as a CUDA graph after ``warmups`` runs on a side stream (they
+    compile kernels and settle the allocator outside the capture): the graph and the outputs."""
+    side = torch.cuda.Stream(device=next(a for a in static if isinstance(a, Tensor)).device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*static)
+    return graph, outputs
+
+
 def _signature(inputs: Tuple[Tensor, ...]):
     return tuple((x.shape, x.dtype, x.device) for x in inputs)
 
@@ -103,15 +118,7 @@ class StepGraph:
     def _capture(self, inputs: Tuple[Tensor, ...]) -> Outputs:
         static = tuple(x.clone() for x in inputs)
         try:
-            side = torch.cuda.Stream(device=static[0].device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles kernels and settles the allocator outside the capture
-                    self.fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = self.fn(*static)
+            graph, outputs = _capture(self.fn, static, warmups=2)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to direct launches
             self.failed = f"{type(exc).__name__}: {exc}"
             warn.warn_once("cuda-graph-capture", f"fastseq: CUDA graph capture of a decoding step failed "
@@ -203,17 +210,8 @@ class GraphCache:
         return first.device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
     def _new_graph(self, static: tuple):
-        """Capture ``fn(*static)``: the graph and its outputs (tests replace this off the GPU).
-        One run on a side stream first, as :class:`StepGraph` does."""
-        side = torch.cuda.Stream(device=next(a for a in static if isinstance(a, Tensor)).device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.fn(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = self.fn(*static)
-        return graph, outputs
+        """Capture ``fn(*static)``: the graph and its outputs (tests replace this off the GPU)."""
+        return _capture(self.fn, static, warmups=1)
 
     def _capture(self, key: tuple, args: tuple):
         with torch.no_grad():
