@@ -29,6 +29,11 @@ K slices through shared memory, and the same gate math.
 bench/NOTES.md v0.13): W_hh^T in shared memory, so per step a grid barrier, each
 block's copy of ``dG[t]`` from L2, the W^T tiles and the partial sums through shared
 memory, the tensor-core product, and the gate-gradient math.
+
+:func:`mma_cluster_backward_step`: the cluster backward (the same file, bench/NOTES.md
+v0.14): the product split along K inside thread-block clusters, so each block reads
+1 / cluster of ``dG[t]`` from L2, plus a cluster barrier and the other ranks' partial
+sums through distributed shared memory.
 """
 from __future__ import annotations
 
@@ -257,6 +262,92 @@ def mma_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 
     return lines
 
 
+# The cluster backward (assumptions until a GPU measures them):
+CLUSTER_BARRIER_S = 0.25e-6  # barrier.cluster arrive (release) + wait (acquire) among <= 8 CTAs of one GPC
+DSMEM_BYTES_PER_CLOCK = 32  # one SM's reads of other SMs' shared memory (as the per-CTA L2 rate)
+
+
+def cluster_size(H: int, units: int = 16) -> int:
+    """The cluster size ``recurrence_persistent_mma_backward_plan`` picks on auto: the largest
+    of 8, 4, 2 that is at most the block count and keeps ``size x units <= 128`` columns (1: none
+    applies, the block kernel runs)."""
+    blocks = -(-H // units)
+    for size in (8, 4, 2):
+        if size <= blocks and size * units <= 128:
+            return size
+    return 1
+
+
+def mma_cluster_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
+    """The modelled backward step of the cluster backward (csrc/cuda/persistent_mma_kernels.cu,
+    bench/NOTES.md v0.14), every term in seconds: :func:`mma_backward_step`'s blocks (16 units
+    each) in clusters of :func:`cluster_size`, each rank holding ``ktr = cdiv(kt, CL)`` k-tiles
+    of W_hh^T for the cluster's ``CL·16`` columns (``m_tiles = CL``, ``kparts = 8 / m_tiles``).
+
+    * ``barrier_s``: :data:`BARRIER_S` (the grid barrier, one per step);
+    * ``l2_s``: the rank's slice of ``dG[t]`` (``Bp x 16·ktr``, ``elem`` bytes) and the block's
+      phase-1 traffic (as :func:`mma_backward_step`), over the per-CTA L2 rate;
+    * ``smem_s``: the W^T slice once per 64 batch rows, the partial sums stored
+      (``kparts·MR·Bp`` fp32) and the block's own rank's share read, over the SM's
+      shared-memory rate;
+    * ``mma_s``: ``2·MR·Bp·16·ktr`` FLOP at :data:`MMA_SYNC_FRACTION` of the SM's peak;
+    * ``cluster_barrier_s``: :data:`CLUSTER_BARRIER_S`;
+    * ``dsmem_s``: the other ranks' partial sums of the block's units
+      (``units·B·(CL-1)·kparts`` fp32) over :data:`DSMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ`;
+    * ``gates_s``: :data:`GATES_S`.
+
+    Added, not overlapped. With clusters of 1 (H < 32) this is the block kernel's model."""
+    G = 3 if kind == "gru" else 4
+    if cluster_size(H) == 1:
+        m = mma_backward_step(kind, B, H, elem)
+        return {**m, "cluster": 1, "cluster_barrier_s": 0.0, "dsmem_s": 0.0}
+    units = 16
+    size = cluster_size(H, units)
+    ctas = -(-(-(-H // units)) // size) * size
+    m_tiles = -(-(size * units) // 16)
+    mr = 16 * m_tiles
+    kparts = 8 // m_tiles
+    kt = -(-(G * H) // 16)
+    ktr = -(-kt // size)
+    bp = -(-B // 16) * 16
+    dg_slice = bp * 16 * ktr * elem
+    phase1 = B * units * (elem + (G + 1) * elem + elem + 2 * 4 + 2 * 4 + G * 4 + 2 * G * elem)
+    per_cta_bw = min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)
+    l2_s = (dg_slice + phase1) / per_cta_bw
+    smem_bytes = mr * 16 * ktr * elem * -(-bp // 64) + kparts * mr * bp * 4 + units * B * kparts * 4
+    smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
+    mma_s = 2 * mr * bp * 16 * ktr / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
+    dsmem_bytes = units * B * (size - 1) * kparts * 4
+    dsmem_s = dsmem_bytes / (DSMEM_BYTES_PER_CLOCK * CLOCK_HZ)
+    step_s = BARRIER_S + l2_s + smem_s + mma_s + CLUSTER_BARRIER_S + dsmem_s + GATES_S
+    return {"ctas": ctas, "cluster": size, "units": units, "m_tiles": m_tiles, "k_tiles_per_rank": ktr,
+            "dg_slice_bytes": dg_slice, "dsmem_bytes": dsmem_bytes, "smem_bytes": smem_bytes,
+            "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s,
+            "cluster_barrier_s": CLUSTER_BARRIER_S, "dsmem_s": dsmem_s, "gates_s": GATES_S, "step_s": step_s}
+
+
+def mma_cluster_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)),
+                               T: int = 128) -> List[str]:
+    """The NOTES v0.14 table of :func:`mma_cluster_backward_step` (bf16), next to the block kernel's step."""
+    lines = ["| layer | B | H | blocks (cluster × k-tiles per rank) | barriers µs (grid + cluster) | "
+             "L2 µs (dG slice KB) | W^T + partial sums from smem µs | MMA µs | DSMEM µs (KB) | gates µs | "
+             f"**step µs** | block kernel µs | T = {T} backward, ms | ÷ cuDNN's 3.1 µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("gru", "lstm"):
+        for B, H in sizes:
+            m = mma_cluster_backward_step(kind, B, H)
+            old = mma_backward_step(kind, B, H)
+            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_BWD_S:.2f}×**"
+                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} ({m['cluster']} × {m['k_tiles_per_rank']}) | "
+                         f"{m['barrier_s'] * 1e6:.2f} + {m['cluster_barrier_s'] * 1e6:.2f} | "
+                         f"{m['l2_s'] * 1e6:.2f} ({m['dg_slice_bytes'] / 1024:.0f}) | {m['smem_s'] * 1e6:.2f} | "
+                         f"{m['mma_s'] * 1e6:.2f} | {m['dsmem_s'] * 1e6:.2f} ({m['dsmem_bytes'] / 1024:.0f}) | "
+                         f"{m['gates_s'] * 1e6:.2f} | **{m['step_s'] * 1e6:.2f}** | {old['step_s'] * 1e6:.2f} | "
+                         f"{m['step_s'] * T * 1e3:.2f} | {vs} |")
+    return lines
+
+
 def table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)), T: int = 128) -> List[str]:
     lines = ["| layer | B | H | tile (rows × units), warps | CTAs | L2 MB (W_hh + state + rest) | L2 µs | step µs "
              f"| T = {T} forward, ms |", "|---|---|---|---|---|---|---|---|---|"]
@@ -279,3 +370,5 @@ if __name__ == "__main__":
     print("\n".join(mma_table()))
     print()
     print("\n".join(mma_backward_table()))
+    print()
+    print("\n".join(mma_cluster_backward_table()))

@@ -195,3 +195,30 @@ def test_mma_backward_step_model_is_the_sum_of_its_terms_on_the_plans_blocks():
             assert m["step_s"] == pytest.approx(sum(terms))
             assert m["dg_op_bytes"] > step_model.mma_step(kind, B, H)["h_op_bytes"]
     assert len(step_model.mma_backward_table()) == 14
+
+
+def test_mma_cluster_backward_step_model_is_the_sum_of_its_terms_on_the_plans_clusters():
+    """bench/step_model.py's prediction for the cluster backward (bench/NOTES.md v0.14): the
+    plan's auto cluster size (the largest of 8 / 4 / 2 at most the 16-unit block count), a grid
+    that is a multiple of it, each rank's k-tiles covering K = G * H, every term positive and the
+    step their sum; the dG slice 1 / cluster of the block kernel's operand (to the padding), and
+    the block kernel's model where no cluster forms (H <= 16)."""
+    checkout_bench()
+    from fastseq.bench import step_model
+
+    assert [step_model.cluster_size(H) for H in (16, 17, 40, 64, 100, 128, 768)] == [1, 2, 2, 4, 4, 8, 8]
+    for kind, G in (("gru", 3), ("lstm", 4)):
+        for B, H in ((16, 40), (16, 512), (16, 768), (64, 1024), (5, 1000)):
+            m = step_model.mma_cluster_backward_step(kind, B, H)
+            old = step_model.mma_backward_step(kind, B, H)
+            size = m["cluster"]
+            assert size == step_model.cluster_size(H) > 1 and m["ctas"] % size == 0
+            assert m["ctas"] * 16 >= H and m["m_tiles"] == size
+            assert m["k_tiles_per_rank"] * size >= -(-G * H // 16) > (m["k_tiles_per_rank"] - 1) * size
+            terms = [m[k] for k in ("barrier_s", "l2_s", "smem_s", "mma_s", "cluster_barrier_s", "dsmem_s", "gates_s")]
+            assert all(x > 0 for x in terms)
+            assert m["step_s"] == pytest.approx(sum(terms))
+            assert m["dg_slice_bytes"] * size == pytest.approx(old["dg_op_bytes"], rel=0.1)
+    tiny = step_model.mma_cluster_backward_step("gru", 4, 16)
+    assert tiny["cluster"] == 1 and tiny["step_s"] == step_model.mma_backward_step("gru", 4, 16)["step_s"]
+    assert len(step_model.mma_cluster_backward_table()) == 14

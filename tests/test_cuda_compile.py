@@ -175,12 +175,13 @@ def _cuobjdump() -> Optional[str]:
 
 
 def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
-    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 32 kernels -- 24 forwards (GRU / LSTM,
+    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 36 kernels -- 24 forwards (GRU / LSTM,
     float16 / bfloat16, 1-2 W tiles of 16 rows, 2 / 4 / 8 k-tiles per warp) that hold W_hh in
-    registers, 8 backwards (GRU / LSTM, float16 / bfloat16, 1-2 W^T tiles) -- compile without
-    spilling (no stack frame, no spill bytes, <= 255 registers); and, where a cuobjdump is
-    found, each kernel's SASS has tensor-core MMAs (HMMA.16816.F32, .BF16 for bfloat16) and
-    no local-memory load or store (LDL / STL)."""
+    registers, 8 block backwards (GRU / LSTM, float16 / bfloat16, 1-2 W^T tiles), 4 cluster
+    backwards (GRU / LSTM, float16 / bfloat16) -- compile without spilling (no stack frame, no
+    spill bytes, <= 255 registers); and, where a cuobjdump is found, each kernel's SASS has
+    tensor-core MMAs (HMMA.16816.F32, .BF16 for bfloat16) and no local-memory load or store
+    (LDL / STL), and the cluster backwards have the cluster barrier (UCGABAR_ARV / _WAIT)."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (not on PATH, nor in $CUDA_HOME/bin or /usr/local/cuda/bin)")
@@ -192,14 +193,15 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     assert proc.returncode == 0, "nvcc failed\n" + _report(cmd, proc)
     info = proc.stdout + proc.stderr
     entries = re.findall(r"Compiling entry function '([^']+)'", info)
-    assert len(entries) == 32, f"expected 32 kernels, got {len(entries)}\n{info}"
+    assert len(entries) == 36, f"expected 36 kernels, got {len(entries)}\n{info}"
     assert sum("mma_bwd_kernel" in e for e in entries) == 8, entries
+    assert sum("mma_cluster_bwd_kernel" in e for e in entries) == 4, entries
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
-    assert len(frames) == len(regs) == 32, info
+    assert len(frames) == len(regs) == 36, info
     assert all(f == ("0", "0", "0") for f in frames), "stack frame or spills\n" + info
     assert max(regs) <= 255, info
-    print(f"ptxas sm_90: 32 kernels, registers {min(regs)}..{max(regs)}, no spills")
+    print(f"ptxas sm_90: 36 kernels, registers {min(regs)}..{max(regs)}, no spills")
     tool = _cuobjdump()
     if tool is None:
         print("no cuobjdump found: SASS not checked")
@@ -207,13 +209,16 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     sass = _run([tool, "-sass", str(obj)], tmp_path)
     assert sass.returncode == 0, sass.stderr
     funcs = re.split(r"\n\s+Function : ", sass.stdout)[1:]
-    assert len(funcs) == 32, f"cuobjdump listed {len(funcs)} functions"
+    assert len(funcs) == 36, f"cuobjdump listed {len(funcs)} functions"
     for f in funcs:
         name, body = f.split("\n", 1)
         want = "HMMA.16816.F32.BF16" if "bfloat16" in name else "HMMA.16816.F32 "
         assert want in body, f"{name}: no {want.strip()} in its SASS"
         assert not re.search(r"\s(LDL|STL)[\s.]", body), f"{name}: local-memory traffic in its SASS"
-    print("SASS: every kernel has HMMA.16816.F32 tensor-core MMAs, no LDL / STL")
+        if "cluster_bwd" in name:
+            assert "UCGABAR_ARV" in body and "UCGABAR_WAIT" in body, f"{name}: no cluster barrier in its SASS"
+    print("SASS: every kernel has HMMA.16816.F32 tensor-core MMAs, no LDL / STL; cluster barriers in the "
+          "cluster backwards")
 
 
 def test_bindings_syntax(tmp_path):
@@ -600,6 +605,7 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
     G = 3 if cell == "gru" else 4
     monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
     monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER", "0")  # the block kernel (the next test: clusters)
     for k, (blocks, H, B) in enumerate(_MMA_BWD_GRIDS):
         if blocks is None:
             monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", raising=False)
@@ -634,6 +640,111 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
     assert emu.emulated_mma_count() > mmas
     with pytest.raises(AssertionError):
         _all_close(got, _persistent_backward(R, cell, case, fwd, grads, True), dt_name, "without a grid barrier")
+
+
+# (blocks or None for the default, FASTSEQ_CUDA_PERSISTENT_CLUSTER, H, B, expected cluster size):
+# the default grid, auto (H = 40: 3 blocks of 16 -> clusters of 2, a 4th block without units);
+# auto at 9 blocks of 15 units -> clusters of 8 (120 columns, 8 m-tiles: one per warp, no K split
+# among warps) with two batch tiles; 3-unit blocks in a cluster of 4 asked for by name (K = 21 /
+# 28: 2 k-tiles, so ranks 2 and 3 hold none; 8 warps split each rank's tile); 7 blocks of 15
+# units in clusters of 2 (K = 300 / 400: 19 / 25 k-tiles, odd splits); one block of 5 units in a
+# cluster of 8 (7 blocks without units, 3 m-tiles: 2 of the 8 warps idle).
+_MMA_CLUSTER_GRIDS = ((None, "auto", 40, 6, 2), (None, None, 130, 20, 8), (3, "4", 7, 6, 4),
+                      (7, "2", 100, 3, 2), (1, "8", 5, 4, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_persistent_mma_cluster_backward(emu, cell, dt_name, monkeypatch):
+    """The cluster backward (persistent_mma_kernels.cu: the product split along K = G*H inside
+    thread-block clusters, partial sums summed through distributed shared memory) against the
+    reference backward, at the grids of _MMA_CLUSTER_GRIDS, lengths with 0 and 1 or none, bias or
+    not, T = 3 and 1. Every launch must cross T grid barriers and T + 1 barriers per cluster, and
+    run exactly T * clusters * ceil(cluster * units / 16) * ceil(G * H / 16) * ceil(B / 16) warp
+    MMAs (each cluster's tiles once, whatever the split among its ranks and warps)."""
+    import torch
+    from fastseq.ops.recurrence import naive as R
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(17)
+    G = 3 if cell == "gru" else 4
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+    for k, (blocks, cluster, H, B, size) in enumerate(_MMA_CLUSTER_GRIDS):
+        for var, value in (("FASTSEQ_CUDA_PERSISTENT_BLOCKS", blocks), ("FASTSEQ_CUDA_PERSISTENT_CLUSTER", cluster)):
+            if value is None:
+                monkeypatch.delenv(var, raising=False)
+            else:
+                monkeypatch.setenv(var, str(value))
+        units = -(-H // blocks) if blocks else -(-H // -(-H // 16))
+        grid = -(-(blocks or -(-H // units)) // size) * size
+        clusters = grid // size
+        lengths_cases = (torch.tensor([3, 1, 0, 2, 3, 1, 2, 3, 3, 1, 2, 0, 3, 2, 1, 1, 3, 2, 3, 2][:B]), None)
+        for T in (3, 1):
+            for i, lengths in enumerate(lengths_cases):
+                bias = (i + k) % 2 == 0
+                case = _persistent_case(cell, dt, gen, T, B, H, bias, lengths)
+                fwd = _reference_forward(cell, case, True)
+                grads = [(torch.randn(T, B, H, generator=gen)).to(dt) for _ in range(2)]
+                tag = (f"{cell} {dt_name} blocks={blocks} cluster={cluster} H={H} B={B} T={T} bias={bias} "
+                       f"lengths={lengths is not None}")
+                syncs, csyncs = emu.emulated_grid_syncs(), emu.emulated_cluster_syncs()
+                mmas = emu.emulated_mma_count()
+                got = _persistent_backward(emu, cell, case, fwd, grads, bias)
+                assert emu.emulated_grid_syncs() - syncs == T, f"{tag}: grid barriers crossed"
+                assert emu.emulated_cluster_syncs() - csyncs == clusters * (T + 1), f"{tag}: cluster barriers"
+                want_mmas = T * clusters * (-(-size * units // 16)) * (-(-G * H // 16)) * (-(-B // 16))
+                assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
+                _all_close(got, _persistent_backward(R, cell, case, fwd, grads, bias), dt_name,
+                           f"cluster persistent backward {tag}")
+
+
+@pytest.mark.slow
+def test_emulated_persistent_mma_cluster_choice(emu, monkeypatch):
+    """Which backward runs, and that the cluster test can fail: one block (auto) takes the block
+    kernel (no cluster barrier, its MMA count); a cluster size asked for by name that does not
+    apply (8 x 20 units > 128 columns) raises under FASTSEQ_CUDA_PERSISTENT=1 naming the reason, a
+    value other than auto / 0 / 2 / 4 / 8 naming the variable; 4 blocks of 5 units in a cluster of 4
+    match the reference; without the barriers (FASTSEQ_CUDA_EMU_GRID_SYNC=off: the
+    blocks in turn) a clustered backward differs from the reference."""
+    import torch
+    from fastseq.ops.recurrence import naive as R
+
+    gen = torch.Generator().manual_seed(18)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER", raising=False)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", "1")
+    case = _persistent_case("lstm", torch.bfloat16, gen, 3, 5, 7, True, None)
+    fwd = _reference_forward("lstm", case, True)
+    grads = [torch.randn(3, 5, 7, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    want = _persistent_backward(R, "lstm", case, fwd, grads, True)
+    csyncs, mmas = emu.emulated_cluster_syncs(), emu.emulated_mma_count()
+    _all_close(_persistent_backward(emu, "lstm", case, fwd, grads, True), want, "bfloat16", "one block, auto")
+    assert emu.emulated_cluster_syncs() == csyncs, "one block ran the cluster kernel"
+    assert emu.emulated_mma_count() - mmas == 3 * 1 * 2 * 1, "the block kernel's MMAs"  # T, blocks, k-tiles, rows
+    big = _persistent_case("lstm", torch.bfloat16, gen, 2, 3, 20, True, None)
+    big_fwd = _reference_forward("lstm", big, True)
+    big_grads = [torch.randn(2, 3, 20, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER", "8")
+    with pytest.raises(RuntimeError, match="128 W_hh columns"):
+        _persistent_backward(emu, "lstm", big, big_fwd, big_grads, True)
+    for bad in ("3", "eight"):
+        monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER", bad)
+        with pytest.raises(RuntimeError, match="FASTSEQ_CUDA_PERSISTENT_CLUSTER"):
+            _persistent_backward(emu, "lstm", big, big_fwd, big_grads, True)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER", "4")
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", "4")
+    _all_close(_persistent_backward(emu, "lstm", big, big_fwd, big_grads, True),
+               _persistent_backward(R, "lstm", big, big_fwd, big_grads, True), "bfloat16", "4 x 5 units, cluster 4")
+    monkeypatch.setenv("FASTSEQ_CUDA_EMU_GRID_SYNC", "off")
+    mmas = emu.emulated_mma_count()
+    got = _persistent_backward(emu, "lstm", big, big_fwd, big_grads, True)
+    assert emu.emulated_mma_count() > mmas
+    with pytest.raises(AssertionError):
+        _all_close(got, _persistent_backward(R, "lstm", big, big_fwd, big_grads, True), "bfloat16",
+                   "without the barriers")
 
 
 @pytest.mark.slow

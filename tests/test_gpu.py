@@ -181,3 +181,49 @@ def test_teacher_forced_decoder_loop_as_cuda_graph_equals_direct(monkeypatch, ba
     assert all(c.captures >= 1 and c.replays >= 1 for c in caches), [(c.captures, c.replays) for c in caches]
     for i, (g, w) in enumerate(zip(got, want)):
         assert torch.equal(g, w), f"output/grad {i} differs by {(g.double() - w.double()).abs().max().item()}"
+
+
+# FASTSEQ_CUDA_PERSISTENT / _MMA / _CLUSTER settings of the C++ extension's whole-sequence kernels
+# (csrc/cuda/bindings.cpp): the shared-memory kernels, the tensor-core block kernels, and the
+# tensor-core forward with the cluster backward (sm_90). 1 raises when the kernel does not apply.
+_PERSISTENT_SETTINGS = {
+    "shared-memory": {"FASTSEQ_CUDA_PERSISTENT": "1", "FASTSEQ_CUDA_PERSISTENT_MMA": "0"},
+    "mma-block": {"FASTSEQ_CUDA_PERSISTENT": "1", "FASTSEQ_CUDA_PERSISTENT_CLUSTER": "0"},
+    "mma-cluster": {"FASTSEQ_CUDA_PERSISTENT": "1", "FASTSEQ_CUDA_PERSISTENT_CLUSTER": "8"},
+}
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+@pytest.mark.parametrize("setting", sorted(_PERSISTENT_SETTINGS))
+def test_persistent_cuda_kernels_match_the_per_step_path(monkeypatch, kind, setting):
+    """The persistent CUDA kernels (one cooperative launch per layer and direction; the MMA ones in
+    bfloat16, the shared-memory one in float32) give the per-step path's output and gradients on
+    the C++ backend, B 16, H 256, T 24, dense input. Skipped, with the reason, when the extension
+    has no CUDA kernels; a kernel that does not apply on this device fails (FASTSEQ_CUDA_PERSISTENT=1)."""
+    ok, why = selection.cpp_status()
+    if not ok or not extension.has_cuda():
+        pytest.skip(f"the C++ extension has no CUDA kernels here: {why}")
+    dtype = torch.float32 if setting == "shared-memory" else torch.bfloat16
+    B, T, H = 16, 24, 256
+    torch.manual_seed(0)
+    layer = getattr(fnn, kind)(H, H).cuda().to(dtype)
+    x = torch.randn(T, B, H, device="cuda", dtype=dtype)
+    g = torch.randn(T, B, H, device="cuda")
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi)  # dense input: the packed ops always run per step
+        (out.float() * g).sum().backward()
+        grads = [out.float(), xi.grad.float()] + [p.grad.float() for p in layer.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return grads
+
+    with fastseq.backend("cpp"):
+        monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "0")
+        want = run()
+        for var, value in _PERSISTENT_SETTINGS[setting].items():
+            monkeypatch.setenv(var, value)
+        got = run()
+    for i, (a, b) in enumerate(zip(got, want)):
+        err = float((a - b).norm() / b.norm().clamp_min(1e-12))
+        assert err < TOL[dtype], f"{setting} {kind} output/grad {i}: relative error {err:.2e} >= {TOL[dtype]}"

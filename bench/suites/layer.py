@@ -14,6 +14,12 @@ before they are timed:
 
 * ``fastseq-<backend>``: :class:`fastseq.nn.GRU`/``LSTM`` with the backend forced
   (every one available on the device: :meth:`Context.fastseq_backends`);
+* ``fastseq-cpp-persistent``, ``fastseq-cpp-persistent-cluster`` (CUDA, dense input,
+  the C++ backend's CUDA kernels): the whole-sequence kernels, one cooperative launch
+  per layer and direction (``FASTSEQ_CUDA_PERSISTENT=1``; half precision on tensor
+  cores), the backward as the block kernel (``FASTSEQ_CUDA_PERSISTENT_CLUSTER=0``) or
+  in thread-block clusters (``=auto``). A setting that does not apply to the case (or
+  the device) is left out, with a note;
 * ``torch.nn``: torch.nn.GRU/LSTM (oneDNN/ATen on the CPU; cuDNN on a GPU, with
   TF32 off for float32, fastseq's default precision); ``torch.nn-tf32``: cuDNN with
   TF32 on (float32 on a GPU);
@@ -28,8 +34,10 @@ measured rates (:mod:`fastseq.bench.roofline`).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
-from typing import Callable, Dict, List, Optional, Tuple
+import os
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -111,6 +119,29 @@ class EagerCells(torch.nn.Module):
         return torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
 
 
+# The whole-sequence CUDA kernels' settings (csrc/cuda/bindings.cpp), by variant.
+PERSISTENT_VARIANTS = {
+    "fastseq-cpp-persistent": {"FASTSEQ_CUDA_PERSISTENT": "1", "FASTSEQ_CUDA_PERSISTENT_CLUSTER": "0"},
+    "fastseq-cpp-persistent-cluster": {"FASTSEQ_CUDA_PERSISTENT": "1", "FASTSEQ_CUDA_PERSISTENT_CLUSTER": "auto"},
+}
+
+
+@contextlib.contextmanager
+def environment(settings: Dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``settings`` for the block, restored after (the extension
+    reads these variables at every call)."""
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run(ctx: Context) -> None:
     for kind, mode, B, H, T, bi, packed in grid(ctx):
         for dtype in ctx.dtypes:
@@ -166,6 +197,24 @@ def _case(ctx: Context, kind, mode, B, H, T, bi, packed, dtype, name) -> None:
                 torch.backends.cudnn.allow_tf32 = old
         calls[label] = torch_call
     calls["eager-cells"] = cells_call
+    envs: Dict[str, Dict[str, str]] = {}
+    notes: List[str] = []
+    if ctx.cuda and not packed and "cpp" in ctx.fastseq_backends(dtype):
+        for label, settings in PERSISTENT_VARIANTS.items():
+            def persistent_call(x, lengths, settings=settings):
+                with fastseq.backend("cpp"), environment(settings):
+                    return module_call(fast, x, lengths)
+            try:  # forward and backward once: a kernel that does not apply raises (FASTSEQ_CUDA_PERSISTENT=1)
+                x_try = sets[0][0].detach().requires_grad_(True)
+                with environment(settings):
+                    persistent_call(x_try, None).float().sum().backward()
+                for p in fast.parameters():
+                    p.grad = None
+            except RuntimeError as err:
+                notes.append(f"{label} left out: {str(err).splitlines()[0][:160]}")
+                continue
+            calls[label] = persistent_call
+            envs[label] = settings
     if ctx.cuda and not bi and not packed:
         flash = flashrnn_call(kind, ref, dtype)
         if flash is not None:
@@ -186,7 +235,7 @@ def _case(ctx: Context, kind, mode, B, H, T, bi, packed, dtype, name) -> None:
     nxt_grad = rotating(grads)
     params = list(ref.parameters()) + list(fast.parameters()) + list(cells.parameters())
 
-    def timed(fn):
+    def timed(fn, settings):
         if mode == "fwd":
             def go():
                 with torch.no_grad():
@@ -195,12 +244,13 @@ def _case(ctx: Context, kind, mode, B, H, T, bi, packed, dtype, name) -> None:
             def go():
                 x, lengths = nxt()
                 x = x.detach().requires_grad_(True)
-                out = fn(x, lengths)
-                (out.float() * nxt_grad().float()).sum().backward()
+                with environment(settings):  # the backward's kernels read the settings too
+                    out = fn(x, lengths)
+                    (out.float() * nxt_grad().float()).sum().backward()
                 for p in params:
                     p.grad = None
         return go
 
-    ctx.time(SUITE, name, dtype, {impl: timed(fn) for impl, fn in calls.items()},
-             floor_ms=floor(kind, mode, B, H, T, bi, n_tokens, dtype, ctx.ceilings),
-             note="" if ctx.cuda else "CPU: oneDNN/ATen for torch.nn")
+    note = "; ".join(([] if ctx.cuda else ["CPU: oneDNN/ATen for torch.nn"]) + notes)
+    ctx.time(SUITE, name, dtype, {impl: timed(fn, envs.get(impl, {})) for impl, fn in calls.items()},
+             floor_ms=floor(kind, mode, B, H, T, bi, n_tokens, dtype, ctx.ceilings), note=note)

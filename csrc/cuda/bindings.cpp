@@ -50,6 +50,11 @@
 //     products from dG[t] rounded to the storage dtype; float32 accumulation and
 //     state) where they apply, else the shared-memory ones; 0: the shared-memory
 //     ones (float32 products).
+//   FASTSEQ_CUDA_PERSISTENT_CLUSTER=auto (or unset): the tensor-core backward
+//     splits its product inside thread-block clusters (the cluster backward,
+//     sm_90) of the largest size of 8, 4, 2 that applies, else runs the block
+//     kernel; 2, 4 or 8: that cluster size (FASTSEQ_CUDA_PERSISTENT=1 raises when
+//     it does not apply); 0: the block kernel.
 // The same choice for the dense backwards (gru_recurrence_backward,
 // lstm_recurrence_backward). The packed ops always run per step.
 //
@@ -373,6 +378,20 @@ bool mma_enabled() {
   return false;
 }
 
+// FASTSEQ_CUDA_PERSISTENT_CLUSTER (see the top of this file): the cluster size asked of
+// the tensor-core backward, -1 for auto, 0 for none.
+int64_t persistent_cluster() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return -1;
+  if (std::strcmp(v, "0") == 0) return 0;
+  if (std::strcmp(v, "2") == 0) return 2;
+  if (std::strcmp(v, "4") == 0) return 4;
+  if (std::strcmp(v, "8") == 0) return 8;
+  TORCH_CHECK(false, "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_CLUSTER: expected auto, 0, 2, 4 or 8, got '", v,
+              "'");
+  return 0;
+}
+
 // The persistent kernel's plan for this call, or a plan with blocks = 0 when
 // the per-step loop runs (mode, sizes, dtypes or device); raises when the mode
 // is On and the kernel does not apply.
@@ -392,12 +411,17 @@ RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_
   } else {
     // Half precision: the tensor-core kernels first (forward: W_hh in registers; backward:
     // W_hh^T in shared memory).
+    // The backward tries the cluster kernel first; a cluster size asked for by name has
+    // no fallback.
     const bool half = st == at::kHalf || st == at::kBFloat16;
-    if (half && mma_enabled())
-      check_launch(backward ? recurrence_persistent_mma_backward_plan(dtype_tag(st), G, B, H, blocks, &plan)
+    const int64_t cluster = half && mma_enabled() && backward ? persistent_cluster() : 0;
+    if (cluster != 0)
+      check_launch(recurrence_persistent_mma_backward_plan(dtype_tag(st), G, B, H, blocks, cluster, &plan), op);
+    if (half && mma_enabled() && plan.blocks == 0 && cluster <= 0)
+      check_launch(backward ? recurrence_persistent_mma_backward_plan(dtype_tag(st), G, B, H, blocks, 0, &plan)
                             : recurrence_persistent_mma_plan(dtype_tag(st), G, B, H, blocks, &plan),
                    op);
-    if (plan.blocks == 0)
+    if (plan.blocks == 0 && cluster <= 0)
       check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
   }
   TORCH_CHECK(mode != PersistentMode::On || plan.blocks > 0, "fastseq_cpp (CUDA): ", op,
@@ -1246,6 +1270,7 @@ TORCH_LIBRARY(fastseq_cuda_emu, m) {
   m.def("emulated_grid_syncs() -> int", []() -> int64_t { return fastseq::cuda::emulated_grid_syncs(); });
   // Tests only: the warp-level 16 x 16 x 16 MMAs the emulated tensor-core kernels executed so far.
   m.def("emulated_mma_count() -> int", []() -> int64_t { return fastseq::cuda::emulated_mma_count(); });
+  m.def("emulated_cluster_syncs() -> int", []() -> int64_t { return fastseq::cuda::emulated_cluster_syncs(); });
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {

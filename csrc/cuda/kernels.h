@@ -179,7 +179,9 @@ struct RecurrencePersistentPlan {
   // The tensor-core kernels only (recurrence_persistent_mma_plan, _mma_backward_plan; 0 otherwise):
   int64_t m_tiles = 0;           // 16-row tiles of the block's W_hh slice (forward: G * units rows;
                                  // backward: units rows of W_hh^T)
-  int64_t k_tiles_per_warp = 0;  // 16-column tiles each warp multiplies (forward: held in registers)
+  int64_t k_tiles_per_warp = 0;  // 16-column tiles each warp multiplies (forward: held in registers;
+                                 // the cluster backward: the k-tiles of each rank's slice)
+  int64_t cluster = 0;           // the cluster backward only: blocks per thread-block cluster (2, 4, 8)
 };
 
 // Sizes the launch for `gates` = 3 (GRU) or 4 (LSTM) on the current device.
@@ -282,8 +284,26 @@ cudaError_t lstm_backward_persistent(DType dtype, const RecurrencePersistentBwd&
 // dG[t] each step with one 16-row tile), blocks <= the SM count, and the W^T
 // slice plus the partial sums (8 * 16 * m_tiles * rows_op floats) fit the
 // opt-in shared memory. Otherwise plan->blocks = 0 with the reason.
+//
+// The cluster backward (`cluster` != 0; sm_90): the same contract and phase 1,
+// with the product split along K = G*H inside thread-block clusters of
+// plan.cluster blocks (2, 4 or 8; `cluster` > 0 asks for that size, < 0 takes
+// the largest that applies and is at most the block count), so that each block
+// reads 1 / cluster of dG[t] from L2, not all of it. A cluster owns its blocks'
+// cluster * units (<= 128) columns of W_hh; rank q keeps W_hh^T's k-tiles
+// [q * k_tiles_per_warp, (q + 1) * k_tiles_per_warp) of them in shared memory
+// (m_tiles = ceil(cluster * units / 16) tiles of 16 columns), forms their
+// partial products for all rows_op rows, and each block sums the ranks'
+// partial sums of its own units through distributed shared memory after a
+// cluster barrier. One cooperative launch with a cluster dimension
+// (cudaLaunchKernelEx); the grid is the block kernel's rounded up to a multiple
+// of plan.cluster (blocks past ceil(H / units) own no unit but hold their
+// k-tiles). Applies when: sm_90 or later with cluster launch, cluster * units <=
+// 128, the slice plus the partial sums (8 / m_tiles x 16 * m_tiles x rows_op
+// floats) fit the opt-in shared memory, and the device holds the grid's
+// clusters at once (cudaOccupancyMaxActiveClusters).
 cudaError_t recurrence_persistent_mma_backward_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                                    RecurrencePersistentPlan* plan);
+                                                    int64_t cluster, RecurrencePersistentPlan* plan);
 cudaError_t gru_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
 cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
 
@@ -292,6 +312,8 @@ cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistent
 int64_t emulated_grid_syncs();
 // Tests only: the warp-level MMAs (16 x 16 x 16) the emulated kernels executed.
 int64_t emulated_mma_count();
+// Tests only: the cluster barriers the emulated clustered launches completed (once per cluster).
+int64_t emulated_cluster_syncs();
 #endif
 
 // ================================================================= attention

@@ -67,6 +67,40 @@ FASTSEQ_DEVICE void grid_sync() {
 #endif
 }
 
+// Thread-block clusters (sm_90; the cluster backward of persistent_mma_kernels.cu): the
+// block's rank in its cluster, the barrier of the cluster's threads (release / acquire:
+// shared-memory writes before it are seen by the cluster's blocks after it), and a
+// pointer into this block's shared memory mapped to the same place in the shared memory
+// of the cluster's block of rank `rank` (distributed shared memory). Emulated:
+// emu/host_emulation.h's stand-ins. Compiled only where the kernel that calls them is
+// (FASTSEQ_DEVICE code for sm_90 or the host emulation).
+#if FASTSEQ_PERSISTENT_EMULATED || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+FASTSEQ_DEVICE unsigned int cluster_rank() {
+#if FASTSEQ_PERSISTENT_EMULATED
+  return ::fastseq_emu::cluster_rank();
+#else
+  return cooperative_groups::this_cluster().block_rank();
+#endif
+}
+
+FASTSEQ_DEVICE void cluster_sync() {
+#if FASTSEQ_PERSISTENT_EMULATED
+  ::fastseq_emu::cluster_sync();
+#else
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+template <typename T>
+FASTSEQ_DEVICE T* cluster_map(T* p, unsigned int rank) {
+#if FASTSEQ_PERSISTENT_EMULATED
+  return ::fastseq_emu::map_shared_rank(p, rank);
+#else
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#endif
+}
+#endif
+
 // One (row b, unit j) element of forward step t, after its recurrent products
 // acc[g] = (h_{t-1} W_hh^T)[b, g*H + j] (no bias yet): adds b_hh, applies the
 // gates, masks by lengths (a finished row keeps its state hp), writes hs[t]

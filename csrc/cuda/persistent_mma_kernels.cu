@@ -291,6 +291,124 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
 #endif
 }
 
+#if FASTSEQ_PERSISTENT_EMULATED || !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+#define FASTSEQ_CLUSTER_AVAILABLE 1
+#else
+#define FASTSEQ_CLUSTER_AVAILABLE 0
+#endif
+
+// The cluster backward (sm_90; kernels.h, "The cluster backward"): the same steps as
+// recurrence_persistent_mma_bwd_kernel, with the product split along K inside a
+// thread-block cluster of CL = plan.cluster blocks, so that each block reads 1 / CL of
+// dG[t] from L2 instead of all of it (the term that dominates the block kernel's step:
+// bench/NOTES.md v0.14).
+//   * Block k (rank q = k % CL in cluster c = k / CL) still owns units
+//     [k * units, (k + 1) * units) for phase 1 and for dh. The cluster owns the CL * units
+//     columns n of W_hh starting at c * CL * units (its blocks' units), padded to
+//     MR = 16 * m_tiles rows of W_hh^T.
+//   * Rank q holds the k-tiles [q * ktr, (q + 1) * ktr) of K = G*H (ktr =
+//     plan.k_tiles_per_warp: here the k-tiles per rank) for all the cluster's columns:
+//     w_s[n][kk] = W_hh[q * 16 * ktr + kk][c0 + n] in shared memory, zero-padded.
+//   * Phase 2: warp w takes m-tile w % m_tiles and the (w / m_tiles)-th of the
+//     kparts = 8 / m_tiles contiguous pieces of the rank's k-tiles; its sums over those
+//     tiles for up to 4 tiles of 16 batch rows at a time go to red[part][MR][rows_op]
+//     in its block's shared memory. No two warps write the same partial sum.
+//   * A cluster barrier, then one thread per (unit jj, row b) of the block's units adds
+//     the partial sums of all CL ranks and kparts pieces, read through distributed
+//     shared memory, to dh[b, j0 + jj].
+// Barriers per step: the grid barrier (dG[t] complete) and one cluster barrier (the
+// partial sums complete). The partial sums need no second buffer: rank q rewrites
+// red in phase 2 of step t-1 only after the grid barrier of step t-1, which every
+// block of the cluster reaches only after it has read (and used) step t's sums. A
+// last cluster barrier keeps every block resident until the others stopped reading
+// its shared memory.
+template <typename S, int G>
+__global__ void __launch_bounds__(kMmaThreads, 1)
+    recurrence_persistent_mma_cluster_bwd_kernel(RecurrencePersistentBwd a) {
+#if FASTSEQ_MMA_AVAILABLE && FASTSEQ_CLUSTER_AVAILABLE
+  const int64_t T = a.T, B = a.B, H = a.H, GH = G * H;
+  const int64_t J = a.plan.units, CL = a.plan.cluster;
+  const int64_t k = static_cast<int64_t>(blockIdx.x);
+  const int64_t q = static_cast<int64_t>(detail::cluster_rank());
+  const int64_t j0 = k * J;
+  const int64_t nj = j0 < H ? (H - j0 < J ? H - j0 : J) : 0;  // units of this block
+  const int64_t c0 = (k - q) * J;                               // the cluster's first column
+  const int64_t nc = c0 < H ? (H - c0 < CL * J ? H - c0 : CL * J) : 0;  // its columns
+  const int64_t Kp = a.ld_op, Bp = a.rows_op;                   // G*H and B rounded up to 16
+  const int64_t mt = a.plan.m_tiles, MR = mt * kTile;
+  const int64_t kt = Kp / kTile;
+  const int64_t ktr = a.plan.k_tiles_per_warp;                  // k-tiles per rank
+  const int64_t kr0 = q * ktr;
+  const int64_t nkr = kt - kr0 < 0 ? 0 : (kt - kr0 < ktr ? kt - kr0 : ktr);
+  const int64_t ldw = ktr * kTile;
+  const int64_t kparts = kMmaWarps / mt;
+  const int warp = threadIdx.x / 32, tid = threadIdx.x, nthr = blockDim.x;
+  const int64_t m = warp % mt, part = warp / mt;
+  const int64_t kpp = (nkr + kparts - 1) / kparts;
+  const int64_t kk0 = part * kpp;
+  const int64_t nkk = nkr - kk0 < 0 ? 0 : (nkr - kk0 < kpp ? nkr - kk0 : kpp);
+
+  FASTSEQ_DYNAMIC_SMEM(smem);
+  S* w_s = reinterpret_cast<S*>(smem);  // [MR, ldw]
+  float* red = reinterpret_cast<float*>(smem + mma_bwd_slice_bytes(MR, ldw, sizeof(S)));  // [kparts][MR][Bp]
+  const S* w = static_cast<const S*>(a.w_hh);
+  for (int64_t idx = tid; idx < MR * ldw; idx += nthr) {
+    const int64_t n = idx / ldw, kk = idx - n * ldw, r = kr0 * kTile + kk;
+    w_s[idx] = n < nc && kk < nkr * kTile && r < GH ? w[r * H + c0 + n] : from_acc<S>(0.0f);
+  }
+  float* dh = static_cast<float*>(a.dh);
+  S* dg_op = static_cast<S*>(a.dg_op);
+
+  for (int64_t t = T - 1; t >= 0; --t) {
+    __syncthreads();  // this block's reads of dh (step t+1) done; the slice written
+    S* op_t = dg_op + (t & 1) * Bp * Kp;
+    for (int64_t p = tid; p < B * nj; p += nthr) {
+      const int64_t b = p / nj, j = j0 + (p - b * nj);
+      detail::persistent_backward_element<S, G>(a, t, b, j, op_t + b * Kp);
+    }
+    grid_sync();  // all of dG[t] written before any block reads it
+    if (part < kparts) {
+      for (int64_t n0 = 0; n0 < Bp; n0 += kBwdBatchTiles * kTile) {
+        const int64_t nt = (Bp - n0) / kTile < kBwdBatchTiles ? (Bp - n0) / kTile : kBwdBatchTiles;
+        wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[kBwdBatchTiles];
+#pragma unroll
+        for (int n = 0; n < kBwdBatchTiles; ++n) wmma::fill_fragment(acc[n], 0.0f);
+        for (int64_t kk = kk0; kk < kk0 + nkk; ++kk) {
+          wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, S, wmma::row_major> wa;
+          wmma::load_matrix_sync(wa, w_s + m * kTile * ldw + kk * kTile, ldw);
+#pragma unroll
+          for (int n = 0; n < kBwdBatchTiles; ++n) {
+            if (n < nt) {
+              wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, S, wmma::col_major> db;
+              wmma::load_matrix_sync(db, op_t + (n0 + n * kTile) * Kp + (kr0 + kk) * kTile, Kp);
+              wmma::mma_sync(acc[n], wa, db, acc[n]);
+            }
+          }
+        }
+#pragma unroll
+        for (int n = 0; n < kBwdBatchTiles; ++n) {
+          if (n < nt)
+            wmma::store_matrix_sync(red + (part * MR + m * kTile) * Bp + n0 + n * kTile, acc[n], Bp,
+                                    wmma::mem_row_major);
+        }
+      }
+    }
+    detail::cluster_sync();  // every rank's partial sums written
+    for (int64_t p = tid; p < nj * B; p += nthr) {
+      const int64_t jj = p / B, b = p - jj * B;  // consecutive threads: consecutive rows b of the partials
+      const int64_t n = q * J + jj;              // this unit's column in the cluster
+      float sum = 0.0f;
+      for (int64_t r = 0; r < CL; ++r) {
+        const float* rr = detail::cluster_map(red, static_cast<unsigned int>(r));
+        for (int64_t pp = 0; pp < kparts; ++pp) sum += rr[(pp * MR + n) * Bp + b];
+      }
+      dh[b * H + j0 + jj] += sum;
+    }
+  }
+  detail::cluster_sync();  // no block exits while another may still read its shared memory
+#endif
+}
+
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The device's limits (cooperative launch, SMs, opt-in shared memory; sm_80+), or the
@@ -355,6 +473,76 @@ cudaError_t launch_cooperative(void (*kernel)(Args), const RecurrencePersistentP
   return cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(grid), dim3(kMmaThreads), argv,
                                      smem, stream);
 #endif
+}
+
+// One cooperative launch of `kernel` on the plan's grid in clusters of plan.cluster blocks
+// (emulated: a real grid barrier and real cluster barriers, one CPU thread per block).
+template <typename Args>
+cudaError_t launch_cooperative_cluster(void (*kernel)(Args), const RecurrencePersistentPlan& p, const Args& a,
+                                       cudaStream_t stream) {
+  const unsigned int grid = static_cast<unsigned int>(p.blocks), cluster = static_cast<unsigned int>(p.cluster);
+  const size_t smem = static_cast<size_t>(p.smem_bytes);
+#if FASTSEQ_PERSISTENT_EMULATED
+  (void)stream;
+  ::fastseq_emu::launch_cooperative_cluster(grid, cluster, kMmaThreads, smem, kernel, a);
+  return cudaSuccess;
+#else
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kMmaThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attrs[2];
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = cluster;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeCooperative;
+  attrs[1].val.cooperative = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = 2;
+  return cudaLaunchKernelEx(&cfg, kernel, a);
+#endif
+}
+
+// Whether `blocks` blocks of `kernel` in clusters of `cluster` are resident at once (a
+// cooperative launch needs it): the device's count of co-resident clusters of that shape
+// (clusters sit inside one GPC), raising the kernel's shared-memory limit first. The
+// emulated device holds one block per SM.
+cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks, int64_t cluster, int64_t sms,
+                                RecurrencePersistentPlan* plan, bool* fits) {
+  *fits = false;
+#if FASTSEQ_PERSISTENT_EMULATED
+  (void)kernel;
+  (void)smem;
+  (void)cluster;
+  const int64_t capacity = sms;
+#else
+  (void)sms;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned int>(blocks));
+  cfg.blockDim = dim3(kMmaThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned int>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+  if (err != cudaSuccess) return err;
+  const int64_t capacity = static_cast<int64_t>(clusters) * cluster;
+#endif
+  if (blocks > capacity) {
+    plan->reason = "more blocks than the device holds at once in clusters of this size (cooperative launch)";
+    return cudaSuccess;
+  }
+  *fits = true;
+  return cudaSuccess;
 }
 
 template <typename S, int G>
@@ -446,13 +634,101 @@ cudaError_t plan_bwd_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersis
 }
 
 template <typename S, int G>
+cudaError_t launch_cluster_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t stream);
+
+template <typename S, int G>
 cudaError_t launch_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t stream) {
   if (a.T <= 0 || a.B <= 0 || a.H <= 0) return cudaSuccess;
   const RecurrencePersistentPlan& p = a.plan;
+  if (p.cluster > 0) return launch_cluster_bwd_impl<S, G>(a, stream);
   if (p.blocks <= 0 || p.units <= 0 || p.m_tiles < 1 || p.m_tiles > 2 || p.k_tiles_per_warp < 1 ||
       a.dg_op == nullptr || a.ld_op != cdiv(G * a.H, kTile) * kTile || a.rows_op != cdiv(a.B, kTile) * kTile)
     return cudaErrorInvalidValue;
   return launch_cooperative(bwd_kernel_for<S, G>(p.m_tiles), p, a, stream);
+}
+
+constexpr int64_t kMaxClusterColumns = 8 * kTile;  // a cluster's W_hh columns: m_tiles <= 8 (one per warp)
+
+// The cluster backward's plan: `cluster` 2, 4 or 8 asks for that size; < 0 takes the
+// largest of 8, 4, 2 that applies and is at most the block count. The grid is the block
+// kernel's (16-unit blocks by default, or `blocks`) rounded up to a multiple of the size.
+template <typename S, int G>
+cudaError_t plan_cluster_bwd_impl(int64_t B, int64_t H, int64_t blocks, int64_t cluster,
+                                  RecurrencePersistentPlan* plan) {
+  *plan = RecurrencePersistentPlan{};
+  if (B <= 0 || H <= 0) {
+    plan->reason = "empty batch or hidden size";
+    return cudaSuccess;
+  }
+  if (cluster > 0 && cluster != 2 && cluster != 4 && cluster != 8) {
+    plan->reason = "the cluster size must be 2, 4 or 8";
+    return cudaSuccess;
+  }
+  int64_t sms = 0, smem_optin = 0;
+  bool ok = false;
+  const cudaError_t dev = device_limits(&sms, &smem_optin, plan, &ok);
+  if (dev != cudaSuccess || !ok) return dev;
+#if !FASTSEQ_PERSISTENT_EMULATED
+  int device = 0, major = 0, clusters_ok = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&clusters_ok, cudaDevAttrClusterLaunch, device);
+  if (err != cudaSuccess) return err;
+  if (major < 9 || !clusters_ok) {
+    plan->reason = "the device does not launch thread-block clusters (compute capability below 9.0)";
+    return cudaSuccess;
+  }
+#endif
+  constexpr int64_t kDefaultUnits = 16;
+  int64_t nblk = blocks > 0 ? blocks : cdiv(H, kDefaultUnits);
+  const int64_t units = cdiv(H, nblk);
+  if (blocks <= 0) nblk = cdiv(H, units);
+  const int64_t kt = cdiv(G * H, kTile);
+  const int64_t rows = cdiv(B, kTile) * kTile;
+  const void* kernel = reinterpret_cast<const void*>(recurrence_persistent_mma_cluster_bwd_kernel<S, G>);
+  plan->reason = "fewer than 2 blocks: no cluster to form";
+  for (const int64_t cl : {int64_t{8}, int64_t{4}, int64_t{2}}) {
+    if (cluster > 0 ? cl != cluster : cl > nblk) continue;
+    if (cl * units > kMaxClusterColumns) {
+      plan->reason = "more than 128 W_hh columns per cluster (cluster size x units per block)";
+      continue;
+    }
+    const int64_t m_tiles = cdiv(cl * units, kTile);
+    const int64_t ktr = cdiv(kt, cl);
+    const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, ktr * kTile, sizeof(S)) +
+                         (kMmaWarps / m_tiles) * m_tiles * kTile * rows * static_cast<int64_t>(sizeof(float));
+    if (smem > smem_optin) {
+      plan->reason = "the W_hh^T slice and the partial sums of the batch do not fit a block's shared memory";
+      continue;
+    }
+    const int64_t grid = cdiv(nblk, cl) * cl;
+    bool fits = false;
+    const cudaError_t co = cluster_co_resident(kernel, smem, grid, cl, sms, plan, &fits);
+    if (co != cudaSuccess) return co;
+    if (!fits) continue;
+    plan->reason = nullptr;
+    plan->blocks = grid;
+    plan->units = units;
+    plan->batch_tile = rows;
+    plan->smem_bytes = smem;
+    plan->m_tiles = m_tiles;
+    plan->k_tiles_per_warp = ktr;
+    plan->cluster = cl;
+    return cudaSuccess;
+  }
+  return cudaSuccess;
+}
+
+template <typename S, int G>
+cudaError_t launch_cluster_bwd_impl(const RecurrencePersistentBwd& a, cudaStream_t stream) {
+  const RecurrencePersistentPlan& p = a.plan;
+  const int64_t kt = cdiv(G * a.H, kTile);
+  if (p.blocks <= 0 || p.units <= 0 || p.blocks % p.cluster != 0 || p.m_tiles < 1 ||
+      p.m_tiles != cdiv(p.cluster * p.units, kTile) || p.m_tiles * kTile > kMaxClusterColumns ||
+      p.k_tiles_per_warp != cdiv(kt, p.cluster) || a.dg_op == nullptr || a.ld_op != kt * kTile ||
+      a.rows_op != cdiv(a.B, kTile) * kTile)
+    return cudaErrorInvalidValue;
+  return launch_cooperative_cluster(recurrence_persistent_mma_cluster_bwd_kernel<S, G>, p, a, stream);
 }
 
 // Both plans' dtype and gate dispatch: float16 / bfloat16 only (float32 and float64 have
@@ -475,9 +751,10 @@ cudaError_t mma_plan(DType dtype, int64_t gates, RecurrencePersistentPlan* plan,
 }  // namespace
 
 cudaError_t recurrence_persistent_mma_backward_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                                    RecurrencePersistentPlan* plan) {
+                                                    int64_t cluster, RecurrencePersistentPlan* plan) {
   return mma_plan(dtype, gates, plan, [&](auto s, auto g) {
-    return plan_bwd_impl<decltype(s), decltype(g)::value>(B, H, blocks, plan);
+    return cluster != 0 ? plan_cluster_bwd_impl<decltype(s), decltype(g)::value>(B, H, blocks, cluster, plan)
+                        : plan_bwd_impl<decltype(s), decltype(g)::value>(B, H, blocks, plan);
   });
 }
 
@@ -514,6 +791,7 @@ cudaError_t lstm_forward_persistent_mma(DType dtype, const RecurrencePersistentF
 
 #if FASTSEQ_PERSISTENT_EMULATED
 int64_t emulated_mma_count() { return ::fastseq_emu::wmma::mma_count(); }
+int64_t emulated_cluster_syncs() { return ::fastseq_emu::cluster_sync_count(); }
 #endif
 
 }  // namespace cuda

@@ -30,11 +30,24 @@
 // __shared__ variable (a function-local static here) would be shared by the
 // concurrently running blocks.
 //
+// Thread-block clusters (launch_cooperative_cluster, the stand-in of
+// cudaLaunchKernelEx with a cluster dimension and the cooperative attribute):
+// the cooperative launch above, its blocks grouped in clusters of `cluster`
+// consecutive blocks. cluster_rank() is the block's rank in its cluster;
+// cluster_sync() (cooperative_groups::this_cluster().sync()) is a real barrier
+// of the cluster's threads, and every completed one adds one to
+// cluster_sync_count() (once per cluster); map_shared_rank(p, r)
+// (this_cluster().map_shared_rank) maps a pointer into the caller's dynamic
+// shared memory to the same offset in the dynamic shared memory of the
+// cluster's block of rank r (distributed shared memory), and aborts on a
+// pointer outside it.
+//
 // FASTSEQ_CUDA_EMU_GRID_SYNC=off (read at each cooperative launch; tests
 // only): the blocks of a cooperative launch run one after the other and
-// grid_sync() does nothing, i.e. the launch behaves as if the kernel had no
-// grid barrier, deterministically: a block runs all its steps before the next
-// block starts. The tests use it to show that they detect a missing barrier.
+// grid_sync() and cluster_sync() do nothing, i.e. the launch behaves as if the
+// kernel had no barriers, deterministically: a block runs all its steps
+// before the next block starts. The tests use it to show that they detect a
+// missing barrier.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -55,6 +68,7 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fastseq_emu {
@@ -125,6 +139,20 @@ struct Grid {
 inline thread_local Grid* t_grid = nullptr;
 inline std::atomic<long long> g_grid_syncs{0};
 
+// The clusters of a cooperative launch: each cluster's barrier, every block's shared memory.
+struct Clusters {
+  Clusters(unsigned int size, unsigned int count, std::ptrdiff_t threads_per_block) : size(size) {
+    for (unsigned int c = 0; c < count; ++c) bars.emplace_back(std::make_unique<Barrier>(threads_per_block * size));
+  }
+  const unsigned int size;
+  std::vector<std::unique_ptr<Barrier>> bars;
+  std::vector<unsigned char*> smem;  // block b's dynamic shared memory
+  size_t smem_bytes = 0;
+};
+
+inline thread_local Clusters* t_clusters = nullptr;
+inline std::atomic<long long> g_cluster_syncs{0};
+
 // Completed grid barriers since the library was loaded (all launches).
 inline long long grid_sync_count() { return g_grid_syncs.load(); }
 
@@ -139,6 +167,39 @@ inline void grid_sync() {
 }
 
 inline void syncthreads() { t_block->bar.arrive_and_wait(); }
+
+// Completed cluster barriers since the library was loaded (once per cluster; all launches).
+inline long long cluster_sync_count() { return g_cluster_syncs.load(); }
+
+inline Clusters& clusters() {
+  if (t_clusters == nullptr) {  // on the GPU: a launch without a cluster dimension is a cluster of one block
+    std::fprintf(stderr, "fastseq_emu: cluster function outside a clustered cooperative launch\n");
+    std::abort();
+  }
+  return *t_clusters;
+}
+
+inline unsigned int cluster_rank() { return t_blockIdx.x % clusters().size; }
+
+inline void cluster_sync() {
+  Clusters& c = clusters();
+  if (!t_grid->sync) return;
+  c.bars[t_blockIdx.x / c.size]->arrive_and_wait();
+  if (t_threadIdx.x == 0 && t_blockIdx.x % c.size == 0) ++g_cluster_syncs;
+}
+
+template <typename T>
+T* map_shared_rank(T* p, unsigned int rank) {
+  Clusters& c = clusters();
+  const unsigned char* q = reinterpret_cast<const unsigned char*>(p);
+  if (rank >= c.size || q < t_dynamic_smem || q >= t_dynamic_smem + c.smem_bytes) {
+    std::fprintf(stderr, "fastseq_emu: map_shared_rank(%p, %u): not in this block's shared memory or no such rank\n",
+                 static_cast<const void*>(p), rank);
+    std::abort();
+  }
+  const unsigned int target = t_blockIdx.x - t_blockIdx.x % c.size + rank;
+  return reinterpret_cast<T*>(c.smem[target] + (q - t_dynamic_smem));
+}
 
 template <typename T>
 T shfl_xor(T x, int off) {
@@ -183,20 +244,29 @@ void launch(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...
   }
 }
 
-// The stand-in of cudaLaunchCooperativeKernel (see the header comment).
+// The stand-in of cudaLaunchKernelEx with the cooperative attribute and a cluster
+// dimension of `cluster` blocks (see the header comment); grid must be a multiple of it.
 template <typename... P, typename... A>
-void launch_cooperative(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
+void launch_cooperative_cluster(unsigned int grid, unsigned int cluster, int block, size_t smem_bytes,
+                                void (*kernel)(P...), A&&... args) {
   if (grid == 0 || block <= 0) return;
+  if (cluster == 0 || grid % cluster != 0) {  // cudaErrorInvalidClusterSize on the GPU
+    std::fprintf(stderr, "fastseq_emu: grid %u is not a multiple of the cluster size %u\n", grid, cluster);
+    std::abort();
+  }
   const char* env = std::getenv("FASTSEQ_CUDA_EMU_GRID_SYNC");
   const bool sync = env == nullptr || std::strcmp(env, "off") != 0;
   const unsigned int nthreads = static_cast<unsigned int>(block);
   Grid grd(static_cast<std::ptrdiff_t>(grid) * nthreads, sync);
+  Clusters clu(cluster, grid / cluster, nthreads);
   std::vector<std::unique_ptr<Block>> blocks;
   std::vector<std::vector<std::max_align_t>> smem;
   for (unsigned int b = 0; b < grid; ++b) {
     blocks.emplace_back(std::make_unique<Block>(nthreads));
     smem.emplace_back(smem_buffer(smem_bytes));
   }
+  for (auto& m : smem) clu.smem.push_back(reinterpret_cast<unsigned char*>(m.data()));
+  clu.smem_bytes = smem_bytes;
   std::vector<std::thread> threads;
   const auto join = [&]() {
     for (auto& th : threads) th.join();
@@ -212,12 +282,19 @@ void launch_cooperative(unsigned int grid, int block, size_t smem_bytes, void (*
         t_block = blocks[b].get();
         t_dynamic_smem = reinterpret_cast<unsigned char*>(smem[b].data());
         t_grid = &grd;
+        t_clusters = &clu;
         kernel(args...);
       });
     }
     if (!sync) join();  // no grid barrier: the blocks in turn
   }
   join();
+}
+
+// The stand-in of cudaLaunchCooperativeKernel (see the header comment): clusters of one block.
+template <typename... P, typename... A>
+void launch_cooperative(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
+  launch_cooperative_cluster(grid, 1, block, smem_bytes, kernel, std::forward<A>(args)...);
 }
 
 // ------------------------------------------------------------------- wmma
