@@ -129,3 +129,41 @@ def test_graph_caches_switches_every_cache_for_a_block():
     assert off.captures == 1 and on.captures == 1
     off(torch.randn(6, 3), w, True)  # outside: its own setting again (off)
     assert off.captures == 1
+
+
+def test_graph_cache_size_defaults_to_32_or_the_environment(monkeypatch):
+    """GraphCache keeps DEFAULT_MAX_GRAPHS (32) graphs unless FASTSEQ_CUDA_GRAPHS_MAX says
+    otherwise (read when the cache is made); a value that is not a positive integer raises
+    naming the variable."""
+    monkeypatch.delenv("FASTSEQ_CUDA_GRAPHS_MAX", raising=False)
+    assert graphs.GraphCache(_loop, "loop").max_graphs == graphs.DEFAULT_MAX_GRAPHS == 32
+    monkeypatch.setenv("FASTSEQ_CUDA_GRAPHS_MAX", "5")
+    assert graphs.GraphCache(_loop, "loop").max_graphs == 5
+    assert graphs.GraphCache(_loop, "loop", max_graphs=3).max_graphs == 3
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("FASTSEQ_CUDA_GRAPHS_MAX", bad)
+        with pytest.raises(ValueError, match="FASTSEQ_CUDA_GRAPHS_MAX"):
+            graphs.GraphCache(_loop, "loop")
+
+
+@pytest.mark.parametrize("max_graphs,min_calls", [(2, 2), (3, 1), (1, 3)])
+def test_replay_simulation_is_the_graph_caches_policy(max_graphs, min_calls):
+    """bench/graph_replay.py's replay_counts (the NOTES' replay rates of the main job's batch
+    shapes) counts what GraphCache does on the same sequence of signatures: replays, captures,
+    evictions."""
+    from conftest import checkout_bench
+
+    checkout_bench()
+    from fastseq.bench.graph_replay import replay_counts
+
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randint(1, 6, (60,), generator=gen).tolist()  # 5 shapes, revisited in a random order
+    cache = _CpuGraphCache(_loop, "loop", max_graphs=max_graphs, min_calls=min_calls, enabled=True)
+    w = torch.randn(3, 2)
+    for r in rows:
+        cache(torch.randn(r, 3), w, True)
+    got = replay_counts(rows, max_graphs, min_calls)
+    assert got == {"calls": 60, "replays": cache.replays, "captures": cache.captures, "evictions": cache.evictions}
+    assert got["replays"] > 0 and got["evictions"] > 0  # min_calls = 1: every call replays
+    with pytest.raises(ValueError, match="max_graphs"):
+        replay_counts(rows, 0)

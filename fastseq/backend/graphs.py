@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastseq.backend import warn
 
-__all__ = ["GraphCache", "StepGraph", "enabled_by_default", "graph_caches"]
+__all__ = ["DEFAULT_MAX_GRAPHS", "GraphCache", "StepGraph", "default_max_graphs", "enabled_by_default", "graph_caches"]
 
 _FORCED: Optional[bool] = None  # graph_caches()'s setting, None outside it
 
@@ -41,6 +41,31 @@ Outputs = Union[Tensor, Tuple[Tensor, ...]]
 def enabled_by_default() -> bool:
     """``FASTSEQ_CUDA_GRAPHS`` set to 1 (default off)."""
     return os.environ.get("FASTSEQ_CUDA_GRAPHS", "0") == "1"
+
+
+# Graphs a GraphCache keeps by default. The main job's batches (multi30k-cpu, 4,096-token
+# batches, 7 epochs) have 33 distinct shapes; an LRU of 16 graphs replays 84% of the
+# decoder-loop calls (127 captures), one of 32 replays 96% (31 captures; bench/graph_replay.py,
+# bench/results/cpu-graph-replay-multi30k-2026-12-02.json, bench/NOTES.md v0.14).
+DEFAULT_MAX_GRAPHS = 32
+
+
+def default_max_graphs() -> int:
+    """``FASTSEQ_CUDA_GRAPHS_MAX`` (a positive integer), else :data:`DEFAULT_MAX_GRAPHS`.
+
+    Raises:
+        ValueError: the variable is set to something else, naming it and the value.
+    """
+    value = os.environ.get("FASTSEQ_CUDA_GRAPHS_MAX", "")
+    if not value:
+        return DEFAULT_MAX_GRAPHS
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"FASTSEQ_CUDA_GRAPHS_MAX: expected a positive integer, got {value!r}")
+    return n
 
 
 @contextlib.contextmanager
@@ -158,13 +183,16 @@ class GraphCache:
             whose launches depend only on the signature and which waits for nothing on
             the host (no ``.item()``), e.g. the C++ decoder loops.
         name: for the warning.
-        max_graphs: graphs kept (>= 1).
+        max_graphs: graphs kept (>= 1); None: :func:`default_max_graphs` (32, or
+            ``FASTSEQ_CUDA_GRAPHS_MAX``), read here.
         min_calls: calls of a signature before it is captured (>= 1).
         enabled: None: :func:`enabled_by_default`.
     """
 
-    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, max_graphs: int = 16, min_calls: int = 2,
-                 enabled: Optional[bool] = None):
+    def __init__(self, fn: Callable[..., Tuple[Tensor, ...]], name: str, max_graphs: Optional[int] = None,
+                 min_calls: int = 2, enabled: Optional[bool] = None):
+        if max_graphs is None:
+            max_graphs = default_max_graphs()
         if max_graphs < 1 or min_calls < 1:
             raise ValueError(f"GraphCache: max_graphs and min_calls must be >= 1, got {max_graphs}, {min_calls}")
         self.fn, self.name, self.max_graphs, self.min_calls = fn, name, max_graphs, min_calls
