@@ -76,6 +76,7 @@ constexpr int64_t kMmaMaxRows = 32;      // W_hh rows per block: G * units <= 32
 constexpr int64_t kMmaMaxH = 1024;       // K tiles per warp <= 8
 constexpr int kTile = 16;
 constexpr int kBwdBatchTiles = 4;        // the backward's 16-row batch tiles per pass over W^T
+constexpr int64_t kBwdDefaultUnits = 16; // the backward's units per block: one 16-row tile of W_hh^T
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FASTSEQ_MMA_AVAILABLE 1
@@ -441,6 +442,51 @@ cudaError_t device_limits(int64_t* sms, int64_t* smem_optin, RecurrencePersisten
   return cudaSuccess;
 }
 
+// The plans' common start: reset the plan, refuse empty sizes, read the device's limits.
+// False when planning stops here: plan->reason says why, or *err holds a failed query.
+bool plan_start(int64_t B, int64_t H, RecurrencePersistentPlan* plan, int64_t* sms, int64_t* smem_optin,
+                cudaError_t* err) {
+  *plan = RecurrencePersistentPlan{};
+  *err = cudaSuccess;
+  if (B <= 0 || H <= 0) {
+    plan->reason = "empty batch or hidden size";
+    return false;
+  }
+  bool ok = false;
+  *err = device_limits(sms, smem_optin, plan, &ok);
+  return *err == cudaSuccess && ok;
+}
+
+// The plans' grid: `blocks` (> 0) blocks as asked (those past ceil(H / units) own no unit),
+// or by default the fewest blocks of at most `max_units` units each.
+void block_split(int64_t H, int64_t blocks, int64_t max_units, int64_t* nblk, int64_t* units) {
+  *nblk = blocks > 0 ? blocks : cdiv(H, max_units);
+  *units = cdiv(H, *nblk);
+  if (blocks <= 0) *nblk = cdiv(H, *units);
+}
+
+#if !FASTSEQ_PERSISTENT_EMULATED
+// A launch of `grid` blocks of kMmaThreads threads in clusters of `cluster` blocks (attrs[0]),
+// cooperative when `cooperative` (attrs[1]); `attrs` must outlive the returned configuration.
+cudaLaunchConfig_t cluster_config(int64_t grid, int64_t cluster, int64_t smem, cudaStream_t stream, bool cooperative,
+                                  cudaLaunchAttribute* attrs) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned int>(grid));
+  cfg.blockDim = dim3(kMmaThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = static_cast<unsigned int>(cluster);
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeCooperative;
+  attrs[1].val.cooperative = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = cooperative ? 2 : 1;
+  return cfg;
+}
+#endif
+
 // The plan's last step, both directions: the blocks must be co-resident (cooperative launch).
 cudaError_t finish_plan(const void* kernel, int64_t sms, int64_t blocks, int64_t units, int64_t rows, int64_t smem,
                         int64_t m_tiles, int64_t kpw, RecurrencePersistentPlan* plan) {
@@ -487,20 +533,8 @@ cudaError_t launch_cooperative_cluster(void (*kernel)(Args), const RecurrencePer
   ::fastseq_emu::launch_cooperative_cluster(grid, cluster, kMmaThreads, smem, kernel, a);
   return cudaSuccess;
 #else
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kMmaThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
   cudaLaunchAttribute attrs[2];
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = cluster;
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  attrs[1].id = cudaLaunchAttributeCooperative;
-  attrs[1].val.cooperative = 1;
-  cfg.attrs = attrs;
-  cfg.numAttrs = 2;
+  const cudaLaunchConfig_t cfg = cluster_config(grid, cluster, static_cast<int64_t>(smem), stream, true, attrs);
   return cudaLaunchKernelEx(&cfg, kernel, a);
 #endif
 }
@@ -521,17 +555,8 @@ cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks
   (void)sms;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned int>(blocks));
-  cfg.blockDim = dim3(kMmaThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned int>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attrs[2];
+  const cudaLaunchConfig_t cfg = cluster_config(blocks, cluster, smem, nullptr, false, attrs);
   int clusters = 0;
   err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
   if (err != cudaSuccess) return err;
@@ -547,23 +572,16 @@ cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks
 
 template <typename S, int G>
 cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
-  *plan = RecurrencePersistentPlan{};
-  if (B <= 0 || H <= 0) {
-    plan->reason = "empty batch or hidden size";
-    return cudaSuccess;
-  }
+  int64_t sms = 0, smem_optin = 0;
+  cudaError_t err = cudaSuccess;
+  if (!plan_start(B, H, plan, &sms, &smem_optin, &err)) return err;
   if (H > kMmaMaxH) {
     plan->reason = "hidden size above 1024 (the tensor-core kernel holds at most 8 k-tiles of W_hh per warp)";
     return cudaSuccess;
   }
-  int64_t sms = 0, smem_optin = 0;
-  bool ok = false;
-  const cudaError_t dev = device_limits(&sms, &smem_optin, plan, &ok);
-  if (dev != cudaSuccess || !ok) return dev;
   const int64_t max_units = kMmaMaxRows / G;
-  int64_t nblk = blocks > 0 ? blocks : cdiv(H, max_units);  // default: the fewest blocks (each reads all of h)
-  const int64_t units = cdiv(H, nblk);
-  if (blocks <= 0) nblk = cdiv(H, units);
+  int64_t nblk = 0, units = 0;
+  block_split(H, blocks, max_units, &nblk, &units);  // default: the fewest blocks (each reads all of h)
   if (units > max_units) {
     plan->reason = "more than 32 / G hidden units per block (its W_hh rows would not fit its registers)";
     return cudaSuccess;
@@ -601,19 +619,11 @@ auto bwd_kernel_for(int64_t m_tiles) -> void (*)(RecurrencePersistentBwd) {
 
 template <typename S, int G>
 cudaError_t plan_bwd_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
-  *plan = RecurrencePersistentPlan{};
-  if (B <= 0 || H <= 0) {
-    plan->reason = "empty batch or hidden size";
-    return cudaSuccess;
-  }
   int64_t sms = 0, smem_optin = 0;
-  bool ok = false;
-  const cudaError_t dev = device_limits(&sms, &smem_optin, plan, &ok);
-  if (dev != cudaSuccess || !ok) return dev;
-  constexpr int64_t kDefaultUnits = 16;  // one 16-row tile of W_hh^T per block
-  int64_t nblk = blocks > 0 ? blocks : cdiv(H, kDefaultUnits);
-  const int64_t units = cdiv(H, nblk);
-  if (blocks <= 0) nblk = cdiv(H, units);
+  cudaError_t err = cudaSuccess;
+  if (!plan_start(B, H, plan, &sms, &smem_optin, &err)) return err;
+  int64_t nblk = 0, units = 0;
+  block_split(H, blocks, kBwdDefaultUnits, &nblk, &units);
   if (units > kMmaMaxRows) {
     plan->reason = "more than 32 hidden units per block (the backward's W_hh^T slice holds at most two 16-row tiles)";
     return cudaSuccess;
@@ -655,22 +665,16 @@ constexpr int64_t kMaxClusterColumns = 8 * kTile;  // a cluster's W_hh columns: 
 template <typename S, int G>
 cudaError_t plan_cluster_bwd_impl(int64_t B, int64_t H, int64_t blocks, int64_t cluster,
                                   RecurrencePersistentPlan* plan) {
-  *plan = RecurrencePersistentPlan{};
-  if (B <= 0 || H <= 0) {
-    plan->reason = "empty batch or hidden size";
-    return cudaSuccess;
-  }
+  int64_t sms = 0, smem_optin = 0;
+  cudaError_t err = cudaSuccess;
+  if (!plan_start(B, H, plan, &sms, &smem_optin, &err)) return err;
   if (cluster > 0 && cluster != 2 && cluster != 4 && cluster != 8) {
     plan->reason = "the cluster size must be 2, 4 or 8";
     return cudaSuccess;
   }
-  int64_t sms = 0, smem_optin = 0;
-  bool ok = false;
-  const cudaError_t dev = device_limits(&sms, &smem_optin, plan, &ok);
-  if (dev != cudaSuccess || !ok) return dev;
 #if !FASTSEQ_PERSISTENT_EMULATED
   int device = 0, major = 0, clusters_ok = 0;
-  cudaError_t err = cudaGetDevice(&device);
+  err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&clusters_ok, cudaDevAttrClusterLaunch, device);
   if (err != cudaSuccess) return err;
@@ -679,10 +683,8 @@ cudaError_t plan_cluster_bwd_impl(int64_t B, int64_t H, int64_t blocks, int64_t 
     return cudaSuccess;
   }
 #endif
-  constexpr int64_t kDefaultUnits = 16;
-  int64_t nblk = blocks > 0 ? blocks : cdiv(H, kDefaultUnits);
-  const int64_t units = cdiv(H, nblk);
-  if (blocks <= 0) nblk = cdiv(H, units);
+  int64_t nblk = 0, units = 0;
+  block_split(H, blocks, kBwdDefaultUnits, &nblk, &units);
   const int64_t kt = cdiv(G * H, kTile);
   const int64_t rows = cdiv(B, kTile) * kTile;
   const void* kernel = reinterpret_cast<const void*>(recurrence_persistent_mma_cluster_bwd_kernel<S, G>);
