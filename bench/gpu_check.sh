@@ -28,8 +28,11 @@
 #              cuDNN/cuBLAS TF32 off (a pytest plugin), to tell TF32 from a kernel bug   [~30 s]
 #   bench      fastseq bench --quick --device cuda --suite layer host                    [~90-150 s]
 #   bench_step the same for cell attention decoder_step                                 [~30-60 s]
-#   bench_more the same for train_step decode lm, if time is left; the three runs' results
-#              merged -> bench.json, bench.md                                            [~30-60 s]
+#   bench_more the same for train_step decode lm, if time is left                       [~30-60 s]
+#   bench_persistent  the layer suite's persistent CUDA kernels (FASTSEQ_BENCH_PERSISTENT=only:
+#              dense cases, next to cuDNN in the same rounds), last: a fault in kernels
+#              never run before costs nothing else; the four runs' results merged
+#              -> bench.json, bench.md                                                   [~30-60 s]
 #   summary    summary.json (always: trap EXIT)
 #
 # $OUT (at most 8 files): summary.json, run.log, kernels.json, junit_gpu.xml, junit_parity.xml,
@@ -208,5 +211,11 @@ stage bench_step 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite cell atten
   --tag gpucheck-2
 stage bench_more 120 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode lm --out "$W/bench" \
   --tag gpucheck-3
+if [ "$MODE" = gpu ]; then  # the persistent CUDA kernels, never run before: last, in their own process
+  stage bench_persistent 90 env FASTSEQ_BENCH_PERSISTENT=only $PY "$HELPER" run "$REPO" fastseq $BENCH --suite layer \
+    --out "$W/bench" --tag gpucheck-4
+else
+  skip bench_persistent "the persistent kernels need a CUDA device (dry)"
+fi
 $PY "$HELPER" merge-bench "$REPO" "$OUT" "$W"/bench/*.json || echo "!! merge-bench failed"
 exit 0

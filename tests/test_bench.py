@@ -2,6 +2,7 @@
 the Markdown table and the plot are written with the documented fields; every case is timed
 for fastseq and at least one baseline under the same case string; no suite reports an error."""
 import json
+import os
 
 import pytest
 from conftest import checkout_bench
@@ -222,3 +223,30 @@ def test_mma_cluster_backward_step_model_is_the_sum_of_its_terms_on_the_plans_cl
     tiny = step_model.mma_cluster_backward_step("gru", 4, 16)
     assert tiny["cluster"] == 1 and tiny["step_s"] == step_model.mma_backward_step("gru", 4, 16)["step_s"]
     assert len(step_model.mma_cluster_backward_table()) == 14
+
+
+def test_layer_suite_persistent_setting_and_environment(monkeypatch):
+    """The layer suite's FASTSEQ_BENCH_PERSISTENT (0 / unset, 1, only; anything else raises
+    naming it) and its environment() block, which sets variables for the block and restores
+    (or removes) them after, also when the block raises."""
+    checkout_bench()
+    from fastseq.bench.suites import layer
+
+    monkeypatch.delenv("FASTSEQ_BENCH_PERSISTENT", raising=False)
+    assert layer.persistent_mode() == "0"
+    for value in ("1", "only"):
+        monkeypatch.setenv("FASTSEQ_BENCH_PERSISTENT", value)
+        assert layer.persistent_mode() == value
+    monkeypatch.setenv("FASTSEQ_BENCH_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="FASTSEQ_BENCH_PERSISTENT"):
+        layer.persistent_mode()
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "0")
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER", raising=False)
+    with pytest.raises(KeyError):
+        with layer.environment({"FASTSEQ_CUDA_PERSISTENT": "1", "FASTSEQ_CUDA_PERSISTENT_CLUSTER": "8"}):
+            assert os.environ["FASTSEQ_CUDA_PERSISTENT"] == "1"
+            assert os.environ["FASTSEQ_CUDA_PERSISTENT_CLUSTER"] == "8"
+            raise KeyError("inside")
+    assert os.environ["FASTSEQ_CUDA_PERSISTENT"] == "0"
+    assert "FASTSEQ_CUDA_PERSISTENT_CLUSTER" not in os.environ
+

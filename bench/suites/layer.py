@@ -19,7 +19,11 @@ before they are timed:
   per layer and direction (``FASTSEQ_CUDA_PERSISTENT=1``; half precision on tensor
   cores), the backward as the block kernel (``FASTSEQ_CUDA_PERSISTENT_CLUSTER=0``) or
   in thread-block clusters (``=auto``). A setting that does not apply to the case (or
-  the device) is left out, with a note;
+  the device) is left out, with a note. Opt-in, as the kernels have not run on a GPU
+  yet and a fault there would end the process's later cases:
+  ``FASTSEQ_BENCH_PERSISTENT=1`` adds them; ``=only`` times only them, next to
+  cuDNN timed again in the same rounds as ``torch.nn-rerun`` (bench/gpu_check.sh's
+  last stage, in its own process);
 * ``torch.nn``: torch.nn.GRU/LSTM (oneDNN/ATen on the CPU; cuDNN on a GPU, with
   TF32 off for float32, fastseq's default precision); ``torch.nn-tf32``: cuDNN with
   TF32 on (float32 on a GPU);
@@ -126,6 +130,19 @@ PERSISTENT_VARIANTS = {
 }
 
 
+def persistent_mode() -> str:
+    """``FASTSEQ_BENCH_PERSISTENT``: "0" (unset: no persistent variants), "1" (added) or
+    "only" (they and cuDNN alone are timed).
+
+    Raises:
+        ValueError: another value, naming the variable.
+    """
+    mode = os.environ.get("FASTSEQ_BENCH_PERSISTENT", "0") or "0"
+    if mode not in ("0", "1", "only"):
+        raise ValueError(f"FASTSEQ_BENCH_PERSISTENT: expected 0, 1 or only, got {mode!r}")
+    return mode
+
+
 @contextlib.contextmanager
 def environment(settings: Dict[str, str]) -> Iterator[None]:
     """``os.environ`` updated with ``settings`` for the block, restored after (the extension
@@ -143,7 +160,10 @@ def environment(settings: Dict[str, str]) -> Iterator[None]:
 
 
 def run(ctx: Context) -> None:
+    persistent = persistent_mode()
     for kind, mode, B, H, T, bi, packed in grid(ctx):
+        if persistent == "only" and (packed or not ctx.cuda):
+            continue  # the persistent kernels take dense input on CUDA only
         for dtype in ctx.dtypes:
             name = case_name(kind, mode, B, H, T, bi, packed)
             ctx.attempt(f"{SUITE} {name} {dtype_name(dtype)}",
@@ -199,7 +219,8 @@ def _case(ctx: Context, kind, mode, B, H, T, bi, packed, dtype, name) -> None:
     calls["eager-cells"] = cells_call
     envs: Dict[str, Dict[str, str]] = {}
     notes: List[str] = []
-    if ctx.cuda and not packed and "cpp" in ctx.fastseq_backends(dtype):
+    persistent = persistent_mode()
+    if persistent != "0" and ctx.cuda and not packed and "cpp" in ctx.fastseq_backends(dtype):
         for label, settings in PERSISTENT_VARIANTS.items():
             def persistent_call(x, lengths, settings=settings):
                 with fastseq.backend("cpp"), environment(settings):
@@ -252,5 +273,10 @@ def _case(ctx: Context, kind, mode, B, H, T, bi, packed, dtype, name) -> None:
         return go
 
     note = "; ".join(([] if ctx.cuda else ["CPU: oneDNN/ATen for torch.nn"]) + notes)
-    ctx.time(SUITE, name, dtype, {impl: timed(fn, envs.get(impl, {})) for impl, fn in calls.items()},
-             floor_ms=floor(kind, mode, B, H, T, bi, n_tokens, dtype, ctx.ceilings), note=note)
+    impls = {impl: timed(fn, envs.get(impl, {})) for impl, fn in calls.items()}
+    if persistent == "only":
+        if not envs:
+            raise RuntimeError(f"no persistent kernel applies: {note}")
+        impls = {**{impl: impls[impl] for impl in envs}, "torch.nn-rerun": impls["torch.nn"]}
+    ctx.time(SUITE, name, dtype, impls, floor_ms=floor(kind, mode, B, H, T, bi, n_tokens, dtype, ctx.ceilings),
+             note=note)
