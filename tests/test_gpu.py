@@ -193,6 +193,7 @@ _PERSISTENT_SETTINGS = {
 }
 
 
+@pytest.mark.persistent_kernels  # bench/gpu_check.sh: its own stage, after the others (a hang or fault ends only it)
 @pytest.mark.parametrize("kind", ["GRU", "LSTM"])
 @pytest.mark.parametrize("setting", sorted(_PERSISTENT_SETTINGS))
 def test_persistent_cuda_kernels_match_the_per_step_path(monkeypatch, kind, setting):

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STAGES = ["env", "install", "flashrnn", "ext", "kernels", "test_gpu", "parity", "parity_notf32", "bench",
-          "bench_step", "bench_more", "bench_persistent"]
+          "bench_step", "bench_more", "test_persistent", "bench_persistent"]
 MUST_PASS = ["env", "install", "ext", "kernels", "test_gpu", "parity", "bench", "bench_step", "bench_more"]
 
 
@@ -50,7 +50,7 @@ def test_dry_run_writes_a_summary_of_every_stage(tmp_path):
     for name in MUST_PASS:
         assert stages[name]["status"] == "ok", (name, stages[name], log)
     assert stages["flashrnn"]["status"] == stages["parity_notf32"]["status"] == "skipped"
-    assert stages["bench_persistent"]["status"] == "skipped"  # needs a CUDA device
+    assert stages["test_persistent"]["status"] == stages["bench_persistent"]["status"] == "skipped"  # no device
     assert summary["wall_s"] < 600
 
     files = [p for p in out.rglob("*") if p.is_file()]
