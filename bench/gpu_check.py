@@ -233,6 +233,8 @@ def cmd_summary(w: str, out: str) -> None:
             os.path.join(out, "junit_parity_notf32.xml")):
         p = os.path.join(out, "junit_parity_notf32.xml")
         s["junit"]["parity_notf32"] = junit(p if os.path.exists(p) else os.path.join(w, "junit_parity_notf32.xml"))
+    if os.path.exists(os.path.join(w, "junit_persistent.xml")):  # the test_persistent stage (GPU only)
+        s["junit"]["persistent"] = junit(os.path.join(w, "junit_persistent.xml"))
     b = _load(os.path.join(out, "bench.json"))
     if isinstance(b, dict):
         recs = b.get("records", [])

@@ -21,6 +21,8 @@
 #              compiled on the stub driver (parallel workers), then launched on the GPU;
 #              registers, spills, shared memory -> kernels.json                          [~40-90 s]
 #   test_gpu   tests/test_gpu.py -> junit_gpu.xml                                        [~60-90 s]
+#   test_persistent  tests/test_gpu.py -m persistent_kernels (the persistent CUDA kernels against
+#              the per-step path; left out of test_gpu), pass/fail in run.log            [~20-40 s]
 #   parity     test_rnn_parity, test_ops_triton, test_attention_ops, test_decoder_step,
 #              test_attention_triton, test_ops_triton_sequence (not slow)
 #              on CUDA, float32 and bfloat16 (xdist when present) -> junit_parity.xml    [~60-120 s]
@@ -29,8 +31,6 @@
 #   bench      fastseq bench --quick --device cuda --suite layer host                    [~90-150 s]
 #   bench_step the same for cell attention decoder_step                                 [~30-60 s]
 #   bench_more the same for train_step decode lm, if time is left                       [~30-60 s]
-#   test_persistent  tests/test_gpu.py -m persistent_kernels (the persistent CUDA kernels against
-#              the per-step path; left out of test_gpu), pass/fail in run.log            [~20-40 s]
 #   bench_persistent  only if test_persistent passed: the layer suite's persistent CUDA
 #              kernels (FASTSEQ_BENCH_PERSISTENT=only: dense cases, next to cuDNN in the
 #              same rounds); last, in its own process, like test_persistent, so that a
@@ -182,11 +182,15 @@ if $PY -c "import xdist" 2>/dev/null; then XD="-n $(( NPROC < 8 ? NPROC : 8 ))";
 
 if [ "$MODE" = gpu ]; then
   stage test_gpu 150 $PYT tests/test_gpu.py -m "not persistent_kernels" --junitxml="$OUT/junit_gpu.xml"
+  # The persistent CUDA kernels, never run before, in a process of their own (a hang or a fault
+  # ends only this stage); pass/fail in run.log.
+  stage test_persistent 75 $PYT tests/test_gpu.py -m persistent_kernels --junitxml="$W/junit_persistent.xml"
   stage parity 180 $PYT $XD tests/test_rnn_parity.py tests/test_ops_triton.py tests/test_attention_ops.py \
     tests/test_decoder_step.py tests/test_attention_triton.py tests/test_ops_triton_sequence.py \
     -m "not slow" --junitxml="$OUT/junit_parity.xml"
 else  # test_gpu skips itself without a device; the parity subset on the CPU backends, small cases
   stage test_gpu 60 $PYT tests/test_gpu.py -m "not persistent_kernels" --junitxml="$OUT/junit_gpu.xml"
+  skip test_persistent "the persistent kernels need a CUDA device (dry)"
   stage parity 60 $PYT tests/test_rnn_parity.py -k "(reference or cpp) and (test_cell_matches_torch or L1-biFalse-bfFalse-B3)" \
     --junitxml="$OUT/junit_parity.xml"
 fi
@@ -214,10 +218,8 @@ stage bench_step 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite cell atten
   --tag gpucheck-2
 stage bench_more 120 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode lm --out "$W/bench" \
   --tag gpucheck-3
-# The persistent CUDA kernels, never run before: last, each stage in its own process (a hang or a
-# fault costs nothing else); their benchmark only if their test passed.
+# The persistent CUDA kernels' benchmark, only if their test passed: last, in its own process.
 if [ "$MODE" = gpu ]; then
-  stage test_persistent 75 $PYT tests/test_gpu.py -m persistent_kernels --junitxml="$W/junit_persistent.xml"
   if [ "$(awk -F'\t' '$1 == "test_persistent" {print $2}' "$STAGES")" = 0 ]; then
     stage bench_persistent 90 env FASTSEQ_BENCH_PERSISTENT=only $PY "$HELPER" run "$REPO" fastseq $BENCH \
       --suite layer --out "$W/bench" --tag gpucheck-4
@@ -225,7 +227,6 @@ if [ "$MODE" = gpu ]; then
     skip bench_persistent "test_persistent did not pass"
   fi
 else
-  skip test_persistent "the persistent kernels need a CUDA device (dry)"
   skip bench_persistent "the persistent kernels need a CUDA device (dry)"
 fi
 $PY "$HELPER" merge-bench "$REPO" "$OUT" "$W"/bench/*.json || echo "!! merge-bench failed"

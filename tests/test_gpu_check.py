@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STAGES = ["env", "install", "flashrnn", "ext", "kernels", "test_gpu", "parity", "parity_notf32", "bench",
-          "bench_step", "bench_more", "test_persistent", "bench_persistent"]
+STAGES = ["env", "install", "flashrnn", "ext", "kernels", "test_gpu", "test_persistent", "parity", "parity_notf32",
+          "bench", "bench_step", "bench_more", "bench_persistent"]
 MUST_PASS = ["env", "install", "ext", "kernels", "test_gpu", "parity", "bench", "bench_step", "bench_more"]
 
 
