@@ -466,7 +466,8 @@ def test_emulated_persistent_mma_forward(emu, cell, dt_name, monkeypatch):
     reference, at the grids of _MMA_GRIDS, lengths with 0 and 1 or none, bias or not,
     save_gates both, T = 5 and 1. Every launch must cross T - 1 grid barriers and run exactly
     T * blocks * k_tiles * m_tiles * ceil(B / 16) warp MMAs (so the plan's tiles are the
-    ones described in kernels.h, and no launch fell back to the shared-memory kernel)."""
+    ones described in kernels.h, and no launch fell back to the shared-memory kernel), with no
+    shared-memory bank conflict (test_emulated_smem_bank_model's model)."""
     import torch
 
     dt = getattr(torch, dt_name)
@@ -490,7 +491,9 @@ def test_emulated_persistent_mma_forward(emu, cell, dt_name, monkeypatch):
                     tag = (f"{cell} {dt_name} blocks={blocks} H={H} B={B} T={T} bias={bias} "
                            f"lengths={lengths is not None} save={save}")
                     syncs, mmas = emu.emulated_grid_syncs(), emu.emulated_mma_count()
+                    emu.emulated_take_smem_conflict_ways()
                     got = _persistent_forward(emu, cell, case, save)
+                    assert emu.emulated_take_smem_conflict_ways() == 1, f"{tag}: shared-memory bank conflicts"
                     assert emu.emulated_grid_syncs() - syncs == T - 1, f"{tag}: grid barriers crossed"
                     want_mmas = T * n_blocks * (-(-H // 16)) * (-(-G * units // 16)) * (-(-B // 16))
                     assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
@@ -580,6 +583,19 @@ def test_emulated_persistent_backward(emu, cell, dt_name, monkeypatch):
                            f"persistent backward {tag}")
 
 
+def test_emulated_smem_bank_model(emu):
+    """emu/host_emulation.h's bank-conflict model, on its own: a 16-bit fragment load whose rows
+    are a multiple of 128 bytes apart reads its 8-row phases from one bank quad (8 ways), rows 16
+    bytes further apart are conflict-free; a float accumulator store with rows a multiple of 128
+    bytes apart puts a half-warp's 4 rows in the same banks (4 ways), 32 bytes further apart none.
+    The pitches are the kernels' (persistent_mma_kernels.cu: operand_pitch, partial_pitch) before
+    and after the padding."""
+    for pitch, ways in ((64, 8), (3072, 8), (32, 4), (16, 2), (72, 1), (3080, 1), (24, 1)):
+        assert emu.emulated_smem_ways_at_pitch(pitch, False) == ways, f"16-bit fragment, pitch {pitch}"
+    for pitch, ways in ((64, 4), (16, 2), (32, 4), (72, 1), (24, 1), (40, 1)):
+        assert emu.emulated_smem_ways_at_pitch(pitch, True) == ways, f"accumulator store, pitch {pitch}"
+
+
 # (blocks or None for the default, H, B): the default grid (16-unit blocks: H = 40 -> 3 blocks, the
 # last with 8 units); one block of 7 units; blocks that own no unit; 2 W^T tiles (20 units, one
 # block) with two 16-row batch tiles; 7-unit blocks with two k-tiles per warp (K = G * H = 135 / 180
@@ -596,7 +612,8 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
     backward on the reference forward's outputs, at the grids of _MMA_BWD_GRIDS, lengths with
     0 and 1 or none, bias or not, T = 4 and 1. Every launch must cross T grid barriers and run
     exactly T * (blocks that own units) * ceil(G * H / 16) * ceil(units / 16) * ceil(B / 16)
-    warp MMAs (the tiles of kernels.h; no fallback to the shared-memory kernel)."""
+    warp MMAs (the tiles of kernels.h; no fallback to the shared-memory kernel), with no
+    shared-memory bank conflict (test_emulated_smem_bank_model's model)."""
     import torch
     from fastseq.ops.recurrence import naive as R
 
@@ -623,7 +640,9 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
                 tag = (f"{cell} {dt_name} blocks={blocks} H={H} B={B} T={T} bias={bias} "
                        f"lengths={lengths is not None}")
                 syncs, mmas = emu.emulated_grid_syncs(), emu.emulated_mma_count()
+                emu.emulated_take_smem_conflict_ways()
                 got = _persistent_backward(emu, cell, case, fwd, grads, bias)
+                assert emu.emulated_take_smem_conflict_ways() == 1, f"{tag}: shared-memory bank conflicts"
                 assert emu.emulated_grid_syncs() - syncs == T, f"{tag}: grid barriers crossed"
                 want_mmas = T * owning * (-(-G * H // 16)) * (-(-units // 16)) * (-(-B // 16))
                 assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
@@ -662,7 +681,8 @@ def test_emulated_persistent_mma_cluster_backward(emu, cell, dt_name, monkeypatc
     reference backward, at the grids of _MMA_CLUSTER_GRIDS, lengths with 0 and 1 or none, bias or
     not, T = 3 and 1. Every launch must cross T grid barriers and T + 1 barriers per cluster, and
     run exactly T * clusters * ceil(cluster * units / 16) * ceil(G * H / 16) * ceil(B / 16) warp
-    MMAs (each cluster's tiles once, whatever the split among its ranks and warps)."""
+    MMAs (each cluster's tiles once, whatever the split among its ranks and warps), with no
+    shared-memory bank conflict (test_emulated_smem_bank_model's model)."""
     import torch
     from fastseq.ops.recurrence import naive as R
 
@@ -691,7 +711,9 @@ def test_emulated_persistent_mma_cluster_backward(emu, cell, dt_name, monkeypatc
                        f"lengths={lengths is not None}")
                 syncs, csyncs = emu.emulated_grid_syncs(), emu.emulated_cluster_syncs()
                 mmas = emu.emulated_mma_count()
+                emu.emulated_take_smem_conflict_ways()
                 got = _persistent_backward(emu, cell, case, fwd, grads, bias)
+                assert emu.emulated_take_smem_conflict_ways() == 1, f"{tag}: shared-memory bank conflicts"
                 assert emu.emulated_grid_syncs() - syncs == T, f"{tag}: grid barriers crossed"
                 assert emu.emulated_cluster_syncs() - csyncs == clusters * (T + 1), f"{tag}: cluster barriers"
                 want_mmas = T * clusters * (-(-size * units // 16)) * (-(-G * H // 16)) * (-(-B // 16))

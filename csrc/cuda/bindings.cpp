@@ -1271,6 +1271,12 @@ TORCH_LIBRARY(fastseq_cuda_emu, m) {
   // Tests only: the warp-level 16 x 16 x 16 MMAs the emulated tensor-core kernels executed so far.
   m.def("emulated_mma_count() -> int", []() -> int64_t { return fastseq::cuda::emulated_mma_count(); });
   m.def("emulated_cluster_syncs() -> int", []() -> int64_t { return fastseq::cuda::emulated_cluster_syncs(); });
+  m.def("emulated_take_smem_conflict_ways() -> int",
+        []() -> int64_t { return fastseq::cuda::emulated_take_smem_conflict_ways(); });
+  m.def("emulated_smem_ways_at_pitch(int pitch, bool accumulator) -> int",
+        [](int64_t pitch, bool accumulator) -> int64_t {
+          return fastseq::cuda::emulated_smem_ways_at_pitch(pitch, accumulator);
+        });
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cuda_emu, CPU, m) {

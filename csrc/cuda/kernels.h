@@ -314,6 +314,12 @@ int64_t emulated_grid_syncs();
 int64_t emulated_mma_count();
 // Tests only: the cluster barriers the emulated clustered launches completed (once per cluster).
 int64_t emulated_cluster_syncs();
+// Tests only: the worst bank-conflict ways of the wmma shared-memory accesses since the last
+// call (emu/host_emulation.h's model; 1: conflict-free, 0: none), and start over.
+int64_t emulated_take_smem_conflict_ways();
+// Tests only: that model for one 16-bit fragment load (accumulator false) or one float
+// accumulator store at a row pitch of `pitch` elements.
+int64_t emulated_smem_ways_at_pitch(int64_t pitch, bool accumulator);
 #endif
 
 // ================================================================= attention

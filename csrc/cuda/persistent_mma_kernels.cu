@@ -84,9 +84,21 @@ constexpr int64_t kBwdDefaultUnits = 16; // the backward's units per block: one 
 #define FASTSEQ_MMA_AVAILABLE 0
 #endif
 
-// Bytes of the backward's W_hh^T slice in shared memory, rounded up to 16 (the partial sums follow).
-__host__ __device__ inline int64_t mma_bwd_slice_bytes(int64_t rows, int64_t cols, int64_t elem) {
-  return (rows * cols * elem + 15) / 16 * 16;
+// Row pitches in shared memory. A 16-bit operand row of `cols` elements (a multiple of 16)
+// takes cols + 8: an odd number of 16-byte units, so the 8 rows that one phase of a fragment
+// load reads (LDSM / the bfloat16 loads) fall in 8 different bank quads. A float partial-sum
+// row of `cols` floats (a multiple of 16) takes cols + 8: the accumulator stores' half-warp
+// phases (4 rows x 4 lanes x 8 bytes) then cover 32 different banks. With the unpadded
+// pitches (multiples of 128 bytes at most sizes) both were up to 8-way bank conflicts
+// (emu/host_emulation.h measures them: tests/test_cuda_compile.py; bench/NOTES.md v0.14).
+// The pitches keep every fragment pointer 32-byte aligned (wmma's requirement).
+__host__ __device__ inline int64_t operand_pitch(int64_t cols) { return cols + 8; }
+__host__ __device__ inline int64_t partial_pitch(int64_t cols) { return cols + 8; }
+
+// Bytes of a W_hh (W_hh^T) slice of `rows` rows of `pitch` elements in shared memory, rounded
+// up to 32 (what follows it is 32-byte aligned).
+__host__ __device__ inline int64_t mma_bwd_slice_bytes(int64_t rows, int64_t pitch, int64_t elem) {
+  return (rows * pitch * elem + 31) / 32 * 32;
 }
 
 template <typename S, int G, int MT, int KPW>
@@ -108,12 +120,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
 
   FASTSEQ_DYNAMIC_SMEM(smem);
 
-  // The W_hh slice [MR, Kp], zero-padded, staged in shared memory once and loaded into
-  // this warp's fragments; the shared memory then holds the partial sums.
+  // The W_hh slice [MR, Kp] (row pitch wp), zero-padded, staged in shared memory once and
+  // loaded into this warp's fragments; the shared memory then holds the partial sums.
+  const int64_t wp = operand_pitch(Kp), rp = partial_pitch(Bp);
   S* w_s = reinterpret_cast<S*>(smem);
   const S* w = static_cast<const S*>(a.w_hh);
-  for (int64_t idx = tid; idx < MR * Kp; idx += nthr) {
-    const int64_t r = idx / Kp, k = idx - r * Kp;
+  for (int64_t idx = tid; idx < MR * wp; idx += nthr) {
+    const int64_t r = idx / wp, k = idx - r * wp;
     const int64_t g = r / J, jj = r - g * J;
     const bool in = g < G && jj < nj && k < H;
     w_s[idx] = in ? w[(g * H + j0 + jj) * H + k] : from_acc<S>(C(0));
@@ -124,12 +137,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
   for (int m = 0; m < MT; ++m) {
 #pragma unroll
     for (int kk = 0; kk < KPW; ++kk) {
-      if (kk < nk) wmma::load_matrix_sync(wf[m][kk], w_s + m * kTile * Kp + (k_first + kk) * kTile, Kp);
+      if (kk < nk) wmma::load_matrix_sync(wf[m][kk], w_s + m * kTile * wp + (k_first + kk) * kTile, wp);
     }
   }
   __syncthreads();  // every warp has its fragments: the shared memory is free
 
-  float* red = reinterpret_cast<float*>(smem);  // [active_warps][MR][Bp]
+  float* red = reinterpret_cast<float*>(smem);  // [active_warps][MR][Bp], row pitch rp
   C* h_state = static_cast<C*>(a.h_state);
   S* h_op = static_cast<S*>(a.h_op);
 
@@ -154,7 +167,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
         }
 #pragma unroll
         for (int m = 0; m < MT; ++m)
-          wmma::store_matrix_sync(red + (warp * MR + m * kTile) * Bp + n0, acc[m], Bp, wmma::mem_row_major);
+          wmma::store_matrix_sync(red + (warp * MR + m * kTile) * rp + n0, acc[m], rp, wmma::mem_row_major);
       }
     }
     __syncthreads();
@@ -164,7 +177,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         C s = C(0);
-        for (int64_t w8 = 0; w8 < active_warps; ++w8) s += red[(w8 * MR + g * J + jj) * Bp + b];
+        for (int64_t w8 = 0; w8 < active_warps; ++w8) s += red[(w8 * MR + g * J + jj) * rp + b];
         acc[g] = s;
       }
       const int64_t j = j0 + jj;
@@ -225,11 +238,12 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
   const int64_t active_warps = (kt + kpw - 1) / kpw;
 
   FASTSEQ_DYNAMIC_SMEM(smem);
-  S* w_s = reinterpret_cast<S*>(smem);  // [MR, Kp]
-  float* red = reinterpret_cast<float*>(smem + mma_bwd_slice_bytes(MR, Kp, sizeof(S)));  // [active_warps][MR][Bp]
+  const int64_t wp = operand_pitch(Kp), rp = partial_pitch(Bp);
+  S* w_s = reinterpret_cast<S*>(smem);  // [MR, Kp], row pitch wp
+  float* red = reinterpret_cast<float*>(smem + mma_bwd_slice_bytes(MR, wp, sizeof(S)));  // [active_warps][MR][Bp], pitch rp
   const S* w = static_cast<const S*>(a.w_hh);
-  for (int64_t idx = tid; idx < MR * Kp; idx += nthr) {
-    const int64_t jj = idx / Kp, r = idx - jj * Kp;
+  for (int64_t idx = tid; idx < MR * wp; idx += nthr) {
+    const int64_t jj = idx / wp, r = idx - jj * wp;
     w_s[idx] = jj < nj && r < GH ? w[r * H + j0 + jj] : from_acc<S>(0.0f);
   }
   float* dh = static_cast<float*>(a.dh);
@@ -259,7 +273,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
           const int64_t k0 = (k_first + kk) * kTile;
           wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, S, wmma::row_major> wa[MT];
 #pragma unroll
-          for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(wa[m], w_s + m * kTile * Kp + k0, Kp);
+          for (int m = 0; m < MT; ++m) wmma::load_matrix_sync(wa[m], w_s + m * kTile * wp + k0, wp);
 #pragma unroll
           for (int n = 0; n < kBwdBatchTiles; ++n) {
             if (n < nt) {
@@ -275,7 +289,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
 #pragma unroll
           for (int n = 0; n < kBwdBatchTiles; ++n) {
             if (n < nt)
-              wmma::store_matrix_sync(red + (warp * MR + m * kTile) * Bp + n0 + n * kTile, acc[m][n], Bp,
+              wmma::store_matrix_sync(red + (warp * MR + m * kTile) * rp + n0 + n * kTile, acc[m][n], rp,
                                       wmma::mem_row_major);
           }
         }
@@ -285,7 +299,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
     for (int64_t p = tid; p < nj * B; p += nthr) {
       const int64_t jj = p / B, b = p - jj * B;  // consecutive threads: consecutive rows b of the partials
       float sum = 0.0f;
-      for (int64_t w8 = 0; w8 < active_warps; ++w8) sum += red[(w8 * MR + jj) * Bp + b];
+      for (int64_t w8 = 0; w8 < active_warps; ++w8) sum += red[(w8 * MR + jj) * rp + b];
       dh[b * H + j0 + jj] += sum;
     }
   }
@@ -341,7 +355,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
   const int64_t ktr = a.plan.k_tiles_per_warp;                  // k-tiles per rank
   const int64_t kr0 = q * ktr;
   const int64_t nkr = kt - kr0 < 0 ? 0 : (kt - kr0 < ktr ? kt - kr0 : ktr);
-  const int64_t ldw = ktr * kTile;
+  const int64_t ldw = operand_pitch(ktr * kTile), rp = partial_pitch(Bp);  // row pitches
   const int64_t kparts = kMmaWarps / mt;
   const int warp = threadIdx.x / 32, tid = threadIdx.x, nthr = blockDim.x;
   const int64_t m = warp % mt, part = warp / mt;
@@ -351,7 +365,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 
   FASTSEQ_DYNAMIC_SMEM(smem);
   S* w_s = reinterpret_cast<S*>(smem);  // [MR, ldw]
-  float* red = reinterpret_cast<float*>(smem + mma_bwd_slice_bytes(MR, ldw, sizeof(S)));  // [kparts][MR][Bp]
+  float* red = reinterpret_cast<float*>(smem + mma_bwd_slice_bytes(MR, ldw, sizeof(S)));  // [kparts][MR][Bp], pitch rp
   const S* w = static_cast<const S*>(a.w_hh);
   for (int64_t idx = tid; idx < MR * ldw; idx += nthr) {
     const int64_t n = idx / ldw, kk = idx - n * ldw, r = kr0 * kTile + kk;
@@ -389,7 +403,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
 #pragma unroll
         for (int n = 0; n < kBwdBatchTiles; ++n) {
           if (n < nt)
-            wmma::store_matrix_sync(red + (part * MR + m * kTile) * Bp + n0 + n * kTile, acc[n], Bp,
+            wmma::store_matrix_sync(red + (part * MR + m * kTile) * rp + n0 + n * kTile, acc[n], rp,
                                     wmma::mem_row_major);
         }
       }
@@ -401,7 +415,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
       float sum = 0.0f;
       for (int64_t r = 0; r < CL; ++r) {
         const float* rr = detail::cluster_map(red, static_cast<unsigned int>(r));
-        for (int64_t pp = 0; pp < kparts; ++pp) sum += rr[(pp * MR + n) * Bp + b];
+        for (int64_t pp = 0; pp < kparts; ++pp) sum += rr[(pp * MR + n) * rp + b];
       }
       dh[b * H + j0 + jj] += sum;
     }
@@ -590,8 +604,9 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
   const int64_t kt = cdiv(H, kTile);
   const int64_t kpw = cdiv(kt, kMmaWarps);
   const int64_t rows = cdiv(B, kTile) * kTile;
-  const int64_t stage = m_tiles * kTile * kt * kTile * static_cast<int64_t>(sizeof(S));
-  const int64_t partial = cdiv(kt, kpw) * m_tiles * kTile * rows * static_cast<int64_t>(sizeof(float));
+  const int64_t stage = m_tiles * kTile * operand_pitch(kt * kTile) * static_cast<int64_t>(sizeof(S));
+  const int64_t partial =
+      cdiv(kt, kpw) * m_tiles * kTile * partial_pitch(rows) * static_cast<int64_t>(sizeof(float));
   const int64_t smem = stage > partial ? stage : partial;
   if (smem > smem_optin) {
     plan->reason = "the partial sums of the batch do not fit a block's shared memory (batch too large)";
@@ -633,8 +648,8 @@ cudaError_t plan_bwd_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersis
   const int64_t kt = ld / kTile;
   const int64_t kpw = cdiv(kt, kMmaWarps);
   const int64_t rows = cdiv(B, kTile) * kTile;
-  const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, ld, sizeof(S)) +
-                       cdiv(kt, kpw) * m_tiles * kTile * rows * static_cast<int64_t>(sizeof(float));
+  const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, operand_pitch(ld), sizeof(S)) +
+                       cdiv(kt, kpw) * m_tiles * kTile * partial_pitch(rows) * static_cast<int64_t>(sizeof(float));
   if (smem > smem_optin) {
     plan->reason = "the W_hh^T slice and the partial sums of the batch do not fit a block's shared memory";
     return cudaSuccess;
@@ -697,8 +712,9 @@ cudaError_t plan_cluster_bwd_impl(int64_t B, int64_t H, int64_t blocks, int64_t 
     }
     const int64_t m_tiles = cdiv(cl * units, kTile);
     const int64_t ktr = cdiv(kt, cl);
-    const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, ktr * kTile, sizeof(S)) +
-                         (kMmaWarps / m_tiles) * m_tiles * kTile * rows * static_cast<int64_t>(sizeof(float));
+    const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, operand_pitch(ktr * kTile), sizeof(S)) +
+                         (kMmaWarps / m_tiles) * m_tiles * kTile * partial_pitch(rows) *
+                             static_cast<int64_t>(sizeof(float));
     if (smem > smem_optin) {
       plan->reason = "the W_hh^T slice and the partial sums of the batch do not fit a block's shared memory";
       continue;
@@ -794,6 +810,10 @@ cudaError_t lstm_forward_persistent_mma(DType dtype, const RecurrencePersistentF
 #if FASTSEQ_PERSISTENT_EMULATED
 int64_t emulated_mma_count() { return ::fastseq_emu::wmma::mma_count(); }
 int64_t emulated_cluster_syncs() { return ::fastseq_emu::cluster_sync_count(); }
+int64_t emulated_take_smem_conflict_ways() { return ::fastseq_emu::take_smem_conflict_ways(); }
+int64_t emulated_smem_ways_at_pitch(int64_t pitch, bool accumulator) {
+  return ::fastseq_emu::smem_ways_at_pitch(static_cast<unsigned>(pitch), accumulator);
+}
 #endif
 
 }  // namespace cuda

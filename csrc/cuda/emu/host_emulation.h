@@ -58,9 +58,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -125,6 +127,7 @@ struct Block {
 inline thread_local Dim t_threadIdx, t_blockIdx, t_blockDim, t_gridDim;
 inline thread_local Block* t_block = nullptr;
 inline thread_local unsigned char* t_dynamic_smem = nullptr;
+inline thread_local size_t t_smem_bytes = 0;  // its size
 
 inline unsigned char* dynamic_smem() { return t_dynamic_smem; }
 
@@ -236,6 +239,7 @@ void launch(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...
         t_gridDim.x = grid;
         t_block = &blk;
         t_dynamic_smem = reinterpret_cast<unsigned char*>(smem.data());
+        t_smem_bytes = smem_bytes;
         t_grid = nullptr;
         kernel(args...);
       });
@@ -281,6 +285,7 @@ void launch_cooperative_cluster(unsigned int grid, unsigned int cluster, int blo
         t_gridDim.x = grid;
         t_block = blocks[b].get();
         t_dynamic_smem = reinterpret_cast<unsigned char*>(smem[b].data());
+        t_smem_bytes = smem_bytes;
         t_grid = &grd;
         t_clusters = &clu;
         kernel(args...);
@@ -295,6 +300,106 @@ void launch_cooperative_cluster(unsigned int grid, unsigned int cluster, int blo
 template <typename... P, typename... A>
 void launch_cooperative(unsigned int grid, int block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
   launch_cooperative_cluster(grid, 1, block, smem_bytes, kernel, std::forward<A>(args)...);
+}
+
+// ------------------------------------------------------ shared-memory banks
+//
+// A model of the bank conflicts of the wmma calls that touch shared memory (the
+// emulation runs them on plain memory; this only measures their addresses).
+// Shared memory has 32 banks of 4 bytes; the accesses of one phase that fall in
+// one bank at different 4-byte words are serialised: the phase takes as many
+// passes ("ways") as the most-loaded bank has distinct words. The phases, as the
+// compiled kernels issue them on sm_80 / sm_90:
+//   * a 16-bit A or B fragment (LDSM.16.M88.4 for float16; for bfloat16 the
+//     compiler issues 32-bit loads in the fragment's own layout, the same
+//     addresses): four phases, each 8 rows (of the matrix as stored: rows for
+//     row major, columns for column major) x 16 bytes;
+//   * a float accumulator stored row major (STS.64: lane l holds row l / 4
+//     (+ 8) and columns 2 (l % 4) (+ 8), 8 bytes each): eight phases, one per
+//     half-warp and 8-row x 8-column quarter.
+// Accesses outside the calling block's dynamic shared memory (global memory,
+// L2) are not counted. take_smem_conflict_ways() returns the worst ways seen
+// since its last call (1: conflict-free; 0: no shared-memory fragment access)
+// and starts over.
+inline std::atomic<int> g_smem_ways{0};
+
+inline bool in_dynamic_smem(const void* p) {
+  const unsigned char* q = static_cast<const unsigned char*>(p);
+  return t_dynamic_smem != nullptr && q >= t_dynamic_smem && q < t_dynamic_smem + t_smem_bytes;
+}
+
+// The ways of one phase whose accesses cover the 4-byte words `words` (addresses / 4).
+inline int phase_ways(const std::vector<std::uintptr_t>& words) {
+  int worst = 0;
+  for (unsigned int bank = 0; bank < 32; ++bank) {
+    std::vector<std::uintptr_t> distinct;
+    for (std::uintptr_t w : words) {
+      if (w % 32 == bank && std::find(distinct.begin(), distinct.end(), w) == distinct.end()) distinct.push_back(w);
+    }
+    worst = static_cast<int>(distinct.size()) > worst ? static_cast<int>(distinct.size()) : worst;
+  }
+  return worst;
+}
+
+inline void note_ways(int ways) {
+  int seen = g_smem_ways.load();
+  while (ways > seen && !g_smem_ways.compare_exchange_weak(seen, ways)) {
+  }
+}
+
+// A 16-bit fragment of 16 x 16 at p whose stored rows start ldm elements apart.
+inline void note_fragment_16bit(const void* p, unsigned ldm) {
+  if (!in_dynamic_smem(p)) return;
+  const std::uintptr_t base = reinterpret_cast<std::uintptr_t>(p);
+  for (int half = 0; half < 2; ++half) {
+    for (int rows = 0; rows < 16; rows += 8) {
+      std::vector<std::uintptr_t> words;
+      for (int r = rows; r < rows + 8; ++r)
+        for (int w = 0; w < 4; ++w) words.push_back((base + (r * ldm + half * 8) * 2) / 4 + w);
+      note_ways(phase_ways(words));
+    }
+  }
+}
+
+// A float accumulator of 16 x 16 stored row major at p, rows ldm floats apart.
+inline void note_accumulator_store(const float* p, unsigned ldm) {
+  if (!in_dynamic_smem(p)) return;
+  const std::uintptr_t base = reinterpret_cast<std::uintptr_t>(p) / 4;
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      for (int hw = 0; hw < 2; ++hw) {
+        std::vector<std::uintptr_t> words;
+        for (int lane = 16 * hw; lane < 16 * hw + 16; ++lane) {
+          const std::uintptr_t w = base + (8 * i + lane / 4) * ldm + 8 * j + 2 * (lane % 4);
+          words.push_back(w);
+          words.push_back(w + 1);
+        }
+        note_ways(phase_ways(words));
+      }
+    }
+  }
+}
+
+inline int take_smem_conflict_ways() { return g_smem_ways.exchange(0); }
+
+// The model on its own (tests): the ways of one 16-bit fragment load (accumulator false) or
+// one float accumulator store (true) at the start of a shared-memory buffer whose rows are
+// `pitch` elements apart. Forgets what take_smem_conflict_ways() would have returned.
+inline int smem_ways_at_pitch(unsigned pitch, bool accumulator) {
+  std::vector<std::max_align_t> buffer((16 * (pitch + 16) * 4) / sizeof(std::max_align_t) + 2);
+  unsigned char* const saved = t_dynamic_smem;
+  const size_t saved_bytes = t_smem_bytes;
+  t_dynamic_smem = reinterpret_cast<unsigned char*>(buffer.data());
+  t_smem_bytes = buffer.size() * sizeof(std::max_align_t);
+  take_smem_conflict_ways();
+  if (accumulator) {
+    note_accumulator_store(reinterpret_cast<const float*>(t_dynamic_smem), pitch);
+  } else {
+    note_fragment_16bit(t_dynamic_smem, pitch);
+  }
+  t_dynamic_smem = saved;
+  t_smem_bytes = saved_bytes;
+  return take_smem_conflict_ways();
 }
 
 // ------------------------------------------------------------------- wmma
@@ -349,6 +454,7 @@ void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
 template <typename T>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
   if (!lane0()) return;
+  note_fragment_16bit(p, ldm);
   for (int m = 0; m < 16; ++m)
     for (int k = 0; k < 16; ++k) f.x[m * 16 + k] = p[m * ldm + k];
 }
@@ -357,6 +463,7 @@ void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* 
 template <typename T>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
   if (!lane0()) return;
+  note_fragment_16bit(p, ldm);
   for (int k = 0; k < 16; ++k)
     for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[k + n * ldm];
 }
@@ -381,6 +488,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
   if (!lane0()) return;
+  if (layout == mem_row_major) note_accumulator_store(p, ldm);
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 16; ++n) {
       if (layout == mem_row_major) {
