@@ -130,8 +130,7 @@ def resident_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768)
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m, r = resident_step(kind, B, H), resident_step(kind, B, H, w_in_registers=True)
-            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_S:.2f}× / {r['step_s'] / CUDNN_LSTM_B16_H768_S:.2f}×**"
-                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_S, m["step_s"], r["step_s"])
             yn = " / ".join("yes" if m["picked"][v] else "no" for v in ("triton3.9", "triton3.6"))
             lines.append(f"| {kind.upper()} | {B} | {H} | {yn} | {m['ctas']} ({m['BLOCK_B']} × {m['KP']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} | {m['smem_bytes'] / 1024:.0f}, "
@@ -139,6 +138,14 @@ def resident_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768)
                          f"**{m['step_s'] * 1e6:.2f}** | {r['smem_s'] * 1e6:.2f}, {r['step_s'] * 1e6:.2f} | "
                          f"{vs} |")
     return lines
+
+
+def vs_cudnn(kind: str, B: int, H: int, cudnn_s: float, *step_s: float) -> str:
+    """The tables' last column: ``step_s / cudnn_s`` (several joined by " / ") at the one size
+    with a published cuDNN figure (LSTM B 16, H 768), "–" elsewhere."""
+    if (kind, B, H) != ("lstm", 16, 768):
+        return "–"
+    return "**" + " / ".join(f"{s / cudnn_s:.2f}×" for s in step_s) + "**"
 
 
 def mma_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
@@ -194,8 +201,7 @@ def mma_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m = mma_step(kind, B, H)
-            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_S:.2f}×**"
-                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_S, m["step_s"])
             lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} × {m['units']} ({m['k_tiles_per_warp']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} ({m['h_op_bytes'] / 1024:.0f}) | "
                          f"{m['mma_s'] * 1e6:.2f} | {m['smem_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
@@ -253,8 +259,7 @@ def mma_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m = mma_backward_step(kind, B, H)
-            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_BWD_S:.2f}×**"
-                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_BWD_S, m["step_s"])
             lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} × {m['units']} ({m['k_tiles_per_warp']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} ({m['dg_op_bytes'] / 1024:.0f}) | "
                          f"{m['smem_s'] * 1e6:.2f} | {m['mma_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
@@ -337,8 +342,7 @@ def mma_cluster_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512
         for B, H in sizes:
             m = mma_cluster_backward_step(kind, B, H)
             old = mma_backward_step(kind, B, H)
-            vs = (f"**{m['step_s'] / CUDNN_LSTM_B16_H768_BWD_S:.2f}×**"
-                  if (kind, B, H) == ("lstm", 16, 768) else "–")
+            vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_BWD_S, m["step_s"])
             lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} ({m['cluster']} × {m['k_tiles_per_rank']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} + {m['cluster_barrier_s'] * 1e6:.2f} | "
                          f"{m['l2_s'] * 1e6:.2f} ({m['dg_slice_bytes'] / 1024:.0f}) | {m['smem_s'] * 1e6:.2f} | "
