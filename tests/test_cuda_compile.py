@@ -728,7 +728,8 @@ def test_emulated_persistent_mma_cluster_choice(emu, monkeypatch):
     kernel (no cluster barrier, its MMA count); a cluster size asked for by name that does not
     apply (8 x 20 units > 128 columns) raises under FASTSEQ_CUDA_PERSISTENT=1 naming the reason, a
     value other than auto / 0 / 2 / 4 / 8 naming the variable; 4 blocks of 5 units in a cluster of 4
-    match the reference; without the barriers (FASTSEQ_CUDA_EMU_GRID_SYNC=off: the
+    match the reference; a refused cluster launch (FASTSEQ_CUDA_EMU_CLUSTER_LAUNCH=fail) raises for
+    a size asked for by name and falls back to the block kernel on auto; without the barriers (FASTSEQ_CUDA_EMU_GRID_SYNC=off: the
     blocks in turn) a clustered backward differs from the reference."""
     import torch
     from fastseq.ops.recurrence import naive as R
@@ -760,6 +761,17 @@ def test_emulated_persistent_mma_cluster_choice(emu, monkeypatch):
     monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", "4")
     _all_close(_persistent_backward(emu, "lstm", big, big_fwd, big_grads, True),
                _persistent_backward(R, "lstm", big, big_fwd, big_grads, True), "bfloat16", "4 x 5 units, cluster 4")
+    # A device that refuses the cluster launch: auto falls back to the block kernel (same result,
+    # no cluster barrier); a size asked for by name raises.
+    monkeypatch.setenv("FASTSEQ_CUDA_EMU_CLUSTER_LAUNCH", "fail")
+    with pytest.raises(RuntimeError, match="kernel launch failed"):
+        _persistent_backward(emu, "lstm", big, big_fwd, big_grads, True)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_CLUSTER", "auto")
+    csyncs, syncs = emu.emulated_cluster_syncs(), emu.emulated_grid_syncs()
+    _all_close(_persistent_backward(emu, "lstm", big, big_fwd, big_grads, True),
+               _persistent_backward(R, "lstm", big, big_fwd, big_grads, True), "bfloat16", "refused cluster launch")
+    assert emu.emulated_cluster_syncs() == csyncs and emu.emulated_grid_syncs() - syncs == 2
+    monkeypatch.delenv("FASTSEQ_CUDA_EMU_CLUSTER_LAUNCH")
     monkeypatch.setenv("FASTSEQ_CUDA_EMU_GRID_SYNC", "off")
     mmas = emu.emulated_mma_count()
     got = _persistent_backward(emu, "lstm", big, big_fwd, big_grads, True)

@@ -508,8 +508,24 @@ void persistent_backward(const RecurrencePersistentPlan& plan, const Tensor& gra
     a.dg_op = dg_op.data_ptr();
     a.ld_op = ld;
     a.rows_op = rows;
-    check_launch(lstm ? lstm_backward_persistent_mma(tag, a, stream) : gru_backward_persistent_mma(tag, a, stream),
-                 op);
+    cudaError_t err = lstm ? lstm_backward_persistent_mma(tag, a, stream) : gru_backward_persistent_mma(tag, a, stream);
+    if (err != cudaSuccess && plan.cluster > 0 && persistent_cluster() < 0) {
+      // FASTSEQ_CUDA_PERSISTENT_CLUSTER=auto: a cluster launch the device refuses (a launch-time
+      // error: nothing ran) falls back to the block kernel, warned once. A size asked for by
+      // name raises instead.
+#ifndef FASTSEQ_CUDA_HOST_EMULATION
+      (void)cudaGetLastError();  // clear the launch's error state
+#endif
+      RecurrencePersistentPlan block{};
+      check_launch(recurrence_persistent_mma_backward_plan(tag, G, a.B, a.H, persistent_blocks(), 0, &block), op);
+      if (block.blocks > 0) {
+        TORCH_WARN_ONCE("fastseq_cpp (CUDA): ", op, ": the cluster backward's launch failed (", error_string(err),
+                        "); running the block kernel instead (FASTSEQ_CUDA_PERSISTENT_CLUSTER=0 skips the attempt)");
+        a.plan = block;
+        err = lstm ? lstm_backward_persistent_mma(tag, a, stream) : gru_backward_persistent_mma(tag, a, stream);
+      }
+    }
+    check_launch(err, op);
     return;
   }
   check_launch(lstm ? lstm_backward_persistent(tag, a, stream) : gru_backward_persistent(tag, a, stream), op);

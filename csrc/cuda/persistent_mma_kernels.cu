@@ -43,6 +43,8 @@
 // stand-in and the launch is fastseq_emu::launch_cooperative (a real grid
 // barrier). On devices before sm_80 (no bf16 MMA) the kernels compile empty and
 // the plan refuses them.
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include "persistent_common.cuh"
@@ -544,6 +546,9 @@ cudaError_t launch_cooperative_cluster(void (*kernel)(Args), const RecurrencePer
   const size_t smem = static_cast<size_t>(p.smem_bytes);
 #if FASTSEQ_PERSISTENT_EMULATED
   (void)stream;
+  // Tests: FASTSEQ_CUDA_EMU_CLUSTER_LAUNCH=fail refuses the launch, as a device might.
+  const char* env = std::getenv("FASTSEQ_CUDA_EMU_CLUSTER_LAUNCH");
+  if (env != nullptr && std::strcmp(env, "fail") == 0) return cudaErrorNotSupported;
   ::fastseq_emu::launch_cooperative_cluster(grid, cluster, kMmaThreads, smem, kernel, a);
   return cudaSuccess;
 #else
