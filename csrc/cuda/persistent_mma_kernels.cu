@@ -560,7 +560,8 @@ cudaError_t launch_cooperative_cluster(void (*kernel)(Args), const RecurrencePer
 
 // Whether `blocks` blocks of `kernel` in clusters of `cluster` are resident at once (a
 // cooperative launch needs it): the device's count of co-resident clusters of that shape
-// (clusters sit inside one GPC), raising the kernel's shared-memory limit first. The
+// (clusters sit inside one GPC), raising the kernel's shared-memory limit first; *fits is
+// false, with plan->reason, when they are not or the device refuses the queries. The
 // emulated device holds one block per SM.
 cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks, int64_t cluster, int64_t sms,
                                 RecurrencePersistentPlan* plan, bool* fits) {
@@ -572,13 +573,20 @@ cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks
   const int64_t capacity = sms;
 #else
   (void)sms;
+  // A refused query is a refusal of the plan (with its reason), not an error: the caller then
+  // tries the block kernel.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attrs[2];
-  const cudaLaunchConfig_t cfg = cluster_config(blocks, cluster, smem, nullptr, false, attrs);
   int clusters = 0;
-  err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
-  if (err != cudaSuccess) return err;
+  if (err == cudaSuccess) {
+    cudaLaunchAttribute attrs[2];
+    const cudaLaunchConfig_t cfg = cluster_config(blocks, cluster, smem, nullptr, false, attrs);
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    plan->reason = "the device refused the cluster occupancy query (cudaOccupancyMaxActiveClusters)";
+    return cudaSuccess;
+  }
   const int64_t capacity = static_cast<int64_t>(clusters) * cluster;
 #endif
   if (blocks > capacity) {
