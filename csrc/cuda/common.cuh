@@ -18,7 +18,8 @@
 
 // FASTSEQ_LAUNCH(kernel, grid, block, smem_bytes, stream, args...) launches
 // `kernel`; FASTSEQ_DYNAMIC_SMEM(name) declares the dynamic shared memory as
-// `unsigned char name[]` (16-byte aligned).
+// `unsigned char name[]` (128-byte aligned: the wmma fragment pointers into it must be
+// 32-byte aligned, and the persistent kernels lay their rows out from it).
 //
 // FASTSEQ_CUDA_HOST_EMULATION (tests only, never set by the extension build):
 // the sources are compiled by the host compiler and every launch runs the
@@ -33,7 +34,7 @@
 #else
 #define FASTSEQ_LAUNCH(kernel, grid, block, smem, stream, ...) \
   kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
-#define FASTSEQ_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define FASTSEQ_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
 #endif
 
 namespace fastseq {

@@ -382,6 +382,19 @@ inline void note_accumulator_store(const float* p, unsigned ldm) {
 
 inline int take_smem_conflict_ways() { return g_smem_ways.exchange(0); }
 
+// wmma's load/store pointers must be 256-bit (32-byte) aligned. Shared memory: the offset
+// from the block's dynamic shared memory (128-byte aligned on the GPU: common.cuh);
+// elsewhere the address itself (torch's CPU allocations are 64-byte aligned, the GPU's 256).
+inline void check_fragment_alignment(const void* p) {
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t off = in_dynamic_smem(p) ? a - reinterpret_cast<std::uintptr_t>(t_dynamic_smem) : a;
+  if (off % 32 != 0) {
+    std::fprintf(stderr, "fastseq_emu: wmma pointer %p is not 32-byte aligned (offset %zu)\n", p,
+                 static_cast<size_t>(off));
+    std::abort();
+  }
+}
+
 // The model on its own (tests): the ways of one 16-bit fragment load (accumulator false) or
 // one float accumulator store (true) at the start of a shared-memory buffer whose rows are
 // `pitch` elements apart. Forgets what take_smem_conflict_ways() would have returned.
@@ -454,6 +467,7 @@ void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
 template <typename T>
 void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* p, unsigned ldm) {
   if (!lane0()) return;
+  check_fragment_alignment(p);
   note_fragment_16bit(p, ldm);
   for (int m = 0; m < 16; ++m)
     for (int k = 0; k < 16; ++k) f.x[m * 16 + k] = p[m * ldm + k];
@@ -463,6 +477,7 @@ void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, row_major>& f, const T* 
 template <typename T>
 void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, col_major>& f, const T* p, unsigned ldm) {
   if (!lane0()) return;
+  check_fragment_alignment(p);
   note_fragment_16bit(p, ldm);
   for (int k = 0; k < 16; ++k)
     for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[k + n * ldm];
@@ -488,6 +503,7 @@ void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm,
                               layout_t layout) {
   if (!lane0()) return;
+  check_fragment_alignment(p);
   if (layout == mem_row_major) note_accumulator_store(p, ldm);
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 16; ++n) {
