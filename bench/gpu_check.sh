@@ -7,7 +7,7 @@
 # Without a CUDA device, or with GPU_CHECK_DRY=1, every stage runs on the CPU at tiny sizes
 # (plumbing only; tests/test_gpu_check.py runs it so in CI, ~1-3 min on 2 cores).
 #
-# Stages (each capped by `timeout`, the whole run by BUDGET_S: 400 s on a GPU, 170 s dry;
+# Stages (each capped by `timeout`, the whole run by BUDGET_S: 460 s on a GPU, 170 s dry;
 # predicted GPU times in brackets, from bench/NOTES.md v0.4):
 #   env        versions, device properties, nvidia-smi, TF32 defaults, Triton's ptxas     [~10 s]
 #   install    pip install --no-index --no-deps --no-build-isolation -e .
@@ -29,12 +29,11 @@
 #   parity_notf32  only if a float32 layer parity test failed: test_rnn_parity again with
 #              cuDNN/cuBLAS TF32 off (a pytest plugin), to tell TF32 from a kernel bug   [~30 s]
 #   bench      fastseq bench --quick --device cuda --suite layer host                    [~90-150 s]
-#   bench_step the same for cell attention decoder_step                                 [~30-60 s]
-#   bench_more the same for train_step decode lm, if time is left                       [~30-60 s]
 #   bench_persistent  only if test_persistent passed: the layer suite's persistent CUDA
 #              kernels (FASTSEQ_BENCH_PERSISTENT=only: dense cases, next to cuDNN in the
-#              same rounds); last, in its own process, like test_persistent, so that a
-#              fault in kernels never run before costs nothing else; the four runs'
+#              same rounds), in its own process like test_persistent                    [~30-60 s]
+#   bench_step the same for cell attention decoder_step                                 [~30-60 s]
+#   bench_more the same for train_step decode lm, if time is left; the four runs'
 #              results merged -> bench.json, bench.md                                    [~30-60 s]
 #   summary    summary.json (always: trap EXIT)
 #
@@ -89,7 +88,7 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ] || [ "$HAVE_GPU" != 1 ]; then
   fi
 else
   MODE=gpu
-  BUDGET_S=${BUDGET_S:-400}
+  BUDGET_S=${BUDGET_S:-460}  # the device tool's run: timeout_s <= 500 (the standing order)
   export FASTSEQ_CACHE="$W/ext" MAX_JOBS=${MAX_JOBS:-$(nproc)}
 fi
 export GPU_CHECK_MODE=$MODE BUDGET_S
@@ -214,11 +213,8 @@ else
 fi
 # Three invocations, so that a suite which runs past the budget loses only its own results.
 stage bench 200 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite layer host --out "$W/bench" --tag gpucheck-1
-stage bench_step 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite cell attention decoder_step --out "$W/bench" \
-  --tag gpucheck-2
-stage bench_more 120 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode lm --out "$W/bench" \
-  --tag gpucheck-3
-# The persistent CUDA kernels' benchmark, only if their test passed: last, in its own process.
+# The persistent CUDA kernels against cuDNN (issue 17's comparison), in its own process, only if
+# their test passed.
 if [ "$MODE" = gpu ]; then
   if [ "$(awk -F'\t' '$1 == "test_persistent" {print $2}' "$STAGES")" = 0 ]; then
     stage bench_persistent 90 env FASTSEQ_BENCH_PERSISTENT=only $PY "$HELPER" run "$REPO" fastseq $BENCH \
@@ -229,5 +225,9 @@ if [ "$MODE" = gpu ]; then
 else
   skip bench_persistent "the persistent kernels need a CUDA device (dry)"
 fi
+stage bench_step 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite cell attention decoder_step --out "$W/bench" \
+  --tag gpucheck-2
+stage bench_more 120 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite train_step decode lm --out "$W/bench" \
+  --tag gpucheck-3
 $PY "$HELPER" merge-bench "$REPO" "$OUT" "$W"/bench/*.json || echo "!! merge-bench failed"
 exit 0
