@@ -37,7 +37,7 @@ sums through distributed shared memory.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from fastseq.ops.triton_utils import L2_BYTES_PER_S, L2_BYTES_PER_S_PER_CTA, gpu_blocks
 
@@ -50,6 +50,8 @@ CLOCK_HZ = 1.98e9  # H200 SM boost clock
 SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth of one SM (32 banks x 4 B)
 TENSOR_FLOPS_PER_SM = 989e12 / 132  # dense bf16 wgmma peak per SM (H100/H200 SXM)
 MMA_SYNC_FRACTION = 0.5  # mma.sync (HMMA.16816) reaches this share of the wgmma peak (assumption)
+SMS = 132  # H100 / H200 SXM
+ROW_TILE = 32  # the tensor-core forward's rows per batch tile when it splits the batch (kRowTile)
 CUDNN_LSTM_B16_H768_S = 1.96e-6  # FlashRNN's nn.LSTM (cuDNN) bf16 forward, B 16, H 768, T 1024, H100
 # The same benchmark's forward + backward, 5.19 ms, less the forward's 2.01 ms, over T = 1024 steps.
 CUDNN_LSTM_B16_H768_BWD_S = (5.19e-3 - 2.01e-3) / 1024
@@ -148,17 +150,22 @@ def vs_cudnn(kind: str, B: int, H: int, cudnn_s: float, *step_s: float) -> str:
     return "**" + " / ".join(f"{s / cudnn_s:.2f}×" for s in step_s) + "**"
 
 
-def mma_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
+def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] = None,
+             split_batch: bool = True) -> Dict[str, float]:
     """The modelled forward step of the CUDA tensor-core persistent kernel, every term in seconds.
 
-    Blocks as ``recurrence_persistent_mma_plan`` picks them by default: the fewest blocks
-    of at most ``32 // G`` hidden units (``ctas = cdiv(H, cdiv(H, 32 // G))``), ``G·units``
-    W_hh rows padded to ``MR = 16·m_tiles``, 8 warps splitting ``kt = cdiv(H, 16)`` k-tiles
-    (``kpw = cdiv(kt, 8)`` each, ``warps = cdiv(kt, kpw)`` active), ``Bp = cdiv(B, 16)·16``.
+    Blocks as ``recurrence_persistent_mma_plan`` picks them by default: while the padded batch
+    ``Bp = cdiv(B, 16)·16`` is at most 32 rows, one row tile and the fewest blocks of at most
+    ``32 // G`` hidden units; above, tiles of 32 rows (or two) with the fewest blocks of at most
+    ``64 // G`` units each when ``tiles x blocks`` fits the :data:`SMS` (``row_tiles``: that many
+    tiles, as ``FASTSEQ_CUDA_PERSISTENT_ROW_TILES``; ``split_batch=False``: one tile of blocks of
+    at most ``32 // G`` units whatever B, the v0.9 layout). ``G·units`` W_hh rows
+    padded to ``MR = 16·m_tiles``, 8 warps splitting ``kt = cdiv(H, 16)`` k-tiles (``kpw =
+    cdiv(kt, 8)`` each, ``warps = cdiv(kt, kpw)`` active); each block works on its tile's rows.
 
     * ``barrier_s``: :data:`BARRIER_S`;
-    * ``l2_s``: each block's read of the whole ``h_{t-1}`` operand (``Bp x Kp``, ``elem``
-      bytes) and its units' gi / fp32 state in and out / hs, cs / next operand, over
+    * ``l2_s``: each block's read of its tile's rows of the ``h_{t-1}`` operand (``rows x Kp``,
+      ``elem`` bytes) and its units' gi / fp32 state in and out / hs, cs / next operand, over
       ``min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)`` (the v0.7 constants);
     * ``mma_s``: ``2·MR·Bp·Kp`` FLOP at :data:`MMA_SYNC_FRACTION` of
       :data:`TENSOR_FLOPS_PER_SM`;
@@ -170,42 +177,63 @@ def mma_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
     reduction of one step: they depend on each other).
     """
     G = 3 if kind == "gru" else 4
-    max_units = 32 // G
-    ctas = -(-H // max_units)
-    units = -(-H // ctas)
-    ctas = -(-H // units)
+    bp = -(-B // 16) * 16
+    tiles, max_units = 1, 32 // G
+    if not split_batch:
+        pass
+    elif row_tiles is None and bp > ROW_TILE:  # the plan's default batch split (v0.14)
+        split_ctas = -(-H // -(-H // -(-H // (64 // G))))
+        for r in (-(-bp // ROW_TILE), 2):
+            if r * split_ctas <= SMS:
+                tiles, max_units = r, 64 // G
+                break
+    elif row_tiles:
+        tiles = -(-(bp // 16) // -(-(bp // 16) // row_tiles))
+        max_units = 64 // G
+    rows = -(-(bp // 16) // tiles) * 16  # padded rows per tile
+    per_tile = -(-H // max_units)
+    units = -(-H // per_tile)
+    per_tile = -(-H // units)
+    ctas = tiles * per_tile
     m_tiles = -(-(G * units) // 16)
     mr = 16 * m_tiles
     kt = -(-H // 16)
     kpw = -(-kt // 8)
     warps = -(-kt // kpw)
-    bp, kp = -(-B // 16) * 16, kt * 16
-    h_op = bp * kp * elem
-    tile = B * units * (G * elem + 2 * 4 + 2 * 4 + 2 * elem + elem)
+    kp = kt * 16
+    h_op = rows * kp * elem
+    real_rows = min(B, rows)
+    tile = real_rows * units * (G * elem + 2 * 4 + 2 * 4 + 2 * elem + elem)
     per_cta_bw = min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)
     l2_s = (h_op + tile) / per_cta_bw
-    mma_s = 2 * mr * bp * kp / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
-    smem_bytes = warps * mr * bp * 4 + warps * G * units * B * 4
+    mma_s = 2 * mr * rows * kp / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
+    smem_bytes = warps * mr * rows * 4 + warps * G * units * real_rows * 4
     smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
     step_s = BARRIER_S + l2_s + mma_s + smem_s + GATES_S
-    return {"ctas": ctas, "units": units, "m_tiles": m_tiles, "k_tiles_per_warp": kpw, "warps": warps,
-            "h_op_bytes": h_op, "smem_bytes": smem_bytes, "barrier_s": BARRIER_S, "l2_s": l2_s,
-            "mma_s": mma_s, "smem_s": smem_s, "gates_s": GATES_S, "step_s": step_s}
+    return {"ctas": ctas, "row_tiles": tiles, "rows_per_tile": rows, "units": units, "m_tiles": m_tiles,
+            "k_tiles_per_warp": kpw, "warps": warps, "h_op_bytes": h_op, "smem_bytes": smem_bytes,
+            "barrier_s": BARRIER_S, "l2_s": l2_s, "mma_s": mma_s, "smem_s": smem_s, "gates_s": GATES_S,
+            "step_s": step_s}
 
 
 def mma_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)), T: int = 128) -> List[str]:
-    """The NOTES v0.9 table of :func:`mma_step` (bf16)."""
-    lines = ["| layer | B | H | blocks × units (k-tiles per warp) | barrier µs | L2 µs (h operand KB) | MMA µs "
-             f"| partial sums µs | gates µs | **step µs** | T = {T} forward, ms | ÷ cuDNN's 1.96 µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """The table of :func:`mma_step` (bf16) with the plan's row tiles (NOTES v0.14), next to the
+    v0.9 layout's step (one tile: ``split_batch=False``)."""
+    lines = ["| layer | B | H | row tiles × blocks × units (k-tiles per warp) | barrier µs | L2 µs (h rows KB) "
+             f"| MMA µs | partial sums µs | gates µs | **step µs** | v0.9 layout µs | T = {T} forward, ms "
+             "| ÷ cuDNN's 1.96 µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m = mma_step(kind, B, H)
+            one = mma_step(kind, B, H, split_batch=False)
             vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_S, m["step_s"])
-            lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} × {m['units']} ({m['k_tiles_per_warp']}) | "
+            lines.append(f"| {kind.upper()} | {B} | {H} | {m['row_tiles']} × {m['ctas'] // m['row_tiles']} × "
+                         f"{m['units']} ({m['k_tiles_per_warp']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} ({m['h_op_bytes'] / 1024:.0f}) | "
                          f"{m['mma_s'] * 1e6:.2f} | {m['smem_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
-                         f"**{m['step_s'] * 1e6:.2f}** | {m['step_s'] * T * 1e3:.2f} | {vs} |")
+                         f"**{m['step_s'] * 1e6:.2f}** | {one['step_s'] * 1e6:.2f} | {m['step_s'] * T * 1e3:.2f} | "
+                         f"{vs} |")
     return lines
 
 

@@ -120,16 +120,23 @@ def test_resident_step_model_is_the_sum_of_its_terms_on_the_plans_tiles():
 
 def test_mma_step_model_is_the_sum_of_its_terms_on_the_plans_blocks():
     """bench/step_model.py's prediction for the CUDA tensor-core persistent kernel
-    (bench/NOTES.md v0.9): the plan's default split (the fewest blocks of at most
-    32 / G units, m-tiles holding G x units rows, 8 warps over the k-tiles), every
-    term positive, the step their sum, and cheaper than the W-in-shared-memory kernel."""
+    (bench/NOTES.md v0.9, v0.14): the plan's default split (one row tile and the fewest blocks
+    of at most 32 / G units up to 32 padded rows; above, row tiles of 32 with blocks of at most
+    64 / G units within the SMs; m-tiles holding G x units rows, 8 warps over the k-tiles), every
+    term positive, the step their sum, cheaper than the W-in-shared-memory kernel, and the
+    batch split cheaper than the one-tile layout where it applies."""
     checkout_bench()
     from fastseq.bench import step_model
 
     for kind, G in (("gru", 3), ("lstm", 4)):
         for B, H in ((1, 16), (16, 512), (16, 768), (64, 1024), (5, 1000)):
             m = step_model.mma_step(kind, B, H)
-            assert m["units"] <= 32 // G and m["ctas"] * m["units"] >= H > (m["ctas"] - 1) * m["units"]
+            tiles = m["row_tiles"]
+            per_tile = m["ctas"] // tiles
+            assert tiles == (2 if B == 64 else 1) and m["ctas"] == tiles * per_tile <= step_model.SMS
+            assert m["units"] <= (64 if tiles > 1 else 32) // G
+            assert per_tile * m["units"] >= H > (per_tile - 1) * m["units"]
+            assert tiles * m["rows_per_tile"] >= B and m["rows_per_tile"] % 16 == 0
             assert 16 * m["m_tiles"] >= G * m["units"] > 16 * (m["m_tiles"] - 1)
             kt = -(-H // 16)
             assert m["warps"] <= 8 and m["warps"] * m["k_tiles_per_warp"] >= kt
@@ -138,6 +145,13 @@ def test_mma_step_model_is_the_sum_of_its_terms_on_the_plans_blocks():
             assert m["step_s"] == pytest.approx(sum(terms))
             if B == 16 and H in (512, 768):
                 assert m["step_s"] < step_model.resident_step(kind, B, H)["step_s"]
+            one = step_model.mma_step(kind, B, H, split_batch=False)
+            assert one["row_tiles"] == 1 and one["units"] <= 32 // G
+            if tiles > 1:  # the batch split reads fewer rows of h per block: a smaller L2 term
+                assert m["h_op_bytes"] * tiles == one["h_op_bytes"] and m["step_s"] < one["step_s"]
+            else:
+                assert m == one
+    assert step_model.mma_step("lstm", 20, 64, row_tiles=3)["row_tiles"] == 2  # 32 rows: no empty tile
     assert len(step_model.mma_table()) == 14
 
 

@@ -175,8 +175,8 @@ def _cuobjdump() -> Optional[str]:
 
 
 def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
-    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 36 kernels -- 24 forwards (GRU / LSTM,
-    float16 / bfloat16, 1-2 W tiles of 16 rows, 2 / 4 / 8 k-tiles per warp) that hold W_hh in
+    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 60 kernels -- 48 forwards (GRU / LSTM,
+    float16 / bfloat16, 1-4 W tiles of 16 rows, 2 / 4 / 8 k-tiles per warp) that hold W_hh in
     registers, 8 block backwards (GRU / LSTM, float16 / bfloat16, 1-2 W^T tiles), 4 cluster
     backwards (GRU / LSTM, float16 / bfloat16) -- compile without spilling (no stack frame, no
     spill bytes, <= 255 registers); and, where a cuobjdump is found, each kernel's SASS has
@@ -193,15 +193,15 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     assert proc.returncode == 0, "nvcc failed\n" + _report(cmd, proc)
     info = proc.stdout + proc.stderr
     entries = re.findall(r"Compiling entry function '([^']+)'", info)
-    assert len(entries) == 36, f"expected 36 kernels, got {len(entries)}\n{info}"
+    assert len(entries) == 60, f"expected 60 kernels, got {len(entries)}\n{info}"
     assert sum("mma_bwd_kernel" in e for e in entries) == 8, entries
     assert sum("mma_cluster_bwd_kernel" in e for e in entries) == 4, entries
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
-    assert len(frames) == len(regs) == 36, info
+    assert len(frames) == len(regs) == 60, info
     assert all(f == ("0", "0", "0") for f in frames), "stack frame or spills\n" + info
     assert max(regs) <= 255, info
-    print(f"ptxas sm_90: 36 kernels, registers {min(regs)}..{max(regs)}, no spills")
+    print(f"ptxas sm_90: 60 kernels, registers {min(regs)}..{max(regs)}, no spills")
     tool = _cuobjdump()
     if tool is None:
         print("no cuobjdump found: SASS not checked")
@@ -209,7 +209,7 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     sass = _run([tool, "-sass", str(obj)], tmp_path)
     assert sass.returncode == 0, sass.stderr
     funcs = re.split(r"\n\s+Function : ", sass.stdout)[1:]
-    assert len(funcs) == 36, f"cuobjdump listed {len(funcs)} functions"
+    assert len(funcs) == 60, f"cuobjdump listed {len(funcs)} functions"
     for f in funcs:
         name, body = f.split("\n", 1)
         want = "HMMA.16816.F32.BF16" if "bfloat16" in name else "HMMA.16816.F32 "
@@ -498,6 +498,60 @@ def test_emulated_persistent_mma_forward(emu, cell, dt_name, monkeypatch):
                     want_mmas = T * n_blocks * (-(-H // 16)) * (-(-G * units // 16)) * (-(-B // 16))
                     assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
                     _all_close(got, _reference_forward(cell, case, save), dt_name, f"mma persistent forward {tag}")
+
+
+# (blocks per tile or None, FASTSEQ_CUDA_PERSISTENT_ROW_TILES or None, H, B, expected row tiles, rows
+# per tile): B 40 (48 padded rows) split by default into 2 tiles of 32 (the second with 8 real
+# rows), blocks of up to 64 / G units (4 W tiles); 3 tiles asked of B 20 (2 tiles of 16: no empty
+# tile); 2 asked of B 6 (one tile of 16, blocks of up to 64 / G units: 3 W tiles of 11 units);
+# B 64 split by default into 2 tiles of 32 at H 136 (two k-tiles per warp).
+_MMA_ROW_TILE_GRIDS = ((None, None, 40, 40, 2, 32), (None, "3", 20, 20, 2, 16), (3, "2", 33, 6, 1, 16),
+                       (None, None, 136, 64, 2, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_persistent_mma_forward_row_tiles(emu, cell, dt_name, monkeypatch):
+    """The tensor-core forward with the batch split into row tiles (each block reads only its
+    tile's rows of h_{t-1}; blocks of up to 64 / G units, 3-4 W tiles) against the reference,
+    at the grids of _MMA_ROW_TILE_GRIDS, lengths with 0 or none, bias or not, T = 3 and 1: the
+    launched plan's row tiles, rows per tile and units (emulated_last_mma_plan), T - 1 grid
+    barriers, exactly T * (blocks per tile) * k_tiles * m_tiles * ceil(B / 16) warp MMAs (each
+    tile's rows once), no shared-memory bank conflict."""
+    import torch
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(21)
+    G = 3 if cell == "gru" else 4
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+    for k, (blocks, row_tiles, H, B, want_tiles, want_rows) in enumerate(_MMA_ROW_TILE_GRIDS):
+        for var, value in (("FASTSEQ_CUDA_PERSISTENT_BLOCKS", blocks), ("FASTSEQ_CUDA_PERSISTENT_ROW_TILES", row_tiles)):
+            if value is None:
+                monkeypatch.delenv(var, raising=False)
+            else:
+                monkeypatch.setenv(var, str(value))
+        max_units = 64 // G
+        per_tile = blocks or -(-H // -(-H // -(-H // max_units)))
+        units = -(-H // per_tile)
+        lengths_cases = (torch.tensor([3, 1, 0, 2, 3] * 13)[:B], None)
+        for T in (3, 1):
+            for i, lengths in enumerate(lengths_cases):
+                bias = (i + k) % 2 == 0
+                case = _persistent_case(cell, dt, gen, T, B, H, bias, lengths)
+                tag = f"{cell} {dt_name} blocks={blocks} row_tiles={row_tiles} H={H} B={B} T={T} bias={bias}"
+                syncs, mmas = emu.emulated_grid_syncs(), emu.emulated_mma_count()
+                emu.emulated_take_smem_conflict_ways()
+                got = _persistent_forward(emu, cell, case, True)
+                assert emu.emulated_take_smem_conflict_ways() == 1, f"{tag}: shared-memory bank conflicts"
+                nblk, got_units, rows, m_tiles, _, _, tiles = emu.emulated_last_mma_plan()
+                assert (tiles, rows, got_units) == (want_tiles, want_rows, units), f"{tag}: plan"
+                assert nblk == tiles * per_tile and m_tiles == -(-G * units // 16), f"{tag}: plan"
+                assert emu.emulated_grid_syncs() - syncs == T - 1, f"{tag}: grid barriers crossed"
+                want_mmas = T * per_tile * (-(-H // 16)) * m_tiles * (-(-B // 16))
+                assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
+                _all_close(got, _reference_forward(cell, case, True), dt_name, f"row-tiled mma forward {tag}")
 
 
 @pytest.mark.slow

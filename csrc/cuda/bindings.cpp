@@ -50,6 +50,9 @@
 //     products from dG[t] rounded to the storage dtype; float32 accumulation and
 //     state) where they apply, else the shared-memory ones; 0: the shared-memory
 //     ones (float32 products).
+//   FASTSEQ_CUDA_PERSISTENT_ROW_TILES=N (N > 0): the tensor-core forward splits
+//     the batch into N row tiles (default: tiles of 32 rows, or two, when the
+//     padded batch has more than 32 rows and the grid fits the SMs).
 //   FASTSEQ_CUDA_PERSISTENT_CLUSTER=auto (or unset): the tensor-core backward
 //     splits its product inside thread-block clusters (the cluster backward,
 //     sm_90) of the largest size of 8, 4, 2 that applies, else runs the block
@@ -378,6 +381,18 @@ bool mma_enabled() {
   return false;
 }
 
+// FASTSEQ_CUDA_PERSISTENT_ROW_TILES (see the top of this file): the batch row tiles asked of
+// the tensor-core forward, 0 for the plan's choice.
+int64_t persistent_row_tiles() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_ROW_TILES");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  TORCH_CHECK(end != v && *end == '\0' && n > 0,
+              "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_ROW_TILES: expected a positive integer, got '", v, "'");
+  return n;
+}
+
 // FASTSEQ_CUDA_PERSISTENT_CLUSTER (see the top of this file): the cluster size asked of
 // the tensor-core backward, -1 for auto, 0 for none.
 int64_t persistent_cluster() {
@@ -419,7 +434,8 @@ RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_
       check_launch(recurrence_persistent_mma_backward_plan(dtype_tag(st), G, B, H, blocks, cluster, &plan), op);
     if (half && mma_enabled() && plan.blocks == 0 && cluster <= 0)
       check_launch(backward ? recurrence_persistent_mma_backward_plan(dtype_tag(st), G, B, H, blocks, 0, &plan)
-                            : recurrence_persistent_mma_plan(dtype_tag(st), G, B, H, blocks, &plan),
+                            : recurrence_persistent_mma_plan(dtype_tag(st), G, B, H, blocks,
+                                                             persistent_row_tiles(), &plan),
                    op);
     if (plan.blocks == 0 && cluster <= 0)
       check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
@@ -1289,6 +1305,8 @@ TORCH_LIBRARY(fastseq_cuda_emu, m) {
   m.def("emulated_cluster_syncs() -> int", []() -> int64_t { return fastseq::cuda::emulated_cluster_syncs(); });
   m.def("emulated_take_smem_conflict_ways() -> int",
         []() -> int64_t { return fastseq::cuda::emulated_take_smem_conflict_ways(); });
+  m.def("emulated_last_mma_plan() -> int[]",
+        []() -> std::vector<int64_t> { return fastseq::cuda::emulated_last_mma_plan(); });
   m.def("emulated_smem_ways_at_pitch(int pitch, bool accumulator) -> int",
         [](int64_t pitch, bool accumulator) -> int64_t {
           return fastseq::cuda::emulated_smem_ways_at_pitch(pitch, accumulator);

@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace fastseq {
 namespace cuda {
@@ -182,6 +183,8 @@ struct RecurrencePersistentPlan {
   int64_t k_tiles_per_warp = 0;  // 16-column tiles each warp multiplies (forward: held in registers;
                                  // the cluster backward: the k-tiles of each rank's slice)
   int64_t cluster = 0;           // the cluster backward only: blocks per thread-block cluster (2, 4, 8)
+  int64_t row_tiles = 0;         // the tensor-core forward only: batch row tiles of batch_tile rows each
+                                 // (blocks = row_tiles x blocks per tile); 0 or 1: one tile
 };
 
 // Sizes the launch for `gates` = 3 (GRU) or 4 (LSTM) on the current device.
@@ -224,19 +227,24 @@ cudaError_t lstm_forward_persistent(DType dtype, const RecurrencePersistentFwd& 
 // the product h_{t-1} W_hh^T formed on tensor cores from h_{t-1} rounded to the
 // storage dtype (h_op) with float32 accumulation, as cuDNN's half-precision
 // recurrences and fastseq's Triton kernels do; the state is still carried in
-// float32. Block k owns `units` hidden units (all G gates: G * units <= 16 *
-// m_tiles rows of W_hh) and its 8 warps split K = H in k_tiles_per_warp tiles
-// each; per step every warp forms its partial products for all B rows
-// (16 at a time) from h_op (global memory, L2), the partial sums meet in
-// shared memory, and the block applies the gates of its units; then a grid
-// barrier. Applies when: float16 / bfloat16, W_hh in that dtype, the device is
-// sm_80 or later and launches cooperatively, G * units <= 32 (units = ceil(H /
-// blocks); blocks defaults to the fewest that satisfy it, i.e. the fewest
-// blocks that read h_{t-1} each step) with blocks <= the SM count, H <= 1024,
-// and the partial sums (8 * 16 * m_tiles * rows_op floats) fit the opt-in shared
-// memory. Otherwise plan->blocks = 0 with the reason.
+// float32. The batch is split into row_tiles tiles of batch_tile rows; block
+// (tile r, k) owns `units` hidden units (all G gates: G * units <= 16 * m_tiles
+// rows of W_hh) for the rows of tile r, and its 8 warps split K = H in
+// k_tiles_per_warp tiles each; per step every warp forms its partial products
+// for the tile's rows (16 at a time) from h_op (global memory, L2), the partial
+// sums meet in shared memory, and the block applies the gates of its units to
+// its rows; then a grid barrier. Applies when: float16 / bfloat16, W_hh in that
+// dtype, the device is sm_80 or later and launches cooperatively, G * units <=
+// 32 with one tile or <= 64 with several (units = ceil(H / blocks); blocks, per
+// tile, defaults to the fewest that satisfy it, i.e. the fewest blocks that
+// read the tile's rows of h_{t-1} each step), row_tiles x blocks <= the SM
+// count, H <= 1024, and the partial sums (8 * 16 * m_tiles * batch_tile floats)
+// fit the opt-in shared memory. `row_tiles` > 0 asks for that many tiles; 0
+// splits a batch of more than 32 (padded) rows into tiles of 32 rows, or two,
+// when the grid fits the SMs (plan_impl in persistent_mma_kernels.cu).
+// Otherwise plan->blocks = 0 with the reason.
 cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                           RecurrencePersistentPlan* plan);
+                                           int64_t row_tiles, RecurrencePersistentPlan* plan);
 cudaError_t gru_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
 cudaError_t lstm_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
 
@@ -320,6 +328,9 @@ int64_t emulated_take_smem_conflict_ways();
 // Tests only: that model for one 16-bit fragment load (accumulator false) or one float
 // accumulator store at a row pitch of `pitch` elements.
 int64_t emulated_smem_ways_at_pitch(int64_t pitch, bool accumulator);
+// Tests only: the plan of the last emulated tensor-core launch: blocks, units, batch_tile,
+// m_tiles, k_tiles_per_warp, cluster, row_tiles.
+std::vector<int64_t> emulated_last_mma_plan();
 #endif
 
 // ================================================================= attention

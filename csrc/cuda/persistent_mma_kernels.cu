@@ -46,6 +46,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "persistent_common.cuh"
 
@@ -75,6 +76,8 @@ using detail::grid_sync;
 constexpr int kMmaThreads = 256;
 constexpr int kMmaWarps = kMmaThreads / 32;
 constexpr int64_t kMmaMaxRows = 32;      // W_hh rows per block: G * units <= 32 (m_tiles <= 2)
+constexpr int64_t kMmaMaxRowsSplit = 64; // the forward with batch row tiles: G * units <= 64 (m_tiles <= 4)
+constexpr int64_t kRowTile = 32;         // the forward's default rows per batch tile when it splits the batch
 constexpr int64_t kMmaMaxH = 1024;       // K tiles per warp <= 8
 constexpr int kTile = 16;
 constexpr int kBwdBatchTiles = 4;        // the backward's 16-row batch tiles per pass over W^T
@@ -109,9 +112,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
   using C = acc_t<S>;  // float
   const int64_t T = a.T, B = a.B, H = a.H;
   const int64_t J = a.plan.units;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * J;
+  const int64_t R = a.plan.row_tiles > 0 ? a.plan.row_tiles : 1;  // batch row tiles
+  const int64_t ublocks = static_cast<int64_t>(gridDim.x) / R;    // blocks per row tile
+  const int64_t kb = static_cast<int64_t>(blockIdx.x) % ublocks, rt = static_cast<int64_t>(blockIdx.x) / ublocks;
+  const int64_t j0 = kb * J;
   const int64_t nj = j0 < H ? (H - j0 < J ? H - j0 : J) : 0;  // units of this block
   const int64_t Kp = a.ld_op, Bp = a.rows_op;                   // H and B rounded up to 16
+  const int64_t Br = a.plan.batch_tile, r0 = rt * Br;           // this block's rows [r0, r0 + Br)
+  const int64_t nb = B - r0 < 0 ? 0 : (B - r0 < Br ? B - r0 : Br);      // of them real
+  const int64_t nbp = Bp - r0 < 0 ? 0 : (Bp - r0 < Br ? Bp - r0 : Br);  // of them in the operand
   constexpr int64_t MR = MT * kTile;                            // rows of the W_hh slice, padded
   const int64_t kt = Kp / kTile;
   const int64_t kpw = a.plan.k_tiles_per_warp;                  // <= KPW
@@ -124,7 +133,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
 
   // The W_hh slice [MR, Kp] (row pitch wp), zero-padded, staged in shared memory once and
   // loaded into this warp's fragments; the shared memory then holds the partial sums.
-  const int64_t wp = operand_pitch(Kp), rp = partial_pitch(Bp);
+  const int64_t wp = operand_pitch(Kp), rp = partial_pitch(Br);
   S* w_s = reinterpret_cast<S*>(smem);
   const S* w = static_cast<const S*>(a.w_hh);
   for (int64_t idx = tid; idx < MR * wp; idx += nthr) {
@@ -144,7 +153,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
   }
   __syncthreads();  // every warp has its fragments: the shared memory is free
 
-  float* red = reinterpret_cast<float*>(smem);  // [active_warps][MR][Bp], row pitch rp
+  float* red = reinterpret_cast<float*>(smem);  // [active_warps][MR][Br], row pitch rp
   C* h_state = static_cast<C*>(a.h_state);
   S* h_op = static_cast<S*>(a.h_op);
 
@@ -154,7 +163,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
     const C* h_prev = h_state + ((t + 1) & 1) * B * H;
     C* h_next = h_state + (t & 1) * B * H;
     if (warp < active_warps) {
-      for (int64_t n0 = 0; n0 < Bp; n0 += kTile) {
+      for (int64_t n0 = 0; n0 < nbp; n0 += kTile) {
         wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[MT];
 #pragma unroll
         for (int m = 0; m < MT; ++m) wmma::fill_fragment(acc[m], 0.0f);
@@ -162,7 +171,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
         for (int kk = 0; kk < KPW; ++kk) {
           if (kk < nk) {
             wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, S, wmma::col_major> hb;
-            wmma::load_matrix_sync(hb, op_prev + n0 * Kp + (k_first + kk) * kTile, Kp);
+            wmma::load_matrix_sync(hb, op_prev + (r0 + n0) * Kp + (k_first + kk) * kTile, Kp);
 #pragma unroll
             for (int m = 0; m < MT; ++m) wmma::mma_sync(acc[m], wf[m][kk], hb, acc[m]);
           }
@@ -173,13 +182,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
       }
     }
     __syncthreads();
-    for (int64_t p = tid; p < nj * B; p += nthr) {
-      const int64_t jj = p / B, b = p - jj * B;  // consecutive threads: consecutive rows b of the partials
+    for (int64_t p = tid; p < nj * nb; p += nthr) {
+      const int64_t jj = p / nb, bl = p - jj * nb, b = r0 + bl;  // consecutive threads: consecutive rows
       C acc[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         C s = C(0);
-        for (int64_t w8 = 0; w8 < active_warps; ++w8) s += red[(w8 * MR + g * J + jj) * rp + b];
+        for (int64_t w8 = 0; w8 < active_warps; ++w8) s += red[(w8 * MR + g * J + jj) * rp + bl];
         acc[g] = s;
       }
       const int64_t j = j0 + jj;
@@ -191,16 +200,19 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
 }
 
 // The kernel for a plan's (m_tiles, k_tiles_per_warp): KPW is the smallest of 2, 4, 8 that holds it.
+template <typename S, int G, int MT>
+auto kernel_for_kpw(int64_t kpw) -> void (*)(RecurrencePersistentFwd) {
+  if (kpw <= 2) return recurrence_persistent_mma_fwd_kernel<S, G, MT, 2>;
+  if (kpw <= 4) return recurrence_persistent_mma_fwd_kernel<S, G, MT, 4>;
+  return recurrence_persistent_mma_fwd_kernel<S, G, MT, 8>;
+}
+
 template <typename S, int G>
 auto kernel_for(int64_t m_tiles, int64_t kpw) -> void (*)(RecurrencePersistentFwd) {
-  if (m_tiles == 1) {
-    if (kpw <= 2) return recurrence_persistent_mma_fwd_kernel<S, G, 1, 2>;
-    if (kpw <= 4) return recurrence_persistent_mma_fwd_kernel<S, G, 1, 4>;
-    return recurrence_persistent_mma_fwd_kernel<S, G, 1, 8>;
-  }
-  if (kpw <= 2) return recurrence_persistent_mma_fwd_kernel<S, G, 2, 2>;
-  if (kpw <= 4) return recurrence_persistent_mma_fwd_kernel<S, G, 2, 4>;
-  return recurrence_persistent_mma_fwd_kernel<S, G, 2, 8>;
+  if (m_tiles == 1) return kernel_for_kpw<S, G, 1>(kpw);
+  if (m_tiles == 2) return kernel_for_kpw<S, G, 2>(kpw);
+  if (m_tiles == 3) return kernel_for_kpw<S, G, 3>(kpw);
+  return kernel_for_kpw<S, G, 4>(kpw);
 }
 
 // The backward (t = T-1 .. 0; kernels.h, "The tensor-core persistent backward").
@@ -518,6 +530,10 @@ cudaError_t finish_plan(const void* kernel, int64_t sms, int64_t blocks, int64_t
   return cudaSuccess;
 }
 
+#if FASTSEQ_PERSISTENT_EMULATED
+RecurrencePersistentPlan g_last_plan{};  // tests: the plan of the last emulated launch
+#endif
+
 // One cooperative launch of `kernel` on the plan's grid (emulated: a real grid barrier, one
 // CPU thread per block).
 template <typename Args>
@@ -527,6 +543,7 @@ cudaError_t launch_cooperative(void (*kernel)(Args), const RecurrencePersistentP
   const size_t smem = static_cast<size_t>(p.smem_bytes);
 #if FASTSEQ_PERSISTENT_EMULATED
   (void)stream;
+  g_last_plan = p;
   ::fastseq_emu::launch_cooperative(grid, kMmaThreads, smem, kernel, a);
   return cudaSuccess;
 #else
@@ -546,6 +563,7 @@ cudaError_t launch_cooperative_cluster(void (*kernel)(Args), const RecurrencePer
   const size_t smem = static_cast<size_t>(p.smem_bytes);
 #if FASTSEQ_PERSISTENT_EMULATED
   (void)stream;
+  g_last_plan = p;
   // Tests: FASTSEQ_CUDA_EMU_CLUSTER_LAUNCH=fail refuses the launch, as a device might.
   const char* env = std::getenv("FASTSEQ_CUDA_EMU_CLUSTER_LAUNCH");
   if (env != nullptr && std::strcmp(env, "fail") == 0) return cudaErrorNotSupported;
@@ -597,8 +615,14 @@ cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks
   return cudaSuccess;
 }
 
+// The forward's plan. Row tiles: `row_tiles` > 0 asks for that many batch tiles (blocks of up
+// to 64 / G units each); 0 picks: one tile (the whole batch, blocks of up to 32 / G units)
+// while the padded batch is at most 32 rows, else tiles of 32 rows (or two tiles) with blocks
+// of up to 64 / G units when that grid fits the SMs, else one tile. Each block reads only
+// its tile's rows of h_{t-1} per step: the batch split halves (or better) the L2 term that
+// dominates the step at B 64 (bench/NOTES.md v0.14). `blocks` > 0: blocks per row tile.
 template <typename S, int G>
-cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistentPlan* plan) {
+cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, int64_t row_tiles, RecurrencePersistentPlan* plan) {
   int64_t sms = 0, smem_optin = 0;
   cudaError_t err = cudaSuccess;
   if (!plan_start(B, H, plan, &sms, &smem_optin, &err)) return err;
@@ -606,36 +630,58 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersistent
     plan->reason = "hidden size above 1024 (the tensor-core kernel holds at most 8 k-tiles of W_hh per warp)";
     return cudaSuccess;
   }
-  const int64_t max_units = kMmaMaxRows / G;
+  const int64_t rows = cdiv(B, kTile) * kTile;
+  const int64_t row_units = rows / kTile;  // 16-row batch tiles
+  int64_t R = 1, max_units = kMmaMaxRows / G;
+  if (row_tiles > 0) {
+    R = cdiv(row_units, cdiv(row_units, row_tiles));  // no empty tile
+    max_units = kMmaMaxRowsSplit / G;
+  } else if (rows > kRowTile && blocks <= 0) {
+    const int64_t split_units = kMmaMaxRowsSplit / G;
+    int64_t ub = 0, u = 0;
+    block_split(H, 0, split_units, &ub, &u);
+    for (const int64_t r : {cdiv(rows, kRowTile), int64_t{2}}) {
+      if (r > 1 && r * ub <= sms) {
+        R = r;
+        max_units = split_units;
+        break;
+      }
+    }
+  }
+  const int64_t Br = cdiv(row_units, R) * kTile;
   int64_t nblk = 0, units = 0;
-  block_split(H, blocks, max_units, &nblk, &units);  // default: the fewest blocks (each reads all of h)
+  block_split(H, blocks, max_units, &nblk, &units);  // default: the fewest blocks (each reads all its rows of h)
   if (units > max_units) {
-    plan->reason = "more than 32 / G hidden units per block (its W_hh rows would not fit its registers)";
+    plan->reason = R > 1 ? "more than 64 / G hidden units per block (its W_hh rows would not fit its registers)"
+                         : "more than 32 / G hidden units per block (its W_hh rows would not fit its registers)";
     return cudaSuccess;
   }
   const int64_t m_tiles = cdiv(G * units, kTile);
   const int64_t kt = cdiv(H, kTile);
   const int64_t kpw = cdiv(kt, kMmaWarps);
-  const int64_t rows = cdiv(B, kTile) * kTile;
   const int64_t stage = m_tiles * kTile * operand_pitch(kt * kTile) * static_cast<int64_t>(sizeof(S));
   const int64_t partial =
-      cdiv(kt, kpw) * m_tiles * kTile * partial_pitch(rows) * static_cast<int64_t>(sizeof(float));
+      cdiv(kt, kpw) * m_tiles * kTile * partial_pitch(Br) * static_cast<int64_t>(sizeof(float));
   const int64_t smem = stage > partial ? stage : partial;
   if (smem > smem_optin) {
     plan->reason = "the partial sums of the batch do not fit a block's shared memory (batch too large)";
     return cudaSuccess;
   }
-  return finish_plan(reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw)), sms, nblk, units, rows, smem,
-                     m_tiles, kpw, plan);
+  const cudaError_t fin = finish_plan(reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw)), sms, R * nblk,
+                                      units, Br, smem, m_tiles, kpw, plan);
+  if (plan->blocks > 0) plan->row_tiles = R;
+  return fin;
 }
 
 template <typename S, int G>
 cudaError_t launch_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
   if (a.T <= 0 || a.B <= 0 || a.H <= 0) return cudaSuccess;
   const RecurrencePersistentPlan& p = a.plan;
-  if (p.blocks <= 0 || p.units <= 0 || p.m_tiles < 1 || p.m_tiles > 2 || p.k_tiles_per_warp < 1 ||
+  const int64_t R = p.row_tiles > 0 ? p.row_tiles : 1;
+  if (p.blocks <= 0 || p.units <= 0 || p.m_tiles < 1 || p.m_tiles > 4 || p.k_tiles_per_warp < 1 ||
       p.k_tiles_per_warp > 8 || a.h_op == nullptr || a.ld_op != cdiv(a.H, kTile) * kTile ||
-      a.rows_op != cdiv(a.B, kTile) * kTile)
+      a.rows_op != cdiv(a.B, kTile) * kTile || p.blocks % R != 0 || p.batch_tile <= 0 ||
+      p.batch_tile % kTile != 0 || R * p.batch_tile < a.rows_op)
     return cudaErrorInvalidValue;
   return launch_cooperative(kernel_for<S, G>(p.m_tiles, p.k_tiles_per_warp), p, a, stream);
 }
@@ -802,9 +848,9 @@ cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistent
 }
 
 cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                           RecurrencePersistentPlan* plan) {
+                                           int64_t row_tiles, RecurrencePersistentPlan* plan) {
   return mma_plan(dtype, gates, plan, [&](auto s, auto g) {
-    return plan_impl<decltype(s), decltype(g)::value>(B, H, blocks, plan);
+    return plan_impl<decltype(s), decltype(g)::value>(B, H, blocks, row_tiles, plan);
   });
 }
 
@@ -824,6 +870,10 @@ cudaError_t lstm_forward_persistent_mma(DType dtype, const RecurrencePersistentF
 int64_t emulated_mma_count() { return ::fastseq_emu::wmma::mma_count(); }
 int64_t emulated_cluster_syncs() { return ::fastseq_emu::cluster_sync_count(); }
 int64_t emulated_take_smem_conflict_ways() { return ::fastseq_emu::take_smem_conflict_ways(); }
+std::vector<int64_t> emulated_last_mma_plan() {
+  const RecurrencePersistentPlan& p = g_last_plan;
+  return {p.blocks, p.units, p.batch_tile, p.m_tiles, p.k_tiles_per_warp, p.cluster, p.row_tiles};
+}
 int64_t emulated_smem_ways_at_pitch(int64_t pitch, bool accumulator) {
   return ::fastseq_emu::smem_ways_at_pitch(static_cast<unsigned>(pitch), accumulator);
 }
