@@ -360,16 +360,20 @@ PersistentMode persistent_mode() {
   return PersistentMode::Off;  // not reached
 }
 
-// FASTSEQ_CUDA_PERSISTENT_BLOCKS: the grid size asked for, 0 for the default.
-int64_t persistent_blocks() {
-  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS");
+// The positive integer in the environment variable `name`, 0 when it is unset or empty;
+// raises naming the variable on anything else.
+int64_t positive_env(const char* name) {
+  const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return 0;
   char* end = nullptr;
   const long long n = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && n > 0,
-              "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_BLOCKS: expected a positive integer, got '", v, "'");
+  TORCH_CHECK(end != v && *end == '\0' && n > 0, "fastseq_cpp (CUDA): ", name,
+              ": expected a positive integer, got '", v, "'");
   return n;
 }
+
+// FASTSEQ_CUDA_PERSISTENT_BLOCKS: the grid size asked for, 0 for the default.
+int64_t persistent_blocks() { return positive_env("FASTSEQ_CUDA_PERSISTENT_BLOCKS"); }
 
 // FASTSEQ_CUDA_PERSISTENT_MMA (see the top of this file): 0 keeps half-precision
 // forwards and backwards off the tensor-core persistent kernels.
@@ -383,15 +387,7 @@ bool mma_enabled() {
 
 // FASTSEQ_CUDA_PERSISTENT_ROW_TILES (see the top of this file): the batch row tiles asked of
 // the tensor-core forward, 0 for the plan's choice.
-int64_t persistent_row_tiles() {
-  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_ROW_TILES");
-  if (v == nullptr || *v == '\0') return 0;
-  char* end = nullptr;
-  const long long n = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end != v && *end == '\0' && n > 0,
-              "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_ROW_TILES: expected a positive integer, got '", v, "'");
-  return n;
-}
+int64_t persistent_row_tiles() { return positive_env("FASTSEQ_CUDA_PERSISTENT_ROW_TILES"); }
 
 // FASTSEQ_CUDA_PERSISTENT_CLUSTER (see the top of this file): the cluster size asked of
 // the tensor-core backward, -1 for auto, 0 for none.

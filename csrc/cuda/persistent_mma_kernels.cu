@@ -515,18 +515,25 @@ cudaLaunchConfig_t cluster_config(int64_t grid, int64_t cluster, int64_t smem, c
 }
 #endif
 
-// The plan's last step, both directions: the blocks must be co-resident (cooperative launch).
-cudaError_t finish_plan(const void* kernel, int64_t sms, int64_t blocks, int64_t units, int64_t rows, int64_t smem,
-                        int64_t m_tiles, int64_t kpw, RecurrencePersistentPlan* plan) {
-  bool fits = false;
-  const cudaError_t co = detail::co_resident(kernel, kMmaThreads, smem, blocks, sms, plan, &fits);
-  if (co != cudaSuccess || !fits) return co;
+// A plan's sizes, once it applies (the reason of an earlier refusal cleared).
+void fill_plan(int64_t blocks, int64_t units, int64_t rows, int64_t smem, int64_t m_tiles, int64_t kpw,
+               RecurrencePersistentPlan* plan) {
+  plan->reason = nullptr;
   plan->blocks = blocks;
   plan->units = units;
   plan->batch_tile = rows;
   plan->smem_bytes = smem;
   plan->m_tiles = m_tiles;
   plan->k_tiles_per_warp = kpw;
+}
+
+// The plan's last step, both directions: the blocks must be co-resident (cooperative launch).
+cudaError_t finish_plan(const void* kernel, int64_t sms, int64_t blocks, int64_t units, int64_t rows, int64_t smem,
+                        int64_t m_tiles, int64_t kpw, RecurrencePersistentPlan* plan) {
+  bool fits = false;
+  const cudaError_t co = detail::co_resident(kernel, kMmaThreads, smem, blocks, sms, plan, &fits);
+  if (co != cudaSuccess || !fits) return co;
+  fill_plan(blocks, units, rows, smem, m_tiles, kpw, plan);
   return cudaSuccess;
 }
 
@@ -783,13 +790,7 @@ cudaError_t plan_cluster_bwd_impl(int64_t B, int64_t H, int64_t blocks, int64_t 
     const cudaError_t co = cluster_co_resident(kernel, smem, grid, cl, sms, plan, &fits);
     if (co != cudaSuccess) return co;
     if (!fits) continue;
-    plan->reason = nullptr;
-    plan->blocks = grid;
-    plan->units = units;
-    plan->batch_tile = rows;
-    plan->smem_bytes = smem;
-    plan->m_tiles = m_tiles;
-    plan->k_tiles_per_warp = ktr;
+    fill_plan(grid, units, rows, smem, m_tiles, ktr, plan);
     plan->cluster = cl;
     return cudaSuccess;
   }
