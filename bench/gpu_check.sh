@@ -23,6 +23,9 @@
 #   test_gpu   tests/test_gpu.py -> junit_gpu.xml                                        [~60-90 s]
 #   test_persistent  tests/test_gpu.py -m persistent_kernels (the persistent CUDA kernels against
 #              the per-step path; left out of test_gpu), pass/fail in run.log            [~20-40 s]
+#   bench_sync fastseq bench --suite sync: the persistent step's grid barrier and state exchange
+#              alone (grid barrier, arrival flags, tagged words; 48-132 blocks; 16 B to
+#              96 KB per step), the step model's largest assumed term, in its own process [~15-30 s]
 #   parity     test_rnn_parity, test_ops_triton, test_attention_ops, test_decoder_step,
 #              test_attention_triton, test_ops_triton_sequence (not slow)
 #              on CUDA, float32 and bfloat16 (xdist when present) -> junit_parity.xml    [~60-120 s]
@@ -32,6 +35,8 @@
 #   bench_persistent  only if test_persistent passed: the layer suite's persistent CUDA
 #              kernels (FASTSEQ_BENCH_PERSISTENT=only: dense cases, next to cuDNN in the
 #              same rounds), in its own process like test_persistent                    [~30-60 s]
+#   test_tagged  tests/test_gpu.py -m tagged_exchange: the tensor-core forward without a grid
+#              barrier against the per-step path (a hang costs only this stage)           [~10-20 s]
 #   bench_step the same for cell attention decoder_step                                 [~30-60 s]
 #   bench_more the same for train_step decode lm, if time is left; the four runs'
 #              results merged -> bench.json, bench.md                                    [~30-60 s]
@@ -180,16 +185,22 @@ XD=""
 if $PY -c "import xdist" 2>/dev/null; then XD="-n $(( NPROC < 8 ? NPROC : 8 ))"; fi
 
 if [ "$MODE" = gpu ]; then
-  stage test_gpu 150 $PYT tests/test_gpu.py -m "not persistent_kernels" --junitxml="$OUT/junit_gpu.xml"
+  stage test_gpu 150 $PYT tests/test_gpu.py -m "not persistent_kernels and not tagged_exchange" \
+    --junitxml="$OUT/junit_gpu.xml"
   # The persistent CUDA kernels, never run before, in a process of their own (a hang or a fault
   # ends only this stage); pass/fail in run.log.
   stage test_persistent 75 $PYT tests/test_gpu.py -m persistent_kernels --junitxml="$W/junit_persistent.xml"
+  # The barrier and the exchange alone (bench/NOTES.md v0.15), before anything long: never timed yet.
+  stage bench_sync 45 $PY "$HELPER" run "$REPO" fastseq bench --quick --device cuda --suite sync --dtype float32 \
+    --out "$W/bench" --tag gpucheck-0
   stage parity 180 $PYT $XD tests/test_rnn_parity.py tests/test_ops_triton.py tests/test_attention_ops.py \
     tests/test_decoder_step.py tests/test_attention_triton.py tests/test_ops_triton_sequence.py \
     -m "not slow" --junitxml="$OUT/junit_parity.xml"
 else  # test_gpu skips itself without a device; the parity subset on the CPU backends, small cases
-  stage test_gpu 60 $PYT tests/test_gpu.py -m "not persistent_kernels" --junitxml="$OUT/junit_gpu.xml"
+  stage test_gpu 60 $PYT tests/test_gpu.py -m "not persistent_kernels and not tagged_exchange" \
+    --junitxml="$OUT/junit_gpu.xml"
   skip test_persistent "the persistent kernels need a CUDA device (dry)"
+  skip bench_sync "the sync probe needs a CUDA device (dry)"
   stage parity 60 $PYT tests/test_rnn_parity.py -k "(reference or cpp) and (test_cell_matches_torch or L1-biFalse-bfFalse-B3)" \
     --junitxml="$OUT/junit_parity.xml"
 fi
@@ -224,6 +235,13 @@ if [ "$MODE" = gpu ]; then
   fi
 else
   skip bench_persistent "the persistent kernels need a CUDA device (dry)"
+fi
+# The tensor-core forward without a grid barrier (FASTSEQ_CUDA_PERSISTENT_SYNC=tagged), never run on
+# hardware: after the persistent benchmarks, so that a hang costs only this stage; pass/fail in run.log.
+if [ "$MODE" = gpu ]; then
+  stage test_tagged 40 $PYT tests/test_gpu.py -m tagged_exchange --junitxml="$W/junit_tagged.xml"
+else
+  skip test_tagged "the tagged exchange needs a CUDA device (dry)"
 fi
 stage bench_step 150 $PY "$HELPER" run "$REPO" fastseq $BENCH --suite cell attention decoder_step --out "$W/bench" \
   --tag gpucheck-2

@@ -83,8 +83,8 @@ def environment(device: torch.device) -> Dict[str, Any]:
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="fastseq bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", nargs="+", choices=suites.NAMES, default=list(suites.NAMES),
-                   help="suites to run (default: all)")
+    p.add_argument("--suite", nargs="+", choices=suites.NAMES + suites.CUDA_ONLY, default=list(suites.NAMES),
+                   help=f"suites to run (default: all but the CUDA-only {', '.join(suites.CUDA_ONLY)})")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when a GPU is present, else cpu")
     p.add_argument("--grid", choices=GRIDS, default=None,

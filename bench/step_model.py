@@ -46,15 +46,30 @@ GATES_S = 0.4e-6  # gate math and stores after the last product (assumption)
 
 # The W-resident persistent kernel (assumptions until a GPU measures them):
 BARRIER_S = 0.7e-6  # per-row-block atomic barrier among <= 132 CTAs: release add + acquire poll via L2
+# The tagged exchange's wait (the tensor-core forward with FASTSEQ_CUDA_PERSISTENT_SYNC=tagged): the
+# last producer's word on its way to L2, then a poll's way back: about one L2 round trip (assumption).
+TAGGED_WAIT_S = 0.3e-6
 CLOCK_HZ = 1.98e9  # H200 SM boost clock
 SMEM_BYTES_PER_CLOCK = 128  # shared-memory bandwidth of one SM (32 banks x 4 B)
 TENSOR_FLOPS_PER_SM = 989e12 / 132  # dense bf16 wgmma peak per SM (H100/H200 SXM)
 MMA_SYNC_FRACTION = 0.5  # mma.sync (HMMA.16816) reaches this share of the wgmma peak (assumption)
 SMS = 132  # H100 / H200 SXM
 ROW_TILE = 32  # the tensor-core forward's rows per batch tile when it splits the batch (kRowTile)
-CUDNN_LSTM_B16_H768_S = 1.96e-6  # FlashRNN's nn.LSTM (cuDNN) bf16 forward, B 16, H 768, T 1024, H100
-# The same benchmark's forward + backward, 5.19 ms, less the forward's 2.01 ms, over T = 1024 steps.
-CUDNN_LSTM_B16_H768_BWD_S = (5.19e-3 - 2.01e-3) / 1024
+# cuDNN's one published time at these sizes: FlashRNN's benchmark (NX-AI/flashrnn,
+# speed_experiments/kernel_speed_benchmark.py and its head_dim--lstm.svg; H100, B 16, H 768,
+# T 1024): torch.nn.LSTM(768, 768) in float16 (the plotted "PT nn.LSTM"), 2.01 ms forward and
+# 5.19 ms forward + backward, per step:
+CUDNN_LSTM_B16_H768_PUBLISHED_S = 2.01e-3 / 1024
+CUDNN_LSTM_B16_H768_BWD_PUBLISHED_S = (5.19e-3 - 2.01e-3) / 1024
+# Those times include the layer's input projection x W_ih^T (forward) and, in the backward, its
+# two gradients and dW_hh: matrix products that fastseq's layer runs through cuBLAS as well,
+# outside the recurrence kernels this file models. The recurrence alone, less one [B, I] x [I, 4H]
+# product per step forward and three backward at GEMM_FLOPS_PER_S (an assumption: 60% of the
+# dense fp16 peak for these [16384 x 768] x [768 x 3072] products):
+GEMM_FLOPS_PER_S = 0.6 * 989e12
+CUDNN_PROJECTION_S = 2 * 16 * 4 * 768 * 768 / GEMM_FLOPS_PER_S  # ~0.13 us per step
+CUDNN_LSTM_B16_H768_S = CUDNN_LSTM_B16_H768_PUBLISHED_S - CUDNN_PROJECTION_S  # ~1.84 us (estimate)
+CUDNN_LSTM_B16_H768_BWD_S = CUDNN_LSTM_B16_H768_BWD_PUBLISHED_S - 3 * CUDNN_PROJECTION_S  # ~2.72 us (estimate)
 
 
 def step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
@@ -127,7 +142,7 @@ def resident_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768)
     """The NOTES table of :func:`resident_step` (bf16), as compiled and with W as a register operand."""
     lines = ["| layer | B | H | picked (3.9 / 3.6) | CTAs (rows × KP) | barrier µs | L2 µs | smem KB, µs | MMA µs "
              "| gates µs | **step µs** | W in registers: smem µs, step µs "
-             "| ÷ cuDNN's 1.96 µs (as compiled / W in registers) |",
+             f"| ÷ cuDNN's {CUDNN_LSTM_B16_H768_S * 1e6:.2f} µs (as compiled / W in registers) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
@@ -151,7 +166,7 @@ def vs_cudnn(kind: str, B: int, H: int, cudnn_s: float, *step_s: float) -> str:
 
 
 def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] = None,
-             split_batch: bool = True) -> Dict[str, float]:
+             split_batch: bool = True, tagged: bool = False) -> Dict[str, float]:
     """The modelled forward step of the CUDA tensor-core persistent kernel, every term in seconds.
 
     Blocks as ``recurrence_persistent_mma_plan`` picks them by default: while the padded batch
@@ -173,6 +188,11 @@ def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] 
       over :data:`SMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ` (W costs no shared memory per step);
     * ``gates_s``: :data:`GATES_S`.
 
+    ``tagged``: the tagged exchange (``FASTSEQ_CUDA_PERSISTENT_SYNC=tagged``, NOTES v0.15): blocks
+    of at most ``32 // G`` units whatever the batch; no grid barrier but :data:`TAGGED_WAIT_S`
+    (the last word's way to L2 and a poll's way back); the ``h_{t-1}`` operand read as 32-bit
+    words (twice the bytes) and staged through shared memory (written and read once more).
+
     The terms add up (no overlap assumed between the loads, the product and the
     reduction of one step: they depend on each other).
     """
@@ -182,14 +202,15 @@ def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] 
     if not split_batch:
         pass
     elif row_tiles is None and bp > ROW_TILE:  # the plan's default batch split (v0.14)
-        split_ctas = -(-H // -(-H // -(-H // (64 // G))))
+        cap = (32 if tagged else 64) // G
+        split_ctas = -(-H // -(-H // -(-H // cap)))
         for r in (-(-bp // ROW_TILE), 2):
             if r * split_ctas <= SMS:
-                tiles, max_units = r, 64 // G
+                tiles, max_units = r, cap
                 break
     elif row_tiles:
         tiles = -(-(bp // 16) // -(-(bp // 16) // row_tiles))
-        max_units = 64 // G
+        max_units = (32 if tagged else 64) // G
     rows = -(-(bp // 16) // tiles) * 16  # padded rows per tile
     per_tile = -(-H // max_units)
     units = -(-H // per_tile)
@@ -201,18 +222,19 @@ def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] 
     kpw = -(-kt // 8)
     warps = -(-kt // kpw)
     kp = kt * 16
-    h_op = rows * kp * elem
+    h_op = rows * kp * (4 if tagged else elem)
     real_rows = min(B, rows)
     tile = real_rows * units * (G * elem + 2 * 4 + 2 * 4 + 2 * elem + elem)
     per_cta_bw = min(L2_BYTES_PER_S / ctas, L2_BYTES_PER_S_PER_CTA)
     l2_s = (h_op + tile) / per_cta_bw
     mma_s = 2 * mr * rows * kp / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
-    smem_bytes = warps * mr * rows * 4 + warps * G * units * real_rows * 4
+    smem_bytes = warps * mr * rows * 4 + warps * G * units * real_rows * 4 + (2 * rows * kp * elem if tagged else 0)
     smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
-    step_s = BARRIER_S + l2_s + mma_s + smem_s + GATES_S
+    barrier_s = TAGGED_WAIT_S if tagged else BARRIER_S
+    step_s = barrier_s + l2_s + mma_s + smem_s + GATES_S
     return {"ctas": ctas, "row_tiles": tiles, "rows_per_tile": rows, "units": units, "m_tiles": m_tiles,
             "k_tiles_per_warp": kpw, "warps": warps, "h_op_bytes": h_op, "smem_bytes": smem_bytes,
-            "barrier_s": BARRIER_S, "l2_s": l2_s, "mma_s": mma_s, "smem_s": smem_s, "gates_s": GATES_S,
+            "barrier_s": barrier_s, "l2_s": l2_s, "mma_s": mma_s, "smem_s": smem_s, "gates_s": GATES_S,
             "step_s": step_s}
 
 
@@ -221,7 +243,7 @@ def mma_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64
     v0.9 layout's step (one tile: ``split_batch=False``)."""
     lines = ["| layer | B | H | row tiles × blocks × units (k-tiles per warp) | barrier µs | L2 µs (h rows KB) "
              f"| MMA µs | partial sums µs | gates µs | **step µs** | v0.9 layout µs | T = {T} forward, ms "
-             "| ÷ cuDNN's 1.96 µs |",
+             f"| ÷ cuDNN's {CUDNN_LSTM_B16_H768_S * 1e6:.2f} µs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
@@ -234,6 +256,26 @@ def mma_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64
                          f"{m['mma_s'] * 1e6:.2f} | {m['smem_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
                          f"**{m['step_s'] * 1e6:.2f}** | {one['step_s'] * 1e6:.2f} | {m['step_s'] * T * 1e3:.2f} | "
                          f"{vs} |")
+    return lines
+
+
+def mma_tagged_table(sizes=((8, 512), (16, 256), (16, 512), (16, 768), (16, 1024), (64, 512), (64, 768),
+                              (64, 1024))) -> List[str]:
+    """The tensor-core forward's step with the tagged exchange next to the grid barrier's (bf16;
+    :func:`mma_step` with ``tagged``; NOTES v0.15): what the barrier's removal saves against
+    what reading h as twice the bytes costs."""
+    lines = ["| layer | B | H | blocks (tagged) | wait µs | L2 µs (h words KB) | staging + partial sums µs "
+             "| **tagged step µs** | grid-barrier step µs | tagged − grid µs "
+             f"| ÷ cuDNN's {CUDNN_LSTM_B16_H768_S * 1e6:.2f} µs (tagged / grid) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in ("gru", "lstm"):
+        for B, H in sizes:
+            t, g = mma_step(kind, B, H, tagged=True), mma_step(kind, B, H)
+            vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_S, t["step_s"], g["step_s"])
+            lines.append(f"| {kind.upper()} | {B} | {H} | {t['ctas']} | {t['barrier_s'] * 1e6:.2f} | "
+                         f"{t['l2_s'] * 1e6:.2f} ({t['h_op_bytes'] / 1024:.0f}) | {t['smem_s'] * 1e6:.2f} | "
+                         f"**{t['step_s'] * 1e6:.2f}** | {g['step_s'] * 1e6:.2f} | "
+                         f"{(t['step_s'] - g['step_s']) * 1e6:+.2f} | {vs} |")
     return lines
 
 
@@ -282,7 +324,7 @@ def mma_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 
     """The NOTES v0.13 table of :func:`mma_backward_step` (bf16)."""
     lines = ["| layer | B | H | blocks × units (k-tiles per warp) | barrier µs | L2 µs (dG operand KB) | "
              f"W^T + partial sums from smem µs | MMA µs | gates µs | **step µs** | T = {T} backward, ms "
-             "| ÷ cuDNN's 3.1 µs |",
+             f"| ÷ cuDNN's {CUDNN_LSTM_B16_H768_BWD_S * 1e6:.2f} µs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
@@ -364,7 +406,8 @@ def mma_cluster_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512
     """The NOTES v0.14 table of :func:`mma_cluster_backward_step` (bf16), next to the block kernel's step."""
     lines = ["| layer | B | H | blocks (cluster × k-tiles per rank) | barriers µs (grid + cluster) | "
              "L2 µs (dG slice KB) | W^T + partial sums from smem µs | MMA µs | DSMEM µs (KB) | gates µs | "
-             f"**step µs** | block kernel µs | T = {T} backward, ms | ÷ cuDNN's 3.1 µs |",
+             f"**step µs** | block kernel µs | T = {T} backward, ms | "
+             f"÷ cuDNN's {CUDNN_LSTM_B16_H768_BWD_S * 1e6:.2f} µs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
@@ -400,6 +443,8 @@ if __name__ == "__main__":
     print("\n".join(resident_table()))
     print()
     print("\n".join(mma_table()))
+    print()
+    print("\n".join(mma_tagged_table()))
     print()
     print("\n".join(mma_backward_table()))
     print()

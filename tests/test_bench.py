@@ -155,6 +155,30 @@ def test_mma_step_model_is_the_sum_of_its_terms_on_the_plans_blocks():
     assert len(step_model.mma_table()) == 14
 
 
+def test_mma_tagged_step_model_trades_the_barrier_for_bytes():
+    """bench/step_model.py's tagged-exchange forward (bench/NOTES.md v0.15): blocks of at most
+    32 / G units; the wait TAGGED_WAIT_S instead of the grid barrier; the h operand read as 32-bit
+    words (twice the grid kernel's bytes on the same blocks) and staged through shared memory;
+    the step the sum of its terms; cheaper than the grid kernel only where h is small. And the
+    cuDNN figure the tables compare with is the published one less the input projection."""
+    checkout_bench()
+    from fastseq.bench import step_model
+
+    for kind, G in (("gru", 3), ("lstm", 4)):
+        for B, H in ((8, 512), (16, 256), (16, 768), (16, 1024)):
+            t, g = step_model.mma_step(kind, B, H, tagged=True), step_model.mma_step(kind, B, H)
+            assert G * t["units"] <= 32 and t["barrier_s"] == step_model.TAGGED_WAIT_S < g["barrier_s"]
+            assert (t["ctas"], t["h_op_bytes"]) == (g["ctas"], 2 * g["h_op_bytes"])
+            assert t["smem_s"] > g["smem_s"]
+            terms = [t[k] for k in ("barrier_s", "l2_s", "mma_s", "smem_s", "gates_s")]
+            assert t["step_s"] == pytest.approx(sum(terms))
+        assert step_model.mma_step(kind, 16, 256, tagged=True)["step_s"] < step_model.mma_step(kind, 16, 256)["step_s"]
+        assert step_model.mma_step(kind, 16, 768, tagged=True)["step_s"] > step_model.mma_step(kind, 16, 768)["step_s"]
+    assert step_model.CUDNN_LSTM_B16_H768_S == pytest.approx(2.01e-3 / 1024 - step_model.CUDNN_PROJECTION_S)
+    assert step_model.CUDNN_LSTM_B16_H768_BWD_S == pytest.approx(3.18e-3 / 1024 - 3 * step_model.CUDNN_PROJECTION_S)
+    assert len(step_model.mma_tagged_table()) == 18
+
+
 def test_ablation_summary_reads_run_logs(tmp_path):
     """bench/ablation.py: BLEU by update, the cumulative target tokens and training
     seconds at each evaluation, the first update reaching the threshold, and the
@@ -264,3 +288,33 @@ def test_layer_suite_persistent_setting_and_environment(monkeypatch):
     assert os.environ["FASTSEQ_CUDA_PERSISTENT"] == "0"
     assert "FASTSEQ_CUDA_PERSISTENT_CLUSTER" not in os.environ
 
+
+
+def test_sync_suite_grid_and_cpu():
+    """The CUDA-only `sync` suite: not in a default run; its quick grid fits the device's SMs
+    (blocks rounded down to the cluster size, duplicates dropped), each block's words are a
+    multiple of 4 covering the bytes asked for; on a CPU it raises instead of timing nothing.
+    (Its kernel and its case: tests/test_cuda_compile.py, under the host emulation.)"""
+    import torch
+
+    from fastseq.bench import run as bench_run
+    from fastseq.bench.core import Context, Grid
+    from fastseq.bench.suites import sync
+
+    assert "sync" not in suites.NAMES and "sync" in suites.CUDA_ONLY
+    assert suites.load("sync") is sync
+    for sms in (132, 60):
+        cases = sync.grid(Context(device=torch.device("cpu"), dtypes=[torch.float32], grid=Grid("quick")), sms)
+        assert len({(b, n, c) for b, n, _, c in cases}) == len(cases)
+        for blocks, nbytes, steps, cluster in cases:
+            assert 0 < blocks <= sms and blocks % cluster == 0 and steps == 1024
+            words = sync.words_per_block(blocks, nbytes)
+            assert words % 4 == 0 and 4 * words * blocks >= nbytes
+        assert (sms, sms * 16, 1024, 1) in cases and (96 if sms >= 96 else 56, 96 * 16, 1024, 8) in cases
+    assert sync.case_name(96, 24 * 1024, 1024, 1) == "sync-blocks96-24KB-T1024"
+    assert sync.checksum(2, 4, 2) == 4 * (1 + 2 + 3 + 4)
+    ctx = Context(device=torch.device("cpu"), dtypes=[torch.float32], grid=Grid("tiny"))
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        sync.run(ctx)
+    assert bench_run.build_parser().parse_args(["--suite", "sync"]).suite == ["sync"]
+    assert bench_run.build_parser().parse_args([]).suite == list(suites.NAMES)

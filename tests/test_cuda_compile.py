@@ -175,13 +175,16 @@ def _cuobjdump() -> Optional[str]:
 
 
 def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
-    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 60 kernels -- 48 forwards (GRU / LSTM,
+    """ptxas -v for sm_90 on persistent_mma_kernels.cu: its 84 kernels -- 48 forwards (GRU / LSTM,
     float16 / bfloat16, 1-4 W tiles of 16 rows, 2 / 4 / 8 k-tiles per warp) that hold W_hh in
-    registers, 8 block backwards (GRU / LSTM, float16 / bfloat16, 1-2 W^T tiles), 4 cluster
-    backwards (GRU / LSTM, float16 / bfloat16) -- compile without spilling (no stack frame, no
-    spill bytes, <= 255 registers); and, where a cuobjdump is found, each kernel's SASS has
-    tensor-core MMAs (HMMA.16816.F32, .BF16 for bfloat16) and no local-memory load or store
-    (LDL / STL), and the cluster backwards have the cluster barrier (UCGABAR_ARV / _WAIT)."""
+    registers, 24 of them again with the tagged exchange (1-2 W tiles), 8 block backwards (GRU /
+    LSTM, float16 / bfloat16, 1-2 W^T tiles), 4 cluster backwards (GRU / LSTM, float16 /
+    bfloat16) -- compile without spilling (no stack frame, no spill bytes, <= 255 registers);
+    and, where a cuobjdump is found, each kernel's SASS has tensor-core MMAs (HMMA.16816.F32,
+    .BF16 for bfloat16) and no local-memory load or store (LDL / STL), the cluster backwards
+    have the cluster barrier (UCGABAR_ARV / _WAIT), the grid-barrier forwards the barrier's
+    atomic and fence (ATOM, MEMBAR), and the tagged forwards neither, only their strong 16-byte
+    loads and strong stores (LDG.E.128.STRONG.GPU, STG.E.STRONG.GPU)."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (not on PATH, nor in $CUDA_HOME/bin or /usr/local/cuda/bin)")
@@ -193,15 +196,16 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     assert proc.returncode == 0, "nvcc failed\n" + _report(cmd, proc)
     info = proc.stdout + proc.stderr
     entries = re.findall(r"Compiling entry function '([^']+)'", info)
-    assert len(entries) == 60, f"expected 60 kernels, got {len(entries)}\n{info}"
+    assert len(entries) == 84, f"expected 84 kernels, got {len(entries)}\n{info}"
+    assert sum("mma_fwd_kernel" in e and "Lb1E" in e for e in entries) == 24, entries  # TG = true
     assert sum("mma_bwd_kernel" in e for e in entries) == 8, entries
     assert sum("mma_cluster_bwd_kernel" in e for e in entries) == 4, entries
     frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", info)
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", info)]
-    assert len(frames) == len(regs) == 60, info
+    assert len(frames) == len(regs) == 84, info
     assert all(f == ("0", "0", "0") for f in frames), "stack frame or spills\n" + info
     assert max(regs) <= 255, info
-    print(f"ptxas sm_90: 60 kernels, registers {min(regs)}..{max(regs)}, no spills")
+    print(f"ptxas sm_90: 84 kernels, registers {min(regs)}..{max(regs)}, no spills")
     tool = _cuobjdump()
     if tool is None:
         print("no cuobjdump found: SASS not checked")
@@ -209,7 +213,7 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     sass = _run([tool, "-sass", str(obj)], tmp_path)
     assert sass.returncode == 0, sass.stderr
     funcs = re.split(r"\n\s+Function : ", sass.stdout)[1:]
-    assert len(funcs) == 60, f"cuobjdump listed {len(funcs)} functions"
+    assert len(funcs) == 84, f"cuobjdump listed {len(funcs)} functions"
     for f in funcs:
         name, body = f.split("\n", 1)
         want = "HMMA.16816.F32.BF16" if "bfloat16" in name else "HMMA.16816.F32 "
@@ -217,8 +221,13 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
         assert not re.search(r"\s(LDL|STL)[\s.]", body), f"{name}: local-memory traffic in its SASS"
         if "cluster_bwd" in name:
             assert "UCGABAR_ARV" in body and "UCGABAR_WAIT" in body, f"{name}: no cluster barrier in its SASS"
+        if "mma_fwd_kernel" in name and "Lb1E" in name:  # the tagged exchange: no barrier, no fence
+            assert "LDG.E.128.STRONG.GPU" in body and "STG.E.STRONG.GPU" in body, f"{name}: no tagged accesses"
+            assert "ATOM" not in body and "MEMBAR" not in body, f"{name}: a barrier or fence in its SASS"
+        elif "mma_fwd_kernel" in name:
+            assert "ATOM" in body and "MEMBAR" in body, f"{name}: no grid barrier in its SASS"
     print("SASS: every kernel has HMMA.16816.F32 tensor-core MMAs, no LDL / STL; cluster barriers in the "
-          "cluster backwards")
+          "cluster backwards; the tagged forwards without a barrier or fence")
 
 
 def test_bindings_syntax(tmp_path):
@@ -500,6 +509,83 @@ def test_emulated_persistent_mma_forward(emu, cell, dt_name, monkeypatch):
                     _all_close(got, _reference_forward(cell, case, save), dt_name, f"mma persistent forward {tag}")
 
 
+# (blocks or None, H, B): _MMA_GRIDS, then B 40 split into two row tiles of 32 (the tagged exchange
+# keeps blocks of at most 32 / G units there).
+_MMA_TAGGED_GRIDS = _MMA_GRIDS + ((None, 40, 40),)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dt_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_emulated_persistent_mma_forward_tagged(emu, cell, dt_name, monkeypatch):
+    """The tensor-core forward with the tagged exchange (FASTSEQ_CUDA_PERSISTENT_SYNC=tagged: h_t
+    as 32-bit words carrying their step, no grid barrier) at the grids of _MMA_TAGGED_GRIDS,
+    lengths with 0 or none, bias or not, T = 4 and 1: the launched plan is the tagged one
+    (emulated_last_mma_plan) with blocks of at most 32 / G units and none without a unit (8 blocks
+    asked for H 5 give 5: a block that only reads would not be waited for), no grid barrier is crossed,
+    the warp MMAs are the grid-barrier kernel's (T * blocks per tile * k_tiles * m_tiles * ceil(B / 16)),
+    no shared-memory bank conflict (the staging tiles included), and every output equals the
+    grid-barrier kernel's bit for bit (same operands, same order) and so the reference's within
+    the dtype's bounds. Without the barriers (FASTSEQ_CUDA_EMU_GRID_SYNC=off: the blocks in turn,
+    a wait for another block's words gives up) a grid of several blocks differs from the
+    reference, so the check can fail."""
+    import torch
+
+    dt = getattr(torch, dt_name)
+    gen = torch.Generator().manual_seed(23)
+    G = 3 if cell == "gru" else 4
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_MMA", raising=False)
+    monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_ROW_TILES", raising=False)
+    for k, (blocks, H, B) in enumerate(_MMA_TAGGED_GRIDS):
+        if blocks is None:
+            monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", raising=False)
+        else:
+            monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", str(blocks))
+        lengths_cases = (torch.tensor([3, 4, 1, 4, 2, 4, 0, 2, 4, 4, 1, 3, 4, 4, 2, 1, 3, 4, 4, 2] * 2)[:B], None)
+        if H >= 100:  # 24 blocks of 256 emulated threads polling: seconds per launch
+            lengths_cases = (None,)
+        for T in ((4, 1) if H < 100 else (3,)):
+            for i, lengths in enumerate(lengths_cases):
+                bias = (i + k) % 2 == 0
+                case = _persistent_case(cell, dt, gen, T, B, H, bias, lengths)
+                tag = f"{cell} {dt_name} blocks={blocks} H={H} B={B} T={T} bias={bias} lengths={lengths is not None}"
+                monkeypatch.delenv("FASTSEQ_CUDA_PERSISTENT_SYNC", raising=False)
+                grid_out = _persistent_forward(emu, cell, case, True)
+                monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_SYNC", "tagged")
+                syncs, mmas = emu.emulated_grid_syncs(), emu.emulated_mma_count()
+                emu.emulated_take_smem_conflict_ways()
+                got = _persistent_forward(emu, cell, case, True)
+                assert emu.emulated_take_smem_conflict_ways() == 1, f"{tag}: shared-memory bank conflicts"
+                assert emu.emulated_grid_syncs() == syncs, f"{tag}: a grid barrier in the tagged kernel"
+                nblk, units, rows, m_tiles, _, _, tiles, tagged = emu.emulated_last_mma_plan()
+                assert tagged == 1 and G * units <= 32 and m_tiles <= 2, f"{tag}: plan"
+                assert nblk == tiles * -(-H // units), f"{tag}: a block without a unit (the tagged plan drops them)"
+                want_mmas = T * (nblk // tiles) * (-(-H // 16)) * m_tiles * (-(-B // 16))  # each tile's rows once
+                assert emu.emulated_mma_count() - mmas == want_mmas, f"{tag}: warp MMAs"
+                for n, (a, b) in enumerate(zip(got, grid_out)):
+                    assert torch.equal(a, b), f"{tag}: output {n} differs from the grid-barrier kernel's"
+                _all_close(got, _reference_forward(cell, case, True), dt_name, f"tagged persistent forward {tag}")
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", "3")
+    monkeypatch.setenv("FASTSEQ_CUDA_EMU_GRID_SYNC", "off")
+    case = _persistent_case(cell, dt, gen, 4, 6, 7, True, None)
+    with pytest.raises(AssertionError):
+        _all_close(_persistent_forward(emu, cell, case, True), _reference_forward(cell, case, True), dt_name,
+                   "tagged forward without waiting")
+
+
+def test_emulated_persistent_sync_setting(emu, monkeypatch):
+    """FASTSEQ_CUDA_PERSISTENT_SYNC takes grid or tagged; anything else raises naming it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(24)
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "1")
+    monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_SYNC", "barrier")
+    case = _persistent_case("gru", torch.bfloat16, gen, 2, 3, 5, False, None)
+    with pytest.raises(RuntimeError, match="FASTSEQ_CUDA_PERSISTENT_SYNC: expected grid or tagged, got 'barrier'"):
+        _persistent_forward(emu, "gru", case, True)
+
+
 # (blocks per tile or None, FASTSEQ_CUDA_PERSISTENT_ROW_TILES or None, H, B, expected row tiles, rows
 # per tile): B 40 (48 padded rows) split by default into 2 tiles of 32 (the second with 8 real
 # rows), blocks of up to 64 / G units (4 W tiles); 3 tiles asked of B 20 (2 tiles of 16: no empty
@@ -545,7 +631,7 @@ def test_emulated_persistent_mma_forward_row_tiles(emu, cell, dt_name, monkeypat
                 emu.emulated_take_smem_conflict_ways()
                 got = _persistent_forward(emu, cell, case, True)
                 assert emu.emulated_take_smem_conflict_ways() == 1, f"{tag}: shared-memory bank conflicts"
-                nblk, got_units, rows, m_tiles, _, _, tiles = emu.emulated_last_mma_plan()
+                nblk, got_units, rows, m_tiles, _, _, tiles, _ = emu.emulated_last_mma_plan()
                 assert (tiles, rows, got_units) == (want_tiles, want_rows, units), f"{tag}: plan"
                 assert nblk == tiles * per_tile and m_tiles == -(-G * units // 16), f"{tag}: plan"
                 assert emu.emulated_grid_syncs() - syncs == T - 1, f"{tag}: grid barriers crossed"
@@ -833,6 +919,85 @@ def test_emulated_persistent_mma_cluster_choice(emu, monkeypatch):
     with pytest.raises(AssertionError):
         _all_close(got, _persistent_backward(R, "lstm", big, big_fwd, big_grads, True), "bfloat16",
                    "without the barriers")
+
+
+def _sync_probe_checksum(blocks: int, words: int, steps: int) -> int:
+    """What every block's threads of persistent_sync_probe sum to when each step's barrier holds:
+    block j's words at step t hold (t * blocks + j + 1) & 0xFFFF (persistent_sync_probe.cu)."""
+    return sum(words * ((t * blocks + j + 1) & 0xFFFF) for t in range(steps) for j in range(blocks))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["grid", "flags", "tagged"])
+def test_emulated_sync_probe(emu, mode, monkeypatch):
+    """The `sync` suite's kernel (persistent_sync_probe.cu): each mode's exchange gives every
+    block the checksum of all blocks' words of every step (one block, 3, and 8 = the emulated
+    device's SMs; clusters of 2 and 4 add their barrier), the grid mode crosses one grid barrier
+    per step and the others none, a cluster one cluster barrier per step and cluster; with the
+    barriers switched off (FASTSEQ_CUDA_EMU_GRID_SYNC=off: the blocks in turn, and a wait for
+    another block's flag or word gives up) the checksums of a grid of several blocks are wrong,
+    so the check can fail. The op writes the buffer it is given (its step tags)."""
+    import torch
+
+    monkeypatch.delenv("FASTSEQ_CUDA_EMU_GRID_SYNC", raising=False)
+    steps = 5
+    for blocks, words, cluster in ((1, 4, 1), (3, 8, 1), (4, 4, 2), (8, 4, 4)):
+        buf = torch.zeros(2, blocks * words, dtype=torch.int32)
+        syncs, csyncs = emu.emulated_grid_syncs(), emu.emulated_cluster_syncs()
+        sums = emu.persistent_sync_probe(buf, blocks, steps, mode, cluster)
+        tag = f"{mode} blocks={blocks} words={words} cluster={cluster}"
+        assert sums.shape == (blocks, 256) and sums.dtype == torch.int64, tag
+        want = _sync_probe_checksum(blocks, words, steps)
+        assert sums.sum(1).tolist() == [want] * blocks, f"{tag}: checksums"
+        assert emu.emulated_grid_syncs() - syncs == (steps if mode == "grid" else 0), f"{tag}: grid barriers"
+        assert emu.emulated_cluster_syncs() - csyncs == (steps * blocks // cluster if cluster > 1 else 0), tag
+        last = (steps - 1) & 1  # the buffer the last step wrote: block 0's words
+        low = buf[last, :words] & 0xFFFF
+        assert low.tolist() == [((steps - 1) * blocks + 1) & 0xFFFF] * words, f"{tag}: buffer"
+    monkeypatch.setenv("FASTSEQ_CUDA_EMU_GRID_SYNC", "off")
+    sums = emu.persistent_sync_probe(torch.zeros(2, 3 * 4, dtype=torch.int32), 3, steps, mode, 1)
+    assert sums.sum(1).tolist() != [_sync_probe_checksum(3, 4, steps)] * 3, f"{mode}: no barrier, same checksums"
+
+
+@pytest.mark.slow
+def test_sync_suite_on_the_emulated_kernel(emu):
+    """The `sync` benchmark suite's case (bench/suites/sync.py) driven through the emulated
+    kernel: every mode passes the suite's own checksum check and gets a record with its time
+    per step; the case's name gives its sizes."""
+    import torch
+    from fastseq.bench.core import Context, Grid
+    from fastseq.bench.suites import sync
+
+    ctx = Context(device=torch.device("cpu"), dtypes=[torch.float32], grid=Grid("tiny"), rounds=2, warmup=0,
+                  verbose=False)
+    sync.time_case(ctx, emu, 4, 4 * 32, 6, 2)
+    assert [r.impl for r in ctx.records] == list(sync.MODES), ctx.records
+    for r in ctx.records:
+        assert r.case == "sync-blocks4-128B-T6-cluster2" and r.suite == "sync" and r.n == 2
+        assert "us per step (128 bytes read per block per step)" in r.note, r.note
+
+
+def test_emulated_sync_probe_bad_arguments(emu):
+    """persistent_sync_probe names the argument it rejects (RuntimeError, as every extension op),
+    and the plan's reason when the emulated device (8 SMs) cannot hold the grid."""
+    import torch
+
+    buf = torch.zeros(2, 8, dtype=torch.int32)
+    cases = [
+        (lambda: emu.persistent_sync_probe(buf.float(), 2, 1, "grid"), "buffer: expected int32"),
+        (lambda: emu.persistent_sync_probe(torch.zeros(2, 6, dtype=torch.int32), 2, 1, "grid"), "multiple of 4"),
+        (lambda: emu.persistent_sync_probe(torch.zeros(3, 8, dtype=torch.int32), 2, 1, "grid"), "buffer"),
+        (lambda: emu.persistent_sync_probe(buf, 0, 1, "grid"), "blocks: expected a positive integer"),
+        (lambda: emu.persistent_sync_probe(buf, 2, 0, "grid"), "steps: expected a positive integer"),
+        (lambda: emu.persistent_sync_probe(buf, 2, 1, "spin"), "mode: expected grid, flags or tagged, got 'spin'"),
+        (lambda: emu.persistent_sync_probe(buf, 2, 1, "grid", 3), "cluster: expected 1, 2, 4 or 8, got 3"),
+        (lambda: emu.persistent_sync_probe(buf, 2, 1, "grid", 4), "positive multiple of the cluster size"),
+        (lambda: emu.persistent_sync_probe(torch.zeros(2, 16 * 4, dtype=torch.int32), 16, 1, "flags"),
+         "more blocks than SMs"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call()
 
 
 @pytest.mark.slow

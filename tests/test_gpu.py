@@ -201,6 +201,22 @@ def test_persistent_cuda_kernels_match_the_per_step_path(monkeypatch, kind, sett
     bfloat16, the shared-memory one in float32) give the per-step path's output and gradients on
     the C++ backend, B 16, H 256, T 24, dense input. Skipped, with the reason, when the extension
     has no CUDA kernels; a kernel that does not apply on this device fails (FASTSEQ_CUDA_PERSISTENT=1)."""
+    _check_persistent_setting(monkeypatch, kind, setting, _PERSISTENT_SETTINGS[setting])
+
+
+@pytest.mark.tagged_exchange  # bench/gpu_check.sh: a stage of its own, after the persistent benchmarks
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_tagged_exchange_matches_the_per_step_path(monkeypatch, kind):
+    """The tensor-core forward without a grid barrier (FASTSEQ_CUDA_PERSISTENT_SYNC=tagged: h_t
+    exchanged as words carrying their step) gives the per-step path's output and gradients, as
+    test_persistent_cuda_kernels_match_the_per_step_path; T 24 crosses the buffers' reuse 12
+    times. A wrong ordering on hardware shows as a wrong result or a hang (the stage's cap)."""
+    settings = {"FASTSEQ_CUDA_PERSISTENT": "1", "FASTSEQ_CUDA_PERSISTENT_CLUSTER": "0",
+                "FASTSEQ_CUDA_PERSISTENT_SYNC": "tagged"}
+    _check_persistent_setting(monkeypatch, kind, "mma-tagged", settings)
+
+
+def _check_persistent_setting(monkeypatch, kind, setting, settings):
     ok, why = selection.cpp_status()
     if not ok or not extension.has_cuda():
         pytest.skip(f"the C++ extension has no CUDA kernels here: {why}")
@@ -222,7 +238,7 @@ def test_persistent_cuda_kernels_match_the_per_step_path(monkeypatch, kind, sett
     with fastseq.backend("cpp"):
         monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT", "0")
         want = run()
-        for var, value in _PERSISTENT_SETTINGS[setting].items():
+        for var, value in settings.items():
             monkeypatch.setenv(var, value)
         got = run()
     for i, (a, b) in enumerate(zip(got, want)):

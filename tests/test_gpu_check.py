@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STAGES = ["env", "install", "flashrnn", "ext", "kernels", "test_gpu", "test_persistent", "parity", "parity_notf32",
-          "bench", "bench_persistent", "bench_step", "bench_more"]
+STAGES = ["env", "install", "flashrnn", "ext", "kernels", "test_gpu", "test_persistent", "bench_sync", "parity",
+          "parity_notf32", "bench", "bench_persistent", "test_tagged", "bench_step", "bench_more"]
 MUST_PASS = ["env", "install", "ext", "kernels", "test_gpu", "parity", "bench", "bench_step", "bench_more"]
 
 
@@ -51,6 +51,7 @@ def test_dry_run_writes_a_summary_of_every_stage(tmp_path):
         assert stages[name]["status"] == "ok", (name, stages[name], log)
     assert stages["flashrnn"]["status"] == stages["parity_notf32"]["status"] == "skipped"
     assert stages["test_persistent"]["status"] == stages["bench_persistent"]["status"] == "skipped"  # no device
+    assert stages["bench_sync"]["status"] == stages["test_tagged"]["status"] == "skipped"
     assert summary["wall_s"] < 600
 
     files = [p for p in out.rglob("*") if p.is_file()]

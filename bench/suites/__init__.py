@@ -12,12 +12,16 @@
   (tokens/s) against the same model on torch.nn.
 * ``host``: host (Python) time per launched step of the Triton kernels, with Triton's launch
   path driven by a stub driver, so launch overhead is measured without a GPU.
+* ``sync`` (CUDA only, run when named): the persistent kernels' fixed cost per step, the grid
+  barrier and the state's exchange, alone, by three ways to synchronise.
 """
 import importlib
 from types import ModuleType
 
 #: Suite names in the order a full run goes through them.
 NAMES = ("layer", "cell", "attention", "decoder_step", "train_step", "decode", "lm", "host")
+#: Suites that need a CUDA device: run only when named (``--suite sync``).
+CUDA_ONLY = ("sync",)
 
 
 def load(name: str) -> ModuleType:
@@ -26,6 +30,6 @@ def load(name: str) -> ModuleType:
     Raises:
         KeyError: no such suite.
     """
-    if name not in NAMES:
-        raise KeyError(f"suite: expected one of {NAMES}, got {name!r}")
+    if name not in NAMES + CUDA_ONLY:
+        raise KeyError(f"suite: expected one of {NAMES + CUDA_ONLY}, got {name!r}")
     return importlib.import_module(f"fastseq.bench.suites.{name}")

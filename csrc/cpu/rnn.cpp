@@ -1390,6 +1390,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lstm_packed_recurrence_backwa
 // The library itself (schemas.h: the schemas of every group of ops).
 TORCH_LIBRARY(fastseq_cpp, m) {
   fastseq::define_recurrence_ops(m);
+  fastseq::define_probe_ops(m);
 }
 
 TORCH_LIBRARY_IMPL(fastseq_cpp, CPU, m) {

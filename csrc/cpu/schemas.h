@@ -119,9 +119,18 @@ inline void define_decode_ops(torch::Library& m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+// persistent_sync_probe (CUDA only: csrc/cuda/persistent_sync_probe.cu; defined with the
+// recurrence ops in rnn.cpp): a benchmark kernel, the persistent kernels' per-step exchange
+// and barrier alone. buffer: int32 [2, blocks * words] (overwritten); mode: grid, flags or
+// tagged; returns each thread's checksum, int64 [blocks, 256].
+inline void define_probe_ops(torch::Library& m) {
+  m.def("persistent_sync_probe(Tensor(a!) buffer, int blocks, int steps, str mode, int cluster=1) -> Tensor");
+}
+
 // Every step op (the CUDA host emulation library defines them all in one place).
 inline void define_all_ops(torch::Library& m) {
   define_recurrence_ops(m);
+  define_probe_ops(m);
   define_attention_ops(m);
   define_cell_ops(m);
 }

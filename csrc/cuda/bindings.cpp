@@ -58,6 +58,10 @@
 //     sm_90) of the largest size of 8, 4, 2 that applies, else runs the block
 //     kernel; 2, 4 or 8: that cluster size (FASTSEQ_CUDA_PERSISTENT=1 raises when
 //     it does not apply); 0: the block kernel.
+//   FASTSEQ_CUDA_PERSISTENT_SYNC=grid (or unset): the tensor-core forward's blocks
+//     wait for each other's h_t at a grid barrier; tagged: they exchange h_t as
+//     tagged words, without a barrier (persistent_mma_kernels.cu; opt-in until a
+//     GPU has timed both: the `sync` benchmark suite, bench/NOTES.md v0.15).
 // The same choice for the dense backwards (gru_recurrence_backward,
 // lstm_recurrence_backward). The packed ops always run per step.
 //
@@ -403,6 +407,16 @@ int64_t persistent_cluster() {
   return 0;
 }
 
+// FASTSEQ_CUDA_PERSISTENT_SYNC (see the top of this file): whether the tensor-core forward
+// exchanges h_{t-1} as tagged words (tagged) instead of through a grid barrier (grid, the default).
+bool persistent_tagged() {
+  const char* v = std::getenv("FASTSEQ_CUDA_PERSISTENT_SYNC");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "grid") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "tagged") == 0, "fastseq_cpp (CUDA): FASTSEQ_CUDA_PERSISTENT_SYNC: expected grid or "
+              "tagged, got '", v, "'");
+  return true;
+}
+
 // The persistent kernel's plan for this call, or a plan with blocks = 0 when
 // the per-step loop runs (mode, sizes, dtypes or device); raises when the mode
 // is On and the kernel does not apply.
@@ -431,7 +445,7 @@ RecurrencePersistentPlan persistent_plan(int64_t G, int64_t T, int64_t B, int64_
     if (half && mma_enabled() && plan.blocks == 0 && cluster <= 0)
       check_launch(backward ? recurrence_persistent_mma_backward_plan(dtype_tag(st), G, B, H, blocks, 0, &plan)
                             : recurrence_persistent_mma_plan(dtype_tag(st), G, B, H, blocks,
-                                                             persistent_row_tiles(), &plan),
+                                                             persistent_row_tiles(), persistent_tagged(), &plan),
                    op);
     if (plan.blocks == 0 && cluster <= 0)
       check_launch(recurrence_persistent_plan(dtype_tag(st), G, B, H, blocks, backward, &plan), op);
@@ -475,6 +489,14 @@ void persistent_forward(const RecurrencePersistentPlan& plan, const Tensor& x, c
     a.h_op = h_op.data_ptr();
     a.ld_op = ld;
     a.rows_op = rows;
+    Tensor h_tagged;
+    if (plan.tagged) {  // (tag << 16) | the 16 bits of h: h0 with tag 0xFFFF (step -1), the other buffer 0xFFFE
+      h_tagged = at::empty({2, rows, ld}, x.options().dtype(at::kInt));
+      h_tagged.select(0, 0).fill_(static_cast<int32_t>(0xFFFE0000u));
+      h_tagged.select(0, 1).copy_(h_op.select(0, 1).view(at::kShort).to(at::kInt).bitwise_and(0xFFFF).bitwise_or(
+          static_cast<int32_t>(0xFFFF0000u)));
+      a.h_tagged = reinterpret_cast<unsigned int*>(h_tagged.data_ptr<int32_t>());
+    }
     check_launch(c_init.defined() ? lstm_forward_persistent_mma(tag, a, stream)
                                   : gru_forward_persistent_mma(tag, a, stream),
                  op);
@@ -1265,6 +1287,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_back
   return {dgi, dctx, dw, dgh, db, dhp.to(h.scalar_type())};
 }
 
+// ------------------------------------------------- the step's synchronisation, alone
+
+// persistent_sync_probe (kernels.h): a benchmark op. Raises on a bad argument (naming it) and
+// when the device cannot launch the probe (the plan's reason).
+Tensor persistent_sync_probe(Tensor& buffer, int64_t blocks, int64_t steps, c10::string_view mode,
+                             int64_t cluster) {
+  const char* op = "persistent_sync_probe";
+  TORCH_CHECK(on_expected_device(buffer), "fastseq_cpp (CUDA): ", op, ": buffer: expected a CUDA tensor, got ",
+              buffer.device());
+  TORCH_CHECK(buffer.scalar_type() == at::kInt, "fastseq_cpp (CUDA): ", op, ": buffer: expected int32, got ",
+              buffer.scalar_type());
+  TORCH_CHECK(blocks > 0, "fastseq_cpp (CUDA): ", op, ": blocks: expected a positive integer, got ", blocks);
+  TORCH_CHECK(buffer.dim() == 2 && buffer.size(0) == 2 && buffer.is_contiguous() && buffer.size(1) % blocks == 0 &&
+                  (buffer.size(1) / blocks) % 4 == 0 && buffer.size(1) > 0,
+              "fastseq_cpp (CUDA): ", op, ": buffer: expected a contiguous [2, blocks * words] tensor with words a "
+              "positive multiple of 4 (blocks = ", blocks, "), got shape ", buffer.sizes());
+  TORCH_CHECK(steps > 0, "fastseq_cpp (CUDA): ", op, ": steps: expected a positive integer, got ", steps);
+  SyncProbeMode m = SyncProbeMode::Grid;
+  if (mode == "flags") {
+    m = SyncProbeMode::Flags;
+  } else if (mode == "tagged") {
+    m = SyncProbeMode::Tagged;
+  } else {
+    TORCH_CHECK(mode == "grid", "fastseq_cpp (CUDA): ", op, ": mode: expected grid, flags or tagged, got '",
+                std::string(mode), "'");
+  }
+  TORCH_CHECK(cluster == 1 || cluster == 2 || cluster == 4 || cluster == 8, "fastseq_cpp (CUDA): ", op,
+              ": cluster: expected 1, 2, 4 or 8, got ", cluster);
+  const at::Device dev = buffer.device();
+  const DeviceGuard guard(dev);
+  RecurrencePersistentPlan plan{};
+  check_launch(persistent_sync_probe_plan(static_cast<int>(m), blocks, cluster, &plan), op);
+  TORCH_CHECK(plan.blocks > 0, "fastseq_cpp (CUDA): ", op, ": cannot launch ", blocks, " blocks in clusters of ",
+              cluster, ": ", plan.reason);
+  buffer.fill_(-1);  // every word's step tag 0xFFFF (see the kernel)
+  const Tensor flags = at::zeros({blocks}, buffer.options());
+  Tensor sums = at::empty({blocks, kSyncProbeThreads}, buffer.options().dtype(at::kLong));
+  SyncProbe a{};
+  a.buffer = reinterpret_cast<unsigned int*>(buffer.data_ptr<int32_t>());
+  a.flags = reinterpret_cast<unsigned int*>(flags.data_ptr<int32_t>());
+  a.sums = reinterpret_cast<unsigned long long*>(sums.data_ptr<int64_t>());
+  a.blocks = blocks;
+  a.words = buffer.size(1) / blocks;
+  a.steps = steps;
+  a.mode = static_cast<int>(m);
+  a.cluster = static_cast<int>(cluster);
+  check_launch(persistent_sync_probe_launch(a, plan, stream_of(dev)), op);
+  return sums;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fastseq
@@ -1281,7 +1353,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_context_cell_back
   m.impl("additive_attention_forward", &fastseq::cuda::additive_attention_forward);            \
   m.impl("additive_attention_backward", &fastseq::cuda::additive_attention_backward);          \
   m.impl("gru_context_cell_forward", &fastseq::cuda::gru_context_cell_forward);                \
-  m.impl("gru_context_cell_backward", &fastseq::cuda::gru_context_cell_backward)
+  m.impl("gru_context_cell_backward", &fastseq::cuda::gru_context_cell_backward);                \
+  m.impl("persistent_sync_probe", &fastseq::cuda::persistent_sync_probe)
 
 #ifndef FASTSEQ_CUDA_HOST_EMULATION
 

@@ -185,6 +185,8 @@ struct RecurrencePersistentPlan {
   int64_t cluster = 0;           // the cluster backward only: blocks per thread-block cluster (2, 4, 8)
   int64_t row_tiles = 0;         // the tensor-core forward only: batch row tiles of batch_tile rows each
                                  // (blocks = row_tiles x blocks per tile); 0 or 1: one tile
+  int64_t tagged = 0;            // the tensor-core forward only: 1 when h_{t-1} is exchanged as tagged
+                                 // words (h_tagged) instead of through a grid barrier
 };
 
 // Sizes the launch for `gates` = 3 (GRU) or 4 (LSTM) on the current device.
@@ -216,6 +218,9 @@ struct RecurrencePersistentFwd {
   // writes h_t into [t & 1, :B, :H]); rows_op = B and ld_op = H rounded up to 16.
   void* h_op = nullptr;
   int64_t ld_op = 0, rows_op = 0;
+  // plan.tagged only: h_{t-1} as 32-bit words (step tag << 16) | (h's 16 bits), [2, rows_op, ld_op]:
+  // h0 in [1, :B, :H] with tag 0xFFFF, every word of [0] with tag 0xFFFE (persistent_mma_kernels.cu).
+  unsigned int* h_tagged = nullptr;
 };
 cudaError_t gru_forward_persistent(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
 cudaError_t lstm_forward_persistent(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
@@ -242,9 +247,12 @@ cudaError_t lstm_forward_persistent(DType dtype, const RecurrencePersistentFwd& 
 // fit the opt-in shared memory. `row_tiles` > 0 asks for that many tiles; 0
 // splits a batch of more than 32 (padded) rows into tiles of 32 rows, or two,
 // when the grid fits the SMs (plan_impl in persistent_mma_kernels.cu).
+// `tagged`: exchange h_{t-1} as tagged words instead of through a grid barrier
+// (plan->tagged = 1; blocks of at most 32 / G units, the staging tiles in shared
+// memory too; the caller then fills RecurrencePersistentFwd::h_tagged).
 // Otherwise plan->blocks = 0 with the reason.
 cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                           int64_t row_tiles, RecurrencePersistentPlan* plan);
+                                           int64_t row_tiles, bool tagged, RecurrencePersistentPlan* plan);
 cudaError_t gru_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
 cudaError_t lstm_forward_persistent_mma(DType dtype, const RecurrencePersistentFwd& a, cudaStream_t stream);
 
@@ -314,6 +322,37 @@ cudaError_t recurrence_persistent_mma_backward_plan(DType dtype, int64_t gates, 
                                                     int64_t cluster, RecurrencePersistentPlan* plan);
 cudaError_t gru_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
 cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistentBwd& a, cudaStream_t stream);
+
+// ------------------------------------------- the persistent step's synchronisation, alone
+//
+// persistent_sync_probe (persistent_sync_probe.cu; the `sync` benchmark suite): `steps`
+// steps of a persistent kernel's exchange without its arithmetic: block k writes its
+// `words` words of buffer[t & 1], the blocks synchronise by `mode`, every block reads the
+// whole buffer into per-thread checksums. Times the step's fixed cost (barrier plus the
+// state's round trip through L2) that bench/step_model.py assumes.
+enum class SyncProbeMode : int {
+  Grid = 0,    // cooperative_groups' grid barrier (the kernels' detail::grid_sync)
+  Flags = 1,   // per-block arrival flags (detail::flag_barrier)
+  Tagged = 2,  // no barrier: each word carries its step (the data is its own flag)
+};
+constexpr int kSyncProbeThreads = 256;
+
+struct SyncProbe {
+  unsigned int* buffer;      // [2, blocks * words]; Tagged: 0xFFFFFFFF before the launch
+  unsigned int* flags;       // [blocks], zero before the launch (Flags)
+  unsigned long long* sums;  // [blocks, kSyncProbeThreads] out: each thread's checksum
+  int64_t blocks = 0, words = 0, steps = 0;  // words: a multiple of 4
+  int mode = 0;                              // a SyncProbeMode
+  int cluster = 1;                           // > 1: a cluster barrier after the mode's, per step
+};
+
+// The launch: `blocks` blocks (at most one per SM: each asks for more than half an SM's
+// shared memory), all co-resident (a cooperative launch; in clusters of `cluster` with
+// cluster > 1, sm_90). plan->blocks = 0 with plan->reason when the device cannot. Returns
+// an error only when a device query fails.
+cudaError_t persistent_sync_probe_plan(int mode, int64_t blocks, int64_t cluster, RecurrencePersistentPlan* plan);
+cudaError_t persistent_sync_probe_launch(const SyncProbe& a, const RecurrencePersistentPlan& plan,
+                                        cudaStream_t stream);
 
 #ifdef FASTSEQ_CUDA_HOST_EMULATION
 // Tests only: the grid barriers the emulated cooperative launches completed.

@@ -57,6 +57,68 @@ inline cudaError_t co_resident(const void* kernel, int threads, int64_t smem, in
   return cudaSuccess;
 }
 
+#if !FASTSEQ_PERSISTENT_EMULATED
+// A launch of `grid` blocks of `threads` threads in clusters of `cluster` blocks (attrs[0]),
+// cooperative when `cooperative` (attrs[1]); `attrs` must outlive the returned configuration.
+inline cudaLaunchConfig_t cluster_config(int64_t grid, int64_t cluster, int threads, int64_t smem, cudaStream_t stream,
+                                         bool cooperative, cudaLaunchAttribute* attrs) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned int>(grid));
+  cfg.blockDim = dim3(static_cast<unsigned int>(threads));
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
+  cfg.stream = stream;
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = static_cast<unsigned int>(cluster);
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  attrs[1].id = cudaLaunchAttributeCooperative;
+  attrs[1].val.cooperative = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = cooperative ? 2 : 1;
+  return cfg;
+}
+#endif
+
+// Whether `blocks` blocks of `kernel` (`threads` threads) in clusters of `cluster` are
+// resident at once (a cooperative launch needs it): the device's count of co-resident
+// clusters of that shape (clusters sit inside one GPC), raising the kernel's shared-memory
+// limit first; *fits is false, with plan->reason, when they are not or the device refuses
+// the queries. The emulated device holds one block per SM.
+inline cudaError_t cluster_co_resident(const void* kernel, int threads, int64_t smem, int64_t blocks, int64_t cluster,
+                                       int64_t sms, RecurrencePersistentPlan* plan, bool* fits) {
+  *fits = false;
+#if FASTSEQ_PERSISTENT_EMULATED
+  (void)kernel;
+  (void)threads;
+  (void)smem;
+  (void)cluster;
+  const int64_t capacity = sms;
+#else
+  (void)sms;
+  // A refused query is a refusal of the plan (with its reason), not an error: the caller then
+  // tries the block kernel.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  int clusters = 0;
+  if (err == cudaSuccess) {
+    cudaLaunchAttribute attrs[2];
+    const cudaLaunchConfig_t cfg = cluster_config(blocks, cluster, threads, smem, nullptr, false, attrs);
+    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
+  }
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    plan->reason = "the device refused the cluster occupancy query (cudaOccupancyMaxActiveClusters)";
+    return cudaSuccess;
+  }
+  const int64_t capacity = static_cast<int64_t>(clusters) * cluster;
+#endif
+  if (blocks > capacity) {
+    plan->reason = "more blocks than the device holds at once in clusters of this size (cooperative launch)";
+    return cudaSuccess;
+  }
+  *fits = true;
+  return cudaSuccess;
+}
+
 // The barrier of all blocks of a cooperative launch (emulated: a real barrier of
 // all the launch's threads, emu/host_emulation.h).
 FASTSEQ_DEVICE void grid_sync() {
@@ -65,6 +127,83 @@ FASTSEQ_DEVICE void grid_sync() {
 #else
   cooperative_groups::this_grid().sync();
 #endif
+}
+
+// Relaxed gpu-scope 32-bit global accesses (single-copy atomic: a reader sees a word whole,
+// old or new) and the gpu-scope fence; with a fence before a relaxed store and after a
+// relaxed load they form release / acquire, the pattern of cooperative_groups' grid barrier.
+// spin_pause / spinning_allowed: what a polling loop does between polls and whether it may
+// go on (always, on a GPU; emu/host_emulation.h says why not always there). Used by the
+// alternatives to grid_sync in persistent_sync_probe.cu.
+FASTSEQ_DEVICE void store_relaxed(unsigned int* p, unsigned int v) {
+#if FASTSEQ_PERSISTENT_EMULATED
+  ::fastseq_emu::store_relaxed(p, v);
+#else
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+#endif
+}
+
+FASTSEQ_DEVICE unsigned int load_relaxed(const unsigned int* p) {
+#if FASTSEQ_PERSISTENT_EMULATED
+  return ::fastseq_emu::load_relaxed(p);
+#else
+  unsigned int v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+#endif
+}
+
+// Four consecutive words (16-byte aligned), each read relaxed; the four are not one atomic read.
+FASTSEQ_DEVICE void load_relaxed4(const unsigned int* p, unsigned int* v) {
+#if FASTSEQ_PERSISTENT_EMULATED
+  for (int i = 0; i < 4; ++i) v[i] = ::fastseq_emu::load_relaxed(p + i);
+#else
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3])
+               : "l"(p)
+               : "memory");
+#endif
+}
+
+// fence.acq_rel, not __threadfence's fence.sc: release / acquire is all the pattern needs.
+FASTSEQ_DEVICE void fence_gpu() {
+#if FASTSEQ_PERSISTENT_EMULATED
+  ::fastseq_emu::fence();
+#else
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#endif
+}
+
+FASTSEQ_DEVICE void spin_pause() {
+#if FASTSEQ_PERSISTENT_EMULATED
+  ::fastseq_emu::spin_pause();
+#endif
+}
+
+FASTSEQ_DEVICE bool spinning_allowed() {
+#if FASTSEQ_PERSISTENT_EMULATED
+  return ::fastseq_emu::spinning_allowed();
+#else
+  return true;
+#endif
+}
+
+// A barrier of all blocks of a cooperative launch from per-block arrival flags, instead of
+// cooperative_groups' shared counter: block k stores `step` into flags[k] (release), then its
+// threads poll all `blocks` flags until each holds at least `step` (acquire). No two blocks
+// write one word, so the arrivals are not serialised at one L2 address; the cost is every
+// block reading `blocks` words per barrier. `flags`: zero before the launch; `step`: 1, 2, ...
+// (increasing by one per barrier).
+FASTSEQ_DEVICE void flag_barrier(unsigned int* flags, int blocks, unsigned int step) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    fence_gpu();
+    store_relaxed(flags + blockIdx.x, step);
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < blocks; i += static_cast<int>(blockDim.x))
+    while (load_relaxed(flags + i) < step && spinning_allowed()) spin_pause();
+  fence_gpu();
+  __syncthreads();
 }
 
 // Thread-block clusters (sm_90; the cluster backward of persistent_mma_kernels.cu): the
@@ -106,10 +245,10 @@ FASTSEQ_DEVICE T* cluster_map(T* p, unsigned int rank) {
 // gates, masks by lengths (a finished row keeps its state hp), writes hs[t]
 // (cs[t]), the saved gates, the float state (h_next; the LSTM's c_state in
 // place) and, when h_op_next is not null, the state in the storage dtype at
-// h_op_next[b * ld_op + j] (the tensor-core kernel's product operand).
+// h_op_next[b * ld_op + j] (the tensor-core kernel's product operand). Returns h_t[b, j].
 template <typename S, int G>
-FASTSEQ_DEVICE void persistent_forward_element(const RecurrencePersistentFwd& a, int64_t t, int64_t b, int64_t j,
-                                               acc_t<S>* acc, acc_t<S> hp, acc_t<S>* h_next, S* h_op_next) {
+FASTSEQ_DEVICE acc_t<S> persistent_forward_element(const RecurrencePersistentFwd& a, int64_t t, int64_t b, int64_t j,
+                                                   acc_t<S>* acc, acc_t<S> hp, acc_t<S>* h_next, S* h_op_next) {
   using C = acc_t<S>;
   const int64_t B = a.B, H = a.H;
   const C* bias = static_cast<const C*>(a.bias);
@@ -150,6 +289,7 @@ FASTSEQ_DEVICE void persistent_forward_element(const RecurrencePersistentFwd& a,
   h_next[b * H + j] = h_new;
   static_cast<S*>(a.hs)[o] = from_acc<S>(h_new);
   if (h_op_next != nullptr) h_op_next[b * a.ld_op + j] = from_acc<S>(h_new);
+  return h_new;
 }
 
 // One (row b, unit j) element of backward step t, phase 1: the gate gradients dG[t][b, g*H + j]

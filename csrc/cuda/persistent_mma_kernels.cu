@@ -39,6 +39,26 @@
 // t+1 are written after that barrier too, so after every thread of the block
 // read step t's. The LSTM's c_state is per unit (one block).
 //
+// The tagged exchange (TG; plan.tagged, FASTSEQ_CUDA_PERSISTENT_SYNC=tagged): no grid barrier.
+// h_t goes to h_tagged[t & 1] as 32-bit words, (step tag << 16) | the 16 bits of h in the
+// storage dtype, each stored relaxed at gpu scope (single-copy atomic); a warp reads its
+// 16 x 16 tiles of h_{t-1} with relaxed loads (all of its k-tiles in flight at once), re-reads
+// any group of 4 words whose tags are not (t - 1) & 0xFFFF, unpacks them into its staging
+// tiles in shared memory and loads its fragments from there. The data is its own flag
+// (NCCL's LL protocol): no fence, no flag and no counter on the step's critical path; the
+// price is twice the bytes of the h read. Why two buffers are enough without a barrier: a
+// block writes h_tagged[t & 1] at step t only after it read all of h_{t-1} of its row tile,
+// written by each of the tile's blocks after that block's __syncthreads that followed its
+// reads of h_{t-2} from h_tagged[t & 1] (and those words depend on the values read, so
+// the reads are done: the ordering NCCL's LL protocol relies on too); the tags of step t - 2
+// and t differ. Hence every block must own a unit: a block that only read would not be
+// waited for, and a fast block could overwrite words it has not read yet (the plan drops
+// such blocks; the emulation hung on them before it did). Padding rows
+// and columns (b >= B, j >= H) are never written or read (zeros in the tile). The host puts
+// h0 in h_tagged[1] with tag 0xFFFF (step -1) and tag 0xFFFE in h_tagged[0], so no word is
+// taken for step 0 before it is written; the 16-bit tags repeat every 65,536 steps, and the
+// stale words a reader can meet are two steps old.
+//
 // Under FASTSEQ_CUDA_HOST_EMULATION (tests) wmma is emu/host_emulation.h's
 // stand-in and the launch is fastseq_emu::launch_cooperative (a real grid
 // barrier). On devices before sm_80 (no bf16 MMA) the kernels compile empty and
@@ -100,13 +120,36 @@ constexpr int64_t kBwdDefaultUnits = 16; // the backward's units per block: one 
 __host__ __device__ inline int64_t operand_pitch(int64_t cols) { return cols + 8; }
 __host__ __device__ inline int64_t partial_pitch(int64_t cols) { return cols + 8; }
 
+// The tagged forward's staging tiles: 16 rows of h_{t-1} x 16 columns per k-tile, at the
+// conflict-free operand pitch; a warp's tiles follow the partial sums (at a 128-byte boundary).
+constexpr int64_t kStagePitch = 16 + 8;
+__host__ __device__ inline int64_t tagged_stage_offset(int64_t partial_bytes) { return (partial_bytes + 127) / 128 * 128; }
+__host__ __device__ inline int64_t tagged_stage_bytes(int64_t kpw, int64_t elem) {
+  return kMmaWarps * kpw * kTile * kStagePitch * elem;
+}
+
+// The 16 bits of a half / bfloat16 value, and back.
+template <typename S>
+FASTSEQ_DEVICE unsigned int half_bits(S v) {
+  unsigned short u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+template <typename S>
+FASTSEQ_DEVICE S bits_half(unsigned int u) {
+  const unsigned short x = static_cast<unsigned short>(u & 0xFFFFu);
+  S v;
+  memcpy(&v, &x, sizeof(x));
+  return v;
+}
+
 // Bytes of a W_hh (W_hh^T) slice of `rows` rows of `pitch` elements in shared memory, rounded
 // up to 32 (what follows it is 32-byte aligned).
 __host__ __device__ inline int64_t mma_bwd_slice_bytes(int64_t rows, int64_t pitch, int64_t elem) {
   return (rows * pitch * elem + 31) / 32 * 32;
 }
 
-template <typename S, int G, int MT, int KPW>
+template <typename S, int G, int MT, int KPW, bool TG>
 __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_kernel(RecurrencePersistentFwd a) {
 #if FASTSEQ_MMA_AVAILABLE
   using C = acc_t<S>;  // float
@@ -156,14 +199,70 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
   float* red = reinterpret_cast<float*>(smem);  // [active_warps][MR][Br], row pitch rp
   C* h_state = static_cast<C*>(a.h_state);
   S* h_op = static_cast<S*>(a.h_op);
+  // TG: this warp's staging tiles [kpw][16][kStagePitch] after the partial sums.
+  S* stage = reinterpret_cast<S*>(smem + tagged_stage_offset(active_warps * MR * rp * 4)) +
+             warp * kpw * kTile * kStagePitch;
+  const int lane = tid % 32;
 
   for (int64_t t = 0; t < T; ++t) {
     const S* op_prev = h_op + ((t + 1) & 1) * Bp * Kp;  // h_{t-1} (h0 at t = 0), storage dtype
     S* op_next = h_op + (t & 1) * Bp * Kp;
+    const unsigned int* tg_prev = TG ? a.h_tagged + ((t + 1) & 1) * Bp * Kp : nullptr;
+    unsigned int* tg_next = TG ? a.h_tagged + (t & 1) * Bp * Kp : nullptr;
     const C* h_prev = h_state + ((t + 1) & 1) * B * H;
     C* h_next = h_state + (t & 1) * B * H;
     if (warp < active_warps) {
       for (int64_t n0 = 0; n0 < nbp; n0 += kTile) {
+        if constexpr (TG) {
+          // Lane l: row l / 2 of the 16, columns (l % 2) * 8 .. + 8 of each k-tile; every load is
+          // issued before any tag is checked (all in flight), then the groups read too early again.
+          const unsigned int want = static_cast<unsigned int>((t - 1) & 0xFFFF);
+          const int64_t row = r0 + n0 + lane / 2, c0 = (lane % 2) * 8;
+          unsigned int v[KPW][8];
+#pragma unroll
+          for (int kk = 0; kk < KPW; ++kk) {
+            const int64_t col = (k_first + kk) * kTile + c0;
+            if (kk < nk && row < B) {
+              detail::load_relaxed4(tg_prev + row * Kp + col, v[kk]);
+              detail::load_relaxed4(tg_prev + row * Kp + col + 4, v[kk] + 4);
+            }
+          }
+          bool ready = false;
+          while (!ready) {
+            ready = true;
+#pragma unroll
+            for (int kk = 0; kk < KPW; ++kk) {
+              const int64_t col = (k_first + kk) * kTile + c0;
+#pragma unroll
+              for (int q = 0; q < 2; ++q) {
+                if (kk < nk && row < B) {
+                  bool ok = true;
+#pragma unroll
+                  for (int e = 0; e < 4; ++e) ok = ok && (col + 4 * q + e >= H || (v[kk][4 * q + e] >> 16) == want);
+                  if (!ok) {
+                    ready = false;
+                    detail::load_relaxed4(tg_prev + row * Kp + col + 4 * q, v[kk] + 4 * q);
+                  }
+                }
+              }
+            }
+            if (!ready) {
+              if (!detail::spinning_allowed()) break;  // emulation without barriers only
+              detail::spin_pause();
+            }
+          }
+#pragma unroll
+          for (int kk = 0; kk < KPW; ++kk) {
+            if (kk < nk) {
+              const int64_t col = (k_first + kk) * kTile + c0;
+              S* dst = stage + (kk * kTile + lane / 2) * kStagePitch + c0;
+#pragma unroll
+              for (int e = 0; e < 8; ++e)
+                dst[e] = row < B && col + e < H ? bits_half<S>(v[kk][e]) : from_acc<S>(C(0));
+            }
+          }
+          __syncwarp();
+        }
         wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[MT];
 #pragma unroll
         for (int m = 0; m < MT; ++m) wmma::fill_fragment(acc[m], 0.0f);
@@ -171,11 +270,15 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
         for (int kk = 0; kk < KPW; ++kk) {
           if (kk < nk) {
             wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, S, wmma::col_major> hb;
-            wmma::load_matrix_sync(hb, op_prev + (r0 + n0) * Kp + (k_first + kk) * kTile, Kp);
+            if constexpr (TG)
+              wmma::load_matrix_sync(hb, stage + kk * kTile * kStagePitch, kStagePitch);
+            else
+              wmma::load_matrix_sync(hb, op_prev + (r0 + n0) * Kp + (k_first + kk) * kTile, Kp);
 #pragma unroll
             for (int m = 0; m < MT; ++m) wmma::mma_sync(acc[m], wf[m][kk], hb, acc[m]);
           }
         }
+        if constexpr (TG) __syncwarp();  // the staging tiles are read before the next 16 rows
 #pragma unroll
         for (int m = 0; m < MT; ++m)
           wmma::store_matrix_sync(red + (warp * MR + m * kTile) * rp + n0, acc[m], rp, wmma::mem_row_major);
@@ -192,27 +295,37 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
         acc[g] = s;
       }
       const int64_t j = j0 + jj;
-      detail::persistent_forward_element<S, G>(a, t, b, j, acc, h_prev[b * H + j], h_next, op_next);
+      const C h = detail::persistent_forward_element<S, G>(a, t, b, j, acc, h_prev[b * H + j], h_next,
+                                                           TG ? nullptr : op_next);
+      if constexpr (TG)
+        detail::store_relaxed(tg_next + b * Kp + j,
+                              (static_cast<unsigned int>(t & 0xFFFF) << 16) | half_bits(from_acc<S>(h)));
     }
-    if (t + 1 < T) grid_sync();  // every block's h_t written before any block reads it
+    if constexpr (TG) {
+      __syncthreads();  // the partial sums are read before the next step writes them
+    } else {
+      if (t + 1 < T) grid_sync();  // every block's h_t written before any block reads it
+    }
   }
 #endif
 }
 
-// The kernel for a plan's (m_tiles, k_tiles_per_warp): KPW is the smallest of 2, 4, 8 that holds it.
-template <typename S, int G, int MT>
+// The kernel for a plan's (m_tiles, k_tiles_per_warp, tagged): KPW is the smallest of 2, 4, 8
+// that holds it; the tagged exchange only with m_tiles <= 2 (the plan keeps it there).
+template <typename S, int G, int MT, bool TG>
 auto kernel_for_kpw(int64_t kpw) -> void (*)(RecurrencePersistentFwd) {
-  if (kpw <= 2) return recurrence_persistent_mma_fwd_kernel<S, G, MT, 2>;
-  if (kpw <= 4) return recurrence_persistent_mma_fwd_kernel<S, G, MT, 4>;
-  return recurrence_persistent_mma_fwd_kernel<S, G, MT, 8>;
+  if (kpw <= 2) return recurrence_persistent_mma_fwd_kernel<S, G, MT, 2, TG>;
+  if (kpw <= 4) return recurrence_persistent_mma_fwd_kernel<S, G, MT, 4, TG>;
+  return recurrence_persistent_mma_fwd_kernel<S, G, MT, 8, TG>;
 }
 
 template <typename S, int G>
-auto kernel_for(int64_t m_tiles, int64_t kpw) -> void (*)(RecurrencePersistentFwd) {
-  if (m_tiles == 1) return kernel_for_kpw<S, G, 1>(kpw);
-  if (m_tiles == 2) return kernel_for_kpw<S, G, 2>(kpw);
-  if (m_tiles == 3) return kernel_for_kpw<S, G, 3>(kpw);
-  return kernel_for_kpw<S, G, 4>(kpw);
+auto kernel_for(int64_t m_tiles, int64_t kpw, bool tagged) -> void (*)(RecurrencePersistentFwd) {
+  if (tagged) return m_tiles == 1 ? kernel_for_kpw<S, G, 1, true>(kpw) : kernel_for_kpw<S, G, 2, true>(kpw);
+  if (m_tiles == 1) return kernel_for_kpw<S, G, 1, false>(kpw);
+  if (m_tiles == 2) return kernel_for_kpw<S, G, 2, false>(kpw);
+  if (m_tiles == 3) return kernel_for_kpw<S, G, 3, false>(kpw);
+  return kernel_for_kpw<S, G, 4, false>(kpw);
 }
 
 // The backward (t = T-1 .. 0; kernels.h, "The tensor-core persistent backward").
@@ -493,27 +606,6 @@ void block_split(int64_t H, int64_t blocks, int64_t max_units, int64_t* nblk, in
   if (blocks <= 0) *nblk = cdiv(H, *units);
 }
 
-#if !FASTSEQ_PERSISTENT_EMULATED
-// A launch of `grid` blocks of kMmaThreads threads in clusters of `cluster` blocks (attrs[0]),
-// cooperative when `cooperative` (attrs[1]); `attrs` must outlive the returned configuration.
-cudaLaunchConfig_t cluster_config(int64_t grid, int64_t cluster, int64_t smem, cudaStream_t stream, bool cooperative,
-                                  cudaLaunchAttribute* attrs) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned int>(grid));
-  cfg.blockDim = dim3(kMmaThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-  cfg.stream = stream;
-  attrs[0].id = cudaLaunchAttributeClusterDimension;
-  attrs[0].val.clusterDim.x = static_cast<unsigned int>(cluster);
-  attrs[0].val.clusterDim.y = 1;
-  attrs[0].val.clusterDim.z = 1;
-  attrs[1].id = cudaLaunchAttributeCooperative;
-  attrs[1].val.cooperative = 1;
-  cfg.attrs = attrs;
-  cfg.numAttrs = cooperative ? 2 : 1;
-  return cfg;
-}
-#endif
 
 // A plan's sizes, once it applies (the reason of an earlier refusal cleared).
 void fill_plan(int64_t blocks, int64_t units, int64_t rows, int64_t smem, int64_t m_tiles, int64_t kpw,
@@ -578,48 +670,10 @@ cudaError_t launch_cooperative_cluster(void (*kernel)(Args), const RecurrencePer
   return cudaSuccess;
 #else
   cudaLaunchAttribute attrs[2];
-  const cudaLaunchConfig_t cfg = cluster_config(grid, cluster, static_cast<int64_t>(smem), stream, true, attrs);
+  const cudaLaunchConfig_t cfg =
+      detail::cluster_config(grid, cluster, kMmaThreads, static_cast<int64_t>(smem), stream, true, attrs);
   return cudaLaunchKernelEx(&cfg, kernel, a);
 #endif
-}
-
-// Whether `blocks` blocks of `kernel` in clusters of `cluster` are resident at once (a
-// cooperative launch needs it): the device's count of co-resident clusters of that shape
-// (clusters sit inside one GPC), raising the kernel's shared-memory limit first; *fits is
-// false, with plan->reason, when they are not or the device refuses the queries. The
-// emulated device holds one block per SM.
-cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks, int64_t cluster, int64_t sms,
-                                RecurrencePersistentPlan* plan, bool* fits) {
-  *fits = false;
-#if FASTSEQ_PERSISTENT_EMULATED
-  (void)kernel;
-  (void)smem;
-  (void)cluster;
-  const int64_t capacity = sms;
-#else
-  (void)sms;
-  // A refused query is a refusal of the plan (with its reason), not an error: the caller then
-  // tries the block kernel.
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  int clusters = 0;
-  if (err == cudaSuccess) {
-    cudaLaunchAttribute attrs[2];
-    const cudaLaunchConfig_t cfg = cluster_config(blocks, cluster, smem, nullptr, false, attrs);
-    err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg);
-  }
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();
-    plan->reason = "the device refused the cluster occupancy query (cudaOccupancyMaxActiveClusters)";
-    return cudaSuccess;
-  }
-  const int64_t capacity = static_cast<int64_t>(clusters) * cluster;
-#endif
-  if (blocks > capacity) {
-    plan->reason = "more blocks than the device holds at once in clusters of this size (cooperative launch)";
-    return cudaSuccess;
-  }
-  *fits = true;
-  return cudaSuccess;
 }
 
 // The forward's plan. Row tiles: `row_tiles` > 0 asks for that many batch tiles (blocks of up
@@ -628,8 +682,11 @@ cudaError_t cluster_co_resident(const void* kernel, int64_t smem, int64_t blocks
 // of up to 64 / G units when that grid fits the SMs, else one tile. Each block reads only
 // its tile's rows of h_{t-1} per step: the batch split halves (or better) the L2 term that
 // dominates the step at B 64 (bench/NOTES.md v0.14). `blocks` > 0: blocks per row tile.
+// `tagged`: the tagged exchange (see the top of this file): blocks of at most 32 / G units
+// whether or not the batch is split, and its staging tiles after the partial sums.
 template <typename S, int G>
-cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, int64_t row_tiles, RecurrencePersistentPlan* plan) {
+cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, int64_t row_tiles, bool tagged,
+                      RecurrencePersistentPlan* plan) {
   int64_t sms = 0, smem_optin = 0;
   cudaError_t err = cudaSuccess;
   if (!plan_start(B, H, plan, &sms, &smem_optin, &err)) return err;
@@ -638,13 +695,15 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, int64_t row_tiles, R
     return cudaSuccess;
   }
   const int64_t rows = cdiv(B, kTile) * kTile;
+  // The tagged exchange is compiled for m_tiles <= 2 only: blocks of at most 32 / G units.
+  const int64_t split_cap = (tagged ? kMmaMaxRows : kMmaMaxRowsSplit) / G;
   const int64_t row_units = rows / kTile;  // 16-row batch tiles
   int64_t R = 1, max_units = kMmaMaxRows / G;
   if (row_tiles > 0) {
     R = cdiv(row_units, cdiv(row_units, row_tiles));  // no empty tile
-    max_units = kMmaMaxRowsSplit / G;
+    max_units = split_cap;
   } else if (rows > kRowTile && blocks <= 0) {
-    const int64_t split_units = kMmaMaxRowsSplit / G;
+    const int64_t split_units = split_cap;
     int64_t ub = 0, u = 0;
     block_split(H, 0, split_units, &ub, &u);
     for (const int64_t r : {cdiv(rows, kRowTile), int64_t{2}}) {
@@ -658,9 +717,14 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, int64_t row_tiles, R
   const int64_t Br = cdiv(row_units, R) * kTile;
   int64_t nblk = 0, units = 0;
   block_split(H, blocks, max_units, &nblk, &units);  // default: the fewest blocks (each reads all its rows of h)
+  // The tagged exchange: no block without a unit (its reads would be ordered before no one's
+  // writes; see the top of this file), so blocks asked past ceil(H / units) are dropped.
+  if (tagged) nblk = cdiv(H, units);
   if (units > max_units) {
-    plan->reason = R > 1 ? "more than 64 / G hidden units per block (its W_hh rows would not fit its registers)"
-                         : "more than 32 / G hidden units per block (its W_hh rows would not fit its registers)";
+    plan->reason = max_units * G > kMmaMaxRows
+                       ? "more than 64 / G hidden units per block (its W_hh rows would not fit its registers)"
+                       : "more than 32 / G hidden units per block (its W_hh rows would not fit its registers, or "
+                         "the tagged exchange's kernels)";
     return cudaSuccess;
   }
   const int64_t m_tiles = cdiv(G * units, kTile);
@@ -669,14 +733,18 @@ cudaError_t plan_impl(int64_t B, int64_t H, int64_t blocks, int64_t row_tiles, R
   const int64_t stage = m_tiles * kTile * operand_pitch(kt * kTile) * static_cast<int64_t>(sizeof(S));
   const int64_t partial =
       cdiv(kt, kpw) * m_tiles * kTile * partial_pitch(Br) * static_cast<int64_t>(sizeof(float));
-  const int64_t smem = stage > partial ? stage : partial;
+  const int64_t exchange = tagged ? tagged_stage_offset(partial) + tagged_stage_bytes(kpw, sizeof(S)) : partial;
+  const int64_t smem = stage > exchange ? stage : exchange;
   if (smem > smem_optin) {
     plan->reason = "the partial sums of the batch do not fit a block's shared memory (batch too large)";
     return cudaSuccess;
   }
-  const cudaError_t fin = finish_plan(reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw)), sms, R * nblk,
+  const cudaError_t fin = finish_plan(reinterpret_cast<const void*>(kernel_for<S, G>(m_tiles, kpw, tagged)), sms, R * nblk,
                                       units, Br, smem, m_tiles, kpw, plan);
-  if (plan->blocks > 0) plan->row_tiles = R;
+  if (plan->blocks > 0) {
+    plan->row_tiles = R;
+    plan->tagged = tagged ? 1 : 0;
+  }
   return fin;
 }
 
@@ -688,9 +756,9 @@ cudaError_t launch_impl(const RecurrencePersistentFwd& a, cudaStream_t stream) {
   if (p.blocks <= 0 || p.units <= 0 || p.m_tiles < 1 || p.m_tiles > 4 || p.k_tiles_per_warp < 1 ||
       p.k_tiles_per_warp > 8 || a.h_op == nullptr || a.ld_op != cdiv(a.H, kTile) * kTile ||
       a.rows_op != cdiv(a.B, kTile) * kTile || p.blocks % R != 0 || p.batch_tile <= 0 ||
-      p.batch_tile % kTile != 0 || R * p.batch_tile < a.rows_op)
+      p.batch_tile % kTile != 0 || R * p.batch_tile < a.rows_op || (p.tagged && (p.m_tiles > 2 || a.h_tagged == nullptr)))
     return cudaErrorInvalidValue;
-  return launch_cooperative(kernel_for<S, G>(p.m_tiles, p.k_tiles_per_warp), p, a, stream);
+  return launch_cooperative(kernel_for<S, G>(p.m_tiles, p.k_tiles_per_warp, p.tagged != 0), p, a, stream);
 }
 
 template <typename S, int G>
@@ -787,7 +855,7 @@ cudaError_t plan_cluster_bwd_impl(int64_t B, int64_t H, int64_t blocks, int64_t 
     }
     const int64_t grid = cdiv(nblk, cl) * cl;
     bool fits = false;
-    const cudaError_t co = cluster_co_resident(kernel, smem, grid, cl, sms, plan, &fits);
+    const cudaError_t co = detail::cluster_co_resident(kernel, kMmaThreads, smem, grid, cl, sms, plan, &fits);
     if (co != cudaSuccess) return co;
     if (!fits) continue;
     fill_plan(grid, units, rows, smem, m_tiles, ktr, plan);
@@ -849,9 +917,9 @@ cudaError_t lstm_backward_persistent_mma(DType dtype, const RecurrencePersistent
 }
 
 cudaError_t recurrence_persistent_mma_plan(DType dtype, int64_t gates, int64_t B, int64_t H, int64_t blocks,
-                                           int64_t row_tiles, RecurrencePersistentPlan* plan) {
+                                           int64_t row_tiles, bool tagged, RecurrencePersistentPlan* plan) {
   return mma_plan(dtype, gates, plan, [&](auto s, auto g) {
-    return plan_impl<decltype(s), decltype(g)::value>(B, H, blocks, row_tiles, plan);
+    return plan_impl<decltype(s), decltype(g)::value>(B, H, blocks, row_tiles, tagged, plan);
   });
 }
 
@@ -873,7 +941,7 @@ int64_t emulated_cluster_syncs() { return ::fastseq_emu::cluster_sync_count(); }
 int64_t emulated_take_smem_conflict_ways() { return ::fastseq_emu::take_smem_conflict_ways(); }
 std::vector<int64_t> emulated_last_mma_plan() {
   const RecurrencePersistentPlan& p = g_last_plan;
-  return {p.blocks, p.units, p.batch_tile, p.m_tiles, p.k_tiles_per_warp, p.cluster, p.row_tiles};
+  return {p.blocks, p.units, p.batch_tile, p.m_tiles, p.k_tiles_per_warp, p.cluster, p.row_tiles, p.tagged};
 }
 int64_t emulated_smem_ways_at_pitch(int64_t pitch, bool accumulator) {
   return ::fastseq_emu::smem_ways_at_pitch(static_cast<unsigned>(pitch), accumulator);

@@ -68,6 +68,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <chrono>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -170,6 +171,8 @@ inline void grid_sync() {
 }
 
 inline void syncthreads() { t_block->bar.arrive_and_wait(); }
+// __syncwarp(): a barrier of the calling thread's warp (all its lanes take part).
+inline void syncwarp() { t_block->warps[t_threadIdx.x / 32]->bar.arrive_and_wait(); }
 
 // Completed cluster barriers since the library was loaded (once per cluster; all launches).
 inline long long cluster_sync_count() { return g_cluster_syncs.load(); }
@@ -203,6 +206,20 @@ T* map_shared_rank(T* p, unsigned int rank) {
   const unsigned int target = t_blockIdx.x - t_blockIdx.x % c.size + rank;
   return reinterpret_cast<T*>(c.smem[target] + (q - t_dynamic_smem));
 }
+
+// Relaxed 32-bit accesses and a fence (the stand-ins of st/ld.relaxed.gpu and __threadfence):
+// the arrival flags and tagged words of persistent_sync_probe.cu. A polling loop calls
+// spin_pause() (the emulated threads are OS threads: sleep briefly) and stops polling when
+// spinning_allowed() is false: under FASTSEQ_CUDA_EMU_GRID_SYNC=off the blocks run one after the
+// other, so a wait for another block would never end; the wait then returns at once, as if there
+// were no barrier (the tests' check that a missing barrier is detected).
+inline void store_relaxed(unsigned int* p, unsigned int v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+inline unsigned int load_relaxed(const unsigned int* p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+inline void fence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void spin_pause() {  // sleep, not yield: a yield storm of spinning threads starves the producers
+  std::this_thread::sleep_for(std::chrono::microseconds(250));
+}
+inline bool spinning_allowed() { return t_grid == nullptr || t_grid->sync; }
 
 template <typename T>
 T shfl_xor(T x, int off) {
@@ -527,6 +544,7 @@ inline long long mma_count() { return g_mma_count.load(); }
 #define blockDim (::fastseq_emu::t_blockDim)
 #define gridDim (::fastseq_emu::t_gridDim)
 #define __syncthreads() ::fastseq_emu::syncthreads()
+#define __syncwarp(...) ::fastseq_emu::syncwarp()
 #define __shfl_xor_sync(mask, x, off) ::fastseq_emu::shfl_xor((x), (off))
 #undef __shared__
 #define __shared__ static
