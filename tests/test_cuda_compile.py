@@ -921,12 +921,6 @@ def test_emulated_persistent_mma_cluster_choice(emu, monkeypatch):
                    "without the barriers")
 
 
-def _sync_probe_checksum(blocks: int, words: int, steps: int) -> int:
-    """What every block's threads of persistent_sync_probe sum to when each step's barrier holds:
-    block j's words at step t hold (t * blocks + j + 1) & 0xFFFF (persistent_sync_probe.cu)."""
-    return sum(words * ((t * blocks + j + 1) & 0xFFFF) for t in range(steps) for j in range(blocks))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["grid", "flags", "tagged"])
 def test_emulated_sync_probe(emu, mode, monkeypatch):
@@ -938,6 +932,7 @@ def test_emulated_sync_probe(emu, mode, monkeypatch):
     another block's flag or word gives up) the checksums of a grid of several blocks are wrong,
     so the check can fail. The op writes the buffer it is given (its step tags)."""
     import torch
+    from fastseq.bench.suites.sync import checksum
 
     monkeypatch.delenv("FASTSEQ_CUDA_EMU_GRID_SYNC", raising=False)
     steps = 5
@@ -947,7 +942,7 @@ def test_emulated_sync_probe(emu, mode, monkeypatch):
         sums = emu.persistent_sync_probe(buf, blocks, steps, mode, cluster)
         tag = f"{mode} blocks={blocks} words={words} cluster={cluster}"
         assert sums.shape == (blocks, 256) and sums.dtype == torch.int64, tag
-        want = _sync_probe_checksum(blocks, words, steps)
+        want = checksum(blocks, words, steps)
         assert sums.sum(1).tolist() == [want] * blocks, f"{tag}: checksums"
         assert emu.emulated_grid_syncs() - syncs == (steps if mode == "grid" else 0), f"{tag}: grid barriers"
         assert emu.emulated_cluster_syncs() - csyncs == (steps * blocks // cluster if cluster > 1 else 0), tag
@@ -956,7 +951,7 @@ def test_emulated_sync_probe(emu, mode, monkeypatch):
         assert low.tolist() == [((steps - 1) * blocks + 1) & 0xFFFF] * words, f"{tag}: buffer"
     monkeypatch.setenv("FASTSEQ_CUDA_EMU_GRID_SYNC", "off")
     sums = emu.persistent_sync_probe(torch.zeros(2, 3 * 4, dtype=torch.int32), 3, steps, mode, 1)
-    assert sums.sum(1).tolist() != [_sync_probe_checksum(3, 4, steps)] * 3, f"{mode}: no barrier, same checksums"
+    assert sums.sum(1).tolist() != [checksum(3, 4, steps)] * 3, f"{mode}: no barrier, same checksums"
 
 
 @pytest.mark.slow

@@ -35,7 +35,6 @@ from fastseq.bench.core import Context
 
 SUITE = "sync"
 MODES = ("grid", "flags", "tagged")
-THREADS = 256  # kSyncProbeThreads (csrc/cuda/kernels.h)
 KB = 1024
 
 
