@@ -184,7 +184,10 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
     .BF16 for bfloat16) and no local-memory load or store (LDL / STL), the cluster backwards
     have the cluster barrier (UCGABAR_ARV / _WAIT), the grid-barrier forwards the barrier's
     atomic and fence (ATOM, MEMBAR), and the tagged forwards neither, only their strong 16-byte
-    loads and strong stores (LDG.E.128.STRONG.GPU, STG.E.STRONG.GPU)."""
+    loads and strong stores (LDG.E.128.STRONG.GPU, STG.E.STRONG.GPU); and the step inputs that do
+    not depend on the product are loaded ahead of it: in the forwards (but the tagged ones with 8
+    k-tiles per warp) at least G 16-bit gi loads before the first HMMA, in the backwards at least 5
+    global loads (the saved gates, grad_hs) between the grid barrier and the product."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (not on PATH, nor in $CUDA_HOME/bin or /usr/local/cuda/bin)")
@@ -226,8 +229,25 @@ def test_persistent_mma_kernels_registers_and_tensor_cores(tmp_path):
             assert "ATOM" not in body and "MEMBAR" not in body, f"{name}: a barrier or fence in its SASS"
         elif "mma_fwd_kernel" in name:
             assert "ATOM" in body and "MEMBAR" in body, f"{name}: no grid barrier in its SASS"
+        ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", body)
+        if "mma_fwd_kernel" in name:
+            # The step's inputs ahead of its product (all but the tagged kernels with 8 k-tiles per
+            # warp): before the first HMMA, the W_hh staging load and at least G 16-bit loads of gi.
+            G, kpw, tagged = re.search(r"Li([34])ELi\dELi(\d)ELb([01])E", name).groups()
+            if not (tagged == "1" and kpw == "8"):
+                first = next(i for i, o in enumerate(ops) if o.startswith("HMMA"))
+                loads = sum(o.startswith("LDG.E.U16") for o in ops[:first])
+                assert loads >= 1 + int(G), f"{name}: {loads} 16-bit global loads before the first HMMA"
+        else:
+            # The backwards: the next step's inputs (at least the 4 saved gates and grad_hs) loaded
+            # between the grid barrier's atomic and the product's first HMMA.
+            barrier = next(i for i, o in enumerate(ops) if o.startswith("ATOM"))
+            first = next(i for i, o in enumerate(ops) if i > barrier and o.startswith("HMMA"))
+            loads = sum(o.startswith("LDG") for o in ops[barrier:first])
+            assert loads >= 5, f"{name}: {loads} global loads between the grid barrier and the product"
     print("SASS: every kernel has HMMA.16816.F32 tensor-core MMAs, no LDL / STL; cluster barriers in the "
-          "cluster backwards; the tagged forwards without a barrier or fence")
+          "cluster backwards; the tagged forwards without a barrier or fence; the step inputs loaded "
+          "ahead of the product")
 
 
 def test_bindings_syntax(tmp_path):
@@ -590,9 +610,11 @@ def test_emulated_persistent_sync_setting(emu, monkeypatch):
 # per tile): B 40 (48 padded rows) split by default into 2 tiles of 32 (the second with 8 real
 # rows), blocks of up to 64 / G units (4 W tiles); 3 tiles asked of B 20 (2 tiles of 16: no empty
 # tile); 2 asked of B 6 (one tile of 16, blocks of up to 64 / G units: 3 W tiles of 11 units);
-# B 64 split by default into 2 tiles of 32 at H 136 (two k-tiles per warp).
+# B 64 split by default into 2 tiles of 32 at H 136 (two k-tiles per warp); one tile of B 72 asked
+# (80 padded rows, one block of 16 units: 1,152 elements for 256 threads, past the 2 per thread whose
+# inputs the kernel loads before the product).
 _MMA_ROW_TILE_GRIDS = ((None, None, 40, 40, 2, 32), (None, "3", 20, 20, 2, 16), (3, "2", 33, 6, 1, 16),
-                       (None, None, 136, 64, 2, 32))
+                       (None, None, 136, 64, 2, 32), (None, "1", 16, 72, 1, 80))
 
 
 @pytest.mark.slow
@@ -621,7 +643,7 @@ def test_emulated_persistent_mma_forward_row_tiles(emu, cell, dt_name, monkeypat
         max_units = 64 // G
         per_tile = blocks or -(-H // -(-H // -(-H // max_units)))
         units = -(-H // per_tile)
-        lengths_cases = (torch.tensor([3, 1, 0, 2, 3] * 13)[:B], None)
+        lengths_cases = (torch.tensor([3, 1, 0, 2, 3] * 15)[:B], None)
         for T in (3, 1):
             for i, lengths in enumerate(lengths_cases):
                 bias = (i + k) % 2 == 0
@@ -739,8 +761,10 @@ def test_emulated_smem_bank_model(emu):
 # (blocks or None for the default, H, B): the default grid (16-unit blocks: H = 40 -> 3 blocks, the
 # last with 8 units); one block of 7 units; blocks that own no unit; 2 W^T tiles (20 units, one
 # block) with two 16-row batch tiles; 7-unit blocks with two k-tiles per warp (K = G * H = 135 / 180
-# -> 9 / 12 k-tiles over 8 warps) and one with 3 (LSTM H = 100 on 4 blocks: 25 k-tiles).
-_MMA_BWD_GRIDS = ((None, 40, 6), (1, 7, 6), (8, 5, 6), (1, 20, 20), (7, 45, 4), (4, 100, 3))
+# -> 9 / 12 k-tiles over 8 warps) and one with 3 (LSTM H = 100 on 4 blocks: 25 k-tiles); one block
+# of 16 units for B 40 (640 elements for 256 threads, past the 2 per thread whose inputs the kernel
+# loads during the previous step's product).
+_MMA_BWD_GRIDS = ((None, 40, 6), (1, 7, 6), (8, 5, 6), (1, 20, 20), (7, 45, 4), (4, 100, 3), (1, 16, 40))
 
 
 @pytest.mark.slow
@@ -770,7 +794,7 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
             monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", str(blocks))
         units = -(-H // blocks) if blocks else min(H, 16)
         owning = -(-H // units)
-        lengths_cases = (torch.tensor([3, 4, 1, 4, 2, 0, 1, 2, 3, 4, 4, 1, 3, 2, 2, 1, 3, 4, 4, 2][:B]), None)
+        lengths_cases = (torch.tensor([3, 4, 1, 4, 2, 0, 1, 2, 3, 4, 4, 1, 3, 2, 2, 1, 3, 4, 4, 2] * 2)[:B], None)
         for T in (4, 1):
             for i, lengths in enumerate(lengths_cases):
                 bias = (i + k) % 2 == 0
@@ -807,9 +831,10 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
 # among warps) with two batch tiles; 3-unit blocks in a cluster of 4 asked for by name (K = 21 /
 # 28: 2 k-tiles, so ranks 2 and 3 hold none; 8 warps split each rank's tile); 7 blocks of 15
 # units in clusters of 2 (K = 300 / 400: 19 / 25 k-tiles, odd splits); one block of 5 units in a
-# cluster of 8 (7 blocks without units, 3 m-tiles: 2 of the 8 warps idle).
+# cluster of 8 (7 blocks without units, 3 m-tiles: 2 of the 8 warps idle); 2 blocks of 16 units
+# in a cluster of 2 for B 40 (640 elements per block, past the 2 per thread prefetched).
 _MMA_CLUSTER_GRIDS = ((None, "auto", 40, 6, 2), (None, None, 130, 20, 8), (3, "4", 7, 6, 4),
-                      (7, "2", 100, 3, 2), (1, "8", 5, 4, 8))
+                      (7, "2", 100, 3, 2), (1, "8", 5, 4, 8), (2, "2", 32, 40, 2))
 
 
 @pytest.mark.slow
@@ -840,7 +865,7 @@ def test_emulated_persistent_mma_cluster_backward(emu, cell, dt_name, monkeypatc
         units = -(-H // blocks) if blocks else -(-H // -(-H // 16))
         grid = -(-(blocks or -(-H // units)) // size) * size
         clusters = grid // size
-        lengths_cases = (torch.tensor([3, 1, 0, 2, 3, 1, 2, 3, 3, 1, 2, 0, 3, 2, 1, 1, 3, 2, 3, 2][:B]), None)
+        lengths_cases = (torch.tensor([3, 1, 0, 2, 3, 1, 2, 3, 3, 1, 2, 0, 3, 2, 1, 1, 3, 2, 3, 2] * 2)[:B], None)
         for T in (3, 1):
             for i, lengths in enumerate(lengths_cases):
                 bias = (i + k) % 2 == 0

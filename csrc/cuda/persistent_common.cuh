@@ -240,29 +240,56 @@ FASTSEQ_DEVICE T* cluster_map(T* p, unsigned int rank) {
 }
 #endif
 
+// What forward element (t, b, j) reads besides its recurrent products and h_{t-1}[b, j]:
+// gi[t][b, g*H + j], b_hh[g*H + j] (0 without a bias), whether row b is still running
+// (lengths), and the LSTM's c_{t-1}[b, j] (c_state, written by the same thread at step t-1).
+// None of it depends on step t's product, so a kernel may load it before the product and
+// the step's barrier (the tensor-core forward does: persistent_mma_kernels.cu), taking the
+// loads' round trip to L2 / HBM off the step's critical path.
+template <typename C, int G>
+struct ForwardElementInputs {
+  C x[G];
+  C bias[G];
+  C c;
+  bool valid;
+};
+
+template <typename S, int G>
+FASTSEQ_DEVICE void load_forward_inputs(const RecurrencePersistentFwd& a, int64_t t, int64_t b, int64_t j,
+                                        ForwardElementInputs<acc_t<S>, G>* in) {
+  using C = acc_t<S>;
+  const int64_t H = a.H;
+  const C* bias = static_cast<const C*>(a.bias);
+  const S* x = static_cast<const S*>(a.gi) + t * a.ld_t + b * a.ld_b;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    in->x[g] = ld(x + g * H + j);
+    in->bias[g] = bias != nullptr ? bias[g * H + j] : C(0);
+  }
+  in->c = G == 4 ? static_cast<const C*>(a.c_state)[b * H + j] : C(0);
+  in->valid = a.lengths == nullptr || a.lengths[b] > t;
+}
+
 // One (row b, unit j) element of forward step t, after its recurrent products
-// acc[g] = (h_{t-1} W_hh^T)[b, g*H + j] (no bias yet): adds b_hh, applies the
-// gates, masks by lengths (a finished row keeps its state hp), writes hs[t]
-// (cs[t]), the saved gates, the float state (h_next; the LSTM's c_state in
-// place) and, when h_op_next is not null, the state in the storage dtype at
-// h_op_next[b * ld_op + j] (the tensor-core kernel's product operand). Returns h_t[b, j].
+// acc[g] = (h_{t-1} W_hh^T)[b, g*H + j] (no bias yet) and with its other inputs `in`
+// (load_forward_inputs): adds b_hh, applies the gates, masks by lengths (a finished row
+// keeps its state hp), writes hs[t] (cs[t]), the saved gates, the float state (h_next; the
+// LSTM's c_state in place) and, when h_op_next is not null, the state in the storage dtype
+// at h_op_next[b * ld_op + j] (the tensor-core kernel's product operand). Returns h_t[b, j].
 template <typename S, int G>
 FASTSEQ_DEVICE acc_t<S> persistent_forward_element(const RecurrencePersistentFwd& a, int64_t t, int64_t b, int64_t j,
-                                                   acc_t<S>* acc, acc_t<S> hp, acc_t<S>* h_next, S* h_op_next) {
+                                                   const ForwardElementInputs<acc_t<S>, G>& in, acc_t<S>* acc,
+                                                   acc_t<S> hp, acc_t<S>* h_next, S* h_op_next) {
   using C = acc_t<S>;
   const int64_t B = a.B, H = a.H;
-  const C* bias = static_cast<const C*>(a.bias);
-  if (bias != nullptr) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) acc[g] += bias[g * H + j];
-  }
-  const S* x = static_cast<const S*>(a.gi) + t * a.ld_t + b * a.ld_b;
-  const bool valid = a.lengths == nullptr || a.lengths[b] > t;
+  for (int g = 0; g < G; ++g) acc[g] += in.bias[g];
+  const bool valid = in.valid;
   const int64_t o = (t * B + b) * H + j;  // element (t, b, j) of hs / cs
   S* gg = a.gates != nullptr ? static_cast<S*>(a.gates) + (t * B + b) * 4 * H : nullptr;
   C h_new;
   if constexpr (G == 3) {
-    const GruGates<C> y = gru_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j), acc[0], acc[1], acc[2], hp);
+    const GruGates<C> y = gru_gate_forward(in.x[0], in.x[1], in.x[2], acc[0], acc[1], acc[2], hp);
     h_new = valid ? y.h : hp;
     if (gg != nullptr) {
       gg[j] = from_acc<S>(y.r);
@@ -272,9 +299,8 @@ FASTSEQ_DEVICE acc_t<S> persistent_forward_element(const RecurrencePersistentFwd
     }
   } else {
     C* c_state = static_cast<C*>(a.c_state);
-    const C cp = c_state[b * H + j];
-    const LstmGates<C> y = lstm_gate_forward(ld(x + j), ld(x + H + j), ld(x + 2 * H + j), ld(x + 3 * H + j), acc[0],
-                                             acc[1], acc[2], acc[3], cp);
+    const C cp = in.c;
+    const LstmGates<C> y = lstm_gate_forward(in.x[0], in.x[1], in.x[2], in.x[3], acc[0], acc[1], acc[2], acc[3], cp);
     h_new = valid ? y.h : hp;
     const C c_new = valid ? y.c : cp;
     c_state[b * H + j] = c_new;
@@ -292,60 +318,95 @@ FASTSEQ_DEVICE acc_t<S> persistent_forward_element(const RecurrencePersistentFwd
   return h_new;
 }
 
+// What backward element (t, b, j) reads besides the carried dh: the step's output gradients
+// grad_hs[t] (grad_cs[t]), the saved gates of step t, the GRU's h_{t-1} (hs[t-1] or h0), the
+// LSTM's c_t and c_{t-1} (cs, or c0), its carried dc (written by the same thread at step t+1),
+// and whether row b ran step t (lengths). None of it depends on step t+1's product, so a kernel
+// may load it during that product (the tensor-core backward does: persistent_mma_kernels.cu).
+template <typename C, int G>
+struct BackwardElementInputs {
+  C d_out;   // grad_hs[t][b, j]
+  C dc_out;  // grad_cs[t][b, j] (LSTM)
+  C dc;      // the carried dc (LSTM)
+  C gate[4];  // the saved gates: GRU r, z, n, the n gate's recurrent product; LSTM i, f, g, o
+  C hp;      // GRU: h_{t-1}[b, j]
+  C ct, cp;  // LSTM: c_t[b, j], c_{t-1}[b, j]
+  bool valid;
+};
+
+template <typename S, int G>
+FASTSEQ_DEVICE void load_backward_inputs(const RecurrencePersistentBwd& a, int64_t t, int64_t b, int64_t j,
+                                         BackwardElementInputs<acc_t<S>, G>* in) {
+  using C = acc_t<S>;
+  const int64_t B = a.B, H = a.H;
+  const int64_t idx = b * H + j, o = t * B * H + idx;
+  const S* g = static_cast<const S*>(a.gates) + (t * B + b) * 4 * H;
+  in->valid = a.lengths == nullptr || a.lengths[b] > t;
+  in->d_out = ld(static_cast<const S*>(a.grad_hs) + o);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) in->gate[k] = ld(g + k * H + j);
+  if constexpr (G == 3) {
+    in->hp = t > 0 ? ld(static_cast<const S*>(a.hs) + o - B * H) : static_cast<const C*>(a.h0)[idx];
+    in->dc_out = in->dc = in->ct = in->cp = C(0);
+  } else {
+    const S* cs = static_cast<const S*>(a.cs);
+    in->dc_out = ld(static_cast<const S*>(a.grad_cs) + o);
+    in->dc = static_cast<const C*>(a.dc)[idx];
+    in->ct = ld(cs + o);
+    in->cp = t > 0 ? ld(cs + o - B * H) : static_cast<const C*>(a.c0)[idx];
+    in->hp = C(0);
+  }
+}
+
 // One (row b, unit j) element of backward step t, phase 1: the gate gradients dG[t][b, g*H + j]
-// from the carried dh (dc) of this unit and the step's output gradients (the lengths mask:
-// a finished row passes dh, dc through and has zero gate gradients). Writes dg (compute
-// dtype: the gradient of h W_hh^T), dg_s (grad_gi in the storage dtype; the LSTM's may be
-// null), dh[b, j] (the GRU's direct part z * dh, the LSTM's 0: phase 2 adds dG[t] W_hh),
-// dc[b, j] and, when dg_op_row is not null, dG[t][b, :] in the storage dtype at
-// dg_op_row[g*H + j] (the tensor-core kernel's product operand).
+// from the carried dh (*dh_at, read and written) and dc of this unit and the step's other
+// inputs `in` (load_backward_inputs; the lengths mask: a finished row passes dh, dc through and
+// has zero gate gradients). Writes dg (compute dtype: the gradient of h W_hh^T), dg_s (grad_gi in
+// the storage dtype; the LSTM's may be null), *dh_at (the GRU's direct part z * dh, the LSTM's 0:
+// phase 2 adds dG[t] W_hh), dc[b, j] and, when dg_op_row is not null, dG[t][b, :] in the storage
+// dtype at dg_op_row[g*H + j] (the tensor-core kernel's product operand).
 template <typename S, int G>
 FASTSEQ_DEVICE void persistent_backward_element(const RecurrencePersistentBwd& a, int64_t t, int64_t b, int64_t j,
+                                                const BackwardElementInputs<acc_t<S>, G>& in, acc_t<S>* dh_at,
                                                 S* dg_op_row) {
   using C = acc_t<S>;
-  const int64_t B = a.B, H = a.H, GH = G * H;
-  const int64_t idx = b * H + j, o = t * B * H + idx;
-  const bool valid = a.lengths == nullptr || a.lengths[b] > t;
-  C* dh = static_cast<C*>(a.dh);
-  const C d = dh[idx] + ld(static_cast<const S*>(a.grad_hs) + o);
-  C* gd = static_cast<C*>(a.dg) + (t * B + b) * GH;
-  S* gs = a.dg_s != nullptr ? static_cast<S*>(a.dg_s) + (t * B + b) * GH : nullptr;
-  const S* g = static_cast<const S*>(a.gates) + (t * B + b) * 4 * H;
+  const int64_t H = a.H, GH = G * H;
+  const int64_t idx = b * H + j;
+  const bool valid = in.valid;
+  const C d = *dh_at + in.d_out;
+  C* gd = static_cast<C*>(a.dg) + (t * a.B + b) * GH;
+  S* gs = a.dg_s != nullptr ? static_cast<S*>(a.dg_s) + (t * a.B + b) * GH : nullptr;
   C grads[G];
   if constexpr (G == 3) {
     if (!valid) {
       grads[0] = grads[1] = grads[2] = C(0);
       gs[j] = gs[H + j] = gs[2 * H + j] = from_acc<S>(C(0));
-      dh[idx] = d;
+      *dh_at = d;
     } else {
-      const C hp = t > 0 ? ld(static_cast<const S*>(a.hs) + o - B * H) : static_cast<const C*>(a.h0)[idx];
-      const GruGateGrads<C> y = gru_gate_backward(d, ld(g + j), ld(g + H + j), ld(g + 2 * H + j), ld(g + 3 * H + j), hp);
+      const GruGateGrads<C> y = gru_gate_backward(d, in.gate[0], in.gate[1], in.gate[2], in.gate[3], in.hp);
       gs[j] = from_acc<S>(y.dr);  // grad_gi
       gs[H + j] = from_acc<S>(y.dz);
       gs[2 * H + j] = from_acc<S>(y.dn);
       grads[0] = y.dr;  // grad of h W_hh^T
       grads[1] = y.dz;
       grads[2] = y.dhn;
-      dh[idx] = y.dh;
+      *dh_at = y.dh;
     }
   } else {
     C* dc = static_cast<C*>(a.dc);
-    const C dc_in = dc[idx] + ld(static_cast<const S*>(a.grad_cs) + o);
+    const C dc_in = in.dc + in.dc_out;
     if (!valid) {
       grads[0] = grads[1] = grads[2] = grads[3] = C(0);
-      dh[idx] = d;
+      *dh_at = d;
       dc[idx] = dc_in;
     } else {
-      const S* cs = static_cast<const S*>(a.cs);
-      const C i = ld(g + j), f = ld(g + H + j), gg = ld(g + 2 * H + j), og = ld(g + 3 * H + j);
-      const C tc = tanh_(ld(cs + o));
-      const C cp = t > 0 ? ld(cs + o - B * H) : static_cast<const C*>(a.c0)[idx];
-      const LstmGateGrads<C> y = lstm_gate_backward(d, dc_in, i, f, gg, og, tc, cp);
+      const LstmGateGrads<C> y =
+          lstm_gate_backward(d, dc_in, in.gate[0], in.gate[1], in.gate[2], in.gate[3], tanh_(in.ct), in.cp);
       grads[0] = y.di;
       grads[1] = y.df;
       grads[2] = y.dg;
       grads[3] = y.d_o;
-      dh[idx] = C(0);
+      *dh_at = C(0);
       dc[idx] = y.dc;
     }
     if (gs != nullptr) {

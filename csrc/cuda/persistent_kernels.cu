@@ -108,7 +108,9 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_fwd_kernel(Rec
 #pragma unroll
           for (int g = 0; g < G; ++g) acc[g] += ld(w_s + (g * J + jj) * H + k) * hk;
         }
-        detail::persistent_forward_element<S, G>(a, t, b, j, acc, hrow[j], h_next, nullptr);
+        detail::ForwardElementInputs<C, G> in;
+        detail::load_forward_inputs<S, G>(a, t, b, j, &in);
+        detail::persistent_forward_element<S, G>(a, t, b, j, in, acc, hrow[j], h_next, nullptr);
       }
     }
     if (t + 1 < T) grid_sync();  // every block's h_{t} written before any block reads it
@@ -154,7 +156,9 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_bwd_kernel(Rec
     // phase 1: dG[t] of this block's units
     for (int64_t p = tid; p < B * nj; p += nthr) {
       const int64_t b = p / nj, j = j0 + (p - b * nj);
-      detail::persistent_backward_element<S, G>(a, t, b, j, nullptr);
+      detail::BackwardElementInputs<C, G> in;
+      detail::load_backward_inputs<S, G>(a, t, b, j, &in);
+      detail::persistent_backward_element<S, G>(a, t, b, j, in, dh + b * H + j, nullptr);
     }
     grid_sync();  // all of dG[t] written before any block reads it
     // phase 2: dh[:, own units] += dG[t] W_hh[:, own units]

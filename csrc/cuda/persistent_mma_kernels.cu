@@ -102,6 +102,13 @@ constexpr int64_t kMmaMaxH = 1024;       // K tiles per warp <= 8
 constexpr int kTile = 16;
 constexpr int kBwdBatchTiles = 4;        // the backward's 16-row batch tiles per pass over W^T
 constexpr int64_t kBwdDefaultUnits = 16; // the backward's units per block: one 16-row tile of W_hh^T
+// The forward's elements (row, unit) per thread whose step inputs are loaded before the product
+// (2: every plan with blocks of <= 32 / G units for <= 32 rows, or <= 64 / G units for 32 rows of
+// the LSTM, has at most 2 per thread of the 256; others load the rest after the product).
+constexpr int kPrefetch = 2;
+// The backward's elements (row, unit) per thread whose step inputs are loaded during the previous
+// step's product (2: B <= 32 with 16-unit blocks).
+constexpr int kBwdPrefetch = 2;
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FASTSEQ_MMA_AVAILABLE 1
@@ -148,6 +155,11 @@ FASTSEQ_DEVICE S bits_half(unsigned int u) {
 __host__ __device__ inline int64_t mma_bwd_slice_bytes(int64_t rows, int64_t pitch, int64_t elem) {
   return (rows * pitch * elem + 31) / 32 * 32;
 }
+
+// The backward's carried dh of the block's units in shared memory, [B][units + 1] floats (the odd
+// pitch: phase 2's threads take consecutive rows of one unit, phase 1's consecutive units of one
+// row, both without bank conflicts), after the partial sums: its bytes.
+__host__ __device__ inline int64_t mma_bwd_dh_bytes(int64_t units, int64_t B) { return (B * (units + 1) * 4 + 15) / 16 * 16; }
 
 template <typename S, int G, int MT, int KPW, bool TG>
 __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_kernel(RecurrencePersistentFwd a) {
@@ -203,6 +215,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
   S* stage = reinterpret_cast<S*>(smem + tagged_stage_offset(active_warps * MR * rp * 4)) +
              warp * kpw * kTile * kStagePitch;
   const int lane = tid % 32;
+  // Elements whose inputs are loaded before the product: none in the tagged kernels with 8 k-tiles
+  // per warp, whose loads of h_{t-1} in flight already take 250-255 registers.
+  constexpr int PF = TG && KPW == 8 ? 0 : kPrefetch;
 
   for (int64_t t = 0; t < T; ++t) {
     const S* op_prev = h_op + ((t + 1) & 1) * Bp * Kp;  // h_{t-1} (h0 at t = 0), storage dtype
@@ -211,6 +226,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
     unsigned int* tg_next = TG ? a.h_tagged + (t & 1) * Bp * Kp : nullptr;
     const C* h_prev = h_state + ((t + 1) & 1) * B * H;
     C* h_next = h_state + (t & 1) * B * H;
+    // The step's inputs that do not depend on its product (gi, b_hh, lengths, the LSTM's c_{t-1}
+    // and the float h_{t-1}: load_forward_inputs) for this thread's first PF elements,
+    // loaded now, so that their way to L2 / HBM overlaps the product instead of following it.
+    detail::ForwardElementInputs<C, G> pre[PF > 0 ? PF : 1];
+    C pre_h[PF > 0 ? PF : 1];
+#pragma unroll
+    for (int i = 0; i < PF; ++i) {
+      const int64_t p = tid + i * nthr;
+      if (p < nj * nb) {
+        const int64_t jj = p / nb, b = r0 + (p - jj * nb);
+        detail::load_forward_inputs<S, G>(a, t, b, j0 + jj, &pre[i]);
+        pre_h[i] = h_prev[b * H + j0 + jj];
+      }
+    }
     if (warp < active_warps) {
       for (int64_t n0 = 0; n0 < nbp; n0 += kTile) {
         if constexpr (TG) {
@@ -285,8 +314,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
       }
     }
     __syncthreads();
-    for (int64_t p = tid; p < nj * nb; p += nthr) {
-      const int64_t jj = p / nb, bl = p - jj * nb, b = r0 + bl;  // consecutive threads: consecutive rows
+    // Element p: consecutive threads take consecutive rows of one unit.
+    const auto element = [&](int64_t p, const detail::ForwardElementInputs<C, G>& in, C hp) {
+      const int64_t jj = p / nb, bl = p - jj * nb, b = r0 + bl, j = j0 + jj;
       C acc[G];
 #pragma unroll
       for (int g = 0; g < G; ++g) {
@@ -294,12 +324,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_fwd_
         for (int64_t w8 = 0; w8 < active_warps; ++w8) s += red[(w8 * MR + g * J + jj) * rp + bl];
         acc[g] = s;
       }
-      const int64_t j = j0 + jj;
-      const C h = detail::persistent_forward_element<S, G>(a, t, b, j, acc, h_prev[b * H + j], h_next,
-                                                           TG ? nullptr : op_next);
+      const C h = detail::persistent_forward_element<S, G>(a, t, b, j, in, acc, hp, h_next, TG ? nullptr : op_next);
       if constexpr (TG)
         detail::store_relaxed(tg_next + b * Kp + j,
                               (static_cast<unsigned int>(t & 0xFFFF) << 16) | half_bits(from_acc<S>(h)));
+    };
+#pragma unroll
+    for (int i = 0; i < PF; ++i) {
+      if (tid + i * nthr < nj * nb) element(tid + i * nthr, pre[i], pre_h[i]);
+    }
+    for (int64_t p = tid + PF * nthr; p < nj * nb; p += nthr) {  // past the prefetched elements
+      const int64_t jj = p / nb, b = r0 + (p - jj * nb);
+      detail::ForwardElementInputs<C, G> in;
+      detail::load_forward_inputs<S, G>(a, t, b, j0 + jj, &in);
+      element(p, in, h_prev[b * H + j0 + jj]);
     }
     if constexpr (TG) {
       __syncthreads();  // the partial sums are read before the next step writes them
@@ -327,6 +365,68 @@ auto kernel_for(int64_t m_tiles, int64_t kpw, bool tagged) -> void (*)(Recurrenc
   if (m_tiles == 3) return kernel_for_kpw<S, G, 3, false>(kpw);
   return kernel_for_kpw<S, G, 4, false>(kpw);
 }
+
+// Phase 1 of the tensor-core backwards (the block and the cluster kernel): the gate gradients of
+// the block's units for every row (persistent_backward_element), with
+//   * the carried dh of those units in shared memory (dh_s, [B][units + 1] floats: phase 2 adds
+//     its sums there, so phase 1 reads it without a round trip to L2; copied in from a.dh at the
+//     start and out at the end),
+//   * the step's other inputs (load_backward_inputs) of this thread's first kBwdPrefetch elements
+//     loaded during the previous step's product (prefetch(t - 1) right after the grid barrier of
+//     step t), so that phase 1 starts with them in registers.
+// Element p: row b = p / nj, unit j0 + p % nj (consecutive threads: consecutive units of one row).
+template <typename S, int G>
+struct BackwardPhase1 {
+  using C = acc_t<S>;
+  const RecurrencePersistentBwd& a;
+  const int64_t j0, nj, J;
+  float* const dh_s;
+  const int tid, nthr;
+  detail::BackwardElementInputs<C, G> pre[kBwdPrefetch];
+
+  FASTSEQ_DEVICE float* dh_at(int64_t p) const {
+    const int64_t b = p / nj;
+    return dh_s + b * (J + 1) + (p - b * nj);
+  }
+
+  FASTSEQ_DEVICE void prefetch(int64_t t) {
+#pragma unroll
+    for (int i = 0; i < kBwdPrefetch; ++i) {
+      const int64_t p = tid + i * nthr;
+      if (p < a.B * nj) detail::load_backward_inputs<S, G>(a, t, p / nj, j0 + p % nj, &pre[i]);
+    }
+  }
+
+  // Before the first step: dh in, step T-1's inputs on their way.
+  FASTSEQ_DEVICE void start() {
+    const float* dh = static_cast<const float*>(a.dh);
+    for (int64_t p = tid; p < a.B * nj; p += nthr) *dh_at(p) = dh[(p / nj) * a.H + j0 + p % nj];
+    if (a.T > 0) prefetch(a.T - 1);
+  }
+
+  // Step t; op_t: the product operand dG[t] (row pitch Kp).
+  FASTSEQ_DEVICE void run(int64_t t, S* op_t, int64_t Kp) {
+#pragma unroll
+    for (int i = 0; i < kBwdPrefetch; ++i) {
+      const int64_t p = tid + i * nthr;
+      if (p < a.B * nj)
+        detail::persistent_backward_element<S, G>(a, t, p / nj, j0 + p % nj, pre[i], dh_at(p), op_t + (p / nj) * Kp);
+    }
+    for (int64_t p = tid + kBwdPrefetch * nthr; p < a.B * nj; p += nthr) {  // past the prefetched elements
+      detail::BackwardElementInputs<C, G> in;
+      detail::load_backward_inputs<S, G>(a, t, p / nj, j0 + p % nj, &in);
+      detail::persistent_backward_element<S, G>(a, t, p / nj, j0 + p % nj, in, dh_at(p), op_t + (p / nj) * Kp);
+    }
+  }
+
+  // After the last step (phase 2's sums of step 0 added by other threads): dh out.
+  FASTSEQ_DEVICE void finish() {
+    __syncthreads();
+    float* dh = static_cast<float*>(a.dh);
+    for (int64_t p = tid; p < a.B * nj; p += nthr) dh[(p / nj) * a.H + j0 + p % nj] = *dh_at(p);
+  }
+};
+
 
 // The backward (t = T-1 .. 0; kernels.h, "The tensor-core persistent backward").
 // Block k owns units j in [k * units, (k + 1) * units) and keeps W_hh^T's rows of
@@ -373,17 +473,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
     const int64_t jj = idx / wp, r = idx - jj * wp;
     w_s[idx] = jj < nj && r < GH ? w[r * H + j0 + jj] : from_acc<S>(0.0f);
   }
-  float* dh = static_cast<float*>(a.dh);
   S* dg_op = static_cast<S*>(a.dg_op);
+  float* dh_s = red + active_warps * MR * rp;  // [B][J + 1]: the carried dh of this block's units
+  BackwardPhase1<S, G> phase1{a, j0, nj, J, dh_s, tid, nthr, {}};
+  phase1.start();
 
   for (int64_t t = T - 1; t >= 0; --t) {
     __syncthreads();  // phase 2 of step t+1 (and the slice) done by this block's threads
     S* op_t = dg_op + (t & 1) * Bp * Kp;
-    for (int64_t p = tid; p < B * nj; p += nthr) {
-      const int64_t b = p / nj, j = j0 + (p - b * nj);
-      detail::persistent_backward_element<S, G>(a, t, b, j, op_t + b * Kp);
-    }
+    phase1.run(t, op_t, Kp);
     grid_sync();  // all of dG[t] written before any block reads it
+    if (t > 0) phase1.prefetch(t - 1);  // step t-1's inputs, on their way during this step's product
     if (nj == 0) continue;
     if (warp < active_warps) {
       // kBwdBatchTiles batch tiles at a time, so that each W^T tile is read from shared
@@ -427,9 +527,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
       const int64_t jj = p / B, b = p - jj * B;  // consecutive threads: consecutive rows b of the partials
       float sum = 0.0f;
       for (int64_t w8 = 0; w8 < active_warps; ++w8) sum += red[(w8 * MR + jj) * rp + b];
-      dh[b * H + j0 + jj] += sum;
+      dh_s[b * (J + 1) + jj] += sum;
     }
   }
+  phase1.finish();
 #endif
 }
 
@@ -498,17 +599,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
     const int64_t n = idx / ldw, kk = idx - n * ldw, r = kr0 * kTile + kk;
     w_s[idx] = n < nc && kk < nkr * kTile && r < GH ? w[r * H + c0 + n] : from_acc<S>(0.0f);
   }
-  float* dh = static_cast<float*>(a.dh);
   S* dg_op = static_cast<S*>(a.dg_op);
+  float* dh_s = red + kparts * MR * rp;  // [B][J + 1]: the carried dh of this block's units
+  BackwardPhase1<S, G> phase1{a, j0, nj, J, dh_s, tid, nthr, {}};
+  phase1.start();
 
   for (int64_t t = T - 1; t >= 0; --t) {
     __syncthreads();  // this block's reads of dh (step t+1) done; the slice written
     S* op_t = dg_op + (t & 1) * Bp * Kp;
-    for (int64_t p = tid; p < B * nj; p += nthr) {
-      const int64_t b = p / nj, j = j0 + (p - b * nj);
-      detail::persistent_backward_element<S, G>(a, t, b, j, op_t + b * Kp);
-    }
+    phase1.run(t, op_t, Kp);
     grid_sync();  // all of dG[t] written before any block reads it
+    if (t > 0) phase1.prefetch(t - 1);  // step t-1's inputs, on their way during this step's product
     if (part < kparts) {
       for (int64_t n0 = 0; n0 < Bp; n0 += kBwdBatchTiles * kTile) {
         const int64_t nt = (Bp - n0) / kTile < kBwdBatchTiles ? (Bp - n0) / kTile : kBwdBatchTiles;
@@ -544,9 +645,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1)
         const float* rr = detail::cluster_map(red, static_cast<unsigned int>(r));
         for (int64_t pp = 0; pp < kparts; ++pp) sum += rr[(pp * MR + n) * rp + b];
       }
-      dh[b * H + j0 + jj] += sum;
+      dh_s[b * (J + 1) + jj] += sum;
     }
   }
+  phase1.finish();
   detail::cluster_sync();  // no block exits while another may still read its shared memory
 #endif
 }
@@ -783,9 +885,10 @@ cudaError_t plan_bwd_impl(int64_t B, int64_t H, int64_t blocks, RecurrencePersis
   const int64_t kpw = cdiv(kt, kMmaWarps);
   const int64_t rows = cdiv(B, kTile) * kTile;
   const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, operand_pitch(ld), sizeof(S)) +
-                       cdiv(kt, kpw) * m_tiles * kTile * partial_pitch(rows) * static_cast<int64_t>(sizeof(float));
+                       cdiv(kt, kpw) * m_tiles * kTile * partial_pitch(rows) * static_cast<int64_t>(sizeof(float)) +
+                       mma_bwd_dh_bytes(units, B);
   if (smem > smem_optin) {
-    plan->reason = "the W_hh^T slice and the partial sums of the batch do not fit a block's shared memory";
+    plan->reason = "the W_hh^T slice, the partial sums and the carried dh of the batch do not fit a block's shared memory";
     return cudaSuccess;
   }
   return finish_plan(reinterpret_cast<const void*>(bwd_kernel_for<S, G>(m_tiles)), sms, nblk, units, rows, smem,
@@ -848,9 +951,10 @@ cudaError_t plan_cluster_bwd_impl(int64_t B, int64_t H, int64_t blocks, int64_t 
     const int64_t ktr = cdiv(kt, cl);
     const int64_t smem = mma_bwd_slice_bytes(m_tiles * kTile, operand_pitch(ktr * kTile), sizeof(S)) +
                          (kMmaWarps / m_tiles) * m_tiles * kTile * partial_pitch(rows) *
-                             static_cast<int64_t>(sizeof(float));
+                             static_cast<int64_t>(sizeof(float)) +
+                         mma_bwd_dh_bytes(units, B);
     if (smem > smem_optin) {
-      plan->reason = "the W_hh^T slice and the partial sums of the batch do not fit a block's shared memory";
+      plan->reason = "the W_hh^T slice, the partial sums and the carried dh of the batch do not fit a block's shared memory";
       continue;
     }
     const int64_t grid = cdiv(nblk, cl) * cl;
