@@ -43,6 +43,20 @@ from fastseq.ops.triton_utils import L2_BYTES_PER_S, L2_BYTES_PER_S_PER_CTA, gpu
 
 LAUNCH_GAP_S = 1.0e-6  # between dependent kernels in one stream (assumption)
 GATES_S = 0.4e-6  # gate math and stores after the last product (assumption)
+# GATES_S split in two (v0.16; assumptions): the round trip of the step's inputs that the epilogue
+# loads after the product (gi, b_hh, c and h of t-1; the backward's saved gates, grad_hs, hs / cs),
+# issued together: one L2 round trip (a gi read that misses L2, as at T 1024, costs an HBM one, more),
+# and what is left: the partial sums from shared memory, the gate formulas' dependent chain
+# (~150 cycles) and the stores' issue. A kernel that loads the inputs ahead of the product
+# (the CUDA persistent kernels since v0.16) pays only GATE_MATH_S, as long as the work between the
+# loads and their use takes at least INPUT_LOAD_S.
+INPUT_LOAD_S = 0.3e-6
+GATE_MATH_S = GATES_S - INPUT_LOAD_S
+# Elements (row, unit) per thread whose inputs the kernels load ahead (persistent_mma_kernels.cu:
+# kPrefetch, kBwdPrefetch).
+PREFETCH_ELEMENTS = 3
+BWD_PREFETCH_ELEMENTS = 4
+THREADS = 256  # per block of the CUDA persistent kernels
 
 # The W-resident persistent kernel (assumptions until a GPU measures them):
 BARRIER_S = 0.7e-6  # per-row-block atomic barrier among <= 132 CTAs: release add + acquire poll via L2
@@ -165,8 +179,19 @@ def vs_cudnn(kind: str, B: int, H: int, cudnn_s: float, *step_s: float) -> str:
     return "**" + " / ".join(f"{s / cudnn_s:.2f}×" for s in step_s) + "**"
 
 
+def epilogue_s(elements: int, slots: int, cover_s: float) -> float:
+    """The gate term of a persistent step whose block applies the gates to ``elements`` (row,
+    unit) pairs with :data:`THREADS` threads: :data:`GATES_S` when the inputs are loaded after the
+    product (``slots`` 0, or more elements per thread than ``slots``, the ones whose inputs are
+    loaded ahead); else :data:`GATE_MATH_S` plus whatever of :data:`INPUT_LOAD_S` the work between
+    the loads and their use (``cover_s``) does not hide."""
+    if slots == 0 or -(-elements // THREADS) > slots:
+        return GATES_S
+    return GATE_MATH_S + max(0.0, INPUT_LOAD_S - cover_s)
+
+
 def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] = None,
-             split_batch: bool = True, tagged: bool = False) -> Dict[str, float]:
+             split_batch: bool = True, tagged: bool = False, prefetch: bool = True) -> Dict[str, float]:
     """The modelled forward step of the CUDA tensor-core persistent kernel, every term in seconds.
 
     Blocks as ``recurrence_persistent_mma_plan`` picks them by default: while the padded batch
@@ -186,7 +211,10 @@ def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] 
       :data:`TENSOR_FLOPS_PER_SM`;
     * ``smem_s``: the partial sums, ``warps·MR·Bp`` fp32 stored and ``warps·G·units·B`` read,
       over :data:`SMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ` (W costs no shared memory per step);
-    * ``gates_s``: :data:`GATES_S`.
+    * ``gates_s``: :func:`epilogue_s` with the product's terms (``l2_s + mma_s + smem_s``) as the
+      cover: the kernel loads the inputs of its first :data:`PREFETCH_ELEMENTS` elements per thread
+      before the product (v0.16; not the tagged kernels with 8 k-tiles per warp, short of
+      registers); ``prefetch=False``: after it, as up to v0.15 (:data:`GATES_S`).
 
     ``tagged``: the tagged exchange (``FASTSEQ_CUDA_PERSISTENT_SYNC=tagged``, NOTES v0.15): blocks
     of at most ``32 // G`` units whatever the batch; no grid barrier but :data:`TAGGED_WAIT_S`
@@ -231,10 +259,12 @@ def mma_step(kind: str, B: int, H: int, elem: int = 2, row_tiles: Optional[int] 
     smem_bytes = warps * mr * rows * 4 + warps * G * units * real_rows * 4 + (2 * rows * kp * elem if tagged else 0)
     smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
     barrier_s = TAGGED_WAIT_S if tagged else BARRIER_S
-    step_s = barrier_s + l2_s + mma_s + smem_s + GATES_S
+    slots = 0 if not prefetch or (tagged and kpw > 4) else PREFETCH_ELEMENTS
+    gates_s = epilogue_s(units * real_rows, slots, l2_s + mma_s + smem_s)
+    step_s = barrier_s + l2_s + mma_s + smem_s + gates_s
     return {"ctas": ctas, "row_tiles": tiles, "rows_per_tile": rows, "units": units, "m_tiles": m_tiles,
             "k_tiles_per_warp": kpw, "warps": warps, "h_op_bytes": h_op, "smem_bytes": smem_bytes,
-            "barrier_s": barrier_s, "l2_s": l2_s, "mma_s": mma_s, "smem_s": smem_s, "gates_s": GATES_S,
+            "barrier_s": barrier_s, "l2_s": l2_s, "mma_s": mma_s, "smem_s": smem_s, "gates_s": gates_s,
             "step_s": step_s}
 
 
@@ -242,20 +272,21 @@ def mma_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64
     """The table of :func:`mma_step` (bf16) with the plan's row tiles (NOTES v0.14), next to the
     v0.9 layout's step (one tile: ``split_batch=False``)."""
     lines = ["| layer | B | H | row tiles × blocks × units (k-tiles per warp) | barrier µs | L2 µs (h rows KB) "
-             f"| MMA µs | partial sums µs | gates µs | **step µs** | v0.9 layout µs | T = {T} forward, ms "
-             f"| ÷ cuDNN's {CUDNN_LSTM_B16_H768_S * 1e6:.2f} µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| MMA µs | partial sums µs | gates µs | **step µs** | inputs after the product (v0.15) µs "
+             f"| v0.9 layout µs | T = {T} forward, ms | ÷ cuDNN's {CUDNN_LSTM_B16_H768_S * 1e6:.2f} µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m = mma_step(kind, B, H)
-            one = mma_step(kind, B, H, split_batch=False)
+            late = mma_step(kind, B, H, prefetch=False)
+            one = mma_step(kind, B, H, split_batch=False, prefetch=False)
             vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_S, m["step_s"])
             lines.append(f"| {kind.upper()} | {B} | {H} | {m['row_tiles']} × {m['ctas'] // m['row_tiles']} × "
                          f"{m['units']} ({m['k_tiles_per_warp']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} ({m['h_op_bytes'] / 1024:.0f}) | "
                          f"{m['mma_s'] * 1e6:.2f} | {m['smem_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
-                         f"**{m['step_s'] * 1e6:.2f}** | {one['step_s'] * 1e6:.2f} | {m['step_s'] * T * 1e3:.2f} | "
-                         f"{vs} |")
+                         f"**{m['step_s'] * 1e6:.2f}** | {late['step_s'] * 1e6:.2f} | {one['step_s'] * 1e6:.2f} | "
+                         f"{m['step_s'] * T * 1e3:.2f} | {vs} |")
     return lines
 
 
@@ -279,7 +310,7 @@ def mma_tagged_table(sizes=((8, 512), (16, 256), (16, 512), (16, 768), (16, 1024
     return lines
 
 
-def mma_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
+def mma_backward_step(kind: str, B: int, H: int, elem: int = 2, prefetch: bool = True) -> Dict[str, float]:
     """The modelled backward step of the CUDA tensor-core persistent backward, every term in seconds.
 
     Blocks as ``recurrence_persistent_mma_backward_plan`` picks them by default: 16
@@ -295,7 +326,10 @@ def mma_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, flo
       (``16·Kp·elem·cdiv(Bp, 64)``), plus the partial sums (``warps·16·Bp`` fp32 stored,
       ``warps·units·B`` read), over :data:`SMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ`;
     * ``mma_s``: ``2·16·Bp·Kp`` FLOP at :data:`MMA_SYNC_FRACTION` of :data:`TENSOR_FLOPS_PER_SM`;
-    * ``gates_s``: :data:`GATES_S` (phase 1's gate-gradient math).
+    * ``gates_s``: phase 1's gate-gradient math: :func:`epilogue_s`, the inputs of the first
+      :data:`BWD_PREFETCH_ELEMENTS` elements per thread loaded during the previous step's product
+      (``l2_s + smem_s + mma_s`` its cover) and the carried dh in shared memory (v0.16);
+      ``prefetch=False``: loaded after the barrier, as up to v0.15 (:data:`GATES_S`).
 
     Added, not overlapped, as in :func:`mma_step`.
     """
@@ -313,27 +347,30 @@ def mma_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, flo
     smem_bytes = 16 * kp * elem * -(-bp // 64) + warps * 16 * bp * 4 + warps * units * B * 4
     smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
     mma_s = 2 * 16 * bp * kp / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
-    step_s = BARRIER_S + l2_s + smem_s + mma_s + GATES_S
+    gates_s = epilogue_s(B * units, BWD_PREFETCH_ELEMENTS if prefetch else 0, l2_s + smem_s + mma_s)
+    step_s = BARRIER_S + l2_s + smem_s + mma_s + gates_s
     return {"ctas": ctas, "units": units, "k_tiles_per_warp": kpw, "warps": warps, "dg_op_bytes": dg_op,
             "smem_bytes": smem_bytes, "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s,
-            "gates_s": GATES_S, "step_s": step_s}
+            "gates_s": gates_s, "step_s": step_s}
 
 
 def mma_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)),
                        T: int = 128) -> List[str]:
     """The NOTES v0.13 table of :func:`mma_backward_step` (bf16)."""
     lines = ["| layer | B | H | blocks × units (k-tiles per warp) | barrier µs | L2 µs (dG operand KB) | "
-             f"W^T + partial sums from smem µs | MMA µs | gates µs | **step µs** | T = {T} backward, ms "
-             f"| ÷ cuDNN's {CUDNN_LSTM_B16_H768_BWD_S * 1e6:.2f} µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"W^T + partial sums from smem µs | MMA µs | gates µs | **step µs** | inputs after the barrier "
+             f"(v0.15) µs | T = {T} backward, ms | ÷ cuDNN's {CUDNN_LSTM_B16_H768_BWD_S * 1e6:.2f} µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m = mma_backward_step(kind, B, H)
+            late = mma_backward_step(kind, B, H, prefetch=False)
             vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_BWD_S, m["step_s"])
             lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} × {m['units']} ({m['k_tiles_per_warp']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} ({m['dg_op_bytes'] / 1024:.0f}) | "
                          f"{m['smem_s'] * 1e6:.2f} | {m['mma_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
-                         f"**{m['step_s'] * 1e6:.2f}** | {m['step_s'] * T * 1e3:.2f} | {vs} |")
+                         f"**{m['step_s'] * 1e6:.2f}** | {late['step_s'] * 1e6:.2f} | {m['step_s'] * T * 1e3:.2f} | "
+                         f"{vs} |")
     return lines
 
 
@@ -353,7 +390,7 @@ def cluster_size(H: int, units: int = 16) -> int:
     return 1
 
 
-def mma_cluster_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
+def mma_cluster_backward_step(kind: str, B: int, H: int, elem: int = 2, prefetch: bool = True) -> Dict[str, float]:
     """The modelled backward step of the cluster backward (csrc/cuda/persistent_mma_kernels.cu,
     bench/NOTES.md v0.14), every term in seconds: :func:`mma_backward_step`'s blocks (16 units
     each) in clusters of :func:`cluster_size`, each rank holding ``ktr = cdiv(kt, CL)`` k-tiles
@@ -369,12 +406,13 @@ def mma_cluster_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[
     * ``cluster_barrier_s``: :data:`CLUSTER_BARRIER_S`;
     * ``dsmem_s``: the other ranks' partial sums of the block's units
       (``units·B·(CL-1)·kparts`` fp32) over :data:`DSMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ`;
-    * ``gates_s``: :data:`GATES_S`.
+    * ``gates_s``: as :func:`mma_backward_step`'s, the cover being everything from the grid
+      barrier to phase 1 (``l2_s + smem_s + mma_s + cluster_barrier_s + dsmem_s``).
 
     Added, not overlapped. With clusters of 1 (H < 32) this is the block kernel's model."""
     G = 3 if kind == "gru" else 4
     if cluster_size(H) == 1:
-        m = mma_backward_step(kind, B, H, elem)
+        m = mma_backward_step(kind, B, H, elem, prefetch)
         return {**m, "cluster": 1, "cluster_barrier_s": 0.0, "dsmem_s": 0.0}
     units = 16
     size = cluster_size(H, units)
@@ -394,11 +432,13 @@ def mma_cluster_backward_step(kind: str, B: int, H: int, elem: int = 2) -> Dict[
     mma_s = 2 * mr * bp * 16 * ktr / (MMA_SYNC_FRACTION * TENSOR_FLOPS_PER_SM)
     dsmem_bytes = units * B * (size - 1) * kparts * 4
     dsmem_s = dsmem_bytes / (DSMEM_BYTES_PER_CLOCK * CLOCK_HZ)
-    step_s = BARRIER_S + l2_s + smem_s + mma_s + CLUSTER_BARRIER_S + dsmem_s + GATES_S
+    gates_s = epilogue_s(B * units, BWD_PREFETCH_ELEMENTS if prefetch else 0,
+                         l2_s + smem_s + mma_s + CLUSTER_BARRIER_S + dsmem_s)
+    step_s = BARRIER_S + l2_s + smem_s + mma_s + CLUSTER_BARRIER_S + dsmem_s + gates_s
     return {"ctas": ctas, "cluster": size, "units": units, "m_tiles": m_tiles, "k_tiles_per_rank": ktr,
             "dg_slice_bytes": dg_slice, "dsmem_bytes": dsmem_bytes, "smem_bytes": smem_bytes,
             "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s,
-            "cluster_barrier_s": CLUSTER_BARRIER_S, "dsmem_s": dsmem_s, "gates_s": GATES_S, "step_s": step_s}
+            "cluster_barrier_s": CLUSTER_BARRIER_S, "dsmem_s": dsmem_s, "gates_s": gates_s, "step_s": step_s}
 
 
 def mma_cluster_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)),
@@ -406,19 +446,21 @@ def mma_cluster_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512
     """The NOTES v0.14 table of :func:`mma_cluster_backward_step` (bf16), next to the block kernel's step."""
     lines = ["| layer | B | H | blocks (cluster × k-tiles per rank) | barriers µs (grid + cluster) | "
              "L2 µs (dG slice KB) | W^T + partial sums from smem µs | MMA µs | DSMEM µs (KB) | gates µs | "
-             f"**step µs** | block kernel µs | T = {T} backward, ms | "
+             f"**step µs** | inputs after the barrier (v0.15) µs | block kernel µs | T = {T} backward, ms | "
              f"÷ cuDNN's {CUDNN_LSTM_B16_H768_BWD_S * 1e6:.2f} µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m = mma_cluster_backward_step(kind, B, H)
+            late = mma_cluster_backward_step(kind, B, H, prefetch=False)
             old = mma_backward_step(kind, B, H)
             vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_BWD_S, m["step_s"])
             lines.append(f"| {kind.upper()} | {B} | {H} | {m['ctas']} ({m['cluster']} × {m['k_tiles_per_rank']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} + {m['cluster_barrier_s'] * 1e6:.2f} | "
                          f"{m['l2_s'] * 1e6:.2f} ({m['dg_slice_bytes'] / 1024:.0f}) | {m['smem_s'] * 1e6:.2f} | "
                          f"{m['mma_s'] * 1e6:.2f} | {m['dsmem_s'] * 1e6:.2f} ({m['dsmem_bytes'] / 1024:.0f}) | "
-                         f"{m['gates_s'] * 1e6:.2f} | **{m['step_s'] * 1e6:.2f}** | {old['step_s'] * 1e6:.2f} | "
+                         f"{m['gates_s'] * 1e6:.2f} | **{m['step_s'] * 1e6:.2f}** | {late['step_s'] * 1e6:.2f} | "
+                         f"{old['step_s'] * 1e6:.2f} | "
                          f"{m['step_s'] * T * 1e3:.2f} | {vs} |")
     return lines
 

@@ -179,6 +179,39 @@ def test_mma_tagged_step_model_trades_the_barrier_for_bytes():
     assert len(step_model.mma_tagged_table()) == 18
 
 
+def test_step_model_inputs_loaded_ahead_of_the_product():
+    """bench/step_model.py (bench/NOTES.md v0.16): the persistent kernels load the step inputs that
+    do not depend on the product ahead of it, so their gate term is GATE_MATH_S where each thread
+    has at most the prefetched number of elements and the product phase hides INPUT_LOAD_S, and
+    GATES_S (v0.15's, the inputs loaded after the product) where it has more or the kernel loads
+    none ahead (the tagged kernels with 8 k-tiles per warp); GATES_S is the sum of the two parts."""
+    checkout_bench()
+    from fastseq.bench import step_model as m
+
+    assert m.GATES_S == pytest.approx(m.INPUT_LOAD_S + m.GATE_MATH_S) and m.GATE_MATH_S > 0
+    assert m.epilogue_s(256 * 3, 3, 1e-6) == pytest.approx(m.GATE_MATH_S)
+    assert m.epilogue_s(256 * 3 + 1, 3, 1e-6) == m.GATES_S  # a 4th element per thread: loaded after
+    assert m.epilogue_s(10, 0, 1e-6) == m.GATES_S
+    assert m.epilogue_s(10, 3, 0.1e-6) == pytest.approx(m.GATE_MATH_S + m.INPUT_LOAD_S - 0.1e-6)
+    for kind in ("gru", "lstm"):
+        for B, H in ((16, 512), (16, 768), (64, 768)):
+            new, old = m.mma_step(kind, B, H), m.mma_step(kind, B, H, prefetch=False)
+            assert old["gates_s"] == m.GATES_S and new["gates_s"] == pytest.approx(m.GATE_MATH_S)
+            assert old["step_s"] - new["step_s"] == pytest.approx(m.INPUT_LOAD_S)
+            for f in (m.mma_backward_step, m.mma_cluster_backward_step):
+                new, old = f(kind, B, H), f(kind, B, H, prefetch=False)
+                assert old["gates_s"] == m.GATES_S and new["gates_s"] == pytest.approx(m.GATE_MATH_S)
+        # 16 units x 80 rows of one tile: 5 elements per thread, past the 3 loaded ahead.
+        assert m.mma_step(kind, 72, 16, row_tiles=1)["gates_s"] == m.GATES_S
+        # The tagged kernels with 8 k-tiles per warp load nothing ahead (registers), those with 4 do.
+        assert m.mma_step(kind, 16, 1024, tagged=True)["gates_s"] == m.GATES_S
+        assert m.mma_step(kind, 16, 512, tagged=True)["gates_s"] == pytest.approx(m.GATE_MATH_S)
+    # At the one size with a published cuDNN figure, the model's verdict (a prediction):
+    fwd, bwd = m.mma_step("lstm", 16, 768)["step_s"], m.mma_cluster_backward_step("lstm", 16, 768)["step_s"]
+    assert fwd / m.CUDNN_LSTM_B16_H768_S == pytest.approx(0.89, abs=0.01)
+    assert bwd / m.CUDNN_LSTM_B16_H768_BWD_S == pytest.approx(0.90, abs=0.01)
+
+
 def test_ablation_summary_reads_run_logs(tmp_path):
     """bench/ablation.py: BLEU by update, the cumulative target tokens and training
     seconds at each evaluation, the first update reaching the threshold, and the

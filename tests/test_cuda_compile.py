@@ -611,7 +611,7 @@ def test_emulated_persistent_sync_setting(emu, monkeypatch):
 # rows), blocks of up to 64 / G units (4 W tiles); 3 tiles asked of B 20 (2 tiles of 16: no empty
 # tile); 2 asked of B 6 (one tile of 16, blocks of up to 64 / G units: 3 W tiles of 11 units);
 # B 64 split by default into 2 tiles of 32 at H 136 (two k-tiles per warp); one tile of B 72 asked
-# (80 padded rows, one block of 16 units: 1,152 elements for 256 threads, past the 2 per thread whose
+# (80 padded rows, one block of 16 units: 1,152 elements for 256 threads, past the 3 per thread whose
 # inputs the kernel loads before the product).
 _MMA_ROW_TILE_GRIDS = ((None, None, 40, 40, 2, 32), (None, "3", 20, 20, 2, 16), (3, "2", 33, 6, 1, 16),
                        (None, None, 136, 64, 2, 32), (None, "1", 16, 72, 1, 80))
@@ -762,9 +762,9 @@ def test_emulated_smem_bank_model(emu):
 # last with 8 units); one block of 7 units; blocks that own no unit; 2 W^T tiles (20 units, one
 # block) with two 16-row batch tiles; 7-unit blocks with two k-tiles per warp (K = G * H = 135 / 180
 # -> 9 / 12 k-tiles over 8 warps) and one with 3 (LSTM H = 100 on 4 blocks: 25 k-tiles); one block
-# of 16 units for B 40 (640 elements for 256 threads, past the 2 per thread whose inputs the kernel
-# loads during the previous step's product).
-_MMA_BWD_GRIDS = ((None, 40, 6), (1, 7, 6), (8, 5, 6), (1, 20, 20), (7, 45, 4), (4, 100, 3), (1, 16, 40))
+# of 16 units for B 72 (1,152 elements for 256 threads, past the 4 per thread whose inputs the
+# kernel loads during the previous step's product).
+_MMA_BWD_GRIDS = ((None, 40, 6), (1, 7, 6), (8, 5, 6), (1, 20, 20), (7, 45, 4), (4, 100, 3), (1, 16, 72))
 
 
 @pytest.mark.slow
@@ -794,7 +794,7 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
             monkeypatch.setenv("FASTSEQ_CUDA_PERSISTENT_BLOCKS", str(blocks))
         units = -(-H // blocks) if blocks else min(H, 16)
         owning = -(-H // units)
-        lengths_cases = (torch.tensor([3, 4, 1, 4, 2, 0, 1, 2, 3, 4, 4, 1, 3, 2, 2, 1, 3, 4, 4, 2] * 2)[:B], None)
+        lengths_cases = (torch.tensor([3, 4, 1, 4, 2, 0, 1, 2, 3, 4, 4, 1, 3, 2, 2, 1, 3, 4, 4, 2] * 4)[:B], None)
         for T in (4, 1):
             for i, lengths in enumerate(lengths_cases):
                 bias = (i + k) % 2 == 0
@@ -832,9 +832,9 @@ def test_emulated_persistent_mma_backward(emu, cell, dt_name, monkeypatch):
 # 28: 2 k-tiles, so ranks 2 and 3 hold none; 8 warps split each rank's tile); 7 blocks of 15
 # units in clusters of 2 (K = 300 / 400: 19 / 25 k-tiles, odd splits); one block of 5 units in a
 # cluster of 8 (7 blocks without units, 3 m-tiles: 2 of the 8 warps idle); 2 blocks of 16 units
-# in a cluster of 2 for B 40 (640 elements per block, past the 2 per thread prefetched).
+# in a cluster of 2 for B 72 (1,152 elements per block, past the 4 per thread prefetched).
 _MMA_CLUSTER_GRIDS = ((None, "auto", 40, 6, 2), (None, None, 130, 20, 8), (3, "4", 7, 6, 4),
-                      (7, "2", 100, 3, 2), (1, "8", 5, 4, 8), (2, "2", 32, 40, 2))
+                      (7, "2", 100, 3, 2), (1, "8", 5, 4, 8), (2, "2", 32, 72, 2))
 
 
 @pytest.mark.slow
@@ -865,7 +865,7 @@ def test_emulated_persistent_mma_cluster_backward(emu, cell, dt_name, monkeypatc
         units = -(-H // blocks) if blocks else -(-H // -(-H // 16))
         grid = -(-(blocks or -(-H // units)) // size) * size
         clusters = grid // size
-        lengths_cases = (torch.tensor([3, 1, 0, 2, 3, 1, 2, 3, 3, 1, 2, 0, 3, 2, 1, 1, 3, 2, 3, 2] * 2)[:B], None)
+        lengths_cases = (torch.tensor([3, 1, 0, 2, 3, 1, 2, 3, 3, 1, 2, 0, 3, 2, 1, 1, 3, 2, 3, 2] * 4)[:B], None)
         for T in (3, 1):
             for i, lengths in enumerate(lengths_cases):
                 bias = (i + k) % 2 == 0

@@ -100,6 +100,8 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_fwd_kernel(Rec
         const int64_t jj = p / nb, bb = p - jj * nb;
         const int64_t b = b0 + bb, j = j0 + jj;
         const C* hrow = h_s + bb * hld;
+        detail::ForwardElementInputs<C, G> in;  // loaded before the product: in flight during it
+        detail::load_forward_inputs<S, G>(a, t, b, j, &in);
         C acc[G];
 #pragma unroll
         for (int g = 0; g < G; ++g) acc[g] = C(0);
@@ -108,8 +110,6 @@ __global__ void __launch_bounds__(kThreads) recurrence_persistent_fwd_kernel(Rec
 #pragma unroll
           for (int g = 0; g < G; ++g) acc[g] += ld(w_s + (g * J + jj) * H + k) * hk;
         }
-        detail::ForwardElementInputs<C, G> in;
-        detail::load_forward_inputs<S, G>(a, t, b, j, &in);
         detail::persistent_forward_element<S, G>(a, t, b, j, in, acc, hrow[j], h_next, nullptr);
       }
     }

@@ -30,7 +30,10 @@
 //   * __syncthreads, then one thread per (row b, unit jj) sums the warps'
 //     partials of its G gates and runs detail::persistent_forward_element (the
 //     gate formulas of gates.cuh; it also writes h_t in the storage dtype to
-//     h_op[t & 1] for the next step's product);
+//     h_op[t & 1] for the next step's product); the element's other inputs (gi,
+//     b_hh, lengths, c and h of t-1: detail::load_forward_inputs) were loaded at
+//     the top of the step, before the product, for the thread's first kPrefetch
+//     elements, so their round trip to L2 / HBM overlaps the product;
 //   * a grid barrier, then the next step.
 //
 // Why one barrier per step is enough: step t reads h_op[(t-1) & 1] and writes
@@ -103,12 +106,13 @@ constexpr int kTile = 16;
 constexpr int kBwdBatchTiles = 4;        // the backward's 16-row batch tiles per pass over W^T
 constexpr int64_t kBwdDefaultUnits = 16; // the backward's units per block: one 16-row tile of W_hh^T
 // The forward's elements (row, unit) per thread whose step inputs are loaded before the product
-// (2: every plan with blocks of <= 32 / G units for <= 32 rows, or <= 64 / G units for 32 rows of
-// the LSTM, has at most 2 per thread of the 256; others load the rest after the product).
-constexpr int kPrefetch = 2;
+// (3: the default plans up to B 64, blocks of <= 32 / G units for <= 32 rows or of <= 64 / G units
+// for 32 rows, have at most 3 per thread of the 256; past them, the inputs are loaded after the
+// product).
+constexpr int kPrefetch = 3;
 // The backward's elements (row, unit) per thread whose step inputs are loaded during the previous
-// step's product (2: B <= 32 with 16-unit blocks).
-constexpr int kBwdPrefetch = 2;
+// step's product (4: B <= 64 with the default 16-unit blocks).
+constexpr int kBwdPrefetch = 4;
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FASTSEQ_MMA_AVAILABLE 1
@@ -433,7 +437,9 @@ struct BackwardPhase1 {
 // them, w_s[jj][r] = W_hh[r][j0 + jj] for r < G*H, zero-padded to [16 * MT, ld_op],
 // in shared memory for all T steps. Per step:
 //   phase 1: dG[t] of its units for every row (persistent_backward_element: dg,
-//     dg_s, dh, dc and the product operand dg_op[t & 1] in the storage dtype);
+//     dg_s, dh, dc and the product operand dg_op[t & 1] in the storage dtype;
+//     BackwardPhase1: the step's inputs loaded during step t+1's product, the
+//     carried dh of the block's units in shared memory);
 //   grid barrier: all of dG[t] written;
 //   phase 2: warp w multiplies its k-tiles [w * kpw, (w + 1) * kpw) of w_s (matrix_a,
 //     row major, loaded from shared memory once per 64 batch rows) by the
@@ -441,7 +447,7 @@ struct BackwardPhase1 {
 //     batch rows, from global memory / L2) for up to 4 tiles of 16 batch rows
 //     at a time, float32 accumulation in registers; the partial
 //     sums [16 * MT, rows_op] go to shared memory after the slice, and one thread
-//     per (unit jj, row b) adds the warps' sums to dh[b, j0 + jj].
+//     per (unit jj, row b) adds the warps' sums to the carried dh (dh_s).
 // One barrier per step is enough: phase 1 of step t-1 writes dg_op[(t-1) & 1],
 // not the dg_op[t & 1] that slower blocks may still read in phase 2 of step t,
 // and it cannot reach step t-2 (which rewrites dg_op[t & 1]) before every block
@@ -558,7 +564,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) recurrence_persistent_mma_bwd_
 //     in its block's shared memory. No two warps write the same partial sum.
 //   * A cluster barrier, then one thread per (unit jj, row b) of the block's units adds
 //     the partial sums of all CL ranks and kparts pieces, read through distributed
-//     shared memory, to dh[b, j0 + jj].
+//     shared memory, to the carried dh (dh_s; phase 1 as the block kernel's: BackwardPhase1).
 // Barriers per step: the grid barrier (dG[t] complete) and one cluster barrier (the
 // partial sums complete). The partial sums need no second buffer: rank q rewrites
 // red in phase 2 of step t-1 only after the grid barrier of step t-1, which every
