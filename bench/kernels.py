@@ -486,6 +486,7 @@ def resources(ptx: Path, cubin: Path, ptxas: str, flags: List[str], arch: str) -
     out["sass"], mma = sass_counts(proc.stdout)
     out["mma"] = {"tensor_cores": bool(mma), "instructions": mma}
     out["sass_mma_loop"] = sass_mma_loop(proc.stdout)
+    out["sass_ldg_after_mma"] = sass_ldg_after_mma(proc.stdout)
     return out
 
 
@@ -497,7 +498,11 @@ def sass_mma_loop(sass: str) -> Optional[Dict[str, int]]:
     """Static counts of :data:`LOOP_OPS` inside the outermost loop of the SASS that holds a
     tensor-core instruction (a loop: a backward ``BRA``; the whole-sequence kernels' time
     loop): whether spills (``LDL``/``STL``) or global loads sit in the loop or before it.
-    None without such a loop."""
+    Also ``LDG_before_mma`` and ``LDG_after_mma``: the loop's plain global loads (``LDG``
+    without ``.STRONG``: not the barrier's poll, not the ``.cg`` reads of what other programs
+    wrote) from the loop's top to its first tensor-core instruction, and from its last one
+    to the loop's end: where a step's own inputs (gi, b_hh) are loaded, ahead of the product
+    or after it. None without such a loop."""
     ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_ADDR.findall(sass)]
     loops = []
     for addr, op, rest in ins:
@@ -510,7 +515,23 @@ def sass_mma_loop(sass: str) -> Optional[Dict[str, int]]:
             best = (lo, hi)
     if best is None:
         return None
-    return {op: sum(1 for a, o, _ in ins if best[0] <= a <= best[1] and o == op) for op in LOOP_OPS}
+    out = {op: sum(1 for a, o, _ in ins if best[0] <= a <= best[1] and o == op) for op in LOOP_OPS}
+    mma = [a for a, o, _ in ins if best[0] <= a <= best[1] and o in MMA_OPS]
+    plain = [a for a, o, rest in ins if best[0] <= a <= best[1] and o == "LDG" and ".STRONG" not in rest]
+    out["LDG_before_mma"] = sum(1 for a in plain if a < mma[0])
+    out["LDG_after_mma"] = sum(1 for a in plain if a > mma[-1])
+    return out
+
+
+def sass_ldg_after_mma(sass: str) -> Optional[int]:
+    """Plain global loads (``LDG`` without ``.STRONG``) placed after the kernel's last tensor-core
+    instruction: in a per-step kernel, the inputs its epilogue waits for after the product (gi,
+    b_hh, the state, lengths) unless it loads them ahead. None without a tensor-core instruction."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_ADDR.findall(sass)]
+    mma = [a for a, o, _ in ins if o in MMA_OPS]
+    if not mma:
+        return None
+    return sum(1 for a, o, rest in ins if o == "LDG" and ".STRONG" not in rest and a > mma[-1])
 
 
 SASS_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL")

@@ -86,9 +86,12 @@ CUDNN_LSTM_B16_H768_S = CUDNN_LSTM_B16_H768_PUBLISHED_S - CUDNN_PROJECTION_S  # 
 CUDNN_LSTM_B16_H768_BWD_S = CUDNN_LSTM_B16_H768_BWD_PUBLISHED_S - 3 * CUDNN_PROJECTION_S  # ~2.72 us (estimate)
 
 
-def step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
+def step(kind: str, B: int, H: int, elem: int = 2, prefetch: bool = True) -> Dict[str, float]:
     """The modelled forward step of a ``kind`` ("gru"/"lstm") layer: tile, CTAs, L2 bytes
-    (total and by part) and seconds (L2 and total). ``elem``: bytes per element (bf16: 2)."""
+    (total and by part) and seconds (L2 and total). ``elem``: bytes per element (bf16: 2).
+    The gate term is :func:`epilogue_s` with the L2 term as the cover: the kernel loads its
+    tile's gi, b_hh and state before its K loop (v0.17, every element); ``prefetch=False``:
+    after it, as up to v0.16 (:data:`GATES_S`)."""
     G = 3 if kind == "gru" else 4
     blk = gpu_blocks(B, H)
     n_b, n_h = -(-B // blk.BLOCK_B), -(-H // blk.BLOCK_H)
@@ -97,12 +100,14 @@ def step(kind: str, B: int, H: int, elem: int = 2) -> Dict[str, float]:
     state = n_h * B * H * elem
     rest = B * G * H * elem + 3 * B * H * 4 + B * H * elem + B * 4 * H * elem
     l2_s = (w + state + rest) / min(L2_BYTES_PER_S, ctas * L2_BYTES_PER_S_PER_CTA)
+    gates_s = GATE_MATH_S + max(0.0, INPUT_LOAD_S - l2_s) if prefetch else GATES_S
     return {"BLOCK_B": blk.BLOCK_B, "BLOCK_H": blk.BLOCK_H, "num_warps": blk.num_warps, "ctas": ctas,
-            "w_bytes": w, "state_bytes": state, "rest_bytes": rest, "l2_s": l2_s,
-            "step_s": l2_s + LAUNCH_GAP_S + GATES_S}
+            "w_bytes": w, "state_bytes": state, "rest_bytes": rest, "l2_s": l2_s, "gates_s": gates_s,
+            "step_s": l2_s + LAUNCH_GAP_S + gates_s}
 
 
-def resident_step(kind: str, B: int, H: int, elem: int = 2, w_in_registers: bool = False) -> Dict[str, float]:
+def resident_step(kind: str, B: int, H: int, elem: int = 2, w_in_registers: bool = False,
+                  prefetch: bool = True) -> Dict[str, float]:
     """The modelled forward step of the W_RESIDENT sequence kernel, every term in seconds.
 
     Tiles as :func:`fastseq.ops.recurrence.triton_sequence.plan` picks them on a GPU:
@@ -123,7 +128,10 @@ def resident_step(kind: str, B: int, H: int, elem: int = 2, w_in_registers: bool
       :data:`SMEM_BYTES_PER_CLOCK` x :data:`CLOCK_HZ`;
     * ``mma_s``: ``2 x 64 x BLOCK_B x KP`` FLOP at :data:`TENSOR_FLOPS_PER_SM` (overlaps
       the shared-memory reads: the product costs ``max(smem_s, mma_s)``);
-    * ``gates_s``: :data:`GATES_S`.
+    * ``gates_s``: :func:`epilogue_s` with the h read and the product (``l2_s + max(smem_s,
+      mma_s)``) as the cover: the kernel loads its tile's gi, b_hh and state ahead of the
+      product (v0.17: every element of the tile, 1-2 per thread); ``prefetch=False``: after it,
+      as up to v0.16 (:data:`GATES_S`).
 
     ``picked``: whether the plan chooses the variant at these sizes (half weights) under
     Triton 3.9 and 3.6 (``triton_sequence.resident_fits``' limits, from the compiles).
@@ -140,7 +148,9 @@ def resident_step(kind: str, B: int, H: int, elem: int = 2, w_in_registers: bool
     smem_bytes = w_smem + 2 * bb * kp * elem
     smem_s = smem_bytes / (SMEM_BYTES_PER_CLOCK * CLOCK_HZ)
     mma_s = 2 * 64 * bb * kp / TENSOR_FLOPS_PER_SM
-    step_s = BARRIER_S + l2_s + max(smem_s, mma_s) + GATES_S
+    elements = bb * 16
+    gates_s = epilogue_s(elements, -(-elements // THREADS) if prefetch else 0, l2_s + max(smem_s, mma_s))
+    step_s = BARRIER_S + l2_s + max(smem_s, mma_s) + gates_s
     from fastseq.ops.recurrence.triton_sequence import resident_limits
 
     picked = {}
@@ -149,24 +159,26 @@ def resident_step(kind: str, B: int, H: int, elem: int = 2, w_in_registers: bool
         picked[name] = ctas <= 132 and 64 * kp * elem <= w_max and bb * kp * elem <= op_max
     return {"BLOCK_B": bb, "KP": kp, "ctas": ctas, "picked": picked, "w_slice_bytes": 64 * kp * elem,
             "smem_bytes": smem_bytes, "barrier_s": BARRIER_S, "l2_s": l2_s, "smem_s": smem_s, "mma_s": mma_s,
-            "gates_s": GATES_S, "step_s": step_s}
+            "gates_s": gates_s, "step_s": step_s}
 
 
 def resident_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024))) -> List[str]:
     """The NOTES table of :func:`resident_step` (bf16), as compiled and with W as a register operand."""
     lines = ["| layer | B | H | picked (3.9 / 3.6) | CTAs (rows × KP) | barrier µs | L2 µs | smem KB, µs | MMA µs "
-             "| gates µs | **step µs** | W in registers: smem µs, step µs "
+             "| gates µs | **step µs** | inputs after the product (v0.16) µs | W in registers: smem µs, step µs "
              f"| ÷ cuDNN's {CUDNN_LSTM_B16_H768_S * 1e6:.2f} µs (as compiled / W in registers) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m, r = resident_step(kind, B, H), resident_step(kind, B, H, w_in_registers=True)
+            late = resident_step(kind, B, H, prefetch=False)
             vs = vs_cudnn(kind, B, H, CUDNN_LSTM_B16_H768_S, m["step_s"], r["step_s"])
             yn = " / ".join("yes" if m["picked"][v] else "no" for v in ("triton3.9", "triton3.6"))
             lines.append(f"| {kind.upper()} | {B} | {H} | {yn} | {m['ctas']} ({m['BLOCK_B']} × {m['KP']}) | "
                          f"{m['barrier_s'] * 1e6:.2f} | {m['l2_s'] * 1e6:.2f} | {m['smem_bytes'] / 1024:.0f}, "
                          f"{m['smem_s'] * 1e6:.2f} | {m['mma_s'] * 1e6:.2f} | {m['gates_s'] * 1e6:.2f} | "
-                         f"**{m['step_s'] * 1e6:.2f}** | {r['smem_s'] * 1e6:.2f}, {r['step_s'] * 1e6:.2f} | "
+                         f"**{m['step_s'] * 1e6:.2f}** | {late['step_s'] * 1e6:.2f} | "
+                         f"{r['smem_s'] * 1e6:.2f}, {r['step_s'] * 1e6:.2f} | "
                          f"{vs} |")
     return lines
 
@@ -467,7 +479,7 @@ def mma_cluster_backward_table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512
 
 def table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 1024)), T: int = 128) -> List[str]:
     lines = ["| layer | B | H | tile (rows × units), warps | CTAs | L2 MB (W_hh + state + rest) | L2 µs | step µs "
-             f"| T = {T} forward, ms |", "|---|---|---|---|---|---|---|---|---|"]
+             f"| inputs after the product (v0.16) µs | T = {T} forward, ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind in ("gru", "lstm"):
         for B, H in sizes:
             m = step(kind, B, H)
@@ -475,7 +487,7 @@ def table(sizes=((16, 512), (16, 768), (16, 1024), (64, 512), (64, 768), (64, 10
             lines.append(f"| {kind.upper()} | {B} | {H} | {m['BLOCK_B']} × {m['BLOCK_H']}, {m['num_warps']} | "
                          f"{m['ctas']} | {mb:.1f} ({m['w_bytes'] / 1e6:.1f} + {m['state_bytes'] / 1e6:.1f} + "
                          f"{m['rest_bytes'] / 1e6:.1f}) | {m['l2_s'] * 1e6:.2f} | {m['step_s'] * 1e6:.1f} | "
-                         f"{m['step_s'] * T * 1e3:.2f} |")
+                         f"{step(kind, B, H, prefetch=False)['step_s'] * 1e6:.1f} | {m['step_s'] * T * 1e3:.2f} |")
     return lines
 
 

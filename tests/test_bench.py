@@ -180,7 +180,7 @@ def test_mma_tagged_step_model_trades_the_barrier_for_bytes():
 
 
 def test_step_model_inputs_loaded_ahead_of_the_product():
-    """bench/step_model.py (bench/NOTES.md v0.16): the persistent kernels load the step inputs that
+    """bench/step_model.py (bench/NOTES.md v0.16, v0.17): the kernels load the step inputs that
     do not depend on the product ahead of it, so their gate term is GATE_MATH_S where each thread
     has at most the prefetched number of elements and the product phase hides INPUT_LOAD_S, and
     GATES_S (v0.15's, the inputs loaded after the product) where it has more or the kernel loads
@@ -201,6 +201,11 @@ def test_step_model_inputs_loaded_ahead_of_the_product():
             for f in (m.mma_backward_step, m.mma_cluster_backward_step):
                 new, old = f(kind, B, H), f(kind, B, H, prefetch=False)
                 assert old["gates_s"] == m.GATES_S and new["gates_s"] == pytest.approx(m.GATE_MATH_S)
+            # v0.17: the Triton per-step and W-resident forwards load every element's inputs ahead.
+            for f in (m.step, m.resident_step):
+                new, old = f(kind, B, H), f(kind, B, H, prefetch=False)
+                assert old["gates_s"] == m.GATES_S and new["gates_s"] == pytest.approx(m.GATE_MATH_S)
+                assert old["step_s"] - new["step_s"] == pytest.approx(m.INPUT_LOAD_S)
         # 16 units x 80 rows of one tile: 5 elements per thread, past the 3 loaded ahead.
         assert m.mma_step(kind, 72, 16, row_tiles=1)["gates_s"] == m.GATES_S
         # The tagged kernels with 8 k-tiles per warp load nothing ahead (registers), those with 4 do.

@@ -172,6 +172,25 @@ def test_float32_without_tf32_is_ieee(check, job):
                      f"without the opt-in:\n  " + "\n  ".join(map(_describe, bad)))
 
 
+STEP_KERNELS = ("_gru_fwd_step_kernel", "_lstm_fwd_step_kernel", "_gru_bwd_step_kernel", "_lstm_bwd_step_kernel",
+                "_gru_context_cell_fwd_kernel")
+
+
+@pytest.mark.parametrize("job", [j for j in HALF_JOBS if JOBS[j]["op"] in ("gru", "lstm", "cell")])
+def test_recurrence_steps_load_their_inputs_ahead_of_the_product(check, job):
+    """The half-precision per-step recurrence kernels and the decoder's context cell issue no
+    plain global load after their last tensor-core instruction: the forward's gi, b_hh, state
+    and lengths, the backward's saved gates, states and lengths, the cell's gi, gh and b_hh are
+    loaded before the product (bench/NOTES.md v0.17; before it, at B 16, 32-unit tiles, bf16:
+    24 and 34 loads followed the GRU and LSTM forward's product, 26 and 30 the backward's, 31
+    the context cell's)."""
+    rows = [r for r in _rows(check, job) if r["kernel"] in STEP_KERNELS]
+    assert rows, f"{_versions(check)}: {job}: no recurrence step kernel"
+    bad = [r for r in rows if r.get("sass_ldg_after_mma") != 0]
+    assert not bad, (f"{_versions(check)}: {job}: loads after the product:\n  " + "\n  ".join(
+        f"{_describe(r)}: {r.get('sass_ldg_after_mma')}" for r in bad))
+
+
 @pytest.mark.parametrize("job", TF32_JOBS)
 def test_tf32_opt_in_uses_tensor_cores(check, job):
     """The positive control: with TF32 opted in, every float32 kernel with a tl.dot shows tensor cores."""
@@ -192,6 +211,15 @@ SASS = """
         /*0150*/                   MUFU.EX2 R5, R6 ;
         /*0160*/                   STL.64 [R1+0x8], R2 ;
 """
+
+
+def test_sass_ldg_after_mma_counts_plain_loads_past_the_last_product():
+    sass = SASS + """
+        /*0170*/                   LDG.E.U16 R7, desc[UR8][R4.64] ;
+        /*0180*/                   LDG.E.STRONG.GPU R8, desc[UR8][R4.64] ;
+"""
+    assert kernels.sass_ldg_after_mma(sass) == 1  # the .STRONG poll is not counted
+    assert kernels.sass_ldg_after_mma("        /*0170*/                   LDG.E.U16 R7, desc[UR8][R4.64] ;") is None
 
 
 def test_sass_counts_reads_base_opcodes():

@@ -150,7 +150,11 @@ def test_w_resident_plan():
     cpu = torch.device("cpu")
     p = seq.plan(17, 33, cpu, w_resident=True)
     assert (p.w_resident, p.n_b, p.n_h, p.BLOCK_H, p.KP, p.grid_sync) == (True, 2, 1, 64, 64, False)
-    assert not seq.plan(17, 33, cpu).w_resident  # never chosen under the interpreter
+    assert p.prefetch  # the interpreter runs the prefetching forward; the other variant, the late loads
+    assert not seq.plan(17, 33, cpu).w_resident and not seq.plan(17, 33, cpu).prefetch
+    # Loads ahead of the product (v0.17): everywhere under Triton 3.9; under 3.6 not the LSTM's 32-row tiles.
+    assert seq.resident_prefetch(16, 4, False) and seq.resident_prefetch(32, 3, False)
+    assert not seq.resident_prefetch(32, 4, False) and seq.resident_prefetch(32, 4, True)
     with pytest.raises(ValueError, match="programs_per_rows"):
         seq.plan(4, 64, cpu, programs_per_rows=2, w_resident=True)
     bf16, f32 = torch.bfloat16, torch.float32
@@ -288,7 +292,8 @@ def test_sequence_kernels_compile_without_spills(python, tmp_path):
     """Both variants (one program per row block; the grid barrier) of the four kernels, as the
     host functions launch them, compile for sm_90a with no spills at B in {8, 64}, H in
     {512, 1024}, float32 and bfloat16; the grid-barrier variant's PTX has the release
-    arrival and the acquire poll, the other has neither."""
+    arrival and the acquire poll, the other has neither; the bf16 backwards issue no plain
+    global load after their product in the time loop."""
     res = _probe(python, {"mode": "compile", "B": [8, 64], "H": [512, 1024], "dtypes": ["float32", "bfloat16"]})
     assert "error" not in res, res["error"]
     assert res["errors"] == []
@@ -303,6 +308,13 @@ def test_sequence_kernels_compile_without_spills(python, tmp_path):
     for r in rows:
         assert r["ptx_release"] == r["ptx_acquire"] == r["grid_sync"], (r["kernel"], r["constexprs"])
         assert not r["w_resident"]
+    # The backwards load the saved gates and states ahead of the carried product (v0.17; before it
+    # 6 (GRU) and 8 (LSTM) plain loads followed the product in the bf16 time loop).
+    bf16_bwd = [r for r in rows if r["kernel"].endswith("_bwd_kernel") and r["pointer_dtypes"]["w_ptr"] == "*bf16"]
+    assert {(r["kernel"], r["grid_sync"]) for r in bf16_bwd} == {
+        (k, sync) for k in ("_gru_seq_bwd_kernel", "_lstm_seq_bwd_kernel") for sync in (False, True)}
+    for r in bf16_bwd:
+        assert r["sass_mma_loop"]["LDG_after_mma"] == 0, (r["kernel"], r["used_by"], r["sass_mma_loop"])
 
 
 @pytest.mark.slow
@@ -313,11 +325,14 @@ def test_w_resident_forward_compiles(python):
     with no spills (bfloat16: B in {16, 64} at H = 512, and B = 16 at H = 1024 under Triton
     3.9), every product on tensor cores (wgmma), and W_hh loaded and staged in shared
     memory once, before the time loop (the TTGIR), read there by the loop's one product
-    per step."""
+    per step; the step's own inputs (gi, b_hh: plain global loads in the SASS) are loaded
+    ahead of the product, none after it (before v0.17: 0 ahead, 9 after, LSTM B 16 H 512), except
+    where :func:`resident_prefetch` keeps them after it (Triton 3.6, the LSTM's 32-row tiles)."""
     from fastseq.ops.recurrence import triton_sequence as seq
 
     cases = [[16, 512, "bfloat16"], [64, 512, "bfloat16"]]
-    if python == sys.executable and seq._TRITON_AT_LEAST_3_9:  # the size only 3.9's limits admit
+    new = python == sys.executable and seq._TRITON_AT_LEAST_3_9
+    if new:  # the size only 3.9's limits admit
         cases += [[16, 1024, "bfloat16"]]
     res = _probe(python, {"mode": "compile", "resident": True, "backward": False, "cases": cases})
     assert "error" not in res, res["error"]
@@ -335,6 +350,12 @@ def test_w_resident_forward_compiles(python):
         loop = r["time_loop"]
         assert loop["hoisted"] and loop["w_load_before"] == loop["w_local_alloc_before"] == 1, what
         assert loop["dots_in_loop"] == 1 and loop.get("w_load_in_loop", 0) == 0, what
+        sass_loop, gates = r["sass_mma_loop"], 3 if r["kernel"].startswith("_gru") else 4
+        assert r["constexprs"]["PREFETCH"] == seq.resident_prefetch(r["constexprs"]["BLOCK_B"], gates, new), what
+        if r["constexprs"]["PREFETCH"]:
+            assert sass_loop["LDG_after_mma"] == 0 and sass_loop["LDG_before_mma"] >= gates, (what, sass_loop)
+        else:  # Triton 3.6, the LSTM's 32-row tiles: after the product, as before v0.17
+            assert sass_loop["LDG_before_mma"] == 0 and sass_loop["LDG_after_mma"] >= gates, (what, sass_loop)
 
 
 def test_registry_runs_the_sequence_kernels_when_asked(monkeypatch):

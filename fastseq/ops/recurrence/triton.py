@@ -257,6 +257,18 @@ def _gru_fwd_step_kernel(
     h_ptr = state_ptr + ((s + 1) % 2) * B * H
     w_ptr += d * 3 * H * H
     gi_ptr += off * stride_x + d * 3 * H
+    # The tile's inputs that do not depend on the product, loaded ahead of it: their round trip
+    # overlaps the product's instead of following it (bench/NOTES.md v0.17).
+    x_r = load_tile(gi_ptr, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    x_z = load_tile(gi_ptr + H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    x_n = load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
+    if HAS_BIAS:
+        b_ptr += d * 3 * H
+        b_r = load_row(b_ptr, offs_j, mask_j)
+        b_z = load_row(b_ptr + H, offs_j, mask_j)
+        b_n = load_row(b_ptr + 2 * H, offs_j, mask_j)
     # Recurrent product h_{t-1} W_hh^T for the three gates of this tile.
     acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -270,17 +282,12 @@ def _gru_fwd_step_kernel(
         acc_z = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
         acc_n = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
     if HAS_BIAS:
-        b_ptr += d * 3 * H
-        acc_r += load_row(b_ptr, offs_j, mask_j)
-        acc_z += load_row(b_ptr + H, offs_j, mask_j)
-        acc_n += load_row(b_ptr + 2 * H, offs_j, mask_j)
+        acc_r += b_r
+        acc_z += b_z
+        acc_n += b_n
     # Gates and state update.
-    x_r = load_tile(gi_ptr, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
-    x_z = load_tile(gi_ptr + H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
-    x_n = load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
-    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
     r, z, n_gate, h_new = gru_gates(x_r, x_z, x_n, acc_r, acc_z, acc_n, h_prev)
-    h_new = tl.where(_rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS), h_new, h_prev)
+    h_new = tl.where(valid, h_new, h_prev)
     store_tile(hs_ptr + off * stride_y + d * H, h_new, offs_b, offs_j, stride_y, mask_b, mask_j)
     store_tile(state_ptr + (s % 2) * B * H, h_new, offs_b, offs_j, H, mask_b, mask_j)
     if SAVE_GATES:
@@ -320,10 +327,7 @@ def _gru_bwd_step_kernel(
     carry_b = mask_b & (offs_b < n_next)
     dh = load_tile(grad_h_ptr + off * stride_y + d * H, offs_b, offs_j, stride_y, 1, mask_b, mask_j)
     dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
-    if n_next > 0:
-        dh += _carry_dot(dg_ptr + nx_off * 3 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 3 * H,
-                         BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
-    # Pointwise gate backward of step t.
+    # The saved gates, h_{t-1} and the lengths, loaded ahead of the product (bench/NOTES.md v0.17).
     g_ptr = gates_ptr + d * N * 4 * H + off * 4 * H
     r = load_tile(g_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     z = load_tile(g_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
@@ -331,8 +335,12 @@ def _gru_bwd_step_kernel(
     hn = load_tile(g_ptr + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     h_prev = _load_prev(hs_ptr + p_off * stride_y + d * H, stride_y, h0_ptr + d * B * H, H, offs_b, offs_j,
                         mask_b, mask_j, n_prev)
-    dr_pre, dz_pre, dn_pre, dh_direct = gru_gates_backward(dh, r, z, n_gate, hn, h_prev)
     valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
+    if n_next > 0:
+        dh += _carry_dot(dg_ptr + nx_off * 3 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 3 * H,
+                         BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
+    # Pointwise gate backward of step t.
+    dr_pre, dz_pre, dn_pre, dh_direct = gru_gates_backward(dh, r, z, n_gate, hn, h_prev)
     dr_pre = tl.where(valid, dr_pre, 0.0)
     dz_pre = tl.where(valid, dz_pre, 0.0)
     dn_pre = tl.where(valid, dn_pre, 0.0)
@@ -381,6 +389,20 @@ def _lstm_fwd_step_kernel(
     h_ptr = state_ptr + ((s + 1) % 2) * B * H
     w_ptr += d * 4 * H * H
     gi_ptr += off * stride_x + d * 4 * H
+    # The tile's inputs that do not depend on the product, loaded ahead of it (as the GRU's).
+    x_i = load_tile(gi_ptr, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    x_f = load_tile(gi_ptr + H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    x_g = load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    x_o = load_tile(gi_ptr + 3 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j)
+    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+    c_prev = load_tile(cstate_ptr + ((s + 1) % 2) * B * H, offs_b, offs_j, H, 1, mask_b, mask_j)
+    valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
+    if HAS_BIAS:
+        b_ptr += d * 4 * H
+        b_i = load_row(b_ptr, offs_j, mask_j)
+        b_f = load_row(b_ptr + H, offs_j, mask_j)
+        b_g = load_row(b_ptr + 2 * H, offs_j, mask_j)
+        b_o = load_row(b_ptr + 3 * H, offs_j, mask_j)
     # Recurrent product h_{t-1} W_hh^T for the four gates of this tile.
     acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -396,22 +418,12 @@ def _lstm_fwd_step_kernel(
         acc_g = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
         acc_o = dot_acc(h, w_hh_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
     if HAS_BIAS:
-        b_ptr += d * 4 * H
-        acc_i += load_row(b_ptr, offs_j, mask_j)
-        acc_f += load_row(b_ptr + H, offs_j, mask_j)
-        acc_g += load_row(b_ptr + 2 * H, offs_j, mask_j)
-        acc_o += load_row(b_ptr + 3 * H, offs_j, mask_j)
+        acc_i += b_i
+        acc_f += b_f
+        acc_g += b_g
+        acc_o += b_o
     # Gates and state update.
-    h_prev = load_tile(h_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-    c_prev = load_tile(cstate_ptr + ((s + 1) % 2) * B * H, offs_b, offs_j, H, 1, mask_b, mask_j)
-    i, f, g, o, c_new, h_new = lstm_gates(
-        acc_i + load_tile(gi_ptr, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
-        acc_f + load_tile(gi_ptr + H, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
-        acc_g + load_tile(gi_ptr + 2 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
-        acc_o + load_tile(gi_ptr + 3 * H, offs_b, offs_j, stride_x, 1, mask_b, mask_j),
-        c_prev,
-    )
-    valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
+    i, f, g, o, c_new, h_new = lstm_gates(acc_i + x_i, acc_f + x_f, acc_g + x_g, acc_o + x_o, c_prev)
     h_new = tl.where(valid, h_new, h_prev)
     c_new = tl.where(valid, c_new, c_prev)
     store_tile(hs_ptr + off * stride_y + d * H, h_new, offs_b, offs_j, stride_y, mask_b, mask_j)
@@ -463,10 +475,7 @@ def _lstm_bwd_step_kernel(
         dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
     dc += load_tile(dc_ptr, offs_b, offs_j, H, 1, carry_b, mask_j)
-    if n_next > 0:
-        dh += _carry_dot(dg_ptr + nx_off * 4 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 4 * H,
-                         BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
-    # Pointwise gate backward of step t.
+    # The saved gates, c_t, c_{t-1} and the lengths, loaded ahead of the product (as the GRU's).
     g_ptr = gates_ptr + d * N * 4 * H + off * 4 * H
     i = load_tile(g_ptr, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
     f = load_tile(g_ptr + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
@@ -475,8 +484,12 @@ def _lstm_bwd_step_kernel(
     c = load_tile(cs_ptr + off * stride_y + d * H, offs_b, offs_j, stride_y, 1, mask_b, mask_j)
     c_prev = _load_prev(cs_ptr + p_off * stride_y + d * H, stride_y, c0_ptr + d * B * H, H, offs_b, offs_j,
                         mask_b, mask_j, n_prev)
-    d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(dh, dc, i, f, g, o, c, c_prev)
     valid = _rows_valid(len_ptr, offs_b, mask_b, s, HAS_LENGTHS)
+    if n_next > 0:
+        dh += _carry_dot(dg_ptr + nx_off * 4 * H, w_ptr, offs_b, offs_j, carry_b, mask_j, H, 4 * H,
+                         BLOCK_B, BLOCK_H, BLOCK_K, PRECISION)
+    # Pointwise gate backward of step t.
+    d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(dh, dc, i, f, g, o, c, c_prev)
     d_i = tl.where(valid, d_i, 0.0)
     d_f = tl.where(valid, d_f, 0.0)
     d_g = tl.where(valid, d_g, 0.0)

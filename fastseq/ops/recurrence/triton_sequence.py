@@ -77,6 +77,10 @@ loop, then carries it through all T steps: no W_hh traffic from L2 per step.
   the product): on sm_90a it compiles clean only at B = 16, H = 512 in bf16 and spills
   elsewhere (44 B to 2 KB), so the plan never picks it for a backward; it runs when
   forced (``w_resident=True``) and under the interpreter.
+* The forward loads each step's gi, b_hh and state ahead of its product (``PREFETCH``,
+  :func:`resident_prefetch`: everywhere under Triton 3.9; under 3.6 not the LSTM's 32-row
+  tiles, which spill so), so their round trip overlaps the h read and the product
+  (bench/NOTES.md v0.17); the other variant loads them after its product.
 * Chosen (:func:`plan`) on CUDA for a forward when :func:`resident_fits`: ``n_b *
   cdiv(H, 16) <= SMs`` and the shared-memory stagings within what compiles without
   spills (:data:`RESIDENT_W_BYTES`, :data:`RESIDENT_OPERAND_BYTES`), half weights only:
@@ -85,8 +89,8 @@ loop, then carries it through all T steps: no W_hh traffic from L2 per step.
   KP = 1024. fp32 (IEEE product, no tensor cores) only when forced. Under the interpreter
   only when forced: one program per row block then owns all of H (``BLOCK_H = KP``).
 * **Prediction, not measured** (bench/NOTES.md "Prediction: the W-resident persistent
-  kernel", ``python -m fastseq.bench.step_model``): 2.1-3.0 us per step where chosen,
-  2.9 us at LSTM B = 16, H = 768 against cuDNN's 1.96 us: the W reads from shared memory
+  kernel", v0.17, ``python -m fastseq.bench.step_model``): 1.8-2.7 us per step where chosen,
+  2.6 us at LSTM B = 16, H = 768 against cuDNN's ~1.84 us: the W reads from shared memory
   every step and the state broadcast to every program replace the L2 re-reads of W_hh
   (and under Triton 3.6 that size is not picked: it spills).
 
@@ -306,6 +310,42 @@ def _resident_carry_gates(
     return acc
 
 
+@triton.jit
+def _inputs(gi_t, b_ptr, h_in, c_in, offs_b, offs_j, mask_b, mask_j, H, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+            GRID_SYNC: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The forward step's inputs of one tile that do not depend on its product, fp32: the ``G``
+    gates' gi ``[BLOCK_B, BLOCK_H]`` tiles (the fourth a copy of the third when ``G`` is 3),
+    ``h_{t-1}`` from the state ``h_in`` and, for the LSTM, ``c_{t-1}`` from ``c_in`` (tile-local;
+    for the GRU a copy of ``h_{t-1}``), and the ``G`` b_hh rows ``[1, BLOCK_H]`` (zero without a
+    bias). The forwards call it ahead of the product where :attr:`Plan.prefetch` (the loads'
+    round trip then overlaps the h read and the product, bench/NOTES.md v0.17), after it
+    elsewhere."""
+    x0 = load_tile(gi_t, offs_b, offs_j, G * H, 1, mask_b, mask_j)
+    x1 = load_tile(gi_t + H, offs_b, offs_j, G * H, 1, mask_b, mask_j)
+    x2 = load_tile(gi_t + 2 * H, offs_b, offs_j, G * H, 1, mask_b, mask_j)
+    h_prev = _load_shared(h_in, offs_b, offs_j, H, mask_b, mask_j, GRID_SYNC)
+    if G == 4:
+        x3 = load_tile(gi_t + 3 * H, offs_b, offs_j, G * H, 1, mask_b, mask_j)
+        c_prev = load_tile(c_in, offs_b, offs_j, H, 1, mask_b, mask_j)  # tile-local
+    else:
+        x3 = x2
+        c_prev = h_prev
+    if HAS_BIAS:
+        b0 = load_row(b_ptr, offs_j, mask_j)
+        b1 = load_row(b_ptr + H, offs_j, mask_j)
+        b2 = load_row(b_ptr + 2 * H, offs_j, mask_j)
+        if G == 4:
+            b3 = load_row(b_ptr + 3 * H, offs_j, mask_j)
+        else:
+            b3 = b2
+    else:
+        b0 = tl.zeros((1, BLOCK_H), dtype=tl.float32)
+        b1 = b0
+        b2 = b0
+        b3 = b0
+    return x0, x1, x2, x3, h_prev, c_prev, b0, b1, b2, b3
+
+
 # ------------------------------------------------------------------ GRU kernels
 
 
@@ -331,7 +371,7 @@ def _gru_seq_fwd_kernel(
     T, B, H,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr,
+    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     n_h = tl.num_programs(1)
@@ -356,6 +396,9 @@ def _gru_seq_fwd_kernel(
         for j0 in range(tile0, H, tile_step):  # W_RESIDENT: one tile, j0 = tile0
             offs_j = j0 + tl.arange(0, BLOCK_H)
             mask_j = offs_j < H
+            if PREFETCH:  # the step's own inputs loaded ahead of the product (:func:`_inputs`)
+                x_r, x_z, x_n, _, h_prev, _, b_r, b_z, b_n, _ = _inputs(
+                    gi_t, b_ptr, h_in, h_in, offs_b, offs_j, mask_b, mask_j, H, 3, HAS_BIAS, GRID_SYNC, BLOCK_H)
             if W_RESIDENT:
                 h = _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC)
                 acc_r, acc_z, acc_n, _ = _resident_gates(w_res, h, BLOCK_B, BLOCK_H, PRECISION)
@@ -370,14 +413,13 @@ def _gru_seq_fwd_kernel(
                     acc_r = dot_acc(h, w_hh_t_tile(w_ptr, 0, offs_k, offs_j, H, mask_k, mask_j), acc_r, PRECISION)
                     acc_z = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_z, PRECISION)
                     acc_n = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_n, PRECISION)
+            if not PREFETCH:
+                x_r, x_z, x_n, _, h_prev, _, b_r, b_z, b_n, _ = _inputs(
+                    gi_t, b_ptr, h_in, h_in, offs_b, offs_j, mask_b, mask_j, H, 3, HAS_BIAS, GRID_SYNC, BLOCK_H)
             if HAS_BIAS:
-                acc_r += load_row(b_ptr, offs_j, mask_j)
-                acc_z += load_row(b_ptr + H, offs_j, mask_j)
-                acc_n += load_row(b_ptr + 2 * H, offs_j, mask_j)
-            x_r = load_tile(gi_t, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
-            x_z = load_tile(gi_t + H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
-            x_n = load_tile(gi_t + 2 * H, offs_b, offs_j, 3 * H, 1, mask_b, mask_j)
-            h_prev = _load_shared(h_in, offs_b, offs_j, H, mask_b, mask_j, GRID_SYNC)
+                acc_r += b_r
+                acc_z += b_z
+                acc_n += b_n
             r, z, n, h_new = gru_gates(x_r, x_z, x_n, acc_r, acc_z, acc_n, h_prev)
             if HAS_LENGTHS:
                 h_new = tl.where(lens > t, h_new, h_prev)
@@ -441,14 +483,7 @@ def _gru_seq_bwd_kernel(
             offs_j = j0 + tl.arange(0, BLOCK_H)
             mask_j = offs_j < H
             dh = load_tile(grad_h_ptr + t * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
-            if s > 0:
-                dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-                if W_RESIDENT:
-                    dh += _resident_carry_gates(dg_t + 3 * BH, v_r, v_z, v_n, v_n, offs_b, mask_b, offs_kp, mask_kp, H,
-                                                3, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-                else:
-                    dh += _carry(dg_t + 3 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
-                                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
+            # The saved gates and h_{t-1}, loaded ahead of the product (bench/NOTES.md v0.17).
             r = load_tile(g_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
             z = load_tile(g_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
             n = load_tile(g_t + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
@@ -457,6 +492,14 @@ def _gru_seq_bwd_kernel(
                 h_prev = load_tile(hs_ptr + (t - 1) * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
             else:
                 h_prev = load_tile(h0_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+            if s > 0:
+                dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+                if W_RESIDENT:
+                    dh += _resident_carry_gates(dg_t + 3 * BH, v_r, v_z, v_n, v_n, offs_b, mask_b, offs_kp, mask_kp, H,
+                                                3, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+                else:
+                    dh += _carry(dg_t + 3 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 3 * H,
+                                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
             dr, dz, dn, dh_direct = gru_gates_backward(dh, r, z, n, hn, h_prev)
             dn_h = dn * r
             if HAS_LENGTHS:
@@ -516,7 +559,7 @@ def _lstm_seq_fwd_kernel(
     T, B, H,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, SAVE_GATES: tl.constexpr, GRID_SYNC: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr,
+    PRECISION: tl.constexpr, W_RESIDENT: tl.constexpr, KP: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     n_h = tl.num_programs(1)
@@ -542,6 +585,9 @@ def _lstm_seq_fwd_kernel(
         for j0 in range(tile0, H, tile_step):  # W_RESIDENT: one tile, j0 = tile0
             offs_j = j0 + tl.arange(0, BLOCK_H)
             mask_j = offs_j < H
+            if PREFETCH:  # the step's own inputs loaded ahead of the product (:func:`_inputs`)
+                x_i, x_f, x_g, x_o, h_prev, c_prev, b_i, b_f, b_g, b_o = _inputs(
+                    gi_t, b_ptr, h_in, h_in + BH, offs_b, offs_j, mask_b, mask_j, H, 4, HAS_BIAS, GRID_SYNC, BLOCK_H)
             if W_RESIDENT:
                 h = _resident_operand(hs_ptr, h0_ptr, t, BH64, offs_b, mask_b, offs_kp, mask_kp, H, GRID_SYNC)
                 acc_i, acc_f, acc_g, acc_o = _resident_gates(w_res, h, BLOCK_B, BLOCK_H, PRECISION)
@@ -558,20 +604,15 @@ def _lstm_seq_fwd_kernel(
                     acc_f = dot_acc(h, w_hh_t_tile(w_ptr, 1, offs_k, offs_j, H, mask_k, mask_j), acc_f, PRECISION)
                     acc_g = dot_acc(h, w_hh_t_tile(w_ptr, 2, offs_k, offs_j, H, mask_k, mask_j), acc_g, PRECISION)
                     acc_o = dot_acc(h, w_hh_t_tile(w_ptr, 3, offs_k, offs_j, H, mask_k, mask_j), acc_o, PRECISION)
+            if not PREFETCH:
+                x_i, x_f, x_g, x_o, h_prev, c_prev, b_i, b_f, b_g, b_o = _inputs(
+                    gi_t, b_ptr, h_in, h_in + BH, offs_b, offs_j, mask_b, mask_j, H, 4, HAS_BIAS, GRID_SYNC, BLOCK_H)
             if HAS_BIAS:
-                acc_i += load_row(b_ptr, offs_j, mask_j)
-                acc_f += load_row(b_ptr + H, offs_j, mask_j)
-                acc_g += load_row(b_ptr + 2 * H, offs_j, mask_j)
-                acc_o += load_row(b_ptr + 3 * H, offs_j, mask_j)
-            h_prev = _load_shared(h_in, offs_b, offs_j, H, mask_b, mask_j, GRID_SYNC)
-            c_prev = load_tile(h_in + BH, offs_b, offs_j, H, 1, mask_b, mask_j)  # c: tile-local
-            i, f, g, o, c_new, h_new = lstm_gates(
-                acc_i + load_tile(gi_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
-                acc_f + load_tile(gi_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
-                acc_g + load_tile(gi_t + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
-                acc_o + load_tile(gi_t + 3 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j),
-                c_prev,
-            )
+                acc_i += b_i
+                acc_f += b_f
+                acc_g += b_g
+                acc_o += b_o
+            i, f, g, o, c_new, h_new = lstm_gates(acc_i + x_i, acc_f + x_f, acc_g + x_g, acc_o + x_o, c_prev)
             if HAS_LENGTHS:
                 valid = lens > t
                 h_new = tl.where(valid, h_new, h_prev)
@@ -647,15 +688,7 @@ def _lstm_seq_bwd_kernel(
                 dc = load_tile(grad_c_ptr + t * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
             else:
                 dc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            if s > 0:
-                dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
-                if W_RESIDENT:
-                    dh += _resident_carry_gates(dg_t + 4 * BH, v_i, v_f, v_g, v_o, offs_b, mask_b, offs_kp, mask_kp, H,
-                                                4, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
-                else:
-                    dh += _carry(dg_t + 4 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
-                                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
-                dc += load_tile(dc_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+            # The saved gates, c_t and c_{t-1}, loaded ahead of the product (as the GRU's).
             i = load_tile(g_t, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
             f = load_tile(g_t + H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
             g = load_tile(g_t + 2 * H, offs_b, offs_j, 4 * H, 1, mask_b, mask_j)
@@ -665,6 +698,15 @@ def _lstm_seq_bwd_kernel(
                 c_prev = load_tile(cs_ptr + (t - 1) * BH64, offs_b, offs_j, H, 1, mask_b, mask_j)
             else:
                 c_prev = load_tile(c0_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+            if s > 0:
+                dh += load_tile(dh_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+                dc += load_tile(dc_ptr, offs_b, offs_j, H, 1, mask_b, mask_j)
+                if W_RESIDENT:
+                    dh += _resident_carry_gates(dg_t + 4 * BH, v_i, v_f, v_g, v_o, offs_b, mask_b, offs_kp, mask_kp, H,
+                                                4, BLOCK_B, BLOCK_H, PRECISION, GRID_SYNC)
+                else:
+                    dh += _carry(dg_t + 4 * BH, w_ptr, offs_b, offs_j, mask_b, mask_j, H, 4 * H,
+                                 BLOCK_B, BLOCK_H, BLOCK_K, PRECISION, GRID_SYNC)
             d_i, d_f, d_g, d_o, dc_prev = lstm_gates_backward(dh, dc, i, f, g, o, c, c_prev)
             # h_{t-1} gets its gradient only through the matmul, unless the row did not update.
             dh_direct = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
@@ -719,7 +761,9 @@ class Plan(NamedTuple):
     """How one call runs: tiles, warps, and the grid ``(n_b, n_h)``; ``grid_sync``
     is ``n_h > 1`` (the grid-barrier variant). ``w_resident``: the W_RESIDENT variant
     (each program owns exactly one hidden tile and keeps its ``W_hh`` slice, K extent
-    ``KP = next_pow2(H)``, on chip for all T steps); ``KP`` is 1 without it."""
+    ``KP = next_pow2(H)``, on chip for all T steps); ``KP`` is 1 without it. ``prefetch``:
+    the forward loads each step's gi, b_hh and state ahead of the product
+    (:func:`resident_prefetch`; the W_RESIDENT variant only)."""
 
     BLOCK_B: int
     BLOCK_H: int
@@ -730,6 +774,7 @@ class Plan(NamedTuple):
     n_h: int
     w_resident: bool = False
     KP: int = 1
+    prefetch: bool = False
 
     @property
     def grid_sync(self) -> bool:
@@ -787,6 +832,16 @@ def resident_limits(triton_at_least_3_9: bool) -> Tuple[int, int]:
 
 
 RESIDENT_W_BYTES, RESIDENT_OPERAND_BYTES = resident_limits(_TRITON_AT_LEAST_3_9)
+
+
+def resident_prefetch(block_b: int, G: int, triton_at_least_3_9: bool = _TRITON_AT_LEAST_3_9) -> bool:
+    """Whether the W_RESIDENT forward of ``G`` gates with ``block_b``-row tiles loads each step's
+    gi, b_hh and state ahead of the product (``PREFETCH``; bench/NOTES.md v0.17). From the sm_90a
+    compiles at the sizes :func:`resident_fits` admits: everywhere under Triton 3.9 (147-231
+    registers, no spills); under Triton 3.6 (the GPU image's) all but the LSTM's 32-row tiles,
+    which spill 64 B at 255 registers with the gates saved, and keep the loads after the product.
+    The other variant never prefetches: its LSTM forward spills 4 B (B 16, H 512, Triton 3.9)."""
+    return triton_at_least_3_9 or not (G == 4 and block_b > 16)
 
 
 def _resident_blocks(B: int, H: int, interpreted: bool) -> Tuple[int, int, int, int, int]:
@@ -852,7 +907,7 @@ def plan(B: int, H: int, device: torch.device, programs_per_rows: Optional[int] 
         if programs_per_rows is not None and programs_per_rows != n_h:
             raise ValueError(f"w_resident=True needs one hidden tile per program: programs_per_rows={n_h}, "
                              f"not {programs_per_rows}")
-        return Plan(bb, bh, bk, nw, ns, n_b, n_h, True, max(16, next_pow2(H)))
+        return Plan(bb, bh, bk, nw, ns, n_b, n_h, True, max(16, next_pow2(H)), resident_prefetch(bb, G))
     bb, bh, bk, nw, ns = _blocks(B, interpreted)
     n_b = cdiv(B, bb)
     tiles = cdiv(H, bh)
@@ -940,7 +995,7 @@ def gru_recurrence_forward(
     state = alloc.empty((2, B, H), gi, torch.float32)
     _gru_seq_fwd_kernel[(p.n_b, p.n_h)](
         gi, h0, w, b, prep_lengths(lengths, gi), hs, state, gates if save_gates else None, _sync(p, gi),
-        T, B, H, **_kw(p),
+        T, B, H, PREFETCH=p.prefetch, **_kw(p),
     )
     return hs, gates
 
@@ -1026,7 +1081,7 @@ def lstm_recurrence_forward(
     state = alloc.empty((2, 2, B, H), gi, torch.float32)
     _lstm_seq_fwd_kernel[(p.n_b, p.n_h)](
         gi, h0, c0, w, b, prep_lengths(lengths, gi), hs, cs, state, gates if save_gates else None,
-        _sync(p, gi), T, B, H, **_kw(p),
+        _sync(p, gi), T, B, H, PREFETCH=p.prefetch, **_kw(p),
     )
     return hs, cs, gates
 
