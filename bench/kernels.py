@@ -494,6 +494,16 @@ _SASS_ADDR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][
 LOOP_OPS = ("HMMA", "HGMMA", "LDL", "STL", "LDG", "STG", "LDS", "STS", "LDSM", "BAR")
 
 
+def _instructions(sass: str) -> List[tuple]:
+    """``(address, base opcode, the rest up to ';')`` of each instruction in ``cuobjdump -sass`` text."""
+    return [(int(a, 16), op, rest) for a, op, rest in _SASS_ADDR.findall(sass)]
+
+
+def _plain_load(op: str, rest: str) -> bool:
+    """A global load without ``.STRONG`` (not a barrier poll, not a ``.cg`` read of other programs' writes)."""
+    return op == "LDG" and ".STRONG" not in rest
+
+
 def sass_mma_loop(sass: str) -> Optional[Dict[str, int]]:
     """Static counts of :data:`LOOP_OPS` inside the outermost loop of the SASS that holds a
     tensor-core instruction (a loop: a backward ``BRA``; the whole-sequence kernels' time
@@ -503,7 +513,7 @@ def sass_mma_loop(sass: str) -> Optional[Dict[str, int]]:
     wrote) from the loop's top to its first tensor-core instruction, and from its last one
     to the loop's end: where a step's own inputs (gi, b_hh) are loaded, ahead of the product
     or after it. None without such a loop."""
-    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_ADDR.findall(sass)]
+    ins = _instructions(sass)
     loops = []
     for addr, op, rest in ins:
         m = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
@@ -517,7 +527,7 @@ def sass_mma_loop(sass: str) -> Optional[Dict[str, int]]:
         return None
     out = {op: sum(1 for a, o, _ in ins if best[0] <= a <= best[1] and o == op) for op in LOOP_OPS}
     mma = [a for a, o, _ in ins if best[0] <= a <= best[1] and o in MMA_OPS]
-    plain = [a for a, o, rest in ins if best[0] <= a <= best[1] and o == "LDG" and ".STRONG" not in rest]
+    plain = [a for a, o, rest in ins if best[0] <= a <= best[1] and _plain_load(o, rest)]
     out["LDG_before_mma"] = sum(1 for a in plain if a < mma[0])
     out["LDG_after_mma"] = sum(1 for a in plain if a > mma[-1])
     return out
@@ -527,11 +537,11 @@ def sass_ldg_after_mma(sass: str) -> Optional[int]:
     """Plain global loads (``LDG`` without ``.STRONG``) placed after the kernel's last tensor-core
     instruction: in a per-step kernel, the inputs its epilogue waits for after the product (gi,
     b_hh, the state, lengths) unless it loads them ahead. None without a tensor-core instruction."""
-    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_ADDR.findall(sass)]
+    ins = _instructions(sass)
     mma = [a for a, o, _ in ins if o in MMA_OPS]
     if not mma:
         return None
-    return sum(1 for a, o, rest in ins if o == "LDG" and ".STRONG" not in rest and a > mma[-1])
+    return sum(1 for a, o, rest in ins if _plain_load(o, rest) and a > mma[-1])
 
 
 SASS_OPS = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL")

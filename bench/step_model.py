@@ -100,7 +100,8 @@ def step(kind: str, B: int, H: int, elem: int = 2, prefetch: bool = True) -> Dic
     state = n_h * B * H * elem
     rest = B * G * H * elem + 3 * B * H * 4 + B * H * elem + B * 4 * H * elem
     l2_s = (w + state + rest) / min(L2_BYTES_PER_S, ctas * L2_BYTES_PER_S_PER_CTA)
-    gates_s = GATE_MATH_S + max(0.0, INPUT_LOAD_S - l2_s) if prefetch else GATES_S
+    elements = blk.BLOCK_B * blk.BLOCK_H
+    gates_s = epilogue_s(elements, -(-elements // THREADS) if prefetch else 0, l2_s)
     return {"BLOCK_B": blk.BLOCK_B, "BLOCK_H": blk.BLOCK_H, "num_warps": blk.num_warps, "ctas": ctas,
             "w_bytes": w, "state_bytes": state, "rest_bytes": rest, "l2_s": l2_s, "gates_s": gates_s,
             "step_s": l2_s + LAUNCH_GAP_S + gates_s}
